@@ -1,0 +1,82 @@
+"""One typed config per job: a dataclass whose fields carry their help text.
+
+``parse(Config, argv)`` builds the argparse parser from the dataclass: ints and floats are
+type-checked, ``choices`` come from field metadata, booleans become ``--x/--no-x`` pairs and
+unknown flags fail. The resolved config is a frozen dataclass; ``to_dict`` records it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+
+def option(default: Any, help: str, choices=None, required: bool = False):  # noqa: A002
+    return dataclasses.field(default=default,
+                             metadata={"help": help, "choices": choices, "required": required})
+
+
+TYPES = {"int": int, "float": float, "str": str}
+
+
+def parse(cls, argv=None, job: str = ""):
+    """Parse ``argv`` into the frozen dataclass ``cls``; exits with usage on bad input."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m jobs.{job}",
+        description=cls.__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        kw = {"help": meta.get("help", ""), "dest": f.name}
+        typ = f.type if isinstance(f.type, str) else f.type.__name__
+        if typ == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                **kw)
+            continue
+        if meta.get("required"):
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        parser.add_argument(flag, type=TYPES[typ], choices=meta.get("choices"), **kw)
+    args = parser.parse_args(argv)
+    return cls(**vars(args))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def init_ray(num_cpus: int | None = None):
+    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=1, default=str)

@@ -1,0 +1,93 @@
+"""Fine-tune ResNet-18 with Ray Train on WebDataset shards; writes STORAGE/NAME/model.pt."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+from jobs import _cli
+from pipeline import presets, storage, train
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tune torchvision's ResNet-18 with Ray Train (TorchTrainer): a new head when the data's
+    classes differ from the weights' classes. Checkpoints go to STORAGE/NAME; rerunning with the
+    same --storage-path and --name resumes from the last one; the final model is
+    STORAGE/NAME/model.pt (loadable by jobs.predict --weights)."""
+    train: str = _cli.option("", "train manifest (OUT/train.json from jobs.shard)", required=True)
+    val: str = _cli.option("", "val manifest (OUT/val.json from jobs.shard)", required=True)
+    weights: str = _cli.option("DEFAULT", "DEFAULT, IMAGENET1K_V1, none (random init) or a file "
+                                          "(state_dict or model.pt)")
+    epochs: int = _cli.option(10, "epochs to train")
+    num_workers: int = _cli.option(2, "Ray Train workers (one GPU each with --use-gpu)")
+    use_gpu: bool = _cli.option(False, "train on GPUs (NCCL); without it CPUs (gloo)")
+    cpus_per_worker: float = _cli.option(1.0, "CPUs reserved per worker; leave CPUs free for "
+                                              "the decode tasks")
+    threads: int = _cli.option(0, "torch threads per worker (0: Ray's default, the reserved CPUs)")
+    storage_path: str = _cli.option("runs", "where runs live (shared storage on a cluster: "
+                                            "s3://... or an NFS mount)")
+    name: str = _cli.option("resnet18-finetune", "run name; the same name resumes")
+    mode: str = _cli.option("finetune", "finetune: train everything; probe: train the head only "
+                                        "(backbone frozen, BatchNorm in eval mode)",
+                            choices=["finetune", "probe"])
+    unfreeze_after: int = _cli.option(0, "with --mode probe: unfreeze the backbone after this "
+                                         "many epochs (0: never)")
+    batch_size: int = _cli.option(64, "batch size per worker")
+    lr: float = _cli.option(0.1, "learning rate per 256 images (scaled by the global batch)")
+    head_lr_mult: float = _cli.option(1.0, "head learning rate = lr x this")
+    momentum: float = _cli.option(0.9, "SGD momentum")
+    nesterov: bool = _cli.option(True, "Nesterov momentum")
+    weight_decay: float = _cli.option(1e-4, "weight decay (none on BatchNorm and biases)")
+    label_smoothing: float = _cli.option(0.1, "label smoothing")
+    warmup_epochs: float = _cli.option(1.0, "linear warmup epochs before the cosine decay")
+    crop_size: int = _cli.option(presets.CROP_SIZE, "training and validation crop size")
+    precision: str = _cli.option("auto", "autocast precision (auto: bf16 where supported)",
+                                 choices=["auto", "fp32", "bf16", "fp16"])
+    shuffle_buffer: int = _cli.option(1000, "local shuffle buffer (rows) on each worker")
+    seed: int = _cli.option(0, "seed for init, shard order and augmentation")
+    max_failures: int = _cli.option(2, "worker-group restarts from the last checkpoint")
+    num_to_keep: int = _cli.option(2, "checkpoints kept")
+    decode_concurrency: int = _cli.option(0, "decode tasks at once (0: Ray Data decides)")
+
+
+def loop_config(cfg: FinetuneConfig) -> dict:
+    freeze = 0 if cfg.mode == "finetune" else (cfg.unfreeze_after or cfg.epochs)
+    keys = ("weights", "epochs", "batch_size", "lr", "head_lr_mult", "momentum", "nesterov",
+            "weight_decay", "label_smoothing", "warmup_epochs", "crop_size", "precision",
+            "shuffle_buffer", "seed", "threads")
+    return dict({k: getattr(cfg, k) for k in keys}, freeze_epochs=freeze)
+
+
+def run(cfg: FinetuneConfig, fault: dict | None = None) -> dict:
+    """Train, export model.pt, and return the last epoch's metrics with the output paths."""
+    loop = loop_config(cfg)
+    if fault:
+        loop["fault"] = fault
+    run_dir = storage.join(cfg.storage_path, cfg.name)
+    storage.write_text_atomic(storage.join(run_dir, "config.json"), _cli.dump(_cli.to_dict(cfg)))
+    result, state, full = train.fit(
+        loop, train_manifest=cfg.train, val_manifest=cfg.val, num_workers=cfg.num_workers,
+        use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker, storage_path=cfg.storage_path,
+        name=cfg.name, max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
+        decode_concurrency=cfg.decode_concurrency or None)
+    model_path = storage.join(run_dir, "model.pt")
+    train.export_model(state, model_path, full, _cli.to_dict(cfg))
+    return {**state["metrics"], "model": model_path, "run_dir": run_dir}
+
+
+def main(argv=None) -> int:
+    cfg = _cli.parse(FinetuneConfig, argv, "finetune")
+    _cli.setup_logging()
+    _cli.init_ray()
+    if cfg.weights.lower() == "none":
+        print("weights: none -> training from random init (no pretrained weights)")
+    out = run(cfg)
+    print(json.dumps({k: out[k] for k in ("epoch", "train_loss", "train_top1", "val_top1",
+                                           "val_top5", "train_images_per_s", "model")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Shard a labelled image source (ImageNet in any of its layouts, or a class folder) into
+WebDataset tars with a verified manifest, or verify existing shards (--verify MANIFEST)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from jobs import _cli
+from pipeline import shards, sources
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Shard a labelled image source into WebDataset tars plus OUT/<split>.json, one Ray task per
+    shard; a rerun redoes only missing or damaged shards. With --verify MANIFEST, recheck every
+    shard against the manifest and exit 1 naming each bad one."""
+    source: str = _cli.option("", "source root: ROOT/<class>/* (folder), the Kaggle ILSVRC "
+                                  "root (imagenet-kaggle), or the folder of ILSVRC2012_val_*.JPEG "
+                                  "(imagenet-devkit); local path or pyarrow URI (s3://...)")
+    out: str = _cli.option("", "output folder for <split>-NNNNNN.tar and <split>.json")
+    split: str = _cli.option("train", "which split this is: train shards are a seeded "
+                                      "permutation, val shards are sorted by key",
+                             choices=["train", "val"])
+    layout: str = _cli.option("auto", "source layout", choices=["auto", *sources.LAYOUTS])
+    devkit: str = _cli.option("", "imagenet-devkit: the devkit folder; empty: looked for under "
+                                  "--source")
+    classes_from: str = _cli.option("", "take the class list from this manifest (shard val with "
+                                        "the train classes so indices agree)")
+    samples_per_shard: int = _cli.option(shards.DEFAULT_SAMPLES_PER_SHARD,
+                                         "images per shard (see README for the choice)")
+    seed: int = _cli.option(0, "seed of the train permutation")
+    max_pixels: int = _cli.option(shards.DEFAULT_MAX_PIXELS,
+                                  "skip images with more pixels (decompression bombs)")
+    verify: str = _cli.option("", "verify the shards of this manifest instead of sharding")
+    progress: bool = _cli.option(True, "show a progress bar")
+
+
+def main(argv=None) -> int:
+    cfg = _cli.parse(ShardConfig, argv, "shard")
+    if cfg.verify:
+        problems = shards.verify_shards(cfg.verify)
+        for p in problems:
+            print(f"BAD {p}")
+        print(f"{'FAILED' if problems else 'OK'}: {len(problems)} bad shard(s) in {cfg.verify}")
+        return 1 if problems else 0
+    if not cfg.source or not cfg.out:
+        _cli.fail("--source and --out are required (or --verify MANIFEST)")
+    _cli.init_ray()
+    source = sources.scan_source(cfg.source, cfg.split, cfg.layout, cfg.devkit or None)
+    if cfg.classes_from:
+        source = sources.with_classes(source, shards.load_manifest(cfg.classes_from)["classes"])
+    m = shards.write_shards(source, cfg.out, cfg.samples_per_shard, cfg.seed, cfg.max_pixels,
+                            progress=cfg.progress)
+    st = m["_stats"]
+    print(f"{m['total_samples']} samples in {len(m['shards'])} shards "
+          f"({st['reused']} reused), {len(m['skipped'])} skipped, layout {m['layout']}, "
+          f"{len(m['classes'])} classes; {m['total_samples'] / st['seconds']:.0f} images/s, "
+          f"{st['source_bytes'] / 1e6 / st['seconds']:.1f} MB/s")
+    for s in m["skipped"][:20]:
+        print(f"  skipped {s['path']}: {s['reason']}")
+    print(f"manifest: {cfg.out}/{cfg.split}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Streaming shards through Ray Data into decoded batches (contract 2 in DESIGN.md).
+
+Shards are read with ``ray.data.read_webdataset(decoder=None)``: members stay raw bytes and
+nothing is unpickled. Decoding happens in ``map_batches`` with one named policy for bad samples:
+a sample that cannot be decoded keeps its row, with ``error`` set and a zero image, so it is
+counted exactly once downstream; programming errors (TypeError, AttributeError, ...) raise.
+Rows: ``key`` str, ``label`` int64, ``image`` uint8 3xHxW, ``error`` str ("" when decoded),
+``shard`` str.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline import presets, shards
+
+# What counts as bad data, not a bug: recorded per sample, never raised.
+DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError,
+               Image.DecompressionBombError, Image.DecompressionBombWarning)
+IMAGE_EXTS = tuple(shards.IMAGE_EXTS.values())
+
+
+def decode_image(data: bytes, max_pixels: int = shards.DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> RGB PIL image (CMYK, grayscale, palette and alpha all become RGB)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise ValueError(f"{img.width}x{img.height} pixels is over the decompression-bomb "
+                             f"limit of {max_pixels}")
+        return img.convert("RGB")
+
+
+def _sample_image(row: dict, num_classes: int) -> tuple[bytes, int]:
+    """The image bytes and label of one raw sample; ValueError names what is wrong."""
+    present = {k for k, v in row.items() if not k.startswith("__") and isinstance(v, bytes)}
+    extra = present - shards.MEMBER_EXTS
+    if extra:
+        raise ValueError(f"unexpected member(s) {sorted(extra)} refused (never unpickled)")
+    images = [k for k in IMAGE_EXTS if k in present]
+    if len(images) != 1:
+        raise ValueError(f"expected one image member, found {images or 'none'}")
+    if "cls" not in present:
+        raise ValueError("no .cls member")
+    label = int(row["cls"])
+    if not 0 <= label < num_classes:
+        raise ValueError(f"label {label} outside the class range 0..{num_classes - 1}")
+    return row[images[0]], label
+
+
+def decode_batch(batch, *, mode: str, num_classes: int, resize_size: int = presets.RESIZE_SIZE,
+                 crop_size: int = presets.CROP_SIZE,
+                 max_pixels: int = shards.DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """Raw WebDataset rows (pandas) -> decoded rows; ``mode`` is "eval" or "train"."""
+    size = crop_size if mode == "eval" else resize_size
+    n = len(batch)
+    images = np.zeros((n, 3, size, size), dtype=np.uint8)
+    labels = np.full(n, -1, dtype=np.int64)
+    errors = np.full(n, "", dtype=object)
+    rows = batch.to_dict("records")
+    for i, row in enumerate(rows):
+        try:
+            data, labels[i] = _sample_image(row, num_classes)
+            img = decode_image(data, max_pixels)
+            if mode == "eval":
+                images[i] = presets.eval_image(img, resize_size, crop_size)
+            else:
+                images[i] = presets.train_base_image(img, resize_size)
+        except DATA_ERRORS as e:
+            errors[i] = f"{type(e).__name__}: {e}"
+    return {"key": np.array([r["__key__"] for r in rows], dtype=object),
+            "label": labels, "image": images, "error": errors,
+            "shard": np.array([str(r.get("__url__", "")) for r in rows], dtype=object)}
+
+
+def read_decoded(manifest_path: str, *, mode: str = "eval", resize_size: int | None = None,
+                 crop_size: int = presets.CROP_SIZE, batch_size: int = 64,
+                 concurrency: int | None = None, shuffle_seed: int | None = None,
+                 num_cpus: float = 1.0):
+    """A Ray Dataset of decoded batches for the shards a manifest lists, and the manifest.
+
+    ``shuffle_seed`` (train) shuffles the shard order afresh, reproducibly, on each execution.
+    """
+    import ray
+    from ray.data import FileShuffleConfig
+
+    manifest = shards.load_manifest(manifest_path)
+    paths = shards.shard_paths(manifest_path, manifest)
+    shuffle = None
+    if shuffle_seed is not None:
+        shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    ds = ray.data.read_webdataset(paths, decoder=None, shuffle=shuffle,
+                                  override_num_blocks=len(paths))
+    if resize_size is None:
+        resize_size = round(crop_size * presets.RESIZE_SIZE / presets.CROP_SIZE)
+    ds = ds.map_batches(
+        decode_batch, batch_format="pandas", batch_size=batch_size, concurrency=concurrency,
+        num_cpus=num_cpus,
+        fn_kwargs={"mode": mode, "num_classes": len(manifest["classes"]),
+                   "resize_size": resize_size, "crop_size": crop_size,
+                   "max_pixels": manifest.get("max_pixels", shards.DEFAULT_MAX_PIXELS)})
+    return ds, manifest

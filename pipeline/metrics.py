@@ -1,0 +1,98 @@
+"""Accuracy from prediction Parquet: top-1/top-5 with 95% intervals, per-class accuracy, the
+most confused pairs and calibration (expected calibration error)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from pipeline import storage
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for k successes in n trials, as fractions."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def read_predictions(out: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """The published predictions of a prediction folder (refuses an unpublished one)."""
+    if not storage.exists(storage.join(out, "_SUCCESS")):
+        raise FileNotFoundError(f"{out} has no _SUCCESS marker: no complete prediction run "
+                                f"was published there")
+    import pyarrow.dataset as pads
+
+    fs, p = storage.resolve(storage.join(out, "predictions"))
+    return pads.dataset(p, filesystem=fs, format="parquet").to_table(columns=columns).to_pandas()
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
+                               bins: int = 15) -> tuple[float, list[dict]]:
+    """ECE with equal-width confidence bins, and the per-bin table for a reliability diagram."""
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    table, ece, n = [], 0.0, len(confidence)
+    for b in range(bins):
+        mask = idx == b
+        if mask.any():
+            conf, acc = float(confidence[mask].mean()), float(correct[mask].mean())
+            ece += mask.sum() / n * abs(acc - conf)
+            table.append({"lo": float(edges[b]), "hi": float(edges[b + 1]),
+                          "count": int(mask.sum()), "confidence": conf, "accuracy": acc})
+    return float(ece), table
+
+
+def evaluate(df: pd.DataFrame, classes: list[dict], top_pairs: int = 10) -> dict:
+    """Metrics over the labelled rows of a predictions frame (percentages for accuracies)."""
+    df = df[df["label"] >= 0]
+    n = len(df)
+    if n == 0:
+        raise ValueError("no labelled predictions to evaluate")
+    top1 = df["top1_correct"].astype(bool).to_numpy()
+    top5 = df["top5_correct"].astype(bool).to_numpy()
+    names = {c["index"]: c["name"] for c in classes}
+    ids = {c["index"]: c["id"] for c in classes}
+    conf = np.array([p[0] for p in df["topk_prob"]], dtype=np.float64)
+    ece, bins = expected_calibration_error(conf, top1)
+    per_class = (df.assign(c=top1).groupby("label")["c"].agg(["mean", "size"]).reset_index())
+    wrong = df[~top1].groupby(["label", "pred"]).size().sort_values(ascending=False)
+    pct = lambda k: 100.0 * k / n  # noqa: E731
+    return {
+        "samples": n,
+        "top1": pct(top1.sum()), "top5": pct(top5.sum()),
+        "top1_ci95": [100 * v for v in wilson_interval(int(top1.sum()), n)],
+        "top5_ci95": [100 * v for v in wilson_interval(int(top5.sum()), n)],
+        "ece": ece, "reliability": bins,
+        "per_class": [{"index": int(r.label), "id": ids.get(int(r.label)),
+                       "name": names.get(int(r.label)), "samples": int(r.size),
+                       "top1": 100.0 * float(r.mean)} for r in per_class.itertuples()],
+        "confused_pairs": [{"label": int(a), "label_name": names.get(int(a)), "pred": int(b),
+                            "pred_name": names.get(int(b)), "count": int(c)}
+                           for (a, b), c in wrong.head(top_pairs).items()],
+    }
+
+
+def format_table(summary: dict, worst: int = 5) -> str:
+    """A short text table of a summary for the terminal."""
+    lines = [f"{'samples':<22}{summary['samples']}",
+             f"{'decode failures':<22}{summary.get('failures', 0)}",
+             f"{'top-1 %':<22}{summary['top1']:.3f}  (95% CI {summary['top1_ci95'][0]:.2f}"
+             f"-{summary['top1_ci95'][1]:.2f})",
+             f"{'top-5 %':<22}{summary['top5']:.3f}  (95% CI {summary['top5_ci95'][0]:.2f}"
+             f"-{summary['top5_ci95'][1]:.2f})",
+             f"{'ECE':<22}{summary['ece']:.4f}"]
+    worst_classes = sorted(summary["per_class"], key=lambda c: c["top1"])[:worst]
+    if worst_classes:
+        lines.append("worst classes: " + ", ".join(f"{c['name']} {c['top1']:.1f}%"
+                                                   for c in worst_classes))
+    if summary["confused_pairs"]:
+        p = summary["confused_pairs"][0]
+        lines.append(f"most confused: {p['label_name']} -> {p['pred_name']} ({p['count']}x)")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Building ResNet-18 from torchvision weights or a file, and the model.pt format (contract 4).
+
+``weights`` is ``DEFAULT`` / ``IMAGENET1K_V1`` (torchvision's ImageNet weights, from the torch
+hub cache or downloaded), ``none`` (random init) or a path: a plain state_dict or this project's
+``model.pt``. Every file is loaded with ``torch.load(weights_only=True)``: a weights file can
+never run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+
+from pipeline import sources, storage
+
+TORCHVISION_WEIGHTS = {"DEFAULT": ResNet18_Weights.DEFAULT,
+                       "IMAGENET1K_V1": ResNet18_Weights.IMAGENET1K_V1}
+MODEL_FORMAT = "resnet-pipeline-model"
+
+
+def imagenet_classes() -> list[dict]:
+    return sources.make_classes(sources.imagenet_wnids())
+
+
+def load_weights(spec: str) -> dict:
+    """Resolve ``spec`` to {state_dict, classes (or None if unknown), model_id, sha256, extra}."""
+    if spec.lower() == "none":
+        return {"state_dict": None, "classes": None, "model_id": "resnet18-random-init",
+                "sha256": None, "extra": {}}
+    if spec in TORCHVISION_WEIGHTS:
+        return _load_torchvision(spec)
+    if not storage.exists(spec):
+        raise FileNotFoundError(f"weights {spec!r}: not DEFAULT, IMAGENET1K_V1, none, nor an "
+                                f"existing file")
+    data = storage.read_bytes(spec)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses pickled code: that is the point
+        raise ValueError(f"weights file {spec} cannot be loaded safely "
+                         f"(torch.load weights_only=True): {str(e).splitlines()[0]}") from None
+    sha = hashlib.sha256(data).hexdigest()
+    if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+        return {"state_dict": obj["state_dict"], "classes": obj["classes"],
+                "model_id": obj.get("model_id", os.path.basename(spec)), "sha256": sha,
+                "extra": {k: obj.get(k) for k in ("preset", "config")}}
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        fc = obj.get("fc.weight")
+        classes = imagenet_classes() if fc is not None and fc.shape[0] == 1000 else None
+        return {"state_dict": obj, "classes": classes, "model_id": os.path.basename(spec),
+                "sha256": sha, "extra": {}}
+    raise ValueError(f"weights file {spec} is neither a state_dict nor a {MODEL_FORMAT} file")
+
+
+def _load_torchvision(spec: str) -> dict:
+    weights = TORCHVISION_WEIGHTS[spec]
+    try:
+        state_dict = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise RuntimeError(f"could not get torchvision weights {spec} ({weights.url}): {e}. "
+                           f"Offline, copy that file to {cache} or pass --weights PATH") from None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    sha = storage.sha256_file(path) if os.path.exists(path) else None
+    return {"state_dict": state_dict, "classes": imagenet_classes(),
+            "model_id": f"torchvision/resnet18/{weights.name}", "sha256": sha, "extra": {}}
+
+
+def build_model(weights: dict, classes: list[dict] | None) -> tuple[nn.Module, list[dict], bool]:
+    """ResNet-18 with ``weights`` loaded; the head is replaced by ``nn.Linear(512, C)`` when the
+    data's classes differ from the weights' classes. Returns (model, classes, head_replaced)."""
+    w_classes = weights["classes"]
+    state = weights["state_dict"]
+    if state is not None and w_classes is None:
+        w_classes = [{"index": i, "id": str(i), "name": str(i)}
+                     for i in range(state["fc.weight"].shape[0])]
+    target = classes or w_classes
+    if target is None:
+        raise ValueError("random-init weights need the data's class list")
+    model = resnet18(num_classes=len(w_classes) if state is not None else len(target))
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"weights {weights['model_id']} do not fit ResNet-18 with "
+                             f"{len(w_classes)} classes: {str(e).splitlines()[-1].strip()}") from None
+    replaced = state is not None and [c["id"] for c in target] != [c["id"] for c in w_classes]
+    if replaced:
+        model.fc = nn.Linear(model.fc.in_features, len(target))
+    return model, target, replaced
+
+
+def save_model(path: str, model: nn.Module, classes: list[dict], preset: dict, config: dict,
+               model_id: str) -> str:
+    """Write model.pt (state_dict, classes, preset, config); return its sha256."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"format": MODEL_FORMAT, "state_dict": state, "classes": classes,
+                "preset": preset, "config": config, "model_id": model_id}, buf)
+    storage.write_bytes_atomic(path, buf.getvalue())
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def pick_device(use_gpu: bool | None = None) -> torch.device:
+    if use_gpu is None:
+        use_gpu = torch.cuda.is_available()
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 where the hardware runs it natively, fp32 otherwise."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and \
+            torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

@@ -1,0 +1,278 @@
+"""Batch inference to Parquet, published exactly once (contract 3 in DESIGN.md).
+
+Decoded batches flow through ``map_batches(Predictor)`` on an actor pool (one GPU per actor
+where GPUs exist). The driver streams the small per-image results into a staging folder, checks
+rows + decode failures = manifest samples with no duplicate key, then publishes:
+
+    OUT/predictions/part-*.parquet   one row per decoded image
+    OUT/failures.parquet             key, shard, error for each sample that failed to decode
+    OUT/summary.json                 metrics and run metadata
+    OUT/_SUCCESS                     written last; readers trust OUT only when it is there
+
+Publishing moves the old set to OUT/_previous, moves the new one in, writes _SUCCESS, then
+deletes _previous. A run that dies before that leaves the previous set untouched; one that dies
+inside it is rolled back by the next run (``recover``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import data, metrics, model as modellib, presets, shards, storage
+from pipeline.version import code_version
+
+ITEMS = ("predictions", "failures.parquet", "summary.json")
+ROWS_PER_FILE = 100_000
+
+
+class Predictor:
+    """Loads the model once per actor; maps a decoded batch to per-image predictions."""
+
+    def __init__(self, weights: str, data_classes: list[dict], precision: str = "auto",
+                 use_gpu: bool | None = None, topk: int = 5, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        torch.manual_seed(0)  # "none" weights: the same random model in every actor
+        loaded = modellib.load_weights(weights)
+        net, self.classes, _ = modellib.build_model(loaded, None if loaded["classes"] else data_classes)
+        self.device = modellib.pick_device(use_gpu)
+        self.dtype = modellib.resolve_precision(precision, self.device)
+        self.model = net.eval().to(self.device, self.dtype, memory_format=torch.channels_last)
+        self.names = np.array([c["name"] for c in self.classes], dtype=object)
+        self.label_map = label_map(data_classes, self.classes)
+        self.topk = min(topk, len(self.classes))
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n, k = len(batch["key"]), self.topk
+        ok = batch["error"] == ""
+        topi = np.full((n, k), -1, dtype=np.int64)
+        topp = np.zeros((n, k), dtype=np.float32)
+        if ok.any():
+            x = torch.from_numpy(batch["image"][ok]).to(self.device, non_blocking=True)
+            logits = self.model(presets.normalize(x, self.dtype))
+            probs = logits.float().softmax(dim=1)
+            p, i = probs.topk(k, dim=1)
+            topi[ok], topp[ok] = i.cpu().numpy(), p.cpu().numpy()
+        labels = np.where(batch["label"] >= 0, self.label_map[np.maximum(batch["label"], 0)], -1)
+        pred = topi[:, 0]
+        return {"key": batch["key"], "label": labels, "pred": pred,
+                "pred_name": np.where(pred >= 0, self.names[np.maximum(pred, 0)], ""),
+                "topk_index": topi, "topk_prob": topp,
+                "top1_correct": (pred == labels) & (labels >= 0),
+                "top5_correct": (topi == labels[:, None]).any(axis=1) & (labels >= 0),
+                "error": batch["error"], "shard": batch["shard"]}
+
+
+def label_map(data_classes: list[dict], model_classes: list[dict]) -> np.ndarray:
+    """Data label -> model output index, matched by class id; error if the model lacks one."""
+    index = {c["id"]: c["index"] for c in model_classes}
+    missing = [c["id"] for c in data_classes if c["id"] not in index]
+    if missing:
+        raise ValueError(f"the model's {len(model_classes)} classes lack {len(missing)} of the "
+                         f"data's classes (e.g. {missing[:3]}): wrong weights for this data?")
+    return np.array([index[c["id"]] for c in data_classes], dtype=np.int64)
+
+
+def _fault_point(name: str) -> None:
+    """Fault injection for the tests: RESNET_PIPELINE_FAULT=name kills the process here."""
+    if os.environ.get("RESNET_PIPELINE_FAULT") == name:
+        os._exit(17)
+
+
+def recover(out: str) -> None:
+    """Finish or roll back a publish that a crash interrupted."""
+    prev = storage.join(out, "_previous")
+    if not storage.exists(prev):
+        return
+    if storage.exists(storage.join(out, "_SUCCESS")):
+        storage.delete_dir(prev)  # the new set was complete: only the clean-up was left
+        return
+    fs, _ = storage.resolve(out)
+    for item in ITEMS:
+        _remove(storage.join(out, item))
+    for item in ITEMS + ("_SUCCESS",):
+        src = storage.join(prev, item)
+        if storage.exists(src):
+            fs.move(storage.resolve(src)[1], storage.resolve(storage.join(out, item))[1])
+    storage.delete_dir(prev)
+
+
+def _remove(path: str) -> None:
+    if storage.is_dir(path):
+        storage.delete_dir(path)
+    else:
+        storage.delete_file(path)
+
+
+def publish(staging: str, out: str, run_id: str) -> None:
+    fs, _ = storage.resolve(out)
+    path = lambda p: storage.resolve(p)[1]  # noqa: E731
+    prev = storage.join(out, "_previous")
+    storage.makedirs(prev)
+    for item in ("_SUCCESS",) + ITEMS:
+        if storage.exists(storage.join(out, item)):
+            fs.move(path(storage.join(out, item)), path(storage.join(prev, item)))
+    _fault_point("mid_publish")
+    for item in ITEMS:
+        fs.move(path(storage.join(staging, item)), path(storage.join(out, item)))
+    storage.write_text_atomic(storage.join(out, "_SUCCESS"), run_id + "\n")
+    storage.delete_dir(prev)
+    storage.delete_dir(staging)
+
+
+class _PartWriter:
+    """Streams prediction rows into part-NNNNN.parquet files with run metadata."""
+
+    def __init__(self, folder: str, metadata: dict[str, str]):
+        self.folder, self.metadata, self.index, self.writer, self.rows = folder, metadata, 0, None, 0
+        storage.makedirs(folder)
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            fs, p = storage.resolve(storage.join(self.folder, f"part-{self.index:05d}.parquet"))
+            schema = table.schema.with_metadata({k.encode(): v.encode()
+                                                 for k, v in self.metadata.items()})
+            self.writer = pq.ParquetWriter(p, schema, filesystem=fs)
+        self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata))
+        self.rows += len(table)
+        if self.rows >= ROWS_PER_FILE:
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer, self.rows, self.index = None, 0, self.index + 1
+
+
+def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
+    def lists(arr, typ):
+        return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), typ), k).cast(
+            pa.list_(typ))
+    return pa.table({
+        "key": pa.array(batch["key"].astype(str), pa.string()),
+        "label": pa.array(batch["label"], pa.int64()),
+        "pred": pa.array(batch["pred"], pa.int64()),
+        "pred_name": pa.array(batch["pred_name"].astype(str), pa.string()),
+        "topk_index": lists(np.asarray(batch["topk_index"]), pa.int64()),
+        "topk_prob": lists(np.asarray(batch["topk_prob"]), pa.float32()),
+        "top1_correct": pa.array(batch["top1_correct"], pa.bool_()),
+        "top5_correct": pa.array(batch["top5_correct"], pa.bool_()),
+    })
+
+
+def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: int = 64,
+                   precision: str = "auto", use_gpu: bool = False, actors: int = 1,
+                   cpus_per_actor: float = 1.0, decode_concurrency: int | None = None,
+                   topk: int = 5, max_failed_fraction: float = 0.0,
+                   resize_size: int | None = None, crop_size: int | None = None,
+                   progress: bool = True) -> dict:
+    """Predict every image a manifest lists into ``out``; return the published summary."""
+    import ray
+    from tqdm import tqdm
+
+    started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
+    storage.check_writable(out)
+    recover(out)
+    loaded = modellib.load_weights(weights)  # fail here, not in every actor, on bad weights
+    preset = loaded["extra"].get("preset") or {}  # a model.pt knows the preset it was trained at
+    resize_size = resize_size or preset.get("resize_size", presets.RESIZE_SIZE)
+    crop_size = crop_size or preset.get("crop_size", presets.CROP_SIZE)
+    ds, manifest = data.read_decoded(manifest_path, mode="eval", batch_size=batch_size,
+                                     concurrency=decode_concurrency, resize_size=resize_size,
+                                     crop_size=crop_size)
+    classes_model = loaded["classes"] or manifest["classes"]
+    label_map(manifest["classes"], classes_model)
+    k = min(topk, len(classes_model))
+    ds = ds.map_batches(
+        Predictor, batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
+        num_cpus=cpus_per_actor,
+        fn_constructor_kwargs={"weights": weights, "data_classes": manifest["classes"],
+                               "precision": precision, "use_gpu": use_gpu, "topk": topk,
+                               "num_threads": max(1, int(cpus_per_actor)) if not use_gpu else None})
+    dtype = modellib.resolve_precision(precision, modellib.pick_device(use_gpu))
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    meta = {"model_id": loaded["model_id"], "weights_sha256": loaded["sha256"] or "",
+            "data_manifest": manifest_path,
+            "data_manifest_sha256": hashlib.sha256(storage.read_bytes(manifest_path)).hexdigest(),
+            "preset": json.dumps({"resize_size": resize_size, "crop_size": crop_size,
+                                  "interpolation": "bilinear", "antialias": True}),
+            "precision": modellib.precision_name(dtype), "code_version": code_version(),
+            "run_id": run_id}
+    staging = storage.join(out, f"_staging-{run_id}")
+    writer = _PartWriter(storage.join(staging, "predictions"), meta)
+    keys, failures, t_first = set(), [], None
+    with tqdm(total=manifest["total_samples"], unit="img", desc="predict",
+              disable=not progress) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            t_first = t_first or time.monotonic()
+            bad = batch["error"] != ""
+            failures += [{"key": str(key), "shard": str(s), "error": str(e)} for key, s, e in
+                         zip(batch["key"][bad], batch["shard"][bad], batch["error"][bad])]
+            keys.update(batch["key"].tolist())
+            good = {c: v[~bad] for c, v in batch.items()}
+            if len(good["key"]):
+                writer.write(_to_table(good, k))
+            bar.update(len(batch["key"]))
+    writer.close()
+    seen = bar.n
+    check_coverage(manifest, seen, len(keys), len(failures), manifest_path)
+    _fault_point("before_publish")
+    wall = time.monotonic() - t0
+    summary = _summarize(staging, classes_model, manifest, meta, failures, wall, started,
+                         {"batch_size": batch_size, "actors": actors, "use_gpu": use_gpu,
+                          "steady_images_per_s": (seen / (time.monotonic() - t_first))
+                          if t_first else 0.0})
+    _write_failures(storage.join(staging, "failures.parquet"), failures)
+    storage.write_text_atomic(storage.join(staging, "summary.json"), json.dumps(summary, indent=1))
+    publish(staging, out, run_id)
+    if len(failures) > max_failed_fraction * manifest["total_samples"]:
+        raise FailedSamples(f"{len(failures)} of {manifest['total_samples']} samples failed to "
+                            f"decode (allowed: {max_failed_fraction:.2%}); see "
+                            f"{storage.join(out, 'failures.parquet')}")
+    return summary
+
+
+class FailedSamples(RuntimeError):
+    """More samples failed than the run allows; outputs are published all the same."""
+
+
+def check_coverage(manifest: dict, rows: int, unique: int, failed: int, path: str) -> None:
+    if rows != unique:
+        raise RuntimeError(f"{rows - unique} duplicate keys in the predictions of {path}: "
+                           f"nothing published")
+    if unique != manifest["total_samples"]:
+        raise RuntimeError(f"{path} lists {manifest['total_samples']} samples but the stream "
+                           f"gave {unique} ({failed} of them failed to decode): a shard is "
+                           f"damaged or truncated; run `python -m jobs.shard --verify {path}`. "
+                           f"Nothing published")
+
+
+def _write_failures(path: str, failures: list[dict]) -> None:
+    fs, p = storage.resolve(path)
+    table = pa.table({c: pa.array([f[c] for f in failures], pa.string())
+                      for c in ("key", "shard", "error")})
+    pq.write_table(table, p, filesystem=fs)
+
+
+def _summarize(staging, classes, manifest, meta, failures, wall, started, settings) -> dict:
+    import pyarrow.dataset as pads
+
+    fs, p = storage.resolve(storage.join(staging, "predictions"))
+    df = pads.dataset(p, filesystem=fs, format="parquet").to_table().to_pandas()
+    summary = metrics.evaluate(df, classes) if len(df) else {"samples": 0}
+    summary.update({"failures": len(failures), "manifest_samples": manifest["total_samples"],
+                    "wall_seconds": wall, "images_per_s": manifest["total_samples"] / wall,
+                    "started_at": started, **settings,
+                    **{k: v for k, v in meta.items() if k != "preset"},
+                    "preset": json.loads(meta["preset"]), "classes": classes})
+    return summary

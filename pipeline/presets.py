@@ -1,0 +1,100 @@
+"""Image presets, defined once for training, inference and the tests.
+
+Eval is exactly torchvision's ``ResNet18_Weights.DEFAULT.transforms()``: shorter side to 256
+(bilinear, antialiased), centre crop 224, then (on the device) /255 and ImageNet mean/std.
+The Ray Data stage emits uint8 CHW; ``normalize`` runs inside the model step.
+
+Train: the data stage emits a ``base_size`` square (shorter side resized, centre crop); the
+worker then applies RandomResizedCrop + horizontal flip with parameters drawn from
+(seed, epoch, key), so every epoch gets fresh augmentation that is reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+import torchvision.transforms.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+RESIZE_SIZE, CROP_SIZE = 256, 224
+
+
+def reference_eval_transform(resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE):
+    """torchvision's own preset object, for comparisons in tests and baselines."""
+    from torchvision.transforms._presets import ImageClassification
+
+    return ImageClassification(crop_size=crop_size, resize_size=resize_size)
+
+
+def eval_image(img: Image.Image, resize_size: int = RESIZE_SIZE,
+               crop_size: int = CROP_SIZE) -> np.ndarray:
+    """RGB PIL image -> uint8 3xHxW, pixel-identical to torchvision's eval preset."""
+    img = F.resize(img, [resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    img = F.center_crop(img, [crop_size])
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def train_base_image(img: Image.Image, base_size: int) -> np.ndarray:
+    """RGB PIL image -> uint8 3xSxS square the worker crops from (shorter side to S, centre)."""
+    return eval_image(img, base_size, base_size)
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 NCHW (any device) -> normalized float NCHW in channels_last, as torchvision does."""
+    x = images.float().div(255)
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    digest = hashlib.blake2b(f"{seed}|{epoch}|{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def random_resized_crop_params(height: int, width: int, rng: np.random.Generator,
+                               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawing from ``rng`` instead of torch's RNG."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height  # fallback: centre crop at the nearest allowed ratio
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_augment(images: torch.Tensor, keys, seed: int, epoch: int,
+                  crop_size: int) -> torch.Tensor:
+    """uint8 NCHW base squares -> uint8 N x 3 x crop x crop, RandomResizedCrop + flip per sample."""
+    out = torch.empty((len(images), 3, crop_size, crop_size), dtype=torch.uint8,
+                      device=images.device)
+    _, _, height, width = images.shape
+    for i, key in enumerate(keys):
+        rng = np.random.default_rng(sample_seed(seed, epoch, str(key)))
+        top, left, h, w = random_resized_crop_params(height, width, rng)
+        crop = images[i:i + 1, :, top:top + h, left:left + w].float()
+        crop = nnf.interpolate(crop, size=(crop_size, crop_size), mode="bilinear",
+                               align_corners=False, antialias=True)
+        if rng.random() < 0.5:
+            crop = crop.flip(-1)
+        out[i] = crop[0].round_().clamp_(0, 255).to(torch.uint8)
+    return out

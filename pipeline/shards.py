@@ -1,0 +1,304 @@
+"""Writing and verifying WebDataset shards (contract 1 in DESIGN.md).
+
+One sample per source image: ``KEY.<jpg|png|...>`` (the original bytes, extension from the real
+format), ``KEY.cls`` (class index as ASCII digits) and ``KEY.json`` (class id, source path, width,
+height, PIL mode), adjacent in the tar, with fixed headers so the same input gives the same bytes.
+One Ray task writes one shard; a shard is written under a temporary name and renamed when whole,
+and a per-shard record lets a rerun skip shards that are already complete and intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import tarfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from pipeline import storage
+from pipeline.sources import Source
+
+FORMAT = "resnet-pipeline-shards"
+FORMAT_VERSION = 1
+# Real format (PIL's name) -> member extension. Anything else is skipped with its reason.
+IMAGE_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
+              "TIFF": "tiff"}
+MEMBER_EXTS = set(IMAGE_EXTS.values()) | {"cls", "json"}
+# PIL's own default limit: ~89.5 Mpixel (a 0.25 GB RGB bitmap); beyond that we refuse to decode.
+DEFAULT_MAX_PIXELS = 89_478_485
+# ImageNet train images average ~110 KB: 5000 per shard gives ~550 MB train shards and
+# 10 val shards of ~640 MB; use 1000 for val if you read it with more than 10 readers.
+DEFAULT_SAMPLES_PER_SHARD = 5000
+
+
+class BadImage(Exception):
+    """A source file that is not a usable image; the message is the reason recorded."""
+
+
+@dataclass(frozen=True)
+class Member:
+    key: str
+    path: str  # relative to the source root
+    class_id: str
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def make_keys(items: list[tuple[str, str]]) -> tuple[list[Member], list[dict]]:
+    """Key = file stem with dots replaced by '_'. A stem shared by several classes is prefixed
+    with its class id; a key still not unique (same stem twice in one class) is skipped."""
+    stems = [p.rsplit("/", 1)[-1].rsplit(".", 1)[0].replace(".", "_") for p, _ in items]
+    counts = Counter(stems)
+    keyed = [(f"{c}_{s}" if counts[s] > 1 else s, p, c) for s, (p, c) in zip(stems, items)]
+    key_counts = Counter(k for k, _, _ in keyed)
+    members, skipped = [], []
+    for key, path, cls in keyed:
+        if key_counts[key] > 1:
+            skipped.append({"path": path, "reason": f"duplicate key {key!r}: another file in "
+                                                    f"class {cls} has the same stem"})
+        else:
+            members.append(Member(key, path, cls))
+    return members, skipped
+
+
+def plan_shards(members: list[Member], split: str, samples_per_shard: int, seed: int):
+    """Train: a seeded permutation of the whole split. Anything else: sorted by key."""
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be at least 1")
+    ordered = sorted(members, key=lambda m: m.key)
+    if split == "train":
+        random.Random(seed).shuffle(ordered)
+    return [ordered[i:i + samples_per_shard] for i in range(0, len(ordered), samples_per_shard)]
+
+
+def plan_digest(members: list[Member], class_index: dict[str, int], max_pixels: int) -> str:
+    h = hashlib.sha256(f"{FORMAT_VERSION}|{max_pixels}".encode())
+    for m in members:
+        h.update(f"\n{m.key}|{m.path}|{class_index[m.class_id]}".encode())
+    return h.hexdigest()
+
+
+def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """Check that ``data`` decodes fully; return its real format, size and mode."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                fmt, (w, h), mode = im.format, im.size, im.mode
+                if w * h > max_pixels:
+                    raise BadImage(f"{w}x{h} pixels is over the decompression-bomb limit "
+                                   f"of {max_pixels} pixels")
+                if fmt not in IMAGE_EXTS:
+                    raise BadImage(f"unsupported image format {fmt}")
+                if fmt == "JPEG":  # DCT-domain downscale: still reads every byte, 10x faster
+                    im.draft(mode, (max(1, w // 8), max(1, h // 8)))
+                im.load()
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image (PIL cannot identify it)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"cannot decode: {e}") from None
+    return {"ext": IMAGE_EXTS[fmt], "width": w, "height": h, "mode": mode}
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_shard(root: str, members: list[Member], class_index: dict[str, int],
+                max_pixels: int) -> tuple[bytes, list[str], list[dict], int]:
+    """Tar bytes for one shard, the keys stored, the files skipped with their reasons, and the
+    number of source bytes stored."""
+    buf, keys, skipped, source_bytes = io.BytesIO(), [], [], 0
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for m in members:
+            try:
+                data = storage.read_bytes(storage.join(root, m.path))
+                info = inspect_image(data, max_pixels)
+            except OSError as e:
+                skipped.append({"path": m.path, "reason": f"unreadable: {e}"})
+                continue
+            except BadImage as e:
+                skipped.append({"path": m.path, "reason": str(e)})
+                continue
+            meta = {"class_id": m.class_id, "path": m.path, "width": info["width"],
+                    "height": info["height"], "mode": info["mode"]}
+            _add_member(tar, f"{m.key}.{info['ext']}", data)
+            _add_member(tar, f"{m.key}.cls", str(class_index[m.class_id]).encode())
+            _add_member(tar, f"{m.key}.json", json.dumps(meta, sort_keys=True).encode())
+            keys.append(m.key)
+            source_bytes += len(data)
+    return buf.getvalue(), keys, skipped, source_bytes
+
+
+def write_shard(root: str, out: str, split: str, index: int, members: list[Member],
+                class_index: dict[str, int], max_pixels: int) -> dict:
+    """Write one shard (or keep an intact one from an earlier run); return its record."""
+    name = shard_name(split, index)
+    path, part = storage.join(out, name), storage.join(out, f"_parts/{name}.json")
+    digest = plan_digest(members, class_index, max_pixels)
+    if storage.exists(part) and storage.exists(path):
+        old = json.loads(storage.read_text(part))
+        if (old.get("plan") == digest and storage.size(path) == old["bytes"]
+                and storage.sha256_file(path) == old["sha256"]):
+            return dict(old, reused=True)
+    data, keys, skipped, source_bytes = build_shard(root, members, class_index, max_pixels)
+    storage.write_bytes_atomic(path, data)
+    record = {"file": name, "samples": len(keys), "bytes": len(data),
+              "sha256": hashlib.sha256(data).hexdigest(),
+              "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None,
+              "plan": digest, "skipped": skipped, "source_bytes": source_bytes}
+    storage.write_text_atomic(part, json.dumps(record))
+    return dict(record, reused=False)
+
+
+def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+                 seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 progress: bool = True) -> dict:
+    """Shard ``source`` into ``out`` with one Ray task per shard; write and return the manifest."""
+    import ray
+    from tqdm import tqdm
+
+    members, skipped = make_keys(source.items)
+    if not members:
+        raise ValueError(f"split {source.split!r} of {source.root} has no images to shard "
+                         f"({len(source.skipped) + len(skipped)} files skipped)")
+    storage.check_writable(out)
+    plan = plan_shards(members, source.split, samples_per_shard, seed)
+    class_index = source.class_index
+    task = ray.remote(num_cpus=1, max_retries=3)(write_shard)
+    refs = {task.remote(source.root, out, source.split, i, shard, class_index, max_pixels): i
+            for i, shard in enumerate(plan)}
+    records, start = [None] * len(plan), time.monotonic()
+    with tqdm(total=len(members), unit="img", desc=f"shard {source.split}",
+              disable=not progress) as bar:
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            rec = ray.get(done[0])
+            records[refs[done[0]]] = rec
+            bar.update(len(plan[refs[done[0]]]))
+            bar.set_postfix(MB_s=f"{sum(r['bytes'] for r in records if r) / 1e6 / max(time.monotonic() - start, 1e-9):.1f}")
+    manifest = _manifest(source, plan, records, skipped, samples_per_shard, seed, max_pixels)
+    storage.write_text_atomic(storage.join(out, f"{source.split}.json"),
+                              json.dumps(manifest, indent=1))
+    manifest["_stats"] = {"seconds": time.monotonic() - start,
+                          "reused": sum(r["reused"] for r in records),
+                          "source_bytes": sum(r["source_bytes"] for r in records)}
+    return manifest
+
+
+def _manifest(source, plan, records, skipped, samples_per_shard, seed, max_pixels) -> dict:
+    skipped = list(source.skipped) + skipped + [s for r in records for s in r["skipped"]]
+    shards = [{k: r[k] for k in ("file", "samples", "bytes", "sha256", "first_key", "last_key")}
+              for r in records if r["samples"] > 0]
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "split": source.split,
+            "layout": source.layout, "source": source.root, "seed": seed,
+            "samples_per_shard": samples_per_shard, "max_pixels": max_pixels,
+            "classes": source.classes, "shards": shards,
+            "total_samples": sum(s["samples"] for s in shards),
+            "total_bytes": sum(s["bytes"] for s in shards),
+            "skipped": sorted(skipped, key=lambda s: s["path"])}
+
+
+def load_manifest(path: str) -> dict:
+    """Read a manifest, with a clear error for a missing, malformed or foreign file."""
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"manifest {path} does not exist") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"manifest {path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"manifest {path} is not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"manifest {path} has format version {manifest.get('format_version')}; "
+                         f"this code reads version {FORMAT_VERSION}: reshard with jobs.shard")
+    if manifest["total_samples"] == 0 or not manifest["shards"]:
+        raise ValueError(f"manifest {path} lists no samples (split {manifest['split']!r} is "
+                         f"empty)")
+    return manifest
+
+
+def shard_paths(manifest_path: str, manifest: dict) -> list[str]:
+    """Shard locations: manifests name shards relative to themselves."""
+    base = storage.dirname(manifest_path)
+    return [storage.join(base, s["file"]) for s in manifest["shards"]]
+
+
+def read_tar_samples(data: bytes, name: str) -> list[tuple[str, dict[str, bytes]]]:
+    """Group a shard's members by key, checking WebDataset's adjacency rule; raise on damage."""
+    samples, seen = [], set()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, _, ext = info.name.partition(".")
+                if ext not in MEMBER_EXTS:
+                    raise ValueError(f"{name}: member {info.name} is not an image, .cls or "
+                                     f".json (refused, never unpickled)")
+                if not samples or samples[-1][0] != key:
+                    if key in seen:
+                        raise ValueError(f"{name}: members of sample {key} are not adjacent")
+                    seen.add(key)
+                    samples.append((key, {}))
+                samples[-1][1][ext] = tar.extractfile(info).read()
+    except tarfile.TarError as e:
+        raise ValueError(f"{name}: not a readable tar ({e})") from None
+    return samples
+
+
+def verify_shards(manifest_path: str) -> list[str]:
+    """Recheck every shard against its manifest; return one problem line per bad shard."""
+    manifest = load_manifest(manifest_path)
+    n_classes = len(manifest["classes"])
+    problems = []
+    for rec, path in zip(manifest["shards"], shard_paths(manifest_path, manifest)):
+        problem = _verify_one(rec, path, n_classes)
+        if problem:
+            problems.append(f"{path}: {problem}")
+    return problems
+
+
+def _verify_one(rec: dict, path: str, n_classes: int) -> str | None:
+    if not storage.exists(path):
+        return "missing"
+    data = storage.read_bytes(path)
+    if len(data) != rec["bytes"]:
+        return f"size {len(data)} bytes, manifest says {rec['bytes']}"
+    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+        return "sha256 does not match the manifest"
+    try:
+        samples = read_tar_samples(data, rec["file"])
+    except ValueError as e:
+        return str(e)
+    if len(samples) != rec["samples"]:
+        return f"{len(samples)} samples, manifest says {rec['samples']}"
+    if samples[0][0] != rec["first_key"] or samples[-1][0] != rec["last_key"]:
+        return "first/last key differ from the manifest"
+    for key, parts in samples:
+        if set(parts) - {"cls", "json"} == set() or "cls" not in parts:
+            return f"sample {key} lacks an image or a .cls member"
+        if not 0 <= int(parts["cls"]) < n_classes:
+            return f"sample {key} has label {int(parts['cls'])} outside 0..{n_classes - 1}"
+    return None

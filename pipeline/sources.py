@@ -1,0 +1,251 @@
+"""Where images and their labels come from: ImageNet in its real layouts, or any class folder.
+
+A *source* is a list of (relative path, class id) items plus the class list. The class index is
+the position of the class id in the sorted list of class ids, which for ImageNet (sorted WordNet
+ids) is torchvision's output order. Files that cannot be labelled are returned as ``skipped``
+with a reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+
+from pipeline import storage
+
+LAYOUTS = ("folder", "imagenet-kaggle", "imagenet-devkit")
+KAGGLE_DATA = "ILSVRC/Data/CLS-LOC"
+DEVKIT_DIRS = ("ILSVRC2012_devkit_t12", "devkit", ".")
+DEVKIT_GT = "data/ILSVRC2012_validation_ground_truth.txt"
+DEVKIT_META = "data/meta.mat"
+VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
+
+
+@dataclass
+class Source:
+    layout: str
+    root: str
+    split: str
+    classes: list[dict]  # [{"index", "id", "name"}], sorted by id
+    items: list[tuple[str, str]]  # (path relative to root, class id)
+    skipped: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
+
+    @property
+    def class_index(self) -> dict[str, int]:
+        return {c["id"]: c["index"] for c in self.classes}
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids, sorted (torchvision's class order)."""
+    text = resources.files("pipeline").joinpath("imagenet_wnids.txt").read_text()
+    return text.split()
+
+
+def imagenet_category_names() -> dict[str, str]:
+    """wnid -> torchvision's short English name, for the 1000 ImageNet classes."""
+    from torchvision.models import ResNet18_Weights
+
+    return dict(zip(imagenet_wnids(), ResNet18_Weights.DEFAULT.meta["categories"]))
+
+
+def make_classes(class_ids, names: dict[str, str] | None = None) -> list[dict]:
+    """Class list with index = position in the sorted ids, and the best name we have."""
+    ids = sorted(set(class_ids))
+    names = dict(names or {})
+    if not names and set(ids) <= set(imagenet_wnids()):
+        names = imagenet_category_names()
+    return [{"index": i, "id": c, "name": names.get(c, c)} for i, c in enumerate(ids)]
+
+
+def detect_layout(root: str, split: str) -> str:
+    """Name the layout of ``root``; the error lists what was looked for and what was found."""
+    if storage.is_dir(storage.join(root, KAGGLE_DATA, split)):
+        return "imagenet-kaggle"
+    if split == "val" and _devkit_dir(root) is not None:
+        return "imagenet-devkit"
+    if storage.is_dir(root):
+        top = _top_level(root)
+        if any(kind == "dir" for _, kind in top):
+            return "folder"
+    else:
+        raise FileNotFoundError(f"source {root} does not exist or is not a folder")
+    found = ", ".join(f"{n}{'/' if k == 'dir' else ''}" for n, k in top[:10]) or "nothing"
+    raise ValueError(
+        f"no known layout in {root} for split {split!r}. Looked for: "
+        f"folder (ROOT/<class>/<image>), imagenet-kaggle (ROOT/{KAGGLE_DATA}/{split}/ with "
+        f"LOC_val_solution.csv and LOC_synset_mapping.txt), imagenet-devkit (flat "
+        f"ILSVRC2012_val_*.JPEG with ROOT/<devkit>/{DEVKIT_GT} and {DEVKIT_META}). Found: {found}"
+    )
+
+
+def scan_source(root: str, split: str, layout: str = "auto", devkit: str | None = None) -> Source:
+    """List the labelled images of one split of ``root`` in the given (or detected) layout."""
+    if layout == "auto":
+        layout = detect_layout(root, split)
+    if layout == "folder":
+        return _scan_folder(root, split)
+    if layout == "imagenet-kaggle":
+        return _scan_kaggle(root, split)
+    if layout == "imagenet-devkit":
+        return _scan_devkit(root, split, devkit)
+    raise ValueError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
+
+
+def _top_level(root: str) -> list[tuple[str, str]]:
+    import pyarrow.fs as pafs
+
+    fs, p = storage.resolve(root)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return sorted(
+        (storage.basename(i.path), "dir" if i.type == pafs.FileType.Directory else "file")
+        for i in infos
+    )
+
+
+def _class_folder_items(root: str, sub: str = "") -> tuple[list, list]:
+    """Items of ROOT/<class>/... (recursive inside each class); loose top-level files skipped."""
+    base = storage.join(root, sub) if sub else root
+    items, skipped = [], []
+    for rel, _size in storage.list_files(base):
+        path = f"{sub}/{rel}" if sub else rel
+        parts = rel.split("/")
+        if len(parts) < 2:
+            skipped.append({"path": path, "reason": "file outside any class folder"})
+        elif any(p.startswith(".") for p in parts):
+            skipped.append({"path": path, "reason": "hidden file"})
+        else:
+            items.append((path, parts[0]))
+    return items, skipped
+
+
+def _scan_folder(root: str, split: str) -> Source:
+    items, skipped = _class_folder_items(root)
+    names = _read_synset_mapping(root)
+    classes = make_classes({c for _, c in items}, names)
+    return Source("folder", root, split, classes, sorted(items), skipped)
+
+
+def _read_synset_mapping(root: str) -> dict[str, str]:
+    for candidate in (storage.join(root, "LOC_synset_mapping.txt"),
+                      storage.join(storage.dirname(root), "LOC_synset_mapping.txt")):
+        if storage.exists(candidate):
+            out = {}
+            for line in storage.read_text(candidate).splitlines():
+                if line.strip():
+                    wnid, _, name = line.strip().partition(" ")
+                    out[wnid] = name.split(",")[0].strip() or wnid
+            return out
+    return {}
+
+
+def _scan_kaggle(root: str, split: str) -> Source:
+    names = _read_synset_mapping(root)
+    sub = f"{KAGGLE_DATA}/{split}"
+    if split == "train":
+        items, skipped = _class_folder_items(root, sub)
+        ids = names.keys() if names else {c for _, c in items}
+        classes = make_classes(ids, names)
+        return Source("imagenet-kaggle", root, split, classes, sorted(items), skipped)
+    csv_path = storage.join(root, f"LOC_{split}_solution.csv")
+    if not storage.exists(csv_path):
+        raise FileNotFoundError(f"imagenet-kaggle layout: {csv_path} is missing")
+    truth = _read_kaggle_solution(csv_path)
+    items, skipped = [], []
+    seen = set()
+    for rel, _size in storage.list_files(storage.join(root, sub)):
+        path = f"{sub}/{rel}"
+        image_id = rel.rsplit("/", 1)[-1].split(".", 1)[0]
+        if image_id not in truth:
+            skipped.append({"path": path, "reason": f"no ground truth for {image_id} in {csv_path}"})
+            continue
+        seen.add(image_id)
+        items.append((path, truth[image_id]))
+    for image_id in sorted(set(truth) - seen):
+        skipped.append({"path": f"{sub}/{image_id}.JPEG",
+                        "reason": "ground-truth line with no image"})
+    ids = names.keys() if names else {c for _, c in items}
+    return Source("imagenet-kaggle", root, split, make_classes(ids, names), sorted(items), skipped)
+
+
+def _read_kaggle_solution(path: str) -> dict[str, str]:
+    """ImageId -> wnid; joined on ImageId, never on row order."""
+    reader = csv.DictReader(io.StringIO(storage.read_text(path)))
+    if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+        raise ValueError(f"{path}: expected columns ImageId,PredictionString, "
+                         f"found {reader.fieldnames}")
+    out = {}
+    for line_no, row in enumerate(reader, start=2):
+        tokens = (row["PredictionString"] or "").split()
+        if not tokens:
+            raise ValueError(f"{path}:{line_no}: empty PredictionString for {row['ImageId']}")
+        out[row["ImageId"]] = tokens[0]
+    return out
+
+
+def _devkit_dir(root: str) -> str | None:
+    for d in DEVKIT_DIRS:
+        cand = storage.join(root, d) if d != "." else root
+        if storage.exists(storage.join(cand, DEVKIT_GT)):
+            return cand
+    return None
+
+
+def read_devkit_meta(meta_path: str) -> tuple[dict[int, str], dict[str, str]]:
+    """ILSVRC2012 id -> wnid and wnid -> name for the 1000 leaf synsets, as torchvision reads them."""
+    import scipy.io
+
+    meta = scipy.io.loadmat(io.BytesIO(storage.read_bytes(meta_path)), squeeze_me=True)["synsets"]
+    id_to_wnid, names = {}, {}
+    for row in meta:
+        ilsvrc_id, wnid, words, num_children = row[0], row[1], row[2], row[4]
+        if int(num_children) == 0:
+            id_to_wnid[int(ilsvrc_id)] = str(wnid)
+            names[str(wnid)] = str(words).split(",")[0].strip()
+    return id_to_wnid, names
+
+
+def _scan_devkit(root: str, split: str, devkit: str | None) -> Source:
+    if split != "val":
+        raise ValueError("the imagenet-devkit layout holds the val split only; shard train "
+                         "with --layout folder (ROOT/<wnid>/*.JPEG)")
+    devkit = devkit or _devkit_dir(root)
+    if devkit is None:
+        raise FileNotFoundError(f"imagenet-devkit layout: no {DEVKIT_GT} under {root}")
+    id_to_wnid, names = read_devkit_meta(storage.join(devkit, DEVKIT_META))
+    gt_path = storage.join(devkit, DEVKIT_GT)
+    truth = {}
+    for line_no, line in enumerate(storage.read_text(gt_path).split(), start=1):
+        if int(line) not in id_to_wnid:
+            raise ValueError(f"{gt_path}:{line_no}: ILSVRC2012 id {line} is not a leaf "
+                             f"synset in {DEVKIT_META}")
+        truth[line_no] = id_to_wnid[int(line)]
+    items, skipped, seen = [], [], set()
+    for rel, _size in storage.list_files(root):
+        if "/" in rel:
+            continue  # the devkit folder and anything nested is not a val image
+        m = VAL_NAME.match(rel)
+        if not m:
+            skipped.append({"path": rel, "reason": "not named ILSVRC2012_val_NNNNNNNN.<ext>"})
+        elif int(m.group(1)) not in truth:
+            skipped.append({"path": rel, "reason": f"no ground-truth line {int(m.group(1))} "
+                                                   f"in {gt_path}"})
+        else:
+            seen.add(int(m.group(1)))
+            items.append((rel, truth[int(m.group(1))]))
+    for n in sorted(set(truth) - seen):
+        skipped.append({"path": f"ILSVRC2012_val_{n:08d}.JPEG",
+                        "reason": "ground-truth line with no image"})
+    classes = make_classes(id_to_wnid.values(), names)
+    return Source("imagenet-devkit", root, split, classes, sorted(items), skipped)
+
+
+def with_classes(source: Source, classes: list[dict]) -> Source:
+    """Use a given class list (e.g. the train split's); items of other classes are skipped."""
+    ids = {c["id"] for c in classes}
+    items = [(p, c) for p, c in source.items if c in ids]
+    skipped = source.skipped + [{"path": p, "reason": f"class {c} is not in the class list"}
+                                for p, c in source.items if c not in ids]
+    return Source(source.layout, source.root, source.split, classes, items, skipped)

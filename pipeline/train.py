@@ -1,0 +1,288 @@
+"""Fine-tuning ResNet-18 with Ray Train V2 (TorchTrainer): the per-worker loop and the trainer.
+
+Each epoch: train over this worker's share of the train split (RandomResizedCrop + flip drawn from
+(seed, epoch, key)), validate over this worker's share of the val split (every val image exactly
+once across workers, counts summed with all_reduce), then report metrics and, from rank 0, a
+checkpoint holding model, optimizer, scheduler, scaler, epoch and config. A rerun with the same
+storage_path and name resumes from the last checkpoint; a failed worker restarts the group from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import model as modellib, presets
+
+STATE_FILE = "state.pt"
+
+
+class ExactValDataConfig:
+    """Factory for a DataConfig that splits "train" equally (lockstep DDP needs equal step
+    counts) but "val" with equal=False, so no val image is dropped or seen twice."""
+
+    @staticmethod
+    def make():
+        import ray.train
+
+        class _Config(ray.train.DataConfig):
+            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kw):
+                rest = {k: v for k, v in datasets.items() if k != "val"}
+                out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kw)
+                if "val" in datasets:
+                    ds = datasets["val"].copy(datasets["val"])
+                    ds.context.execution_options = self._resolve_execution_options("val")
+                    for i, it in enumerate(ds.streaming_split(world_size, equal=False)):
+                        out[i]["val"] = it
+                return out
+
+        return _Config(datasets_to_split=["train"])
+
+
+def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
+    """Four groups: backbone/head x decay/no-decay; BatchNorm weights and biases get no decay."""
+    groups = {(h, d): [] for h in (False, True) for d in (False, True)}
+    for name, p in model.named_parameters():
+        is_head = name.startswith("fc.")
+        no_decay = p.ndim <= 1  # biases and BatchNorm affine parameters
+        groups[(is_head, not no_decay)].append(p)
+    return [{"params": ps, "lr": head_lr if h else lr, "weight_decay": weight_decay if d else 0.0}
+            for (h, d), ps in groups.items() if ps]
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
+    """Linear probe: backbone weights fixed and its BatchNorm in eval mode (stats frozen)."""
+    for name, module in model.named_children():
+        if name == "fc":
+            continue
+        for p in module.parameters():
+            p.requires_grad_(not frozen)
+        module.train(not frozen)
+
+
+def _maybe_kill(fault: dict | None, epoch: int, step: int, rank: int) -> None:
+    """Fault injection for the tests: SIGKILL this worker once, at (epoch, step, rank)."""
+    if not fault or (epoch, step, rank) != (fault["epoch"], fault["step"], fault["rank"]):
+        return
+    if not os.path.exists(fault["marker"]):
+        open(fault["marker"], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, device, rank):
+    net.train()
+    set_backbone_frozen(model, epoch < cfg["freeze_epochs"])
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="none")
+    amp = cfg["amp_dtype"] != torch.float32
+    seen = correct = failed = 0
+    loss_sum, t0 = 0.0, time.monotonic()
+    for step, batch in enumerate(it.iter_batches(
+            batch_size=cfg["batch_size"], batch_format="numpy",
+            local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
+            local_shuffle_seed=(cfg["seed"] * 1000 + epoch) if cfg["shuffle_buffer"] else None)):
+        _maybe_kill(cfg.get("fault"), epoch, step, rank)
+        ok = torch.from_numpy(batch["error"] == "").to(device)
+        images = torch.from_numpy(batch["image"]).to(device, non_blocking=True)
+        images = presets.train_augment(images, batch["key"], cfg["seed"], epoch, cfg["crop_size"])
+        labels = torch.from_numpy(np.maximum(batch["label"], 0)).to(device)
+        with torch.autocast(device.type, dtype=cfg["amp_dtype"], enabled=amp):
+            logits = net(presets.normalize(images))
+            # Undecodable samples keep their row (equal step counts across workers) at weight 0.
+            loss = (loss_fn(logits.float(), labels) * ok).sum() / ok.sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n_ok = int(ok.sum())
+        seen += n_ok
+        failed += len(ok) - n_ok
+        loss_sum += float(loss.detach()) * n_ok
+        correct += int(((logits.argmax(1) == labels) & ok).sum())
+    return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
+            "train_images": seen, "train_failed": failed,
+            "train_seconds": time.monotonic() - t0}
+
+
+@torch.inference_mode()
+def validate(net, it, cfg, device) -> dict:
+    """Top-1/top-5 over this worker's share of val, summed over all workers."""
+    net.eval()
+    counts = torch.zeros(4, dtype=torch.float64)  # seen, top1, top5, failed
+    k = min(5, cfg["num_classes"])
+    for batch in it.iter_batches(batch_size=cfg["batch_size"], batch_format="numpy"):
+        ok = batch["error"] == ""
+        counts[3] += int((~ok).sum())
+        if not ok.any():
+            continue
+        images = torch.from_numpy(batch["image"][ok]).to(device)
+        labels = torch.from_numpy(batch["label"][ok]).to(device)
+        with torch.autocast(device.type, dtype=cfg["amp_dtype"],
+                            enabled=cfg["amp_dtype"] != torch.float32):
+            logits = net(presets.normalize(images))
+        topk = logits.float().topk(k, dim=1).indices
+        counts[0] += len(labels)
+        counts[1] += int((topk[:, 0] == labels).sum())
+        counts[2] += int((topk == labels[:, None]).any(1).sum())
+    if torch.distributed.is_initialized():
+        counts = counts.to(device)
+        torch.distributed.all_reduce(counts)
+        counts = counts.cpu()
+    seen = max(float(counts[0]), 1.0)
+    return {"val_images": int(counts[0]), "val_failed": int(counts[3]),
+            "val_top1": 100.0 * float(counts[1]) / seen, "val_top5": 100.0 * float(counts[2]) / seen}
+
+
+def _build(cfg, device):
+    torch.manual_seed(cfg["seed"])
+    loaded = modellib.load_weights(cfg["weights"])
+    model, classes, _ = modellib.build_model(loaded, cfg["classes"])
+    model = model.to(device, memory_format=torch.channels_last)
+    world = cfg["world_size"]
+    scale = cfg["batch_size"] * world / 256  # linear scaling rule (Goyal et al.)
+    lr = cfg["lr"] * scale
+    optimizer = torch.optim.SGD(param_groups(model, lr, lr * cfg["head_lr_mult"],
+                                             cfg["weight_decay"]),
+                                lr=lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+    steps = max(1, math.ceil(cfg["train_samples"] / world / cfg["batch_size"]))
+    total, warmup = steps * cfg["epochs"], max(1, int(steps * cfg["warmup_epochs"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup, total))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp_dtype"] == torch.float16)
+    return model, optimizer, scheduler, scaler
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """The Ray Train worker function: build, resume if a checkpoint exists, train, report."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    device = ray.train.torch.get_device()
+    cfg = dict(cfg, world_size=ctx.get_world_size(),
+               amp_dtype=modellib.resolve_precision(cfg["precision"], device))
+    model, optimizer, scheduler, scaler = _build(cfg, device)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # a disabled GradScaler (bf16/fp32) saves an empty state
+            scaler.load_state_dict(state["scaler"])
+        start = state["epoch"] + 1
+    train_it, val_it = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    net, net_frozen = None, None
+    for epoch in range(start, cfg["epochs"]):
+        frozen = epoch < cfg["freeze_epochs"]
+        if net is None or frozen != net_frozen:  # DDP must be rebuilt when trainables change
+            set_backbone_frozen(model, frozen)
+            net, net_frozen = ray.train.torch.prepare_model(model, move_to_device=False), frozen
+        m = train_one_epoch(net, model, train_it, optimizer, scheduler, scaler, cfg, epoch,
+                            device, rank)
+        # Validate the bare module: DDP's forward syncs buffers collectively, and workers hold
+        # unequal shares of val (every image exactly once), so a DDP forward would deadlock.
+        m.update(validate(model, val_it, cfg, device))
+        m.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], backbone_frozen=frozen,
+                 train_images_per_s=m["train_images"] * cfg["world_size"] / m["train_seconds"])
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{cfg['epochs']}: train loss {m['train_loss']:.3f} "
+                  f"top-1 {m['train_top1']:.1f}% | val top-1 {m['val_top1']:.1f}% top-5 "
+                  f"{m['val_top5']:.1f}% ({m['val_images']} images) | "
+                  f"{m['train_images_per_s']:.0f} train images/s", flush=True)
+        _report(m, model, optimizer, scheduler, scaler, epoch, cfg, rank)
+
+
+def _report(metrics, model, optimizer, scheduler, scaler, epoch, cfg, rank) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        public_cfg = {k: v for k, v in cfg.items() if k not in ("amp_dtype", "fault")}
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch, "config": public_cfg, "metrics": metrics},
+                   os.path.join(d, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def load_checkpoint_state(checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def fit(loop_config: dict, *, train_manifest: str, val_manifest: str, num_workers: int,
+        use_gpu: bool, cpus_per_worker: float, storage_path: str, name: str,
+        max_failures: int = 1, num_to_keep: int = 2, decode_concurrency: int | None = None):
+    """Run (or resume) a fine-tuning run; return (ray.train.Result, the final state dict)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline import data, storage
+
+    train_ds, train_m = data.read_decoded(
+        train_manifest, mode="train", crop_size=loop_config["crop_size"],
+        batch_size=loop_config["batch_size"], concurrency=decode_concurrency,
+        shuffle_seed=loop_config["seed"])
+    val_ds, val_m = data.read_decoded(
+        val_manifest, mode="eval", crop_size=loop_config["crop_size"],
+        batch_size=loop_config["batch_size"], concurrency=decode_concurrency)
+    if [c["id"] for c in train_m["classes"]] != [c["id"] for c in val_m["classes"]]:
+        raise ValueError(f"{train_manifest} and {val_manifest} have different class lists: "
+                         f"shard val with the train classes")
+    cfg = dict(loop_config, classes=train_m["classes"], num_classes=len(train_m["classes"]),
+               train_samples=train_m["total_samples"])
+    storage_path = storage_path if storage.is_uri(storage_path) else os.path.abspath(storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=cfg,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep)),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=ExactValDataConfig.make())
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {name} finished without a checkpoint")
+    return result, load_checkpoint_state(result.checkpoint), cfg
+
+
+def export_model(state: dict, path: str, loop_config: dict, job_config: dict) -> str:
+    """Write model.pt (contract 4) from a checkpoint state; return its sha256."""
+    from pipeline import model as m
+
+    net, classes, _ = m.build_model({"state_dict": None, "classes": None, "model_id": "",
+                                     "sha256": None, "extra": {}}, loop_config["classes"])
+    net.load_state_dict(state["model"])
+    preset = {"resize_size": round(loop_config["crop_size"] * presets.RESIZE_SIZE
+                                   / presets.CROP_SIZE),
+              "crop_size": loop_config["crop_size"], "interpolation": "bilinear",
+              "antialias": True, "mean": presets.MEAN, "std": presets.STD}
+    return m.save_model(path, net, classes, preset, job_config,
+                        model_id=f"resnet18-finetuned/{job_config.get('name', '')}"
+                                 f"/epoch{state['epoch']}")

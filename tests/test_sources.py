@@ -1,0 +1,111 @@
+"""ImageNet layouts and class-folder sources: labels, class order and what is skipped."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import scipy.io
+
+from pipeline import sources
+
+REAL_FIRST_VAL = {490: "n01751748", 361: "n09193705", 171: "n02105855", 822: "n04263257"}
+
+
+def _touch_jpeg(path, seed=0):
+    from tests.conftest import photo_like
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    photo_like(np.random.default_rng(seed), 40, 30).save(path)
+
+
+def write_meta_mat(path, id_to_wnid: dict[int, str]):
+    """A devkit-style meta.mat: the 1000 leaf synsets plus one non-leaf, as the devkit has."""
+    dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"),
+             ("num_children", "O"), ("children", "O"), ("wordnet_height", "O"),
+             ("num_train_images", "O")]
+    rows = [(i, w, f"words of {w}, alias", "gloss", 0, np.zeros(0), 0, 1300)
+            for i, w in sorted(id_to_wnid.items())]
+    rows.append((1001, "n00000000", "entity", "gloss", 2, np.array([1, 2]), 18, 0))
+    arr = np.array(rows, dtype=dtype)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    scipy.io.savemat(path, {"synsets": arr.reshape(-1, 1)})
+
+
+def test_folder_layout_labels_are_sorted_class_positions(tmp_path):
+    for cls in ("zebra", "apple", "mango"):
+        _touch_jpeg(str(tmp_path / cls / f"{cls}1.jpg"))
+    (tmp_path / "loose.txt").write_text("not in a class")
+    src = sources.scan_source(str(tmp_path), "train")
+    assert src.layout == "folder"
+    assert [c["id"] for c in src.classes] == ["apple", "mango", "zebra"]
+    assert dict((p, src.class_index[c]) for p, c in src.items) == {
+        "apple/apple1.jpg": 0, "mango/mango1.jpg": 1, "zebra/zebra1.jpg": 2}
+    assert src.skipped == [{"path": "loose.txt", "reason": "file outside any class folder"}]
+
+
+def test_folder_of_imagenet_wnids_gets_torchvision_names(tmp_path):
+    _touch_jpeg(str(tmp_path / "n01440764" / "a.JPEG"))
+    src = sources.scan_source(str(tmp_path), "train")
+    assert src.classes[0]["name"] == "tench"
+
+
+def test_kaggle_layout_joins_on_image_id_not_row_order(tmp_path):
+    data = tmp_path / "ILSVRC/Data/CLS-LOC"
+    for wnid in ("n01440764", "n01443537"):
+        _touch_jpeg(str(data / "train" / wnid / f"{wnid}_1.JPEG"))
+    truth = {"ILSVRC2012_val_00000002": "n01443537", "ILSVRC2012_val_00000001": "n01440764",
+             "ILSVRC2012_val_00000009": "n01440764"}  # 9 has no image
+    for image_id in ("ILSVRC2012_val_00000001", "ILSVRC2012_val_00000002",
+                     "ILSVRC2012_val_00000003"):  # 3 has no ground truth
+        _touch_jpeg(str(data / "val" / f"{image_id}.JPEG"))
+    with open(tmp_path / "LOC_val_solution.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageId", "PredictionString"])
+        for image_id, wnid in truth.items():  # deliberately not in file order
+            w.writerow([image_id, f"{wnid} 1 2 3 4 {wnid} 5 6 7 8"])
+    (tmp_path / "LOC_synset_mapping.txt").write_text(
+        "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    assert sources.detect_layout(str(tmp_path), "val") == "imagenet-kaggle"
+    val = sources.scan_source(str(tmp_path), "val")
+    labels = {p.rsplit("/", 1)[-1]: val.class_index[c] for p, c in val.items}
+    assert labels == {"ILSVRC2012_val_00000001.JPEG": 0, "ILSVRC2012_val_00000002.JPEG": 1}
+    reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in val.skipped}
+    assert "no ground truth" in reasons["ILSVRC2012_val_00000003.JPEG"]
+    assert reasons["ILSVRC2012_val_00000009.JPEG"] == "ground-truth line with no image"
+    assert [c["name"] for c in val.classes] == ["tench", "goldfish"]
+    train = sources.scan_source(str(tmp_path), "train")
+    assert train.layout == "imagenet-kaggle" and len(train.items) == 2
+
+
+def test_devkit_ground_truth_maps_to_sorted_wnid_indices(tmp_path):
+    """The real first four val labels (490, 361, 171, 822) become 65, 970, 230, 809."""
+    wnids = sources.imagenet_wnids()
+    rng = np.random.default_rng(0)
+    others = [w for w in wnids if w not in REAL_FIRST_VAL.values()]
+    free_ids = [i for i in range(1, 1001) if i not in REAL_FIRST_VAL]
+    rng.shuffle(others)  # ILSVRC2012 ids do not follow wnid order; neither does this fixture
+    id_to_wnid = dict(zip(free_ids, others)) | REAL_FIRST_VAL
+    devkit = tmp_path / "ILSVRC2012_devkit_t12"
+    write_meta_mat(str(devkit / "data/meta.mat"), id_to_wnid)
+    (devkit / "data/ILSVRC2012_validation_ground_truth.txt").write_text("490\n361\n171\n822\n1\n")
+    for n in range(1, 5):
+        _touch_jpeg(str(tmp_path / f"ILSVRC2012_val_{n:08d}.JPEG"), seed=n)
+    assert sources.detect_layout(str(tmp_path), "val") == "imagenet-devkit"
+    src = sources.scan_source(str(tmp_path), "val")
+    labels = [src.class_index[c] for _, c in sorted(src.items)]
+    assert labels == [65, 970, 230, 809]
+    assert len(src.classes) == 1000
+    assert src.skipped == [{"path": "ILSVRC2012_val_00000005.JPEG",
+                            "reason": "ground-truth line with no image"}]
+
+
+def test_unknown_layout_names_what_it_looked_for(tmp_path):
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(ValueError) as e:
+        sources.scan_source(str(tmp_path), "val")
+    msg = str(e.value)
+    for expected in ("folder", "imagenet-kaggle", "imagenet-devkit", "readme.txt"):
+        assert expected in msg
