@@ -25,11 +25,11 @@ class DemoConfig:
     classes: int = _cli.option(10, "number of shape classes (2..10)")
     train_per_class: int = _cli.option(120, "generated train images per class")
     val_per_class: int = _cli.option(30, "generated val images per class")
-    epochs: int = _cli.option(8, "fine-tuning epochs")
+    epochs: int = _cli.option(10, "fine-tuning epochs")
     num_workers: int = _cli.option(2, "Ray Train workers")
     crop_size: int = _cli.option(64, "crop size (reduced from 224 for CPU speed)")
     batch_size: int = _cli.option(32, "batch size per worker")
-    lr: float = _cli.option(0.4, "learning rate per 256 images")
+    lr: float = _cli.option(0.012, "AdamW learning rate per 256 images")
     samples_per_shard: int = _cli.option(300, "images per shard")
     seed: int = _cli.option(0, "seed for data generation and training")
 
@@ -64,8 +64,9 @@ def main(argv=None) -> int:
         train=os.path.join(shard_dir, "train.json"), val=os.path.join(shard_dir, "val.json"),
         weights=cfg.weights, epochs=cfg.epochs, num_workers=cfg.num_workers,
         cpus_per_worker=0.5, threads=1, storage_path=os.path.join(work, "runs"), name="demo",
-        batch_size=cfg.batch_size, lr=cfg.lr, crop_size=cfg.crop_size, warmup_epochs=1.0,
-        shuffle_buffer=256, seed=cfg.seed, weight_decay=5e-5)
+        batch_size=cfg.batch_size, optimizer="adamw", lr=cfg.lr, crop_size=cfg.crop_size,
+        warmup_epochs=1.0, shuffle_buffer=256, seed=cfg.seed, weight_decay=0.05,
+        min_crop_scale=0.5)
     trained = finetune.run(ft)
     print(f"      last epoch: train loss {trained['train_loss']:.3f}, val top-1 "
           f"{trained['val_top1']:.1f}%, {trained['train_images_per_s']:.0f} train images/s")

@@ -35,6 +35,9 @@ class FinetuneConfig:
     unfreeze_after: int = _cli.option(0, "with --mode probe: unfreeze the backbone after this "
                                          "many epochs (0: never)")
     batch_size: int = _cli.option(64, "batch size per worker")
+    optimizer: str = _cli.option("sgd", "sgd (momentum, as torchvision's reference) or adamw "
+                                        "(faster from random init on small data)",
+                                 choices=["sgd", "adamw"])
     lr: float = _cli.option(0.1, "learning rate per 256 images (scaled by the global batch)")
     head_lr_mult: float = _cli.option(1.0, "head learning rate = lr x this")
     momentum: float = _cli.option(0.9, "SGD momentum")
@@ -43,6 +46,7 @@ class FinetuneConfig:
     label_smoothing: float = _cli.option(0.1, "label smoothing")
     warmup_epochs: float = _cli.option(1.0, "linear warmup epochs before the cosine decay")
     crop_size: int = _cli.option(presets.CROP_SIZE, "training and validation crop size")
+    min_crop_scale: float = _cli.option(0.08, "RandomResizedCrop's smallest area fraction")
     precision: str = _cli.option("auto", "autocast precision (auto: bf16 where supported)",
                                  choices=["auto", "fp32", "bf16", "fp16"])
     shuffle_buffer: int = _cli.option(1000, "local shuffle buffer (rows) on each worker")
@@ -54,8 +58,9 @@ class FinetuneConfig:
 
 def loop_config(cfg: FinetuneConfig) -> dict:
     freeze = 0 if cfg.mode == "finetune" else (cfg.unfreeze_after or cfg.epochs)
-    keys = ("weights", "epochs", "batch_size", "lr", "head_lr_mult", "momentum", "nesterov",
-            "weight_decay", "label_smoothing", "warmup_epochs", "crop_size", "precision",
+    keys = ("weights", "epochs", "batch_size", "optimizer", "lr", "head_lr_mult", "momentum", "nesterov",
+            "weight_decay", "label_smoothing", "warmup_epochs", "crop_size", "min_crop_scale",
+            "precision",
             "shuffle_buffer", "seed", "threads")
     return dict({k: getattr(cfg, k) for k in keys}, freeze_epochs=freeze)
 

@@ -210,7 +210,7 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
             "run_id": run_id}
     staging = storage.join(out, f"_staging-{run_id}")
     writer = _PartWriter(storage.join(staging, "predictions"), meta)
-    keys, failures, t_first = set(), [], None
+    keys, failures, t_first, seen = set(), [], None, 0
     with tqdm(total=manifest["total_samples"], unit="img", desc="predict",
               disable=not progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -222,9 +222,9 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
             good = {c: v[~bad] for c, v in batch.items()}
             if len(good["key"]):
                 writer.write(_to_table(good, k))
+            seen += len(batch["key"])
             bar.update(len(batch["key"]))
     writer.close()
-    seen = bar.n
     check_coverage(manifest, seen, len(keys), len(failures), manifest_path)
     _fault_point("before_publish")
     wall = time.monotonic() - t0

@@ -83,14 +83,14 @@ def random_resized_crop_params(height: int, width: int, rng: np.random.Generator
 
 
 def train_augment(images: torch.Tensor, keys, seed: int, epoch: int,
-                  crop_size: int) -> torch.Tensor:
+                  crop_size: int, min_scale: float = 0.08) -> torch.Tensor:
     """uint8 NCHW base squares -> uint8 N x 3 x crop x crop, RandomResizedCrop + flip per sample."""
     out = torch.empty((len(images), 3, crop_size, crop_size), dtype=torch.uint8,
                       device=images.device)
     _, _, height, width = images.shape
     for i, key in enumerate(keys):
         rng = np.random.default_rng(sample_seed(seed, epoch, str(key)))
-        top, left, h, w = random_resized_crop_params(height, width, rng)
+        top, left, h, w = random_resized_crop_params(height, width, rng, (min_scale, 1.0))
         crop = images[i:i + 1, :, top:top + h, left:left + w].float()
         crop = nnf.interpolate(crop, size=(crop_size, crop_size), mode="bilinear",
                                align_corners=False, antialias=True)

@@ -65,17 +65,17 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx, cy, r, rot, fg, bg):
 def draw_image(shape: str, rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """One RGB image of ``shape`` on a noisy gradient background."""
     bg = rng.integers(0, 256, 3)
-    fg = (bg + rng.integers(70, 186, 3)) % 256  # keep a visible contrast
+    fg = (255 - bg + rng.integers(-50, 51, 3)).clip(0, 255)  # keep a visible contrast
     grad = np.linspace(0, 1, width)[None, :, None] * rng.integers(-60, 60, 3)[None, None, :]
     base = np.clip(bg[None, None, :] + grad, 0, 255).repeat(height, 0).astype(np.uint8)
     img = Image.fromarray(base)
     draw = ImageDraw.Draw(img)
-    r = rng.uniform(0.18, 0.38) * min(width, height)
+    r = rng.uniform(0.25, 0.42) * min(width, height)
     cx = rng.uniform(r, width - r)
     cy = rng.uniform(r, height - r)
     _draw_shape(draw, shape, cx, cy, r, rng.uniform(0, 2 * math.pi), tuple(int(v) for v in fg),
                 tuple(int(v) for v in base[int(cy), int(cx)]))
-    arr = np.asarray(img).astype(np.int16) + rng.normal(0, rng.uniform(4, 20), (height, width, 3))
+    arr = np.asarray(img).astype(np.int16) + rng.normal(0, rng.uniform(3, 12), (height, width, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 

@@ -97,7 +97,8 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
         _maybe_kill(cfg.get("fault"), epoch, step, rank)
         ok = torch.from_numpy(batch["error"] == "").to(device)
         images = torch.from_numpy(batch["image"]).to(device, non_blocking=True)
-        images = presets.train_augment(images, batch["key"], cfg["seed"], epoch, cfg["crop_size"])
+        images = presets.train_augment(images, batch["key"], cfg["seed"], epoch, cfg["crop_size"],
+                                       cfg.get("min_crop_scale", 0.08))
         labels = torch.from_numpy(np.maximum(batch["label"], 0)).to(device)
         with torch.autocast(device.type, dtype=cfg["amp_dtype"], enabled=amp):
             logits = net(presets.normalize(images))
@@ -155,9 +156,12 @@ def _build(cfg, device):
     world = cfg["world_size"]
     scale = cfg["batch_size"] * world / 256  # linear scaling rule (Goyal et al.)
     lr = cfg["lr"] * scale
-    optimizer = torch.optim.SGD(param_groups(model, lr, lr * cfg["head_lr_mult"],
-                                             cfg["weight_decay"]),
-                                lr=lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+    groups = param_groups(model, lr, lr * cfg["head_lr_mult"], cfg["weight_decay"])
+    if cfg.get("optimizer", "sgd") == "adamw":  # converges faster from random init on small data
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"],
+                                    nesterov=cfg["nesterov"])
     steps = max(1, math.ceil(cfg["train_samples"] / world / cfg["batch_size"]))
     total, warmup = steps * cfg["epochs"], max(1, int(steps * cfg["warmup_epochs"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -1,0 +1,74 @@
+"""Weights: every spec loads safely; bad files fail with a clear error; heads are replaced."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from pipeline import model as modellib
+
+CLASSES = [{"index": i, "id": f"c{i}", "name": f"class {i}"} for i in range(3)]
+
+
+def test_random_init_uses_the_data_classes():
+    net, classes, replaced = modellib.build_model(modellib.load_weights("none"), CLASSES)
+    assert net.fc.out_features == 3 and classes == CLASSES and not replaced
+
+
+def test_imagenet_state_dict_file_gets_a_new_head_for_new_classes(tmp_path):
+    path = tmp_path / "rn18.pth"
+    torch.save(resnet18().state_dict(), path)
+    loaded = modellib.load_weights(str(path))
+    assert len(loaded["classes"]) == 1000 and loaded["classes"][0]["name"] == "tench"
+    net, _, replaced = modellib.build_model(loaded, CLASSES)
+    assert replaced and net.fc.out_features == 3
+    same, _, kept = modellib.build_model(loaded, None)
+    assert not kept and same.fc.out_features == 1000
+
+
+def test_model_pt_round_trip(tmp_path):
+    net, classes, _ = modellib.build_model(modellib.load_weights("none"), CLASSES)
+    modellib.save_model(str(tmp_path / "model.pt"), net, classes, {"crop_size": 64}, {"x": 1}, "m")
+    loaded = modellib.load_weights(str(tmp_path / "model.pt"))
+    assert loaded["classes"] == CLASSES and loaded["extra"]["preset"] == {"crop_size": 64}
+    again, _, replaced = modellib.build_model(loaded, CLASSES)
+    assert not replaced
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                 again.state_dict().values()))
+
+
+def test_wrong_shape_weights_fail_naming_the_file(tmp_path):
+    state = resnet18().state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="bad.pth"):
+        modellib.build_model(modellib.load_weights(str(tmp_path / "bad.pth")), None)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_in_weights_never_runs(tmp_path):
+    evil = _Evil()
+    evil.marker = str(tmp_path / "owned")
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"fc.weight": evil}, f)
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        modellib.load_weights(str(tmp_path / "evil.pt"))
+    assert not os.path.exists(tmp_path / "owned")
+
+
+def test_missing_weights_and_offline_default_fail_clearly(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="not DEFAULT, IMAGENET1K_V1, none"):
+        modellib.load_weights(str(tmp_path / "nope.pt"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
+    with pytest.raises(RuntimeError, match="resnet18-f37072fd.pth"):
+        modellib.load_weights("DEFAULT")

@@ -1,0 +1,123 @@
+"""Batch inference: equivalence with torchvision's reference, exactly-once publish, evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs import evaluate as evaluate_job, predict as predict_job
+from pipeline import metrics, model as modellib, presets, shards
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """Random-init ResNet-18 weights saved as a plain state_dict (1000 ImageNet classes)."""
+    torch.manual_seed(123)
+    from torchvision.models import resnet18
+
+    path = tmp_path_factory.mktemp("weights") / "resnet18-random.pth"
+    torch.save(resnet18().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def imagenet_like_shards(tmp_path_factory, ray_local):
+    """Photo-like JPEGs in wnid folders, so the 1000-class head applies unchanged."""
+    from tests.conftest import photo_like
+    from pipeline import sources
+
+    root = tmp_path_factory.mktemp("inet")
+    rng = np.random.default_rng(5)
+    for i, wnid in enumerate(["n01440764", "n01443537", "n01484850"]):
+        (root / wnid).mkdir()
+        for k in range(4):
+            w, h = int(rng.integers(150, 400)), int(rng.integers(150, 400))
+            photo_like(rng, w, h).save(root / wnid / f"{wnid}_{k}.JPEG", quality=88)
+    out = tmp_path_factory.mktemp("inet_shards")
+    shards.write_shards(sources.scan_source(str(root), "val"), str(out), samples_per_shard=5,
+                        progress=False)
+    return root, out
+
+
+def _predict(manifest, weights, out, **kw):
+    cfg = predict_job.PredictConfig(data=manifest, weights=weights, out=out, precision="fp32",
+                                    batch_size=4, progress=False, **kw)
+    return predict_job.run(cfg)
+
+
+def test_predictions_match_a_plain_torchvision_loop(imagenet_like_shards, weights_file,
+                                                    tmp_path):
+    root, shard_dir = imagenet_like_shards
+    out = str(tmp_path / "eval")
+    summary = _predict(str(shard_dir / "val.json"), weights_file, out)
+    df = metrics.read_predictions(out)
+    assert len(df) == summary["samples"] == 12 and summary["failures"] == 0
+    net = modellib.build_model(modellib.load_weights(weights_file), None)[0].eval()
+    reference = presets.reference_eval_transform()
+    files = {os.path.splitext(f)[0]: os.path.join(dp, f) for dp, _, fs in os.walk(root)
+             for f in fs}
+    with torch.inference_mode():
+        for row in df.itertuples():
+            probs = net(reference(Image.open(files[row.key]).convert("RGB"))[None]).softmax(1)[0]
+            p, i = probs.topk(5)
+            assert row.pred == int(i[0]) and list(row.topk_index) == i.tolist()
+            assert np.allclose(row.topk_prob, p.numpy(), atol=1e-4)
+            assert row.pred_name == modellib.imagenet_classes()[row.pred]["name"]
+
+
+def test_summary_matches_an_independent_duckdb_count(imagenet_like_shards, weights_file,
+                                                     tmp_path):
+    _, shard_dir = imagenet_like_shards
+    out = str(tmp_path / "eval")
+    summary = _predict(str(shard_dir / "val.json"), weights_file, out)
+    top1, top5, n = duckdb.sql(
+        f"select avg(top1_correct::int) * 100, avg(top5_correct::int) * 100, count(*) "
+        f"from read_parquet('{out}/predictions/*.parquet')").fetchall()[0]
+    assert n == summary["samples"]
+    assert abs(top1 - summary["top1"]) < 1e-9 and abs(top5 - summary["top5"]) < 1e-9
+    assert json.load(open(os.path.join(out, "summary.json")))["top1"] == summary["top1"]
+    meta = __import__("pyarrow.parquet").parquet.read_schema(
+        os.path.join(out, "predictions", "part-00000.parquet")).metadata
+    assert meta[b"precision"] == b"fp32" and len(meta[b"data_manifest_sha256"]) == 64
+    assert evaluate_job.main(["--out", out]) == 0
+
+
+def test_rerun_replaces_and_a_crash_before_publish_keeps_the_previous_set(
+        shard_set, tmp_path):
+    out = str(tmp_path / "eval")
+    first = _predict(str(shard_set / "val.json"), "none", out)
+    _predict(str(shard_set / "val.json"), "none", out)  # rerun into the same folder
+    df = metrics.read_predictions(out)
+    assert len(df) == df["key"].nunique() == first["manifest_samples"]
+    before = open(os.path.join(out, "_SUCCESS")).read()
+    for fault in ("before_publish", "mid_publish"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.predict", "--data", str(shard_set / "val.json"),
+             "--weights", "none", "--out", out, "--no-progress", "--batch-size", "8"],
+            env={**os.environ, "RESNET_PIPELINE_FAULT": fault}, capture_output=True, text=True,
+            timeout=300)
+        assert proc.returncode == 17, proc.stderr[-2000:]
+        if fault == "mid_publish":
+            from pipeline.predict import recover
+            recover(out)  # what the next run does first
+        assert open(os.path.join(out, "_SUCCESS")).read() == before
+        df = metrics.read_predictions(out)
+        assert len(df) == df["key"].nunique() == first["manifest_samples"]
+
+
+def test_unwritable_output_and_wrong_class_weights_fail_clearly(shard_set, tmp_path,
+                                                                weights_file):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="cannot be written"):
+        _predict(str(shard_set / "val.json"), "none", str(blocker / "out"))
+    with pytest.raises(ValueError, match="lack"):
+        _predict(str(shard_set / "val.json"), weights_file, str(tmp_path / "o"))
