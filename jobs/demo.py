@@ -25,7 +25,7 @@ class DemoConfig:
     classes: int = _cli.option(10, "number of shape classes (2..10)")
     train_per_class: int = _cli.option(120, "generated train images per class")
     val_per_class: int = _cli.option(30, "generated val images per class")
-    epochs: int = _cli.option(10, "fine-tuning epochs")
+    epochs: int = _cli.option(14, "fine-tuning epochs")
     num_workers: int = _cli.option(2, "Ray Train workers")
     crop_size: int = _cli.option(64, "crop size (reduced from 224 for CPU speed)")
     batch_size: int = _cli.option(32, "batch size per worker")

@@ -92,7 +92,7 @@ def test_every_key_seen_exactly_once_whatever_the_number_of_consumers(shard_set,
 
     ds, manifest = data.read_decoded(str(shard_set / "val.json"), batch_size=3)
 
-    @ray.remote
+    @ray.remote(num_cpus=0)  # consumers must not take the CPUs the read/decode tasks need
     def consume(it):
         return [k for b in it.iter_batches(batch_size=2, batch_format="numpy") for k in b["key"]]
 

@@ -1,0 +1,279 @@
+"""The nightly evaluation report: report.md, and report.html with its plots embedded.
+
+The report is a list of sections (a title, a sentence, a table, optionally a plot), rendered
+twice: as Markdown (tables only, readable in a terminal or a code review) and as one
+self-contained HTML file whose PNG plots are base64 data URIs, so it can be mailed, synced from
+S3 or opened from any folder without its neighbours. Plots use matplotlib's Agg canvas directly
+(no pyplot): no display is needed and no global backend state is touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pipeline import storage
+
+HISTORY_RUNS_SHOWN = 60
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""
+    headers: list[str] = field(default_factory=list)
+    rows: list[list] = field(default_factory=list)
+    png: bytes | None = None
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+def _figure(width: float = 7.0, height: float = 3.6):
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_history(history: pd.DataFrame) -> bytes:
+    """Top-1 and top-5 per run with their 95% intervals as error bars, oldest first."""
+    h = history.tail(HISTORY_RUNS_SHOWN).reset_index(drop=True)
+    fig, ax = _figure(8.0, 3.8)
+    x = list(range(len(h)))
+    for name, colour in (("top1", "tab:blue"), ("top5", "tab:green")):
+        err = [h[name] - h[f"{name}_ci95_lo"], h[f"{name}_ci95_hi"] - h[name]]
+        ax.errorbar(x, h[name], yerr=err, fmt="o-", capsize=3, color=colour,
+                    label=name.replace("top", "top-"))
+    bad = h.index[h["verdict"] == "significant regression"]
+    ax.scatter(bad, h.loc[bad, "top1"], s=120, facecolors="none", edgecolors="red",
+               label="significant regression", zorder=3)
+    ax.set_xticks(x, [str(r)[:15] for r in h["run_id"]], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("accuracy %")
+    ax.set_title("top-1 / top-5 per run (95% Wilson intervals)")
+    ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
+def plot_bars(labels: list[str], values: list[float], title: str, xlabel: str,
+              signed: bool = False) -> bytes:
+    """Horizontal bars, first label on top; ``signed`` colours gains green and losses red."""
+    fig, ax = _figure(7.0, max(2.0, 0.35 * len(labels) + 1.0))
+    colours = [("tab:green" if v >= 0 else "tab:red") if signed else "tab:blue" for v in values]
+    ax.barh(range(len(labels)), values, color=colours)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    if signed:
+        ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    return png_bytes(fig)
+
+
+def plot_reliability(bins: list[dict]) -> bytes:
+    """Accuracy against mean confidence per confidence bin; the diagonal is perfect calibration."""
+    fig, ax = _figure(4.8, 4.2)
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["accuracy"] for b in bins],
+           width=[b["hi"] - b["lo"] for b in bins], edgecolor="black", alpha=0.7,
+           label="accuracy")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="tab:red",
+            label="(mean confidence, accuracy)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability diagram")
+    ax.legend(fontsize=7, loc="upper left")
+    return png_bytes(fig)
+
+
+# --- content -------------------------------------------------------------------------------------
+
+def class_changes(current: dict, reference: dict, n: int = 10) -> list[dict]:
+    """Per-class top-1 deltas (percentage points) by class id, largest change first."""
+    before = {c["id"]: c for c in reference.get("per_class", [])}
+    rows = [{"id": c["id"], "name": c["name"], "before": before[c["id"]]["top1"],
+             "after": c["top1"], "delta": c["top1"] - before[c["id"]]["top1"]}
+            for c in current["per_class"] if c["id"] in before]
+    return sorted(rows, key=lambda r: -abs(r["delta"]))[:n]
+
+
+def _pct(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def _ci(lo, hi) -> str:
+    return f"{lo:.2f}-{hi:.2f}"
+
+
+def overview_section(run_id: str, summary: dict, verdict: str, comparisons: list[dict],
+                     alpha: float, min_effect: float) -> Section:
+    compared = ", ".join(f"{c['role']} run {c['reference_run_id']}" for c in comparisons)
+    text = (f"Verdict: **{verdict}**. Compared with: {compared or 'nothing (first run)'}. "
+            f"A change is significant only if McNemar's exact p < alpha = {alpha:g} AND the "
+            f"top-1 change exceeds min-effect = {min_effect:g} percentage points.")
+    rows = [["run id", run_id], ["started", summary["started_at"]],
+            ["model", summary["model_id"]], ["weights sha256", summary["weights_sha256"]],
+            ["data manifest", summary["data_manifest"]],
+            ["data manifest sha256", summary["data_manifest_sha256"]],
+            ["code version", summary["code_version"]], ["precision", summary["precision"]],
+            ["samples (decode failures)", f"{summary['samples']} ({summary['failures']})"],
+            ["top-1 % (95% CI)", f"{summary['top1']:.2f} ({_ci(*summary['top1_ci95'])})"],
+            ["top-5 % (95% CI)", f"{summary['top5']:.2f} ({_ci(*summary['top5_ci95'])})"],
+            ["ECE", f"{summary['ece']:.4f}"],
+            ["wall time s / images/s", f"{summary['wall_seconds']:.1f} / "
+                                       f"{summary['images_per_s']:.1f}"]]
+    return Section("Run", text, ["", ""], rows)
+
+
+def comparison_section(comparisons: list[dict]) -> Section:
+    rows = [[c["role"], c["reference_run_id"], c["paired"], _pct(c["reference_top1"]),
+             _pct(c["top1"]), _pct(c["delta_pp"]), c["lost"], c["gained"],
+             "" if c["outcome"] == "not comparable" else f"{c['p_value']:.3g}",
+             c["outcome"] + (f": {c['reason']}" if c["reason"] else "")]
+            for c in comparisons]
+    return Section("Comparisons",
+                   "Paired per-image top-1 correctness joined on key. lost = right before, "
+                   "wrong now; gained = the reverse." if rows else "No earlier run to compare.",
+                   ["compared with", "run", "paired images", "top-1 % then", "top-1 % now",
+                    "change pp", "lost", "gained", "p (McNemar exact)", "outcome"], rows)
+
+
+def history_section(history: pd.DataFrame) -> Section:
+    h = history.tail(HISTORY_RUNS_SHOWN)
+    rows = [[str(r.date)[:19], r.run_id, f"{r.top1:.2f}", _ci(r.top1_ci95_lo, r.top1_ci95_hi),
+             f"{r.top5:.2f}", _ci(r.top5_ci95_lo, r.top5_ci95_hi), r.samples, r.verdict]
+            for r in h.itertuples()]
+    return Section("Top-1 / top-5 over time", f"The last {len(h)} runs of the history table.",
+                   ["date (UTC)", "run", "top-1 %", "95% CI", "top-5 %", "95% CI", "samples",
+                    "verdict"], rows, plot_history(h))
+
+
+def changes_section(summary: dict, reference: dict | None, reference_run_id: str,
+                    n: int) -> Section:
+    title = "Classes that changed most since the last run"
+    if reference is None:
+        return Section(title, "No comparable previous run.")
+    changes = class_changes(summary, reference, n)
+    rows = [[c["name"], c["id"], f"{c['before']:.1f}", f"{c['after']:.1f}", f"{c['delta']:+.1f}"]
+            for c in changes]
+    png = None
+    if any(c["delta"] for c in changes):
+        png = plot_bars([c["name"] for c in changes], [c["delta"] for c in changes],
+                        f"per-class top-1 change since {reference_run_id}", "pp", signed=True)
+    text = f"Per-class top-1 against run {reference_run_id}." + (
+        "" if png else " No class changed.")
+    return Section(title, text, ["class", "id", "top-1 % then", "top-1 % now", "change pp"],
+                   rows, png)
+
+
+def worst_section(summary: dict, n: int) -> Section:
+    worst = sorted(summary["per_class"], key=lambda c: (c["top1"], c["name"]))[:n]
+    rows = [[c["name"], c["id"], c["samples"], f"{c['top1']:.1f}"] for c in worst]
+    png = plot_bars([c["name"] for c in worst], [c["top1"] for c in worst],
+                    "worst classes", "top-1 %")
+    return Section("Worst classes", "", ["class", "id", "images", "top-1 %"], rows, png)
+
+
+def confused_section(summary: dict, n: int) -> Section:
+    pairs = summary["confused_pairs"][:n]
+    if not pairs:
+        return Section("Most confused pairs", "No misclassified image.")
+    rows = [[p["label_name"], p["pred_name"], p["count"]] for p in pairs]
+    png = plot_bars([f"{p['label_name']} -> {p['pred_name']}" for p in pairs],
+                    [p["count"] for p in pairs], "most confused pairs", "images")
+    return Section("Most confused pairs", "True class -> predicted class.",
+                   ["true class", "predicted", "images"], rows, png)
+
+
+def reliability_section(summary: dict) -> Section:
+    bins = summary["reliability"]
+    rows = [[f"{b['lo']:.2f}-{b['hi']:.2f}", b["count"], f"{b['confidence']:.3f}",
+             f"{b['accuracy']:.3f}"] for b in bins]
+    return Section("Reliability", f"Expected calibration error {summary['ece']:.4f}.",
+                   ["confidence bin", "images", "mean confidence", "accuracy"], rows,
+                   plot_reliability(bins) if bins else None)
+
+
+def build_sections(run_id: str, summary: dict, history: pd.DataFrame, comparisons: list[dict],
+                   verdict: str, alpha: float, min_effect: float,
+                   reference_summary: dict | None = None, reference_run_id: str = "",
+                   top_n: int = 10) -> list[Section]:
+    """All sections of one run's report, in reading order."""
+    return [overview_section(run_id, summary, verdict, comparisons, alpha, min_effect),
+            comparison_section(comparisons), history_section(history),
+            changes_section(summary, reference_summary, reference_run_id, top_n),
+            worst_section(summary, top_n), confused_section(summary, top_n),
+            reliability_section(summary)]
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+def render_markdown(title: str, sections: list[Section]) -> str:
+    out = [f"# {title}", ""]
+    for s in sections:
+        out += [f"## {s.title}", ""]
+        if s.text:
+            out += [s.text, ""]
+        if s.rows:
+            cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+            out += ["| " + " | ".join(map(cell, s.headers)) + " |",
+                    "|" + "---|" * len(s.headers)]
+            out += ["| " + " | ".join(map(cell, r)) + " |" for r in s.rows]
+            out.append("")
+    out.append("Plots: report.html (same folder).")
+    return "\n".join(out) + "\n"
+
+
+CSS = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+       "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
+       "padding:2px 8px;font-size:13px;text-align:left}img{max-width:100%}")
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    esc = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f"<title>{esc(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
+           f"<h1>{esc(title)}</h1>"]
+    for s in sections:
+        out.append(f"<h2>{esc(s.title)}</h2>")
+        if s.text:  # the only markup in section texts is **bold**
+            parts = esc(s.text).split("**")
+            out.append("<p>" + "".join(f"<strong>{p}</strong>" if i % 2 else p
+                                       for i, p in enumerate(parts)) + "</p>")
+        if s.png:
+            data = base64.b64encode(s.png).decode("ascii")
+            out.append(f'<p><img src="data:image/png;base64,{data}" alt="{esc(s.title)}"></p>')
+        if s.rows:
+            out.append("<table><thead><tr>" + "".join(f"<th>{esc(str(h))}</th>"
+                                                      for h in s.headers) + "</tr></thead><tbody>")
+            out += ["<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in r) + "</tr>"
+                    for r in s.rows]
+            out.append("</tbody></table>")
+    out += ["</body>", "</html>"]
+    return "\n".join(out) + "\n"
+
+
+def write_report(run_dir: str, title: str, sections: list[Section],
+                 latest: str | None = None) -> tuple[str, str]:
+    """Write RUN_DIR/report.md and RUN_DIR/report.html (and a copy at ``latest``)."""
+    md_path, html_path = storage.join(run_dir, "report.md"), storage.join(run_dir, "report.html")
+    page = render_html(title, sections)
+    storage.write_text_atomic(md_path, render_markdown(title, sections))
+    storage.write_text_atomic(html_path, page)
+    if latest:
+        storage.write_text_atomic(latest, page)
+    return md_path, html_path

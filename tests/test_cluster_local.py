@@ -1,0 +1,349 @@
+"""A real two-node Ray cluster on loopback with token authentication, driven like the README's
+"Running on a cluster": the project's jobs go in through the real `ray job submit` CLI.
+
+The head and one worker node are `ray start --block` subprocesses (each 1 logical CPU; the
+worker also advertises `node_b`), started with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH
+pointing at a token generated into tmp_path, so neither ~/.ray/auth_token nor any other Ray on
+this machine is touched. Everything Ray writes goes under a private --temp-dir, every port is
+picked free, and teardown stops only the processes this test started (never `ray stop`, which
+would stop every Ray on the machine).
+
+The test shards generated images with `python -m jobs.shard`, runs `python -m jobs.predict` with
+the README's command line (paths and address changed, `--weights none` because nothing can be
+downloaded), checks the published Parquet, and proves from Ray's state API that the prediction
+job's tasks ran on both nodes: the single predictor actor takes one node's only CPU for the
+whole run, so the read/decode tasks (1 CPU each) can only run on the other node. It also
+checks that the job API refuses requests without the token or with a wrong one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: its `ray` and its `python`
+RAY = BIN / "ray"
+MARKER = "RESNET_PIPELINE_TEST_CLUSTER"  # env var tagging every process of our cluster
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not RAY.exists(), reason=f"no ray CLI next to {sys.executable}"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc for cleanup"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# processes: start, find, stop only our own
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time since boot
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(p.name))
+    return children
+
+
+def _descendants(pids: list[int]) -> dict[int, str]:
+    """pid -> start time of every live descendant of ``pids`` (inclusive)."""
+    children, out, todo = _children_map(), {}, list(pids)
+    while todo:
+        pid = todo.pop()
+        st = _proc_start_time(pid)
+        if st is None or pid in out:
+            continue
+        out[pid] = st
+        todo += children.get(pid, [])
+    return out
+
+
+def _tagged(tag: str) -> dict[int, str]:
+    """Processes whose environment carries our cluster's tag (catches orphaned workers)."""
+    needle = f"{MARKER}={tag}".encode()
+    out = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            if needle in (p / "environ").read_bytes().split(b"\0"):
+                st = _proc_start_time(int(p.name))
+                if st:
+                    out[int(p.name)] = st
+        except OSError:
+            continue
+    return out
+
+
+def _kill_if_same(pid: int, start_time: str, sig: int) -> None:
+    if _proc_start_time(pid) == start_time:  # not a recycled pid
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass
+class Cluster:
+    tag: str
+    temp_dir: str
+    env: dict
+    token: str
+    gcs_port: int = 0
+    dashboard_port: int = 0
+    procs: list = field(default_factory=list)  # (name, Popen, log path)
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def ray(self, *args, env=None, timeout=120, check=True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(RAY), *map(str, args)], env=env or self.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert proc.returncode == 0, (
+                f"ray {' '.join(map(str, args))} -> {proc.returncode}\n"
+                f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return proc
+
+    def http(self, path: str, token: str | None = "") -> tuple[int, str]:
+        """GET the dashboard; token '' = ours, None = no Authorization header."""
+        req = urllib.request.Request(self.dashboard + path)
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token or self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def start_node(self, name: str, args: list[str]) -> None:
+        log = Path(self.temp_dir) / f"{name}.log"
+        with open(log, "wb") as f:
+            p = subprocess.Popen([str(RAY), "start", "--block", *args], env=self.env, cwd=ROOT,
+                                 stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
+        self.procs.append((name, p, log))
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            assert p.poll() is None, f"{name} exited {p.returncode}:\n{self.logs()}"
+            assert time.monotonic() < deadline, f"{name} did not start:\n{self.logs()}"
+            time.sleep(0.5)
+
+    def logs(self) -> str:
+        out = []
+        for name, _, log in self.procs:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            out.append(f"--- {name} ({log}) ---\n{text[-3000:]}")
+        return "\n".join(out)
+
+    def nodes(self) -> list[dict]:
+        proc = self.ray("list", "nodes", "--address", self.dashboard, "--format", "json",
+                        "--detail")
+        return [n for n in json.loads(proc.stdout) if n["state"] == "ALIVE"]
+
+    def stop(self) -> None:
+        """SIGTERM each `ray start --block` (it stops its own Ray processes), then SIGKILL
+        whatever of ours is left: descendants, their process groups, tagged orphans."""
+        ours = _descendants([p.pid for _, p, _ in self.procs])
+        for _, p, _ in reversed(self.procs):  # worker first, then head
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+        for _, p, _ in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # start_new_session: pgid == pid, ours only
+            except (ProcessLookupError, PermissionError):
+                pass
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+        ours.update(_tagged(self.tag))
+        for pid, st in ours.items():
+            _kill_if_same(pid, st, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running_cluster(tmp_path: Path):
+    """Head + worker node, token auth on; stopped (ours only) on exit, whatever happened."""
+    # Short path: Ray's unix sockets live under it (108-byte limit); unique, so ours only.
+    temp_dir = tempfile.mkdtemp(prefix="rtc-", dir="/tmp")
+    token_path = tmp_path / "auth_token"
+    token = uuid.uuid4().hex + uuid.uuid4().hex  # 256 bits, like `ray get-auth-token --generate`
+    token_path.write_text(token)
+    token_path.chmod(0o600)
+    tag = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS…
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in a job = the venv's
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_path),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "PYTHONUNBUFFERED": "1",
+        MARKER: tag,
+    })
+    env.pop("VIRTUAL_ENV", None)
+    c = Cluster(tag=tag, temp_dir=temp_dir, env=env, token=token, gcs_port=free_port(),
+                dashboard_port=free_port())
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp_dir}",
+              "--object-store-memory=200000000", "--min-worker-port=0", "--max-worker-port=0",
+              "--disable-usage-stats"]
+    try:
+        c.start_node("head", [
+            "--head", f"--port={c.gcs_port}", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={c.dashboard_port}",
+            f"--dashboard-agent-listen-port={free_port()}", *common])
+        c.start_node("worker", [
+            f"--address=127.0.0.1:{c.gcs_port}", '--resources={"node_b": 1}',
+            f"--dashboard-agent-listen-port={free_port()}", *common])
+        deadline = time.monotonic() + 120
+        while True:  # the dashboard answers and both nodes are registered
+            try:
+                if c.http("/api/version")[0] == 200 and len(c.nodes()) == 2:
+                    break
+            except (OSError, AssertionError, ValueError):
+                pass
+            assert time.monotonic() < deadline, f"cluster not up:\n{c.logs()}"
+            time.sleep(1)
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with running_cluster(tmp_path) as c:
+        yield c
+
+
+# --------------------------------------------------------------------------------------------
+# the test
+# --------------------------------------------------------------------------------------------
+
+
+def submit(c: Cluster, submission_id: str, *entrypoint: str) -> str:
+    """`ray job submit` exactly as in the README (waits, streams the logs); returns its output."""
+    proc = c.ray("job", "submit", "--address", c.dashboard, "--working-dir", ROOT,
+                 "--submission-id", submission_id, "--", *entrypoint, timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in out, (
+        f"job {submission_id} -> {proc.returncode}\n{out[-6000:]}\n{c.logs()}")
+    return out
+
+
+def test_two_node_cluster_with_token_auth(cluster, tmp_path):
+    import pandas as pd
+
+    from pipeline import sources, synthetic
+
+    c = cluster
+    nodes = c.nodes()
+    head = next(n["node_id"] for n in nodes if n["is_head_node"])
+    worker = next(n["node_id"] for n in nodes if "node_b" in n["resources_total"])
+    assert head != worker
+
+    # Token auth is on: no token -> 401, a wrong one -> 403, ours -> 200; the CLI likewise.
+    assert c.http("/api/jobs/", token=None)[0] == 401
+    assert c.http("/api/jobs/", token="0" * 64)[0] == 403
+    assert c.http("/api/jobs/")[0] == 200
+    no_token = {k: v for k, v in c.env.items() if not k.startswith("RAY_AUTH_")}
+    wrong = {**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
+    for env in ({**no_token, "RAY_AUTH_MODE": "disabled"}, wrong):
+        proc = c.ray("job", "list", "--address", c.dashboard, env=env, timeout=60, check=False)
+        assert proc.returncode != 0, proc.stdout + proc.stderr
+    c.ray("job", "list", "--address", c.dashboard, timeout=60)
+
+    # Tiny data; sharded by the project's shard job on the cluster.
+    images = tmp_path / "images"
+    synthetic.generate_image_folder(str(images), {"val": 3}, num_classes=3, seed=7,
+                                    size_range=(48, 96))
+    n_images = len(sources.scan_source(str(images / "val"), "val").items)
+    assert n_images == 9
+    shard_dir, out = tmp_path / "shards", tmp_path / "eval"
+    submit(c, f"shard-{c.tag[:8]}", "python", "-m", "jobs.shard", "--source", str(images / "val"),
+           "--split", "val", "--out", str(shard_dir), "--samples-per-shard", "3", "--no-progress")
+    manifest = shard_dir / "val.json"
+    assert json.loads(manifest.read_text())["total_samples"] == n_images
+
+    # The README's predict command. One predictor actor of 1 CPU fills one node (1 CPU each),
+    # so the 1-CPU read/decode tasks can only run on the other node.
+    predict_id = f"predict-{c.tag[:8]}"
+    log = submit(c, predict_id, "python", "-m", "jobs.predict", "--data", str(manifest),
+                 "--weights", "none", "--out", str(out), "--actors", "1",
+                 "--cpus-per-actor", "1", "--no-progress")
+    assert "images/s overall" in log
+
+    df = pd.read_parquet(out / "predictions")
+    assert len(df) == n_images and df["key"].is_unique
+    assert (out / "_SUCCESS").read_text().strip()
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.dumps(summary)  # valid JSON with the run's metrics
+    assert not list(out.glob("_staging-*"))
+
+    # Where did the prediction job's tasks run? Ask Ray's state API (through the CLI).
+    status, body = c.http(f"/api/jobs/{predict_id}")
+    assert status == 200, body
+    job_id = json.loads(body)["job_id"]
+    deadline, placed = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:  # task events reach the GCS within a few seconds
+        proc = c.ray("list", "tasks", "--address", c.dashboard, "--filter", f"job_id={job_id}",
+                     "--detail", "--format", "json", "--limit", "10000")
+        placed = {}
+        for t in json.loads(proc.stdout):
+            if t.get("node_id"):
+                placed.setdefault(t["node_id"], set()).add(t["name"])
+        if {head, worker} <= placed.keys():
+            break
+        time.sleep(2)
+    assert {head, worker} <= placed.keys(), (
+        f"tasks of job {job_id} ran on {placed}; head {head}, worker {worker}")
+    actors = json.loads(c.ray("list", "actors", "--address", c.dashboard, "--filter",
+                              f"job_id={job_id}", "--detail", "--format", "json").stdout)
+    predictors = [a for a in actors if "Predictor" in (a.get("class_name") or "")
+                  or "Predictor" in (a.get("repr_name") or "")]
+    assert predictors, actors
+    actor_nodes = {a["node_id"] for a in predictors}
+    decode_nodes = {n for n, names in placed.items() if any("decode_batch" in s for s in names)}
+    assert actor_nodes | decode_nodes == {head, worker}, (placed, actors)
+    print(f"predictor actor on {actor_nodes}, decode tasks on {decode_nodes}; "
+          f"head {head}, worker {worker}")
