@@ -261,7 +261,7 @@ def comparison_dicts(comparisons: list[Comparison]) -> list[dict]:
 
 
 def describe(c: Comparison, alpha: float, min_effect: float) -> str:
-    """One line for the terminal and the report."""
+    """One line per comparison for the terminal."""
     if c.outcome == NOT_COMPARABLE:
         return f"vs {c.role} run {c.reference_run_id}: NOT COMPARABLE: {c.reason}"
     return (f"vs {c.role} run {c.reference_run_id}: top-1 {c.reference_top1:.2f}% -> "
@@ -339,7 +339,7 @@ def format_result(result: NightlyResult, alpha: float, min_effect: float) -> str
     lines += [describe(c, alpha, min_effect) for c in result.comparisons] or [
         "no earlier run to compare with"]
     lines += [f"verdict: {result.verdict} (exit {result.exit_code}); significance rule: "
-              f"McNemar exact p < alpha={alpha:g} AND top-1 change > min-effect="
+              f"McNemar exact p < alpha={alpha:g} AND |top-1 change| > min-effect="
               f"{min_effect:g} pp",
               f"predictions: {result.run_dir}, report: {result.report_html}"]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import time
 import uuid
 
@@ -38,7 +39,9 @@ class Predictor:
     """Loads the model once per actor; maps a decoded batch to per-image predictions."""
 
     def __init__(self, weights: str, data_classes: list[dict], precision: str = "auto",
-                 use_gpu: bool | None = None, topk: int = 5, num_threads: int | None = None):
+                 use_gpu: bool | None = None, topk: int = 5, num_threads: int | None = None,
+                 fault: dict | None = None):
+        self.fault, self.calls = fault, 0
         if num_threads:
             torch.set_num_threads(num_threads)
         torch.manual_seed(0)  # "none" weights: the same random model in every actor
@@ -53,6 +56,8 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        _maybe_kill_actor(self.fault, self.calls)
         n, k = len(batch["key"]), self.topk
         ok = batch["error"] == ""
         topi = np.full((n, k), -1, dtype=np.int64)
@@ -81,6 +86,13 @@ def label_map(data_classes: list[dict], model_classes: list[dict]) -> np.ndarray
         raise ValueError(f"the model's {len(model_classes)} classes lack {len(missing)} of the "
                          f"data's classes (e.g. {missing[:3]}): wrong weights for this data?")
     return np.array([index[c["id"]] for c in data_classes], dtype=np.int64)
+
+
+def _maybe_kill_actor(fault: dict | None, calls: int) -> None:
+    """Fault injection for the tests: SIGKILL this actor once, at its N-th batch."""
+    if fault and calls == fault["after_batches"] and not os.path.exists(fault["marker"]):
+        open(fault["marker"], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fault_point(name: str) -> None:
@@ -175,7 +187,7 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
                    cpus_per_actor: float = 1.0, decode_concurrency: int | None = None,
                    topk: int = 5, max_failed_fraction: float = 0.0,
                    resize_size: int | None = None, crop_size: int | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, fault: dict | None = None) -> dict:
     """Predict every image a manifest lists into ``out``; return the published summary."""
     import ray
     from tqdm import tqdm
@@ -198,7 +210,8 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
         num_cpus=cpus_per_actor,
         fn_constructor_kwargs={"weights": weights, "data_classes": manifest["classes"],
                                "precision": precision, "use_gpu": use_gpu, "topk": topk,
-                               "num_threads": max(1, int(cpus_per_actor)) if not use_gpu else None})
+                               "num_threads": max(1, int(cpus_per_actor)) if not use_gpu else None,
+                               "fault": fault})
     dtype = modellib.resolve_precision(precision, modellib.pick_device(use_gpu))
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     meta = {"model_id": loaded["model_id"], "weights_sha256": loaded["sha256"] or "",
@@ -210,11 +223,12 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
             "run_id": run_id}
     staging = storage.join(out, f"_staging-{run_id}")
     writer = _PartWriter(storage.join(staging, "predictions"), meta)
-    keys, failures, t_first, seen = set(), [], None, 0
+    keys, failures, t_first, seen, first_n = set(), [], None, 0, 0
     with tqdm(total=manifest["total_samples"], unit="img", desc="predict",
               disable=not progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            t_first = t_first or time.monotonic()
+            if t_first is None:  # steady state starts once the first batch is out
+                t_first, first_n = time.monotonic(), len(batch["key"])
             bad = batch["error"] != ""
             failures += [{"key": str(key), "shard": str(s), "error": str(e)} for key, s, e in
                          zip(batch["key"][bad], batch["shard"][bad], batch["error"][bad])]
@@ -230,8 +244,9 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
     wall = time.monotonic() - t0
     summary = _summarize(staging, classes_model, manifest, meta, failures, wall, started,
                          {"batch_size": batch_size, "actors": actors, "use_gpu": use_gpu,
-                          "steady_images_per_s": (seen / (time.monotonic() - t_first))
-                          if t_first else 0.0})
+                          "steady_images_per_s": (seen - first_n) / (time.monotonic() - t_first)
+                          if t_first and seen > first_n else 0.0,
+                          "startup_seconds": (t_first - t0) if t_first else wall})
     _write_failures(storage.join(staging, "failures.parquet"), failures)
     storage.write_text_atomic(storage.join(staging, "summary.json"), json.dumps(summary, indent=1))
     publish(staging, out, run_id)

@@ -166,7 +166,7 @@ def changes_section(summary: dict, reference: dict | None, reference_run_id: str
                     n: int) -> Section:
     title = "Classes that changed most since the last run"
     if reference is None:
-        return Section(title, "No comparable previous run.")
+        return Section(title, "No previous run, or it used different data (see Comparisons).")
     changes = class_changes(summary, reference, n)
     rows = [[c["name"], c["id"], f"{c['before']:.1f}", f"{c['after']:.1f}", f"{c['delta']:+.1f}"]
             for c in changes]

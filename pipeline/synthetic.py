@@ -79,6 +79,33 @@ def draw_image(shape: str, rng: np.random.Generator, width: int, height: int) ->
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
+def photo_like(rng: np.random.Generator, w: int, h: int, mode: str = "RGB") -> Image.Image:
+    """Gradients plus noise: the pixel statistics (and JPEG sizes) of a photo, not a test card."""
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * rng.uniform(0.2, 1.5) + y * rng.uniform(0.2, 1.5) + c * 40) % 256
+                     for c in range(3)], axis=-1)
+    img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    out = Image.fromarray(img)
+    return out.convert(mode) if mode != "RGB" else out
+
+
+def generate_photo_folder(root: str, n: int, num_classes: int = 10, seed: int = 0,
+                          quality: int = 90) -> list[str]:
+    """ImageNet-like JPEGs (~500x375, varied sizes) in ROOT/<class>/; returns the paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        d = os.path.join(root, f"class{i % num_classes:02d}")
+        os.makedirs(d, exist_ok=True)
+        w, h = int(rng.integers(400, 560)), int(rng.integers(300, 420))
+        if rng.random() < 0.25:
+            w, h = h, w  # some portraits
+        path = os.path.join(d, f"img{i:06d}.jpg")
+        photo_like(rng, w, h).save(path, quality=quality)
+        paths.append(path)
+    return paths
+
+
 def generate_image_folder(root: str, per_class: dict[str, int], num_classes: int = 10,
                           seed: int = 0, size_range=(160, 320)) -> dict[str, int]:
     """Write ``ROOT/<split>/<shape>/<shape>_<n>.jpg``; return the count written per split."""

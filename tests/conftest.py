@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline import shards, sources, synthetic
+from pipeline.synthetic import photo_like  # noqa: F401  (re-exported for the tests)
 
 
 @pytest.fixture(scope="session")
@@ -22,16 +21,6 @@ def ray_local():
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
-
-
-def photo_like(rng: np.random.Generator, w: int, h: int, mode: str = "RGB") -> Image.Image:
-    """Gradients plus noise: the pixel statistics of a photo, not of a flat test card."""
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([(x * rng.uniform(0.2, 1.5) + y * rng.uniform(0.2, 1.5) + c * 40) % 256
-                     for c in range(3)], axis=-1)
-    img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-    out = Image.fromarray(img)
-    return out.convert(mode) if mode != "RGB" else out
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,190 @@
+"""Throughput of each stage side by side with its baseline and the machine's ceiling."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from jobs import _cli, finetune, predict as predict_job
+from pipeline import benchmark as bench, model as modellib, shards, sources, synthetic
+
+TARGETS = {"eval_vs_ceiling": (">=", 0.8), "eval_vs_baseline": (">=", 2.0),
+           "train_vs_plain": (">=", 0.8), "shard_vs_tar": (">=", 0.5),
+           "eval_time_ratio_4x": ("<=", 4.4), "eval_mem_ratio_4x": ("<=", 1.25)}
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Generate ImageNet-like JPEGs (~500x375, ~110 KB) and measure, in one run on this machine:
+    evaluation (the prediction job at its defaults and in fp32, against the model alone on
+    pre-decoded tensors and against an ImageFolder + DataLoader + fp32 loop), training (the Ray
+    Train job against a plain single-process loop), decoding (the Ray Data stage against a PIL
+    loop), sharding (against `tar cf`) and growth (the prediction job at N and 4N images). Prints
+    a table; --json writes the figures."""
+    quick: bool = _cli.option(False, "small sizes (under ~3 minutes on 2 cores)")
+    images: int = _cli.option(0, "N, images for the evaluation runs (0: 160, or 64 with --quick)")
+    train_images: int = _cli.option(0, "images for the training runs (0: 96, or 48 with --quick)")
+    train_crop: int = _cli.option(112, "training crop size (reduced from 224 for CPU speed)")
+    batch_size: int = _cli.option(32, "batch size for evaluation and training")
+    json: str = _cli.option("", "write the figures to this JSON file")
+    workdir: str = _cli.option("", "scratch folder (default: a temporary one, deleted)")
+
+
+def _row(name, value, base, ratio_key, results, unit="img/s"):
+    results[ratio_key] = value / base if base else float("nan")
+    op, target = TARGETS.get(ratio_key, ("", None))
+    ok = "" if target is None else ("met" if (results[ratio_key] >= target if op == ">="
+                                              else results[ratio_key] <= target) else "MISSED")
+    goal = f"{op} {target}" if target is not None else ""
+    return f"| {name} | {value:.1f} {unit} | {base:.1f} {unit} | {results[ratio_key]:.2f} | {goal} {ok} |"
+
+
+def run(cfg: BenchmarkConfig, work: str) -> tuple[dict, list[str]]:
+    n = cfg.images or (64 if cfg.quick else 160)
+    n_train = cfg.train_images or (48 if cfg.quick else 96)
+    cores = os.cpu_count()
+    r, rows = {}, []
+    src = os.path.join(work, "jpeg")
+    files = synthetic.generate_photo_folder(src, 4 * n, num_classes=10)
+    big = os.path.join(work, "src4n")
+    os.rename(src, big)
+    small = os.path.join(work, "srcn")
+    for f in files[:n]:  # the N-image set is the first N files of the 4N set
+        dest = os.path.join(small, os.path.relpath(f, src))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copy(os.path.join(big, os.path.relpath(f, src)), dest)
+    _cli.init_ray()
+    # Sharding
+    t0 = time.monotonic()
+    m = shards.write_shards(sources.scan_source(small, "val"), os.path.join(work, "sn"),
+                            samples_per_shard=max(8, n // 8), progress=False)
+    shard_mb_s = m["_stats"]["source_bytes"] / 1e6 / (time.monotonic() - t0)
+    m4 = shards.write_shards(sources.scan_source(big, "val"), os.path.join(work, "s4n"),
+                             samples_per_shard=max(8, n // 8), progress=False)
+    tar_mb_s = bench.tar_rate(small, os.path.join(work, "plain.tar"))
+    rows.append(_row("sharding (jobs.shard vs tar cf)", shard_mb_s, tar_mb_s, "shard_vs_tar", r,
+                     "MB/s"))
+    manifest, manifest4 = os.path.join(work, "sn", "val.json"), os.path.join(work, "s4n", "val.json")
+    # Decoding
+    stream = bench.stream_decode_rate(manifest)
+    small_files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(small) for f in fs)
+    pil = bench.pil_decode_rate(small_files)
+    r.update(decode_img_s=stream, pil_img_s=pil, decode_img_s_per_core=stream / cores)
+    rows.append(_row(f"decode (Ray Data, {cores} cores vs PIL, 1 core)", stream, pil,
+                     "decode_vs_pil", r))
+    # Evaluation
+    device = torch.device("cpu")
+    default_dtype = modellib.resolve_precision("auto", device)
+    weights = os.path.join(work, "rn18.pth")
+    from torchvision.models import resnet18
+    torch.save(resnet18().state_dict(), weights)
+
+    def predict(manifest_path, precision, out):
+        with bench.PeakMemory() as mem:
+            s = predict_job.run(predict_job.PredictConfig(
+                data=manifest_path, weights=weights, out=os.path.join(work, out),
+                precision=precision, batch_size=cfg.batch_size, cpus_per_actor=1,
+                progress=False))
+        return s, mem.peak
+
+    s_def, mem_n = predict(manifest, "auto", "e_def")
+    s_fp32, _ = predict(manifest, "fp32", "e_fp32")
+    ceiling = bench.eval_ceiling_rate(default_dtype, cfg.batch_size, 1, 4 * cfg.batch_size)
+    ceiling32 = bench.eval_ceiling_rate(torch.float32, cfg.batch_size, 1, 2 * cfg.batch_size)
+    baseline = bench.eval_baseline_rate(small, cfg.batch_size, cores)
+    r.update(eval_img_s=s_def["steady_images_per_s"], eval_fp32_img_s=s_fp32["steady_images_per_s"],
+             eval_ceiling_img_s=ceiling, eval_ceiling_fp32_img_s=ceiling32,
+             eval_baseline_img_s=baseline, eval_startup_s=s_def["startup_seconds"])
+    prec = modellib.precision_name(default_dtype)
+    rows.append(_row(f"eval, job default ({prec}) vs model alone", r["eval_img_s"], ceiling,
+                     "eval_vs_ceiling", r))
+    rows.append(_row(f"eval, job default ({prec}) vs ImageFolder+DataLoader fp32",
+                     r["eval_img_s"], baseline, "eval_vs_baseline", r))
+    rows.append(_row("eval, job fp32 vs model alone fp32", r["eval_fp32_img_s"], ceiling32,
+                     "eval_fp32_vs_ceiling_fp32", r))
+    # Growth: N vs 4N images through the whole job
+    s4, mem_4n = predict(manifest4, "auto", "e_4n")
+    r.update(eval_time_ratio_4x=s4["wall_seconds"] / s_def["wall_seconds"],
+             eval_mem_ratio_4x=mem_4n / mem_n, eval_peak_mem_n_mb=mem_n / 1e6,
+             eval_peak_mem_4n_mb=mem_4n / 1e6)
+    rows.append(f"| growth: time 4N/N ({4 * n} vs {n} images) | {s4['wall_seconds']:.1f} s | "
+                f"{s_def['wall_seconds']:.1f} s | {r['eval_time_ratio_4x']:.2f} | <= 4.4 "
+                f"{'met' if r['eval_time_ratio_4x'] <= 4.4 else 'MISSED'} |")
+    rows.append(f"| growth: peak memory 4N/N | {mem_4n / 1e6:.0f} MB | {mem_n / 1e6:.0f} MB | "
+                f"{r['eval_mem_ratio_4x']:.2f} | <= 1.25 "
+                f"{'met' if r['eval_mem_ratio_4x'] <= 1.25 else 'MISSED'} |")
+    # Training
+    train_src = os.path.join(work, "train")
+    for f in files[:n_train]:
+        dest = os.path.join(train_src, os.path.relpath(f, src))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copy(os.path.join(big, os.path.relpath(f, src)), dest)
+    tm = shards.write_shards(sources.scan_source(train_src, "train"), os.path.join(work, "st"),
+                             samples_per_shard=max(8, n_train // 4), progress=False)
+    vm = shards.write_shards(sources.with_classes(sources.scan_source(train_src, "val"),
+                                                  tm["classes"]),
+                             os.path.join(work, "st"), samples_per_shard=n_train, progress=False)
+    del vm
+    out = finetune.run(finetune.FinetuneConfig(
+        train=os.path.join(work, "st", "train.json"), val=os.path.join(work, "st", "val.json"),
+        weights="none", epochs=2, num_workers=2, cpus_per_worker=0.5, threads=1,
+        storage_path=os.path.join(work, "runs"), name="bench", batch_size=cfg.batch_size // 2,
+        crop_size=cfg.train_crop, shuffle_buffer=64))
+    train_files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(train_src) for f in fs)
+    classes = sorted({os.path.basename(os.path.dirname(f)) for f in train_files})
+    labels = [classes.index(os.path.basename(os.path.dirname(f))) for f in train_files]
+    plain = bench.plain_train_rate(train_files, labels, len(classes), cfg.train_crop,
+                                   cfg.batch_size, default_dtype, cores, epochs=2)
+    r.update(train_img_s=out["train_images_per_s"], train_plain_img_s=plain)
+    rows.append(_row(f"train (Ray Train, 2 workers vs 1 process), crop {cfg.train_crop}",
+                     out["train_images_per_s"], plain, "train_vs_plain", r))
+    r["machine"] = {"cores": cores, "cpu": _cpu_name(), "torch_threads": torch.get_num_threads(),
+                    "precision": prec, "python": platform.python_version(),
+                    "torch": torch.__version__, "images": n, "train_images": n_train}
+    return r, rows
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv=None) -> int:
+    cfg = _cli.parse(BenchmarkConfig, argv, "benchmark")
+    _cli.setup_logging()
+    work = cfg.workdir or tempfile.mkdtemp(prefix="bench-")
+    t0 = time.monotonic()
+    try:
+        results, rows = run(cfg, work)
+    finally:
+        if not cfg.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\nbenchmark on {results['machine']['cores']} cores ({results['machine']['cpu']}), "
+          f"{time.strftime('%Y-%m-%d')}, `python -m jobs.benchmark"
+          f"{' --quick' if cfg.quick else ''}`, {time.monotonic() - t0:.0f} s\n")
+    print("| measure | pipeline | baseline / ceiling | ratio | target |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"\neval start-up (cluster and actors, excluded above): "
+          f"{results['eval_startup_s']:.1f} s")
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Measurements for jobs.benchmark: each function times one stage or its reference.
+
+Ratios measured in one run on one machine are the figures that matter; absolute rates move with
+the machine and whatever else it is doing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+
+import numpy as np
+import torch
+
+from pipeline import data, presets
+
+
+class PeakMemory:
+    """Samples the RSS of this process plus every Ray worker process; keeps the peak."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = psutil.Process().memory_info().rss
+        for p in psutil.process_iter(["name", "cmdline"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if cmd.startswith("ray::") or "default_worker.py" in cmd:
+                    total += p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def tar_rate(src: str, dest: str) -> float:
+    """MB/s of `tar cf` over the same files (the sharding baseline)."""
+    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(src) for f in fs)
+    t0 = time.monotonic()
+    subprocess.run(["tar", "cf", dest, "-C", src, "."], check=True)
+    return size / 1e6 / (time.monotonic() - t0)
+
+
+def pil_decode_rate(files: list[str]) -> float:
+    """Images/s of a plain PIL decode + eval preset loop in one process (one core)."""
+    from PIL import Image
+
+    t0 = time.monotonic()
+    for f in files:
+        with Image.open(f) as img:
+            presets.eval_image(img.convert("RGB"))
+    return len(files) / (time.monotonic() - t0)
+
+
+def stream_decode_rate(manifest: str, batch_size: int = 64) -> float:
+    """Images/s of the Ray Data decode stage alone, after its first batch."""
+    ds, m = data.read_decoded(manifest, batch_size=batch_size)
+    n, t0 = 0, None
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if t0 is None:
+            t0 = time.monotonic()
+        else:
+            n += len(b["key"])
+    return n / (time.monotonic() - t0)
+
+
+def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int) -> float:
+    """Images/s of the model alone on pre-decoded 224x224 uint8 tensors, as the predictor runs it."""
+    from torchvision.models import resnet18
+
+    torch.set_num_threads(threads)
+    model = resnet18().eval().to(dtype=dtype, memory_format=torch.channels_last)
+    x = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        model(presets.normalize(x, dtype))  # warm-up: oneDNN picks its kernels here
+        t0, done = time.monotonic(), 0
+        while done < n:
+            model(presets.normalize(x, dtype)).float().softmax(1).topk(5)
+            done += batch_size
+    return done / (time.monotonic() - t0)
+
+
+def eval_baseline_rate(root: str, batch_size: int, workers: int) -> float:
+    """Images/s of the seed notebook's loop: ImageFolder + DataLoader + plain fp32 model."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.models import resnet18
+
+    loader = torch.utils.data.DataLoader(
+        ImageFolder(root, presets.reference_eval_transform()), batch_size=batch_size,
+        num_workers=workers)
+    model = resnet18().eval()
+    n, t0 = 0, None
+    with torch.inference_mode():
+        for x, _ in loader:
+            model(x).softmax(1).topk(5)
+            if t0 is None:
+                t0 = time.monotonic()  # steady state: after the first batch
+            else:
+                n += len(x)
+    return n / (time.monotonic() - t0)
+
+
+def plain_train_rate(files: list[str], labels: list[int], num_classes: int, crop: int,
+                     batch_size: int, dtype: torch.dtype, threads: int, epochs: int = 1) -> float:
+    """Images/s of a single-process loop with the job's settings: PIL decode, the same base
+    resize, the same augmentation, SGD + autocast, channels_last."""
+    from PIL import Image
+    from torchvision.models import resnet18
+
+    torch.set_num_threads(threads)
+    base = round(crop * presets.RESIZE_SIZE / presets.CROP_SIZE)
+    model = resnet18(num_classes=num_classes).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    n, t0 = 0, None
+    for epoch in range(epochs):
+        order = np.random.default_rng(epoch).permutation(len(files))
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            imgs = torch.from_numpy(np.stack([presets.train_base_image(
+                Image.open(files[j]).convert("RGB"), base) for j in idx]))
+            x = presets.train_augment(imgs, [files[j] for j in idx], 0, epoch, crop)
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                loss = loss_fn(model(presets.normalize(x)).float(), torch.tensor([labels[j] for j in idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if t0 is None:
+                t0 = time.monotonic()
+            else:
+                n += len(idx)
+    return n / (time.monotonic() - t0)
