@@ -82,12 +82,14 @@ def stream_decode_rate(manifest: str, batch_size: int = 64) -> float:
     return n / (time.monotonic() - t0)
 
 
-def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int) -> float:
+def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int,
+                      num_classes: int = 1000) -> float:
     """Images/s of the model alone on pre-decoded 224x224 uint8 tensors, as the predictor runs it."""
     from torchvision.models import resnet18
 
     torch.set_num_threads(threads)
-    model = resnet18().eval().to(dtype=dtype, memory_format=torch.channels_last)
+    model = resnet18(num_classes=num_classes).eval().to(dtype=dtype,
+                                                         memory_format=torch.channels_last)
     x = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
     with torch.inference_mode():
         model(presets.normalize(x, dtype))  # warm-up: oneDNN picks its kernels here
@@ -98,7 +100,7 @@ def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int)
     return done / (time.monotonic() - t0)
 
 
-def eval_baseline_rate(root: str, batch_size: int, workers: int) -> float:
+def eval_baseline_rate(root: str, batch_size: int, workers: int, num_classes: int = 1000) -> float:
     """Images/s of the seed notebook's loop: ImageFolder + DataLoader + plain fp32 model."""
     from torchvision.datasets import ImageFolder
     from torchvision.models import resnet18
@@ -106,7 +108,7 @@ def eval_baseline_rate(root: str, batch_size: int, workers: int) -> float:
     loader = torch.utils.data.DataLoader(
         ImageFolder(root, presets.reference_eval_transform()), batch_size=batch_size,
         num_workers=workers)
-    model = resnet18().eval()
+    model = resnet18(num_classes=num_classes).eval()
     n, t0 = 0, None
     with torch.inference_mode():
         for x, _ in loader:

@@ -16,6 +16,7 @@ inside it is rolled back by the next run (``recover``).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -224,6 +225,7 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
     staging = storage.join(out, f"_staging-{run_id}")
     writer = _PartWriter(storage.join(staging, "predictions"), meta)
     keys, failures, t_first, seen, first_n = set(), [], None, 0, 0
+    per_shard = collections.Counter()
     with tqdm(total=manifest["total_samples"], unit="img", desc="predict",
               disable=not progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -233,13 +235,14 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
             failures += [{"key": str(key), "shard": str(s), "error": str(e)} for key, s, e in
                          zip(batch["key"][bad], batch["shard"][bad], batch["error"][bad])]
             keys.update(batch["key"].tolist())
+            per_shard.update(storage.basename(u) for u in batch["shard"].tolist())
             good = {c: v[~bad] for c, v in batch.items()}
             if len(good["key"]):
                 writer.write(_to_table(good, k))
             seen += len(batch["key"])
             bar.update(len(batch["key"]))
     writer.close()
-    check_coverage(manifest, seen, len(keys), len(failures), manifest_path)
+    check_coverage(manifest, manifest_path, seen, len(keys), per_shard)
     _fault_point("before_publish")
     wall = time.monotonic() - t0
     summary = _summarize(staging, classes_model, manifest, meta, failures, wall, started,
@@ -261,15 +264,21 @@ class FailedSamples(RuntimeError):
     """More samples failed than the run allows; outputs are published all the same."""
 
 
-def check_coverage(manifest: dict, rows: int, unique: int, failed: int, path: str) -> None:
+def check_coverage(manifest: dict, path: str, rows: int, unique: int,
+                   per_shard: collections.Counter) -> None:
+    """Rows (decoded or failed) must be exactly the manifest's samples, shard by shard: a tar cut
+    at a member boundary reads back cleanly with fewer samples, and only this count catches it."""
     if rows != unique:
         raise RuntimeError(f"{rows - unique} duplicate keys in the predictions of {path}: "
                            f"nothing published")
-    if unique != manifest["total_samples"]:
-        raise RuntimeError(f"{path} lists {manifest['total_samples']} samples but the stream "
-                           f"gave {unique} ({failed} of them failed to decode): a shard is "
-                           f"damaged or truncated; run `python -m jobs.shard --verify {path}`. "
-                           f"Nothing published")
+    base = storage.dirname(path)  # shard files of one manifest share a folder: names suffice
+    wrong = [f"{storage.join(base, s['file'])} gave {per_shard.get(s['file'], 0)} of "
+             f"{s['samples']} samples" for s in manifest["shards"]
+             if per_shard.get(s["file"], 0) != s["samples"]]
+    if wrong or unique != manifest["total_samples"]:
+        raise RuntimeError(f"{path} lists {manifest['total_samples']} samples but the stream gave "
+                           f"{unique}: {'; '.join(wrong) or 'unknown shards'}. Run `python -m "
+                           f"jobs.shard --verify {path}`. Nothing published")
 
 
 def _write_failures(path: str, failures: list[dict]) -> None:
