@@ -80,3 +80,24 @@ def fail(message: str, code: int = 2) -> None:
 
 def dump(obj) -> str:
     return json.dumps(obj, indent=1, default=str)
+
+
+# Bad input, missing files and failed runs: reported as one clear line, exit 1. Programming
+# errors (TypeError, AttributeError, ...) keep their traceback.
+USER_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def reports_errors(main):
+    """Decorator for a job's main(): user errors become `error: ...` on stderr and exit 1."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            if os.environ.get("RESNET_PIPELINE_DEBUG"):
+                raise
+            print(f"error: {str(e).strip()}", file=sys.stderr)
+            return 1
+    return wrapper

@@ -34,6 +34,7 @@ class DemoConfig:
     seed: int = _cli.option(0, "seed for data generation and training")
 
 
+@_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(DemoConfig, argv, "demo")
     _cli.setup_logging()

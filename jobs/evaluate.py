@@ -19,6 +19,7 @@ class EvaluateConfig:
     write: bool = _cli.option(False, "write the metrics back into OUT/summary.json")
 
 
+@_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(EvaluateConfig, argv, "evaluate")
     summary_path = storage.join(cfg.out, "summary.json")

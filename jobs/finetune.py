@@ -82,6 +82,7 @@ def run(cfg: FinetuneConfig, fault: dict | None = None) -> dict:
     return {**state["metrics"], "model": model_path, "run_dir": run_dir}
 
 
+@_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(FinetuneConfig, argv, "finetune")
     _cli.setup_logging()

@@ -60,6 +60,7 @@ def run(cfg: NightlyConfig) -> nightly.NightlyResult:
                          "progress": cfg.progress})
 
 
+@_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(NightlyConfig, argv, "nightly_eval")
     if not 0 < cfg.alpha <= 1 or cfg.min_effect < 0:

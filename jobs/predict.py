@@ -32,6 +32,8 @@ class PredictConfig:
     topk: int = _cli.option(5, "top-k indices and probabilities kept per image")
     max_failed_fraction: float = _cli.option(0.0, "exit non-zero when more than this fraction "
                                                   "of samples fail to decode")
+    verify_checksums: bool = _cli.option(True, "check every shard's size and sha256 against the "
+                                               "manifest before predicting")
     progress: bool = _cli.option(True, "show a progress bar")
 
 
@@ -41,9 +43,11 @@ def run(cfg: PredictConfig) -> dict:
         use_gpu=cfg.use_gpu, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor,
         decode_concurrency=cfg.decode_concurrency or None, topk=cfg.topk,
         max_failed_fraction=cfg.max_failed_fraction, resize_size=cfg.resize_size or None,
-        crop_size=cfg.crop_size or None, progress=cfg.progress)
+        crop_size=cfg.crop_size or None, progress=cfg.progress,
+        verify_checksums=cfg.verify_checksums)
 
 
+@_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(PredictConfig, argv, "predict")
     _cli.setup_logging()

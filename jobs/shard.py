@@ -36,6 +36,7 @@ class ShardConfig:
     progress: bool = _cli.option(True, "show a progress bar")
 
 
+@_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(ShardConfig, argv, "shard")
     if cfg.verify:

@@ -33,7 +33,7 @@ def load_weights(spec: str) -> dict:
         return {"state_dict": None, "classes": None, "model_id": "resnet18-random-init",
                 "sha256": None, "extra": {}}
     if spec in TORCHVISION_WEIGHTS:
-        return _load_torchvision(spec)
+        return dict(_load_torchvision(spec), source=spec)
     if not storage.exists(spec):
         raise FileNotFoundError(f"weights {spec!r}: not DEFAULT, IMAGENET1K_V1, none, nor an "
                                 f"existing file")
@@ -47,12 +47,12 @@ def load_weights(spec: str) -> dict:
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
         return {"state_dict": obj["state_dict"], "classes": obj["classes"],
                 "model_id": obj.get("model_id", os.path.basename(spec)), "sha256": sha,
-                "extra": {k: obj.get(k) for k in ("preset", "config")}}
+                "extra": {k: obj.get(k) for k in ("preset", "config")}, "source": spec}
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         fc = obj.get("fc.weight")
         classes = imagenet_classes() if fc is not None and fc.shape[0] == 1000 else None
         return {"state_dict": obj, "classes": classes, "model_id": os.path.basename(spec),
-                "sha256": sha, "extra": {}}
+                "sha256": sha, "extra": {}, "source": spec}
     raise ValueError(f"weights file {spec} is neither a state_dict nor a {MODEL_FORMAT} file")
 
 
@@ -86,7 +86,8 @@ def build_model(weights: dict, classes: list[dict] | None) -> tuple[nn.Module, l
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"weights {weights['model_id']} do not fit ResNet-18 with "
+            raise ValueError(f"weights {weights.get('source', weights['model_id'])} do not fit "
+                             f"ResNet-18 with "
                              f"{len(w_classes)} classes: {str(e).splitlines()[-1].strip()}") from None
     replaced = state is not None and [c["id"] for c in target] != [c["id"] for c in w_classes]
     if replaced:

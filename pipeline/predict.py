@@ -11,7 +11,8 @@ rows + decode failures = manifest samples with no duplicate key, then publishes:
 
 Publishing moves the old set to OUT/_previous, moves the new one in, writes _SUCCESS, then
 deletes _previous. A run that dies before that leaves the previous set untouched; one that dies
-inside it is rolled back by the next run (``recover``).
+inside it is rolled back by the next run (``recover``). Moves are renames on a local disk and
+copies + deletes on an object store; the protocol holds for both (see ``recover``).
 """
 
 from __future__ import annotations
@@ -102,21 +103,40 @@ def _fault_point(name: str) -> None:
         os._exit(17)
 
 
+MOVED = "_MOVED"  # in OUT/_previous: the old set has left OUT whole
+
+
 def recover(out: str) -> None:
-    """Finish or roll back a publish that a crash interrupted."""
+    """Finish or roll back a publish that a crash interrupted.
+
+    Three states, told apart by two markers (OUT/_SUCCESS and OUT/_previous/_MOVED):
+
+    * OUT/_SUCCESS present: OUT holds a whole set (the new one, or the old one that had not
+      started to leave); only the clean-up of _previous was left.
+    * no _SUCCESS, _MOVED present: the old set was whole in _previous and whatever OUT holds
+      is part of the new set: remove it, drop _MOVED, then move the old set back.
+    * no _SUCCESS, no _MOVED: the old set was on its way out. On a local disk each item was
+      renamed, so it is in one place or the other; on an object store an item can be partly
+      in both (copy, then delete). OUT then holds nothing but old objects, so the items in
+      _previous are merged back over OUT without deleting anything first.
+
+    _SUCCESS goes back last and _previous is deleted after it, so a crash inside recover leaves
+    one of the same three states and the next recover finishes the job.
+    """
     prev = storage.join(out, "_previous")
     if not storage.exists(prev):
         return
     if storage.exists(storage.join(out, "_SUCCESS")):
-        storage.delete_dir(prev)  # the new set was complete: only the clean-up was left
+        storage.delete_dir(prev)  # the set in OUT is complete: only the clean-up was left
         return
-    fs, _ = storage.resolve(out)
-    for item in ITEMS:
-        _remove(storage.join(out, item))
+    if storage.exists(storage.join(prev, MOVED)):
+        for item in ITEMS:
+            _remove(storage.join(out, item))
+        storage.delete_file(storage.join(prev, MOVED))
     for item in ITEMS + ("_SUCCESS",):
         src = storage.join(prev, item)
         if storage.exists(src):
-            fs.move(storage.resolve(src)[1], storage.resolve(storage.join(out, item))[1])
+            storage.move_tree(src, storage.join(out, item))
     storage.delete_dir(prev)
 
 
@@ -128,17 +148,22 @@ def _remove(path: str) -> None:
 
 
 def publish(staging: str, out: str, run_id: str) -> None:
-    fs, _ = storage.resolve(out)
-    path = lambda p: storage.resolve(p)[1]  # noqa: E731
+    """Old set to OUT/_previous (its _SUCCESS first), _MOVED, new set in, _SUCCESS, clean up.
+
+    Each move is one rename on a local disk and a copy + delete of every object on an object
+    store (``storage.move_tree``); the markers, not the moves, make the switch safe: readers
+    trust OUT only while _SUCCESS is there, and ``recover`` rolls back any half-done state.
+    """
     prev = storage.join(out, "_previous")
     storage.makedirs(prev)
-    for item in ("_SUCCESS",) + ITEMS:
+    for item in ("_SUCCESS",) + ITEMS:  # _SUCCESS first: from here on OUT is not trusted
         if storage.exists(storage.join(out, item)):
-            fs.move(path(storage.join(out, item)), path(storage.join(prev, item)))
+            storage.move_tree(storage.join(out, item), storage.join(prev, item))
+    storage.write_text_atomic(storage.join(prev, MOVED), run_id + "\n")
     _fault_point("mid_publish")
     for item in ITEMS:
-        fs.move(path(storage.join(staging, item)), path(storage.join(out, item)))
-    storage.write_text_atomic(storage.join(out, "_SUCCESS"), run_id + "\n")
+        storage.move_tree(storage.join(staging, item), storage.join(out, item))
+    storage.write_text_atomic(storage.join(out, "_SUCCESS"), run_id + "\n")  # the switch
     storage.delete_dir(prev)
     storage.delete_dir(staging)
 
@@ -188,7 +213,8 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
                    cpus_per_actor: float = 1.0, decode_concurrency: int | None = None,
                    topk: int = 5, max_failed_fraction: float = 0.0,
                    resize_size: int | None = None, crop_size: int | None = None,
-                   progress: bool = True, fault: dict | None = None) -> dict:
+                   progress: bool = True, fault: dict | None = None,
+                   verify_checksums: bool = True) -> dict:
     """Predict every image a manifest lists into ``out``; return the published summary."""
     import ray
     from tqdm import tqdm
@@ -200,11 +226,15 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
     preset = loaded["extra"].get("preset") or {}  # a model.pt knows the preset it was trained at
     resize_size = resize_size or preset.get("resize_size", presets.RESIZE_SIZE)
     crop_size = crop_size or preset.get("crop_size", presets.CROP_SIZE)
+    manifest = shards.load_manifest(manifest_path)
+    if verify_checksums:
+        shards.check_checksums(manifest_path, manifest)
+    classes_model = loaded["classes"] or manifest["classes"]
+    modellib.build_model(loaded, classes_model)  # wrong shapes fail here, naming the file
+    label_map(manifest["classes"], classes_model)
     ds, manifest = data.read_decoded(manifest_path, mode="eval", batch_size=batch_size,
                                      concurrency=decode_concurrency, resize_size=resize_size,
                                      crop_size=crop_size)
-    classes_model = loaded["classes"] or manifest["classes"]
-    label_map(manifest["classes"], classes_model)
     k = min(topk, len(classes_model))
     ds = ds.map_batches(
         Predictor, batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
@@ -228,19 +258,22 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
     per_shard = collections.Counter()
     with tqdm(total=manifest["total_samples"], unit="img", desc="predict",
               disable=not progress) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if t_first is None:  # steady state starts once the first batch is out
-                t_first, first_n = time.monotonic(), len(batch["key"])
-            bad = batch["error"] != ""
-            failures += [{"key": str(key), "shard": str(s), "error": str(e)} for key, s, e in
-                         zip(batch["key"][bad], batch["shard"][bad], batch["error"][bad])]
-            keys.update(batch["key"].tolist())
-            per_shard.update(storage.basename(u) for u in batch["shard"].tolist())
-            good = {c: v[~bad] for c, v in batch.items()}
-            if len(good["key"]):
-                writer.write(_to_table(good, k))
-            seen += len(batch["key"])
-            bar.update(len(batch["key"]))
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if t_first is None:  # steady state starts once the first batch is out
+                    t_first, first_n = time.monotonic(), len(batch["key"])
+                bad = batch["error"] != ""
+                failures += [{"key": str(key), "shard": str(s), "error": str(e)} for key, s, e in
+                             zip(batch["key"][bad], batch["shard"][bad], batch["error"][bad])]
+                keys.update(batch["key"].tolist())
+                per_shard.update(storage.basename(u) for u in batch["shard"].tolist())
+                good = {c: v[~bad] for c, v in batch.items()}
+                if len(good["key"]):
+                    writer.write(_to_table(good, k))
+                seen += len(batch["key"])
+                bar.update(len(batch["key"]))
+        except ray.exceptions.RayTaskError as e:
+            raise _read_error(e, manifest_path) from None
     writer.close()
     check_coverage(manifest, manifest_path, seen, len(keys), per_shard)
     _fault_point("before_publish")
@@ -258,6 +291,16 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
                             f"decode (allowed: {max_failed_fraction:.2%}); see "
                             f"{storage.join(out, 'failures.parquet')}")
     return summary
+
+
+def _read_error(e, manifest_path: str) -> RuntimeError:
+    """A damaged shard surfaces as a failed Ray read task: say what broke and what to run."""
+    cause = getattr(e, "cause", None) or e
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    first = lines[0] if lines else type(cause).__name__
+    return RuntimeError(f"reading the shards of {manifest_path} failed "
+                        f"({type(cause).__name__}: {first}); run `python -m jobs.shard --verify "
+                        f"{manifest_path}` to name the damaged shard. Nothing published")
 
 
 class FailedSamples(RuntimeError):

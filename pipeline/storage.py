@@ -4,6 +4,17 @@ Every job takes either. Local paths stay plain ``os`` paths so error messages na
 user typed; URIs go through ``pyarrow.fs``. Writes of whole files are atomic where the
 filesystem allows it (write a temporary name, then rename); on object stores a PUT of a
 whole object is atomic by itself.
+
+Object stores (S3, GCS) have no folders: a "folder" is a key prefix. It exists when an object
+lies under it (or pyarrow's empty ``name/`` marker from ``makedirs``), and moving one is a
+copy of every object, then a delete: not atomic. ``move_tree`` says which it did.
+
+Credentials and the endpoint come from the standard environment only (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``/``AWS_REGION``,
+``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3`` for an S3-compatible store, or the usual
+config files / instance role). ``pyarrow.fs.FileSystem.from_uri`` honours the endpoint
+variables (pyarrow 26); the bare ``S3FileSystem()`` constructor does not, so every path here,
+like Ray Data's and Ray Train's, is resolved with ``from_uri``.
 """
 
 from __future__ import annotations
@@ -25,8 +36,13 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """Return (filesystem, path inside it) for a local path or a URI."""
     path = str(path)
     if is_uri(path):
-        return pafs.FileSystem.from_uri(path)
+        return pafs.FileSystem.from_uri(path)  # reads AWS_ENDPOINT_URL: see the module doc
     return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    """True for a real local disk (atomic renames); False for object stores."""
+    return isinstance(fs, pafs.LocalFileSystem)
 
 
 def join(base: str, *parts: str) -> str:
@@ -84,15 +100,18 @@ def read_text(path: str) -> str:
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write ``data`` so that readers see the old file or the whole new one, never a part."""
     fs, p = resolve(path)
-    fs.create_dir(posixpath.dirname(p) if is_uri(path) else os.path.dirname(p), recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
+    if is_local(fs):
+        fs.create_dir(os.path.dirname(p), recursive=True)
         tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
-    else:  # an object PUT is atomic: readers never see a partial object
+    else:
+        # One PUT (a multipart upload for big data): the object appears whole when the upload
+        # completes, never in part. No parent "folders" to create: a key needs none, and
+        # creating pyarrow's markers would cost requests per level on every write.
         with fs.open_output_stream(p) as f:
             f.write(data)
 
@@ -105,6 +124,50 @@ def delete_dir(path: str) -> None:
     fs, p = resolve(path)
     if fs.get_file_info(p).type != pafs.FileType.NotFound:
         fs.delete_dir(p)
+
+
+def move_tree(src: str, dst: str) -> str:
+    """Move a file or a whole folder ``src`` to ``dst``; return "rename" or "copy".
+
+    Local disk: one ``os.replace`` of the file or folder, atomic (dst must not be a non-empty
+    folder, else the children are moved into it one by one). Object stores: every object under
+    the prefix is copied server-side, then the source prefix is deleted, so a crash can leave
+    part of the objects in both places or (while deleting) the copy whole and the source in
+    part, never an object lost; objects already under ``dst`` with the same names are
+    overwritten, others are kept. Callers that need atomicity (``predict.publish``) order their
+    steps and markers so that either state can be rolled back.
+    """
+    fs, s = resolve(src)
+    _, d = resolve(dst)
+    info = fs.get_file_info(s)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"cannot move {src}: it does not exist")
+    if is_local(fs):
+        _move_local(s, d)
+        return "rename"
+    if info.type == pafs.FileType.File:
+        fs.copy_file(s, d)
+        fs.delete_file(s)
+        return "copy"
+    fs.create_dir(d, recursive=True)  # an empty source folder still arrives as a folder
+    prefix = s.rstrip("/") + "/"
+    for entry in fs.get_file_info(pafs.FileSelector(s, recursive=True)):
+        if entry.type == pafs.FileType.File and entry.path.startswith(prefix):
+            fs.copy_file(entry.path, posixpath.join(d, entry.path[len(prefix):]))
+    fs.delete_dir(s)  # batched deletes of every object under the prefix, after all copies
+    return "copy"
+
+
+def _move_local(src: str, dst: str) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.isdir(src) and os.path.isdir(dst) and os.listdir(dst):
+        for name in os.listdir(src):  # merge into a non-empty folder (recovery only)
+            _move_local(os.path.join(src, name), os.path.join(dst, name))
+        os.rmdir(src)
+        return
+    if os.path.isdir(dst) and not os.path.isdir(src):
+        raise IsADirectoryError(f"cannot move file {src} onto folder {dst}")
+    os.replace(src, dst)  # atomic; replaces a file or an empty folder
 
 
 def delete_file(path: str) -> None:

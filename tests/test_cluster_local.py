@@ -11,9 +11,11 @@ would stop every Ray on the machine).
 The test shards generated images with `python -m jobs.shard`, runs `python -m jobs.predict` with
 the README's command line (paths and address changed, `--weights none` because nothing can be
 downloaded), checks the published Parquet, and proves from Ray's state API that the prediction
-job's tasks ran on both nodes: the single predictor actor takes one node's only CPU for the
-whole run, so the read/decode tasks (1 CPU each) can only run on the other node. It also
-checks that the job API refuses requests without the token or with a wrong one.
+job's work ran on both nodes: the single predictor actor (Ray Data fuses the decode into it)
+holds one node's only CPU for the whole run, so the 1-CPU read tasks can only run on the other
+node. It also checks that the job API refuses requests without the token or with a wrong one.
+
+Needs the Ray dashboard (the job API), i.e. ray[default]; skipped, saying so, without it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,7 +33,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,18 +47,22 @@ MARKER = "RESNET_PIPELINE_TEST_CLUSTER"  # env var tagging every process of our 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 
 
+
+
 def _dashboard_missing() -> str | None:
     from ray._private.utils import get_dashboard_dependency_error
 
     err = get_dashboard_dependency_error()
     return None if err is None else (
-        f"the Ray dashboard / job API needs ray[default] ({err}); `ray job submit` cannot work")
+        f"no Ray dashboard, so no job API for `ray job submit`: needs ray[default] ({err})")
 
+
+NO_DASHBOARD = _dashboard_missing()
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not RAY.exists(), reason=f"no ray CLI next to {sys.executable}"),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc for cleanup"),
-    pytest.mark.skipif(_dashboard_missing() is not None, reason=str(_dashboard_missing())),
+    pytest.mark.skipif(NO_DASHBOARD is not None, reason=str(NO_DASHBOARD)),
 ]
 
 
@@ -120,6 +126,14 @@ def _tagged(tag: str) -> dict[int, str]:
         except OSError:
             continue
     return out
+
+
+def _alive(pid: int, start_time: str) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return stat[19] == start_time and stat[0] != "Z"
 
 
 def _kill_if_same(pid: int, start_time: str, sig: int) -> None:
@@ -211,18 +225,23 @@ class Cluster:
         ours.update(_tagged(self.tag))
         for pid, st in ours.items():
             _kill_if_same(pid, st, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(pid, st) for pid, st in ours.items()):
+            time.sleep(0.2)
 
 
 @contextlib.contextmanager
 def running_cluster(tmp_path: Path):
     """Head + worker node, token auth on; stopped (ours only) on exit, whatever happened."""
+    from ray._private.utils import get_ray_client_dependency_error
+
     # Short path: Ray's unix sockets live under it (108-byte limit); unique, so ours only.
     temp_dir = tempfile.mkdtemp(prefix="rtc-", dir="/tmp")
     token_path = tmp_path / "auth_token"
-    token = uuid.uuid4().hex + uuid.uuid4().hex  # 256 bits, like `ray get-auth-token --generate`
+    token = secrets.token_hex(32)  # what `ray get-auth-token --generate` writes
     token_path.write_text(token)
     token_path.chmod(0o600)
-    tag = uuid.uuid4().hex
+    tag = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS…
     env.update({
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in a job = the venv's
@@ -240,11 +259,13 @@ def running_cluster(tmp_path: Path):
               "--object-store-memory=200000000", "--min-worker-port=0", "--max-worker-port=0",
               "--disable-usage-stats"]
     try:
-        c.start_node("head", [
-            "--head", f"--node-ip-address={HEAD_IP}", f"--port={c.gcs_port}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={c.dashboard_port}",
-            f"--dashboard-agent-listen-port={free_port()}", *common])
+        head = ["--head", f"--node-ip-address={HEAD_IP}", f"--port={c.gcs_port}",
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={c.dashboard_port}",
+                f"--dashboard-agent-listen-port={free_port()}", *common]
+        if get_ray_client_dependency_error() is None:  # else no client server is started
+            head.append(f"--ray-client-server-port={free_port()}")  # not the default 10001
+        c.start_node("head", head)
         c.start_node("worker", [
             f"--address={HEAD_IP}:{c.gcs_port}", f"--node-ip-address={WORKER_IP}",
             '--resources={"node_b": 1}',
@@ -320,7 +341,7 @@ def test_two_node_cluster_with_token_auth(cluster, tmp_path):
     assert json.loads(manifest.read_text())["total_samples"] == n_images
 
     # The README's predict command. One predictor actor of 1 CPU fills one node (1 CPU each),
-    # so the 1-CPU read/decode tasks can only run on the other node.
+    # so the 1-CPU read tasks can only run on the other node.
     predict_id = f"predict-{c.tag[:8]}"
     log = submit(c, predict_id, "python", "-m", "jobs.predict", "--data", str(manifest),
                  "--weights", "none", "--out", str(out), "--actors", "1",
@@ -329,29 +350,43 @@ def test_two_node_cluster_with_token_auth(cluster, tmp_path):
 
     df = pd.read_parquet(out / "predictions")
     assert len(df) == n_images and df["key"].is_unique
+    assert {"key", "label", "pred", "pred_name", "topk_index", "topk_prob"} <= set(df.columns)
     assert (out / "_SUCCESS").read_text().strip()
     summary = json.loads((out / "summary.json").read_text())
-    assert json.dumps(summary)  # valid JSON with the run's metrics
+    assert summary["manifest_samples"] == n_images and summary["failures"] == 0
     assert not list(out.glob("_staging-*"))
 
-    # Where did the prediction job's tasks run? Ask Ray's state API (through the CLI).
+    # Where did the prediction job's work run? Ray's state API, through the CLI, by job id.
     status, body = c.http(f"/api/jobs/{predict_id}")
     assert status == 200, body
     job_id = json.loads(body)["job_id"]
-    deadline, placed = time.monotonic() + 60, {}
-    while time.monotonic() < deadline:  # task events reach the GCS within a few seconds
-        proc = c.ray("list", "tasks", "--address", c.dashboard, "--filter", f"job_id={job_id}",
-                     "--detail", "--format", "json", "--limit", "10000")
-        placed = {}
-        for t in json.loads(proc.stdout):
-            if t.get("node_id"):
-                placed.setdefault(t["node_id"], set()).add(t["name"])
-        if {head, worker} <= placed.keys():
+
+    def state(kind: str) -> list[dict]:
+        return json.loads(c.ray("list", kind, "--address", c.dashboard, "--filter",
+                                f"job_id={job_id}", "--detail", "--format", "json",
+                                "--limit", "10000").stdout)
+
+    deadline = time.monotonic() + 60
+    while True:  # task events reach the GCS a second or so after the tasks ran
+        tasks, actors = state("tasks"), state("actors")
+        reads = {t["node_id"] for t in tasks if t["name"].startswith("Read") and t["node_id"]}
+        predictors = [a for a in actors if "Predictor" in (a["class_name"] or "")]
+        work = reads | {a["node_id"] for a in predictors}
+        if work == {head, worker} or time.monotonic() > deadline:
             break
         time.sleep(2)
-    assert {head, worker} <= placed.keys(), (
-        f"tasks of job {job_id} ran on {placed}; head {head}, worker {worker}")
-    print("PLACED", {n: sorted(v) for n, v in placed.items()}, "head", head, "worker", worker)
-    actors = json.loads(c.ray("list", "actors", "--address", c.dashboard, "--filter",
-                              f"job_id={job_id}", "--detail", "--format", "json").stdout)
-    print("ACTORS", [(a.get("class_name"), a.get("repr_name"), a.get("node_id"), a.get("required_resources")) for a in actors])
+    where = {n: sorted({t["name"] for t in tasks if t["node_id"] == n}) for n in (head, worker)}
+    assert len(predictors) == 1 and predictors[0]["required_resources"].get("CPU") == 1, actors
+    assert reads and work == {head, worker}, (
+        f"job {job_id}: read tasks on {reads}, predictor on "
+        f"{[a['node_id'] for a in predictors]}; head {head}, worker {worker}; {where}")
+    assert all(where.values()), where  # and both nodes show tasks of the job
+
+
+@pytest.fixture(autouse=True)
+def _users_token_untouched():
+    """The cluster uses its own token file: ~/.ray/auth_token is neither created nor changed."""
+    path = Path.home() / ".ray" / "auth_token"
+    before = path.read_bytes() if path.exists() else None
+    yield
+    assert (path.read_bytes() if path.exists() else None) == before, path

@@ -1,0 +1,316 @@
+"""The bad-input corpus, run through the real jobs; its outcomes are the README's table.
+
+Each case builds one bad input, runs the job a user would run, asserts the expected outcome and
+records what was observed. The last test renders the rows as Markdown and checks that README.md
+carries exactly that table (``make corpus-table`` rewrites it from a fresh run).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs import predict as predict_job, shard as shard_job
+from pipeline import shards
+from tests.conftest import photo_like
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+BEGIN, END = "<!-- corpus-table:begin -->", "<!-- corpus-table:end -->"
+ROWS: list[tuple[str, str, str]] = []
+
+
+def record(case: str, job: str, outcome: str) -> None:
+    ROWS.append((case, job, " ".join(outcome.split())))
+
+
+def _run(main, argv, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
+def _short(text: str, tmp: str) -> str:
+    """The first error line, with temporary paths shortened so the table is stable."""
+    line = next((ln for ln in text.splitlines() if ln.startswith("error:") or "BAD" in ln), text)
+    return line.replace(tmp + "/", "").replace(tmp, "")[:230]
+
+
+# ---------------------------------------------------------------- source files (jobs.shard)
+
+def _jpeg(img, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def _source_corpus() -> dict[str, bytes]:
+    rng = np.random.default_rng(7)
+    good = _jpeg(photo_like(rng, 96, 64))
+    png, pal, bomb = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    photo_like(rng, 64, 48).save(png, format="PNG")
+    photo_like(rng, 64, 48).convert("P").save(pal, format="PNG")
+    Image.new("L", (12000, 9000)).save(bomb, format="PNG")
+    exif = bytearray(_jpeg(photo_like(rng, 80, 60), exif=b"Exif\x00\x00MM\x00*" + b"\xff" * 40))
+    corrupt = bytearray(good)
+    corrupt[len(corrupt) // 2: len(corrupt) // 2 + 64] = rng.bytes(64)
+    return {"corrupt JPEG (random bytes mid-stream)": ("corrupt.jpg", bytes(corrupt)),
+            "truncated JPEG": ("truncated.JPEG", good[: len(good) // 2]),
+            "CMYK JPEG": ("cmyk.JPEG", _jpeg(photo_like(rng, 80, 60, "CMYK"))),
+            "PNG named .JPEG": ("png_named.JPEG", png.getvalue()),
+            "grayscale JPEG": ("gray.JPEG", _jpeg(photo_like(rng, 80, 60, "L"))),
+            "palette PNG": ("palette.png", pal.getvalue()),
+            "0-byte file": ("empty.JPEG", b""),
+            "decompression bomb (108 Mpixel PNG)": ("bomb.png", bomb.getvalue()),
+            "corrupt EXIF block": ("exif.jpg", bytes(exif)),
+            "non-image file": ("notes.txt", b"hello"),
+            "upper-case extension, dots in the name": ("a.b.JPG", good)}
+
+
+def test_source_corpus_through_jobs_shard(tmp_path, ray_local, capsys):
+    corpus = _source_corpus()
+    src = tmp_path / "src" / "n01440764"
+    src.mkdir(parents=True)
+    for name, data in corpus.values():
+        (src / name).write_bytes(data)
+    code, _ = _run(shard_job.main, ["--source", str(tmp_path / "src"), "--out",
+                                    str(tmp_path / "out"), "--split", "val", "--no-progress"],
+                   capsys)
+    assert code == 0
+    m = json.loads((tmp_path / "out" / "val.json").read_text())
+    skipped = {s["path"].split("/")[-1]: s["reason"] for s in m["skipped"]}
+    stored = {}
+    for s in m["shards"]:
+        for info in tarfile.open(tmp_path / "out" / s["file"]):
+            if info.name.endswith(".json"):
+                meta = json.loads(tarfile.open(tmp_path / "out" / s["file"]).extractfile(info).read())
+                stored[meta["path"].split("/")[-1]] = (info.name.split(".")[0], meta["mode"])
+    exts = {i.name.split(".")[0]: i.name.split(".", 1)[1] for s in m["shards"]
+            for i in tarfile.open(tmp_path / "out" / s["file"]) if not i.name.endswith(("cls", "json"))}
+    expected_skip = {"truncated.JPEG", "empty.JPEG", "bomb.png", "notes.txt"}
+    for case, (name, _) in corpus.items():
+        if name in skipped:
+            record(case, "jobs.shard", f"skipped, recorded in the manifest: {skipped[name]}")
+        else:
+            key, mode = stored[name]
+            record(case, "jobs.shard", f"stored as `{key}.{exts[key]}` (PIL mode {mode})")
+    assert expected_skip <= set(skipped)
+    assert stored["png_named.JPEG"][0] == "png_named" and exts["png_named"] == "png"
+    assert exts["a_b"] == "jpg" and stored["cmyk.JPEG"][1] == "CMYK"
+    assert len(stored) + len(skipped) == len(corpus)  # nothing lost silently
+
+
+def test_empty_split_is_refused(tmp_path, ray_local, capsys):
+    (tmp_path / "src" / "empty_class").mkdir(parents=True)
+    (tmp_path / "src" / "empty_class" / "x.txt").write_text("no images")
+    code, err = _run(shard_job.main, ["--source", str(tmp_path / "src"), "--out",
+                                      str(tmp_path / "out"), "--no-progress"], capsys)
+    assert code == 1 and "no images to shard" in err
+    record("empty split (no images)", "jobs.shard", f"exit 1: {_short(err, str(tmp_path))}")
+
+
+# ------------------------------------------------------- damaged shards (verify and predict)
+
+def _rewrite(path, members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+
+
+def _members(path):
+    with tarfile.open(path) as tar:
+        return [(i, tar.extractfile(i).read()) for i in tar]
+
+
+def _reseal(folder):
+    """Update the manifest's size and sha256 to the shards' current bytes: a damaged shard from
+    a producer whose manifest matches it, so only the content checks can catch it."""
+    mpath = folder / "val.json"
+    m = json.loads(mpath.read_text())
+    for s in m["shards"]:
+        data = (folder / s["file"]).read_bytes()
+        s["bytes"] = len(data)
+        s["sha256"] = __import__("hashlib").sha256(data).hexdigest()
+    mpath.write_text(json.dumps(m))
+
+
+def _damage(kind: str, folder):
+    shard = folder / "val-000000.tar"
+    data = shard.read_bytes()
+    if kind == "truncated tar, mid-member":
+        shard.write_bytes(data[:2048 + 700])
+    elif kind == "truncated tar, at a member boundary":
+        members = _members(shard)
+        _rewrite(shard, members[:3])  # the first sample only: a valid, shorter tar
+    elif kind == "truncated tar, mid-header":
+        shard.write_bytes(data[:512 * 3 + 200])
+    elif kind == "members of one sample not adjacent":
+        members = _members(shard)
+        members[1], members[3] = members[3], members[1]
+        _rewrite(shard, members)
+        _reseal(folder)
+    elif kind == "extra .pkl member in a sample":
+        members = _members(shard)
+        key = members[0][0].name.split(".")[0]
+        evil = tarfile.TarInfo(f"{key}.pkl")
+        members.insert(1, (evil, b"cos\nsystem\n(S'touch /tmp/owned-by-shard'\ntR."))
+        _rewrite(shard, members)
+        _reseal(folder)
+    elif kind == "label outside the class range":
+        members = _members(shard)
+        cls = next(i for i, (info, _) in enumerate(members) if info.name.endswith(".cls"))
+        members[cls] = (members[cls][0], b"99")
+        _rewrite(shard, members)
+        _reseal(folder)
+    elif kind == "missing shard":
+        shard.unlink()
+    elif kind == "shard sha256 no longer matches (one flipped byte)":
+        b = bytearray(data)
+        b[1500] ^= 1
+        shard.write_bytes(bytes(b))
+
+
+SHARD_CASES = ["truncated tar, mid-member", "truncated tar, at a member boundary",
+               "truncated tar, mid-header", "members of one sample not adjacent",
+               "extra .pkl member in a sample", "label outside the class range",
+               "missing shard", "shard sha256 no longer matches (one flipped byte)"]
+
+
+@pytest.mark.parametrize("kind", SHARD_CASES)
+def test_damaged_shard_is_named_by_verify_and_never_gives_a_silent_number(
+        kind, shard_set, tmp_path, capsys):
+    folder = tmp_path / "s"
+    shutil.copytree(shard_set, folder)
+    _damage(kind, folder)
+    manifest = str(folder / "val.json")
+    code, out = _run(shard_job.main, ["--verify", manifest], capsys)
+    assert code == 1 and "val-000000.tar" in out and "val-000001.tar" not in out
+    record(kind, "jobs.shard --verify", f"exit 1: {_short(out, str(tmp_path))}")
+    code, err = _run(predict_job.main, ["--data", manifest, "--weights", "none", "--out",
+                                        str(tmp_path / "eval"), "--no-progress"], capsys)
+    assert code == 1, err  # a clear error or a recorded failure over the threshold
+    assert not (tmp_path / "eval" / "_SUCCESS").exists() or "failed to decode" in err
+    record(kind, "jobs.predict", f"exit 1: {_short(err, str(tmp_path))}")
+    assert not os.path.exists("/tmp/owned-by-shard")
+
+
+# ------------------------------------------------------------------ manifests and weights
+
+@pytest.mark.parametrize("case,text", [
+    ("manifest is not valid JSON", "{not json"),
+    ("manifest of another format version",
+     json.dumps({"format": shards.FORMAT, "format_version": 99}))])
+def test_bad_manifest(case, text, tmp_path, capsys, ray_local):
+    (tmp_path / "val.json").write_text(text)
+    code, err = _run(predict_job.main, ["--data", str(tmp_path / "val.json"), "--weights",
+                                        "none", "--out", str(tmp_path / "eval")], capsys)
+    assert code == 1 and "val.json" in err
+    record(case, "jobs.predict", f"exit 1: {_short(err, str(tmp_path))}")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/owned-by-weights",))
+
+
+def _weights(kind, tmp_path, shard_set):
+    from torchvision.models import resnet18
+
+    path = tmp_path / "w.pt"
+    if kind == "weights of the wrong shape":
+        from pipeline import model as modellib
+
+        net = resnet18(num_classes=4)
+        net.layer1[0].conv1 = torch.nn.Conv2d(64, 32, 3)  # a layer of the wrong shape
+        classes = json.loads((shard_set / "val.json").read_text())["classes"]
+        modellib.save_model(str(path), net, classes, {}, {}, "broken")
+    elif kind == "weights for another class count (1000 vs the data's 4)":
+        torch.save(resnet18().state_dict(), path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump({"fc.weight": _Evil()}, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["weights of the wrong shape",
+                                  "weights for another class count (1000 vs the data's 4)",
+                                  "malicious pickle in a weights file"])
+def test_bad_weights(kind, shard_set, tmp_path, capsys):
+    code, err = _run(predict_job.main, ["--data", str(shard_set / "val.json"), "--weights",
+                                        _weights(kind, tmp_path, shard_set), "--out",
+                                        str(tmp_path / "eval")], capsys)
+    assert code == 1 and not os.path.exists("/tmp/owned-by-weights")
+    assert {"weights of the wrong shape": "do not fit", "malicious": "cannot be loaded safely",
+            "weights for another": "lack"}[next(k for k in ("weights of the wrong shape",
+                                                            "malicious", "weights for another")
+                                              if kind.startswith(k))] in err
+    record(kind, "jobs.predict", f"exit 1: {_short(err, str(tmp_path))}")
+
+
+def test_output_folder_that_cannot_be_written(shard_set, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, err = _run(predict_job.main, ["--data", str(shard_set / "val.json"), "--weights",
+                                        "none", "--out", str(tmp_path / "file" / "eval")],
+                     capsys)
+    assert code == 1 and "cannot be written" in err
+    record("output folder that cannot be written", "jobs.predict",
+           f"exit 1: {_short(err, str(tmp_path))}")
+
+
+# ------------------------------------------------------------------------- crash faults
+
+@pytest.mark.parametrize("fault", ["before_publish", "mid_publish"])
+def test_prediction_killed_while_publishing_keeps_the_previous_result(fault, shard_set,
+                                                                     tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    args = ["--data", str(shard_set / "val.json"), "--weights", "none", "--out", out,
+            "--no-progress"]
+    assert _run(predict_job.main, args, capsys)[0] == 0
+    before = open(os.path.join(out, "_SUCCESS")).read()
+    proc = subprocess.run([sys.executable, "-m", "jobs.predict", *args], capture_output=True,
+                          env={**os.environ, "RESNET_PIPELINE_FAULT": fault}, timeout=300)
+    assert proc.returncode == 17  # killed at the fault point
+    assert _run(predict_job.main, args, capsys)[0] == 0  # the rerun recovers and republishes
+    import pandas as pd
+    df = pd.read_parquet(os.path.join(out, "predictions"))
+    assert len(df) == df["key"].nunique() == 16 and before
+    assert not os.path.exists(os.path.join(out, "_previous"))
+    record(f"prediction job killed {fault.replace('_', ' ')}", "jobs.predict",
+           "previous published set intact (`_SUCCESS` unchanged); the rerun publishes exactly "
+           "one row per image")
+
+
+# ------------------------------------------------------------------------------ the table
+
+def render_table(rows) -> str:
+    lines = ["| bad input or fault | job | observed outcome |", "|---|---|---|"]
+    lines += [f"| {c} | `{j}` | {o.replace('|', '/')} |" for c, j, o in rows]
+    return "\n".join(lines)
+
+
+def test_readme_table_is_the_one_these_tests_produce():
+    if len(ROWS) < 30:
+        pytest.skip("run the whole module to compare the table")
+    table = render_table(ROWS)
+    text = open(README).read()
+    if os.environ.get("UPDATE_CORPUS_TABLE"):
+        head, rest = text.split(BEGIN)
+        _, tail = rest.split(END)
+        open(README, "w").write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+        text = open(README).read()
+    assert f"{BEGIN}\n{table}\n{END}" in text, "README's corpus table is stale: make corpus-table"

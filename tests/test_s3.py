@@ -1,0 +1,439 @@
+"""Every job against S3: a local S3-compatible endpoint (moto's server mode) on 127.0.0.1.
+
+The endpoint and the credentials reach the jobs through the standard environment only
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); every job runs
+as a subprocess with its own local Ray cluster, which inherits that environment (Ray Data's
+readers and Ray Train's storage_path resolve s3:// with pyarrow's ``from_uri`` as the jobs do).
+This test process never sets the variables in its own os.environ (other tests share a Ray
+cluster); the in-process tests use monkeypatch, undone after each test.
+
+Flow: tiny image folder -> s3://BUCKET/raw -> shard train/val (+ --classes-from on S3) ->
+--verify -> fine-tune with --storage-path s3://... -> resume -> predict S3 -> S3 twice ->
+nightly_eval twice. Plus the storage primitives on S3 and the publish protocol crashed at
+every step (object store and local disk) and rolled back by ``recover``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import predict, storage, synthetic
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "resnet-test"
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+         "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3:
+    """The moto server: endpoint, job environment, and a pyarrow client for this process."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.env.update(CREDS, AWS_ENDPOINT_URL=endpoint, AWS_EC2_METADATA_DISABLED="true",
+                        RAY_ADDRESS="local",  # never join someone else's cluster
+                        RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONPATH=ROOT)
+        self.fs = pafs.S3FileSystem(access_key="testing", secret_key="testing",
+                                    region="us-east-1", endpoint_override=endpoint,
+                                    allow_bucket_creation=True)
+
+    def uri(self, *parts: str) -> str:
+        return "s3://" + "/".join((BUCKET,) + parts)
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every object (file) under BUCKET/prefix, relative to it."""
+        base = f"{BUCKET}/{prefix}".rstrip("/")
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        except FileNotFoundError:
+            return []
+        return sorted(i.path[len(base) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+    def read(self, key: str) -> bytes:
+        with self.fs.open_input_stream(f"{BUCKET}/{key}") as f:
+            return f.read()
+
+    def job(self, name: str, *args: str, timeout: int = 300, expect: int = 0) -> str:
+        proc = subprocess.run([sys.executable, "-m", f"jobs.{name}", *args], cwd=ROOT,
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == expect, f"jobs.{name} {' '.join(args)} -> {proc.returncode}\n" \
+                                          f"{out[-4000:]}"
+        return out
+
+
+@pytest.fixture(scope="module")
+def s3():
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "moto.server"]
+    log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"moto-{port}.log"), "wb")
+    proc = subprocess.Popen(cmd + ["-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server on {endpoint} did not come up "
+                                       f"(exit {proc.poll()}); see {log.name}")
+                time.sleep(0.2)
+        server = S3(endpoint)
+        server.fs.create_dir(BUCKET)  # the jobs never create buckets (pyarrow's default)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """The job environment in this process too, for one test (monkeypatch undoes it)."""
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    for k in list(CREDS) + ["AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED"]:
+        monkeypatch.setenv(k, s3.env[k])
+    return s3
+
+
+# --- the storage layer on S3 -------------------------------------------------------------------
+
+def test_storage_primitives_on_s3(s3_env):
+    s3 = s3_env
+    base = s3.uri("prims")
+    assert not storage.exists(base) and not storage.is_dir(base)
+    storage.makedirs(storage.join(base, "empty"))  # pyarrow's "empty/" marker: a folder now
+    assert storage.is_dir(storage.join(base, "empty"))
+    storage.write_text_atomic(storage.join(base, "a", "b", "c.txt"), "hi")
+    # no marker objects for the parents of a written key, yet they are folders
+    assert s3.keys("prims") == ["a/b/c.txt"]
+    assert storage.exists(storage.join(base, "a")) and storage.is_dir(storage.join(base, "a"))
+    assert storage.size(storage.join(base, "a", "b", "c.txt")) == 2
+    assert storage.read_text(storage.join(base, "a", "b", "c.txt")) == "hi"
+    assert sorted(storage.list_files(base)) == [("a/b/c.txt", 2)]
+    assert sorted(storage.list_files(base + "/")) == [("a/b/c.txt", 2)]
+    storage.check_writable(storage.join(base, "out"))
+    assert not [k for k in s3.keys("prims") if "write-probe" in k]
+    with pytest.raises(PermissionError, match="cannot be written"):
+        storage.check_writable("s3://no-such-bucket-here/out")
+    # move_tree: a whole prefix, and a single object
+    storage.write_bytes_atomic(storage.join(base, "a", "d.bin"), b"\0" * 10)
+    assert storage.move_tree(storage.join(base, "a"), storage.join(base, "z")) == "copy"
+    assert not storage.exists(storage.join(base, "a"))
+    assert sorted(storage.list_files(storage.join(base, "z"))) == [("b/c.txt", 2), ("d.bin", 10)]
+    storage.move_tree(storage.join(base, "z", "d.bin"), storage.join(base, "d.bin"))
+    assert storage.exists(storage.join(base, "d.bin"))
+    assert not storage.exists(storage.join(base, "z", "d.bin"))
+    storage.move_tree(storage.join(base, "empty"), storage.join(base, "empty2"))
+    assert storage.is_dir(storage.join(base, "empty2"))
+    with pytest.raises(FileNotFoundError):
+        storage.move_tree(storage.join(base, "nothing"), storage.join(base, "x"))
+    storage.delete_dir(base)
+    assert not storage.exists(base) and s3.keys("prims") == []
+
+
+# --- the publish protocol crashed at every step ------------------------------------------------
+
+class Crash(Exception):
+    pass
+
+
+class CrashingFS:
+    """Delegates to a real filesystem; raises Crash at the N-th state change. A folder delete
+    is done object by object, so a crash can land in the middle of it (as a batched delete on
+    S3 can stop part-way)."""
+
+    MUTATING = {"copy_file", "delete_file", "create_dir", "open_output_stream", "move"}
+
+    def __init__(self, fs, budget):
+        self._fs, self._budget = fs, budget
+
+    def _tick(self):
+        self._budget[0] -= 1
+        if self._budget[0] < 0:
+            raise Crash()
+
+    def delete_dir(self, path):
+        for info in self._fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+            if info.type == pafs.FileType.File:
+                self._tick()
+                self._fs.delete_file(info.path)
+        self._tick()
+        self._fs.delete_dir(path)
+
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if name not in self.MUTATING:
+            return attr
+
+        def call(*a, **k):
+            self._tick()
+            return attr(*a, **k)
+        return call
+
+
+OLD = {"predictions/part-00000.parquet": b"old-0", "failures.parquet": b"old-f",
+       "summary.json": b"old-s", "_SUCCESS": b"old\n"}
+NEW = {"predictions/part-00000.parquet": b"new-0", "predictions/part-00001.parquet": b"new-1",
+       "failures.parquet": b"new-f", "summary.json": b"new-s"}
+
+
+def _crash_every_step(base: str, monkeypatch, local: bool) -> tuple[int, int]:
+    """Publish NEW over OLD, crashing at step n = 0, 1, ... until it completes; after each crash
+    recover (itself crashed at step m for some n, then recovered again) and check that OUT holds
+    exactly the old set or exactly the new set, with its _SUCCESS, and no _previous."""
+    out, staging = storage.join(base, "out"), storage.join(base, "out", "_staging-new")
+    real_resolve, real_move_local = storage.resolve, storage._move_local
+    budget = [10 ** 9]
+
+    def crashing_resolve(path):
+        fs, p = real_resolve(path)
+        return CrashingFS(fs, budget), p
+
+    def crashing_move_local(src, dst):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise Crash()
+        real_move_local(src, dst)
+
+    def reset():
+        budget[0] = 10 ** 9
+        storage.delete_dir(base)
+        for rel, data in OLD.items():
+            storage.write_bytes_atomic(storage.join(out, rel), data)
+        for rel, data in NEW.items():
+            storage.write_bytes_atomic(storage.join(staging, rel), data)
+
+    def published() -> dict:
+        files = {rel: storage.read_bytes(storage.join(out, rel))
+                 for rel, _ in storage.list_files(out)
+                 if not rel.startswith("_staging-") and not rel.startswith(".")}
+        assert not storage.exists(storage.join(out, "_previous"))
+        return files
+
+    def crashed_publish(n: int) -> bool:
+        reset()
+        budget[0] = n
+        try:
+            predict.publish(staging, out, "new")
+            return True
+        except Crash:
+            return False
+        finally:
+            budget[0] = 10 ** 9
+
+    expect_new = {**NEW, "_SUCCESS": b"new\n"}
+    outcomes = {"old": 0, "new": 0}
+
+    def recover_and_check(n: int, m: int | None) -> bool:
+        """Recover (crashed at its step m, then again in full); True if m did not crash."""
+        finished = True
+        if m is not None:
+            budget[0] = m
+            try:
+                predict.recover(out)
+            except Crash:
+                finished = False
+            budget[0] = 10 ** 9
+        predict.recover(out)
+        files = published()
+        assert files in (OLD, expect_new), f"crash at publish step {n}, recover step {m}: " \
+                                           f"{sorted(files)}"
+        outcomes["new" if files == expect_new else "old"] += 1
+        return finished
+
+    monkeypatch.setattr(storage, "resolve", crashing_resolve)
+    if local:
+        monkeypatch.setattr(storage, "is_local", lambda fs: True)
+        monkeypatch.setattr(storage, "_move_local", crashing_move_local)
+    n = 0
+    while True:
+        completed = crashed_publish(n)
+        if completed:
+            recover_and_check(n, None)
+            assert published() == expect_new and not storage.exists(staging)
+            print("STEPS", n, outcomes); return outcomes["old"], outcomes["new"]
+        if n % 3 == 0:  # crash the recovery too, at each of its steps, from this state
+            m = 0
+            while not recover_and_check(n, m):
+                m += 1
+                crashed_publish(n)
+        else:
+            recover_and_check(n, None)
+        n += 1
+
+
+def test_publish_crashed_at_every_step_on_s3_is_rolled_back(s3_env, monkeypatch):
+    old, new = _crash_every_step(s3_env.uri("crash"), monkeypatch, local=False)
+    assert old > 10 and new >= 2  # rolled back mid-move, finished after the _SUCCESS switch
+
+
+def test_publish_crashed_at_every_step_on_local_disk_is_rolled_back(tmp_path, monkeypatch):
+    old, new = _crash_every_step(str(tmp_path / "crash"), monkeypatch, local=True)
+    assert old > 5 and new >= 2
+
+
+# --- every job against the bucket --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharded(s3, tmp_path_factory):
+    """Raw images uploaded to s3://BUCKET/raw, sharded by the job into s3://BUCKET/shards."""
+    local = tmp_path_factory.mktemp("raw")
+    counts = synthetic.generate_image_folder(str(local), {"train": 6, "val": 3}, num_classes=3,
+                                             seed=3, size_range=(64, 96))
+    pafs.copy_files(str(local), f"{BUCKET}/raw", destination_filesystem=s3.fs)
+    assert len(s3.keys("raw")) == sum(counts.values()) == 27
+    shards_uri = s3.uri("shards")
+    out = s3.job("shard", "--source", s3.uri("raw", "train"), "--split", "train", "--out",
+                 shards_uri, "--samples-per-shard", "8", "--no-progress")
+    assert "18 samples in 3 shards" in out
+    out = s3.job("shard", "--source", s3.uri("raw", "val"), "--split", "val", "--out",
+                 shards_uri, "--classes-from", s3.uri("shards", "train.json"),
+                 "--samples-per-shard", "5", "--no-progress")
+    assert "9 samples in 2 shards" in out
+    return shards_uri
+
+
+def test_shard_from_and_into_the_bucket_verifies(s3, sharded):
+    keys = s3.keys("shards")
+    assert {"train.json", "val.json", "train-000000.tar", "train-000002.tar",
+            "val-000001.tar"} <= set(keys)
+    assert not [k for k in keys if ".tmp" in k or "write-probe" in k]  # one PUT per shard
+    train = json.loads(s3.read("shards/train.json"))
+    val = json.loads(s3.read("shards/val.json"))
+    assert train["source"] == s3.uri("raw", "train") and train["skipped"] == []
+    assert val["classes"] == train["classes"] and val["total_samples"] == 9
+    for split in ("train", "val"):
+        out = s3.job("shard", "--verify", storage.join(sharded, f"{split}.json"))
+        assert "OK: 0 bad shard(s)" in out
+    # a rerun reuses every intact shard (the per-shard records are on S3 as well)
+    out = s3.job("shard", "--source", s3.uri("raw", "val"), "--split", "val", "--out", sharded,
+                 "--classes-from", s3.uri("shards", "train.json"), "--samples-per-shard", "5",
+                 "--no-progress")
+    assert "(2 reused)" in out
+
+
+@pytest.fixture(scope="module")
+def trained(s3, sharded):
+    args = ["--train", storage.join(sharded, "train.json"), "--val",
+            storage.join(sharded, "val.json"), "--storage-path", s3.uri("runs"), "--name", "t",
+            "--num-workers", "2", "--cpus-per-worker", "0.5", "--threads", "1",
+            "--crop-size", "32", "--batch-size", "8", "--weights", "none"]
+    first = s3.job("finetune", *args, "--epochs", "1", timeout=400)
+    first_ckpts = _checkpoint_epochs(s3)
+    second = s3.job("finetune", *args, "--epochs", "2", timeout=400)
+    return first, first_ckpts, second
+
+
+def _checkpoint_epochs(s3) -> dict[str, int]:
+    import torch
+
+    epochs = {}
+    for key in s3.keys("runs/t"):
+        parts = key.split("/")
+        if parts[0].startswith("checkpoint_") and parts[-1] == "state.pt":
+            state = torch.load(io.BytesIO(s3.read(f"runs/t/{key}")), map_location="cpu",
+                               weights_only=True)
+            epochs[parts[0]] = state["epoch"]
+    return epochs
+
+
+def test_finetune_checkpoints_to_the_bucket_and_resumes(s3, trained):
+    import torch
+
+    first, first_ckpts, second = trained
+    assert "epoch 1/1" in first and json.loads(_last_json(first))["epoch"] == 0
+    assert sorted(first_ckpts.values()) == [0]
+    # the rerun resumed from the S3 checkpoint: it trained epoch 2 only
+    assert "epoch 2/2" in second and "epoch 1/2" not in second
+    assert json.loads(_last_json(second))["epoch"] == 1
+    assert sorted(_checkpoint_epochs(s3).values()) == [0, 1]
+    keys = s3.keys("runs/t")
+    assert "config.json" in keys and "model.pt" in keys
+    model = torch.load(io.BytesIO(s3.read("runs/t/model.pt")), map_location="cpu",
+                       weights_only=True)
+    assert model["model_id"] == "resnet18-finetuned/t/epoch1"
+    assert [c["id"] for c in model["classes"]] == ["circle", "square", "triangle"]
+
+
+def _last_json(text: str) -> str:
+    start = text.rindex('{\n "epoch"')
+    return text[start:text.index("}", start) + 1]
+
+
+def _read_predictions(s3, prefix: str):
+    table = pads.dataset(f"{BUCKET}/{prefix}/predictions", filesystem=s3.fs,
+                         format="parquet").to_table()
+    return table.to_pandas()
+
+
+def test_predict_from_and_into_the_bucket_and_rerun(s3, sharded, trained):
+    args = ["--data", storage.join(sharded, "val.json"), "--weights",
+            s3.uri("runs", "t", "model.pt"), "--out", s3.uri("eval"), "--batch-size", "8",
+            "--no-progress"]
+    s3.job("predict", *args)
+    first_run = s3.read("eval/_SUCCESS").decode().strip()
+    df = _read_predictions(s3, "eval")
+    assert len(df) == df["key"].nunique() == 9
+    summary = json.loads(s3.read("eval/summary.json"))
+    assert summary["samples"] == 9 and summary["run_id"] == first_run
+    assert summary["weights_sha256"]  # weights read from S3 are hashed like local ones
+    assert pq.read_table(io.BytesIO(s3.read("eval/failures.parquet"))).num_rows == 0
+    s3.job("predict", *args)  # rerun into the same --out: replaced, not appended
+    second_run = s3.read("eval/_SUCCESS").decode().strip()
+    assert second_run != first_run
+    df = _read_predictions(s3, "eval")
+    assert len(df) == df["key"].nunique() == 9
+    assert json.loads(s3.read("eval/summary.json"))["run_id"] == second_run
+    keys = s3.keys("eval")
+    assert not [k for k in keys if k.startswith(("_previous", "_staging-"))], keys
+    assert sorted(k for k in keys if not k.startswith("predictions/")) == [
+        "_SUCCESS", "failures.parquet", "summary.json"]
+
+
+def test_nightly_eval_twice_against_the_bucket(s3, sharded, trained):
+    args = ["--data", storage.join(sharded, "val.json"), "--weights",
+            s3.uri("runs", "t", "model.pt"), "--history", s3.uri("nightly"), "--batch-size", "8"]
+    s3.job("nightly_eval", *args)
+    out = s3.job("nightly_eval", *args)
+    assert "verdict:" in out
+    history = pq.read_table(io.BytesIO(s3.read("nightly/history.parquet"))).to_pandas()
+    assert len(history) == 2 and history["run_id"].nunique() == 2
+    assert history["verdict"].iloc[0] == "first run"
+    assert history["previous_run_id"].iloc[1] == history["run_id"].iloc[0]
+    for run_dir in history["predictions_dir"]:
+        assert run_dir.startswith(s3.uri("nightly", "runs"))
+        rel = run_dir[len(f"s3://{BUCKET}/"):]
+        assert len(_read_predictions(s3, rel)) == 9
+        assert {"_SUCCESS", "summary.json", "nightly.json", "report.html"} <= set(s3.keys(rel))
+    assert "latest.html" in s3.keys("nightly")
