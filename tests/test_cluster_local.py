@@ -47,8 +47,6 @@ MARKER = "RESNET_PIPELINE_TEST_CLUSTER"  # env var tagging every process of our 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 
 
-
-
 def _dashboard_missing() -> str | None:
     from ray._private.utils import get_dashboard_dependency_error
 

@@ -132,3 +132,21 @@ def test_train_augment_is_reproducible_per_seed_epoch_and_key():
     b = presets.train_augment(imgs, ["k1", "k2"], seed=0, epoch=1, crop_size=32)
     c = presets.train_augment(imgs, ["k1", "k2"], seed=0, epoch=2, crop_size=32)
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (2, 3, 32, 32)
+
+
+def test_gpu_decode_option_falls_back_to_the_reference_path_without_a_gpu(photo_shards):
+    import pandas as pd
+
+    _, out = photo_shards
+    raw = []
+    for s in shards.load_manifest(str(out / "val.json"))["shards"]:
+        for key, parts in shards.read_tar_samples((out / s["file"]).read_bytes(), s["file"]):
+            raw.append({"__key__": key, "__url__": s["file"], **parts})
+    batch = pd.DataFrame(raw)
+    cpu = data.decode_batch(batch, mode="eval", num_classes=2)
+    gpu = data.decode_batch(batch, mode="eval", num_classes=2, device="cuda")
+    if not torch.cuda.is_available():  # here: the same pixels, through PIL
+        assert np.array_equal(cpu["image"], gpu["image"])
+    else:  # nvJPEG and tensor resizing: near-identical, never different labels
+        assert np.abs(cpu["image"].astype(int) - gpu["image"].astype(int)).mean() < 2.0
+    assert list(cpu["label"]) == list(gpu["label"]) and list(gpu["error"]) == [""] * len(raw)
