@@ -37,8 +37,9 @@ class NightlyConfig:
     top_n: int = _cli.option(10, "classes and confused pairs listed in the report")
     latest: bool = _cli.option(True, "also copy the report to HISTORY/latest.html")
     batch_size: int = _cli.option(64, "images per model call")
-    precision: str = _cli.option("auto", "auto: bf16 on CPUs/GPUs that run it natively, else "
-                                         "fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    precision: str = _cli.option("auto", "auto: bf16 where oneDNN/CUDA support it, fp16 on "
+                                         "GPUs without bf16, else fp32",
+                                 choices=["auto", "fp32", "bf16", "fp16"])
     use_gpu: bool = _cli.option(False, "one GPU per predictor actor")
     actors: int = _cli.option(1, "predictor actors (on a GPU cluster: the number of GPUs)")
     cpus_per_actor: float = _cli.option(1.0, "CPUs per predictor actor (torch threads on CPU)")

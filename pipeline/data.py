@@ -26,6 +26,7 @@ IMAGE_EXTS = tuple(shards.IMAGE_EXTS.values())
 
 def decode_image(data: bytes, max_pixels: int = shards.DEFAULT_MAX_PIXELS) -> Image.Image:
     """Bytes -> RGB PIL image (CMYK, grayscale, palette and alpha all become RGB)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own guard then fires at our limit, not its own
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))
@@ -131,7 +132,8 @@ def read_decoded(manifest_path: str, *, mode: str = "eval", resize_size: int | N
                  num_cpus: float = 1.0, decode_device: str = "cpu", num_gpus: float = 0.0):
     """A Ray Dataset of decoded batches for the shards a manifest lists, and the manifest.
 
-    ``shuffle_seed`` (train) shuffles the shard order afresh, reproducibly, on each execution.
+    ``shuffle_seed`` (train) shuffles the shard order afresh, reproducibly, on each execution
+    (Ray counts executions per process: a resumed run starts that count again).
     """
     import ray
     from ray.data import FileShuffleConfig

@@ -32,8 +32,8 @@ def load_weights(spec: str) -> dict:
     if spec.lower() == "none":
         return {"state_dict": None, "classes": None, "model_id": "resnet18-random-init",
                 "sha256": None, "extra": {}}
-    if spec in TORCHVISION_WEIGHTS:
-        return dict(_load_torchvision(spec), source=spec)
+    if spec.upper() in TORCHVISION_WEIGHTS:
+        return dict(_load_torchvision(spec.upper()), source=spec)
     if not storage.exists(spec):
         raise FileNotFoundError(f"weights {spec!r}: not DEFAULT, IMAGENET1K_V1, none, nor an "
                                 f"existing file")
@@ -76,8 +76,11 @@ def build_model(weights: dict, classes: list[dict] | None) -> tuple[nn.Module, l
     w_classes = weights["classes"]
     state = weights["state_dict"]
     if state is not None and w_classes is None:
-        w_classes = [{"index": i, "id": str(i), "name": str(i)}
-                     for i in range(state["fc.weight"].shape[0])]
+        n = state["fc.weight"].shape[0] if "fc.weight" in state else 0
+        # A bare state_dict names no classes: a head of the data's size is taken to be in the
+        # data's (sorted-id) order, which is how this project numbers classes.
+        w_classes = classes if classes and len(classes) == n else \
+            [{"index": i, "id": str(i), "name": str(i)} for i in range(n)]
     target = classes or w_classes
     if target is None:
         raise ValueError("random-init weights need the data's class list")

@@ -170,6 +170,19 @@ def _build(cfg, device):
     return model, optimizer, scheduler, scaler
 
 
+RESUME_KEYS = ("weights", "batch_size", "optimizer", "lr", "crop_size", "train_samples",
+               "classes", "world_size", "seed")
+
+
+def check_resumable(saved: dict, cfg: dict) -> None:
+    """A rerun under the same name must be the same run (more epochs allowed): otherwise the
+    restored optimizer and schedule would silently continue a different experiment."""
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != cfg.get(k)]
+    if changed:
+        raise ValueError(f"run exists with different {', '.join(changed)}: use a new --name, "
+                         f"or the same settings to resume")
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     """The Ray Train worker function: build, resume if a checkpoint exists, train, report."""
     import ray.train
@@ -188,6 +201,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
+        check_resumable(state["config"], cfg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -239,7 +253,8 @@ def load_checkpoint_state(checkpoint) -> dict:
 def fit(loop_config: dict, *, train_manifest: str, val_manifest: str, num_workers: int,
         use_gpu: bool, cpus_per_worker: float, storage_path: str, name: str,
         max_failures: int = 1, num_to_keep: int = 2, decode_concurrency: int | None = None):
-    """Run (or resume) a fine-tuning run; return (ray.train.Result, the final state dict)."""
+    """Run (or resume) a fine-tuning run; return (ray.train.Result, the last checkpoint's state,
+    the resolved loop config)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
