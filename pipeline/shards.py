@@ -3,8 +3,9 @@
 One sample per source image: ``KEY.<jpg|png|...>`` (the original bytes, extension from the real
 format), ``KEY.cls`` (class index as ASCII digits) and ``KEY.json`` (class id, source path, width,
 height, PIL mode), adjacent in the tar, with fixed headers so the same input gives the same bytes.
-One Ray task writes one shard; a shard is written under a temporary name and renamed when whole,
-and a per-shard record lets a rerun skip shards that are already complete and intact.
+One Ray task writes one shard; a shard is written under a temporary name and renamed when whole
+(on an object store: one PUT, which is atomic per object), and a per-shard record lets a rerun
+skip shards that are already complete and intact.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def make_keys(items: list[tuple[str, str]]) -> tuple[list[Member], list[dict]]:
     with its class id; a key still not unique (same stem twice in one class) is skipped."""
     stems = [p.rsplit("/", 1)[-1].rsplit(".", 1)[0].replace(".", "_") for p, _ in items]
     counts = Counter(stems)
-    keyed = [(f"{c}_{s}" if counts[s] > 1 else s, p, c) for s, (p, c) in zip(stems, items)]
+    keyed = [(f"{c.replace('.', '_')}_{s}" if counts[s] > 1 else s, p, c)
+             for s, (p, c) in zip(stems, items)]
     key_counts = Counter(k for k, _, _ in keyed)
     members, skipped = [], []
     for key, path, cls in keyed:
@@ -90,6 +92,7 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Check that ``data`` decodes fully; return its real format, size and mode."""
     if not data:
         raise BadImage("empty file (0 bytes)")
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own guard then fires at our limit, not its own
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -132,7 +135,9 @@ def build_shard(root: str, members: list[Member], class_index: dict[str, int],
             try:
                 data = storage.read_bytes(storage.join(root, m.path))
                 info = inspect_image(data, max_pixels)
-            except OSError as e:
+            except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+                # Only what a retry cannot fix is skipped; a transient I/O error (an object
+                # store timing out) raises, and Ray retries the whole shard.
                 skipped.append({"path": m.path, "reason": f"unreadable: {e}"})
                 continue
             except BadImage as e:
@@ -328,6 +333,7 @@ def _verify_one(rec: dict, path: str, n_classes: int) -> str | None:
     for key, parts in samples:
         if set(parts) - {"cls", "json"} == set() or "cls" not in parts:
             return f"sample {key} lacks an image or a .cls member"
-        if not 0 <= int(parts["cls"]) < n_classes:
-            return f"sample {key} has label {int(parts['cls'])} outside 0..{n_classes - 1}"
+        label = parts["cls"].decode("ascii", "replace").strip()
+        if not label.isdigit() or not 0 <= int(label) < n_classes:
+            return f"sample {key} has label {label!r} outside 0..{n_classes - 1}"
     return None

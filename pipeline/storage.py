@@ -138,7 +138,9 @@ def move_tree(src: str, dst: str) -> str:
     steps and markers so that either state can be rolled back.
     """
     fs, s = resolve(src)
-    _, d = resolve(dst)
+    dst_fs, d = resolve(dst)
+    if type(dst_fs) is not type(fs):
+        raise ValueError(f"cannot move {src} to {dst}: not on the same filesystem")
     info = fs.get_file_info(s)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"cannot move {src}: it does not exist")

@@ -84,6 +84,8 @@ def _maybe_kill(fault: dict | None, epoch: int, step: int, rank: int) -> None:
 
 
 def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, device, rank):
+    # drop_last: a 1-image tail batch breaks BatchNorm in train mode; every worker holds the same
+    # number of rows (equal split), so all drop the same tail and DDP stays in lockstep.
     net.train()
     set_backbone_frozen(model, epoch < cfg["freeze_epochs"])
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="none")
@@ -91,7 +93,7 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
     seen = correct = failed = 0
     loss_sum, t0 = 0.0, time.monotonic()
     for step, batch in enumerate(it.iter_batches(
-            batch_size=cfg["batch_size"], batch_format="numpy",
+            batch_size=cfg["batch_size"], batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
             local_shuffle_seed=(cfg["seed"] * 1000 + epoch) if cfg["shuffle_buffer"] else None)):
         _maybe_kill(cfg.get("fault"), epoch, step, rank)

@@ -84,12 +84,12 @@ class S3:
 
 
 @pytest.fixture(scope="module")
-def s3():
+def s3(tmp_path_factory):
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "moto.server"]
-    log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"moto-{port}.log"), "wb")
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
     proc = subprocess.Popen(cmd + ["-H", "127.0.0.1", "-p", str(port)], stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
@@ -208,7 +208,8 @@ NEW = {"predictions/part-00000.parquet": b"new-0", "predictions/part-00001.parqu
        "failures.parquet": b"new-f", "summary.json": b"new-s"}
 
 
-def _crash_every_step(base: str, monkeypatch, local: bool) -> tuple[int, int]:
+def _crash_every_step(base: str, monkeypatch, local: bool,
+                      nested) -> tuple[int, int]:
     """Publish NEW over OLD, crashing at step n = 0, 1, ... until it completes; after each crash
     recover (itself crashed at step m for some n, then recovered again) and check that OUT holds
     exactly the old set or exactly the new set, with its _SUCCESS, and no _previous."""
@@ -282,8 +283,8 @@ def _crash_every_step(base: str, monkeypatch, local: bool) -> tuple[int, int]:
         if completed:
             recover_and_check(n, None)
             assert published() == expect_new and not storage.exists(staging)
-            print("STEPS", n, outcomes); return outcomes["old"], outcomes["new"]
-        if n % 3 == 0:  # crash the recovery too, at each of its steps, from this state
+            return outcomes["old"], outcomes["new"]
+        if nested(n):  # crash the recovery too, at each of its steps, from this state
             m = 0
             while not recover_and_check(n, m):
                 m += 1
@@ -294,12 +295,16 @@ def _crash_every_step(base: str, monkeypatch, local: bool) -> tuple[int, int]:
 
 
 def test_publish_crashed_at_every_step_on_s3_is_rolled_back(s3_env, monkeypatch):
-    old, new = _crash_every_step(s3_env.uri("crash"), monkeypatch, local=False)
+    # recover crashed at each of its steps after two of the publish crashes (moto is slow): with
+    # today's order of steps, 5 = an old object in both places, 14 = half the new set in OUT
+    old, new = _crash_every_step(s3_env.uri("crash"), monkeypatch, local=False,
+                                 nested=lambda n: n in (5, 14))
     assert old > 10 and new >= 2  # rolled back mid-move, finished after the _SUCCESS switch
 
 
 def test_publish_crashed_at_every_step_on_local_disk_is_rolled_back(tmp_path, monkeypatch):
-    old, new = _crash_every_step(str(tmp_path / "crash"), monkeypatch, local=True)
+    old, new = _crash_every_step(str(tmp_path / "crash"), monkeypatch, local=True,
+                                 nested=lambda n: True)
     assert old > 5 and new >= 2
 
 
@@ -309,14 +314,16 @@ def test_publish_crashed_at_every_step_on_local_disk_is_rolled_back(tmp_path, mo
 def sharded(s3, tmp_path_factory):
     """Raw images uploaded to s3://BUCKET/raw, sharded by the job into s3://BUCKET/shards."""
     local = tmp_path_factory.mktemp("raw")
-    counts = synthetic.generate_image_folder(str(local), {"train": 6, "val": 3}, num_classes=3,
+    # 8 train per class: 12 per worker, batches of 8 + 4 (a last training batch of 1 image
+    # would fail BatchNorm)
+    counts = synthetic.generate_image_folder(str(local), {"train": 8, "val": 3}, num_classes=3,
                                              seed=3, size_range=(64, 96))
     pafs.copy_files(str(local), f"{BUCKET}/raw", destination_filesystem=s3.fs)
-    assert len(s3.keys("raw")) == sum(counts.values()) == 27
+    assert len(s3.keys("raw")) == sum(counts.values()) == 33
     shards_uri = s3.uri("shards")
     out = s3.job("shard", "--source", s3.uri("raw", "train"), "--split", "train", "--out",
                  shards_uri, "--samples-per-shard", "8", "--no-progress")
-    assert "18 samples in 3 shards" in out
+    assert "24 samples in 3 shards" in out
     out = s3.job("shard", "--source", s3.uri("raw", "val"), "--split", "val", "--out",
                  shards_uri, "--classes-from", s3.uri("shards", "train.json"),
                  "--samples-per-shard", "5", "--no-progress")
@@ -356,34 +363,29 @@ def trained(s3, sharded):
 
 
 def _checkpoint_epochs(s3) -> dict[str, int]:
-    import torch
-
-    epochs = {}
-    for key in s3.keys("runs/t"):
-        parts = key.split("/")
-        if parts[0].startswith("checkpoint_") and parts[-1] == "state.pt":
-            state = torch.load(io.BytesIO(s3.read(f"runs/t/{key}")), map_location="cpu",
-                               weights_only=True)
-            epochs[parts[0]] = state["epoch"]
+    """{checkpoint folder: epoch} from Ray Train's own record on S3 (each folder holding our
+    state.pt); reading the ~90 MB states through moto would cost more than the training."""
+    snapshot = json.loads(s3.read("runs/t/checkpoint_manager_snapshot.json"))
+    keys = set(s3.keys("runs/t"))
+    epochs = {r["checkpoint_dir_name"]: r["metrics"]["epoch"]
+              for r in snapshot["checkpoint_results"]}
+    assert all(f"{d}/state.pt" in keys for d in epochs), sorted(keys)
     return epochs
 
 
 def test_finetune_checkpoints_to_the_bucket_and_resumes(s3, trained):
-    import torch
-
     first, first_ckpts, second = trained
     assert "epoch 1/1" in first and json.loads(_last_json(first))["epoch"] == 0
     assert sorted(first_ckpts.values()) == [0]
     # the rerun resumed from the S3 checkpoint: it trained epoch 2 only
     assert "epoch 2/2" in second and "epoch 1/2" not in second
-    assert json.loads(_last_json(second))["epoch"] == 1
-    assert sorted(_checkpoint_epochs(s3).values()) == [0, 1]
+    assert json.loads(_last_json(second)) == {**json.loads(_last_json(second)), "epoch": 1,
+                                              "model": s3.uri("runs", "t", "model.pt")}
+    ckpts = _checkpoint_epochs(s3)
+    assert sorted(ckpts.values()) == [0, 1] and set(first_ckpts) < set(ckpts)
     keys = s3.keys("runs/t")
     assert "config.json" in keys and "model.pt" in keys
-    model = torch.load(io.BytesIO(s3.read("runs/t/model.pt")), map_location="cpu",
-                       weights_only=True)
-    assert model["model_id"] == "resnet18-finetuned/t/epoch1"
-    assert [c["id"] for c in model["classes"]] == ["circle", "square", "triangle"]
+    assert json.loads(s3.read("runs/t/config.json"))["epochs"] == 2
 
 
 def _last_json(text: str) -> str:
@@ -408,6 +410,7 @@ def test_predict_from_and_into_the_bucket_and_rerun(s3, sharded, trained):
     summary = json.loads(s3.read("eval/summary.json"))
     assert summary["samples"] == 9 and summary["run_id"] == first_run
     assert summary["weights_sha256"]  # weights read from S3 are hashed like local ones
+    assert summary["model_id"] == "resnet18-finetuned/t/epoch1"  # the resumed run's model
     assert pq.read_table(io.BytesIO(s3.read("eval/failures.parquet"))).num_rows == 0
     s3.job("predict", *args)  # rerun into the same --out: replaced, not appended
     second_run = s3.read("eval/_SUCCESS").decode().strip()
