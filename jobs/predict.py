@@ -27,6 +27,10 @@ class PredictConfig:
     actors: int = _cli.option(1, "predictor actors (on a GPU cluster: the number of GPUs)")
     cpus_per_actor: float = _cli.option(1.0, "CPUs per predictor actor (torch threads on CPU)")
     decode_concurrency: int = _cli.option(0, "decode tasks at once (0: Ray Data decides)")
+    decode_device: str = _cli.option("cpu", "cuda: decode JPEGs with nvJPEG on the GPU (near-"
+                                            "identical pixels, for GPU clusters starved by JPEG "
+                                            "decoding); falls back to PIL without a GPU",
+                                     choices=["cpu", "cuda"])
     resize_size: int = _cli.option(0, "resize shorter side to (0: the model's preset, else 256)")
     crop_size: int = _cli.option(0, "centre crop (0: the model's preset, else 224)")
     topk: int = _cli.option(5, "top-k indices and probabilities kept per image")
@@ -44,7 +48,7 @@ def run(cfg: PredictConfig) -> dict:
         decode_concurrency=cfg.decode_concurrency or None, topk=cfg.topk,
         max_failed_fraction=cfg.max_failed_fraction, resize_size=cfg.resize_size or None,
         crop_size=cfg.crop_size or None, progress=cfg.progress,
-        verify_checksums=cfg.verify_checksums)
+        verify_checksums=cfg.verify_checksums, decode_device=cfg.decode_device)
 
 
 @_cli.reports_errors

@@ -60,23 +60,24 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls += 1
         _maybe_kill_actor(self.fault, self.calls)
-        n, k = len(batch["key"]), self.topk
+        # Top-5 correctness is always top-5, whatever --topk keeps in the output lists.
+        n, k, k5 = len(batch["key"]), self.topk, min(5, len(self.classes))
         ok = batch["error"] == ""
-        topi = np.full((n, k), -1, dtype=np.int64)
-        topp = np.zeros((n, k), dtype=np.float32)
+        topi = np.full((n, max(k, k5)), -1, dtype=np.int64)
+        topp = np.zeros((n, max(k, k5)), dtype=np.float32)
         if ok.any():
             x = torch.from_numpy(batch["image"][ok]).to(self.device, non_blocking=True)
             logits = self.model(presets.normalize(x, self.dtype))
             probs = logits.float().softmax(dim=1)
-            p, i = probs.topk(k, dim=1)
+            p, i = probs.topk(max(k, k5), dim=1)
             topi[ok], topp[ok] = i.cpu().numpy(), p.cpu().numpy()
         labels = np.where(batch["label"] >= 0, self.label_map[np.maximum(batch["label"], 0)], -1)
         pred = topi[:, 0]
         return {"key": batch["key"], "label": labels, "pred": pred,
                 "pred_name": np.where(pred >= 0, self.names[np.maximum(pred, 0)], ""),
-                "topk_index": topi, "topk_prob": topp,
+                "topk_index": topi[:, :k], "topk_prob": topp[:, :k],
                 "top1_correct": (pred == labels) & (labels >= 0),
-                "top5_correct": (topi == labels[:, None]).any(axis=1) & (labels >= 0),
+                "top5_correct": (topi[:, :k5] == labels[:, None]).any(axis=1) & (labels >= 0),
                 "error": batch["error"], "shard": batch["shard"]}
 
 
@@ -106,6 +107,18 @@ def _fault_point(name: str) -> None:
 MOVED = "_MOVED"  # in OUT/_previous: the old set has left OUT whole
 
 
+def _remove_stale_staging(out: str) -> None:
+    """Staging folders of runs that died before publishing hold nothing anyone reads."""
+    import pyarrow.fs as pafs
+
+    fs, p = storage.resolve(out)
+    if fs.get_file_info(p).type != pafs.FileType.Directory and storage.is_local(fs):
+        return
+    for info in fs.get_file_info(pafs.FileSelector(p, allow_not_found=True)):
+        if storage.basename(info.path).startswith("_staging-"):
+            fs.delete_dir(info.path)
+
+
 def recover(out: str) -> None:
     """Finish or roll back a publish that a crash interrupted.
 
@@ -123,6 +136,7 @@ def recover(out: str) -> None:
     _SUCCESS goes back last and _previous is deleted after it, so a crash inside recover leaves
     one of the same three states and the next recover finishes the job.
     """
+    _remove_stale_staging(out)
     prev = storage.join(out, "_previous")
     if not storage.exists(prev):
         return
@@ -214,7 +228,7 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
                    topk: int = 5, max_failed_fraction: float = 0.0,
                    resize_size: int | None = None, crop_size: int | None = None,
                    progress: bool = True, fault: dict | None = None,
-                   verify_checksums: bool = True) -> dict:
+                   verify_checksums: bool = True, decode_device: str = "cpu") -> dict:
     """Predict every image a manifest lists into ``out``; return the published summary."""
     import ray
     from tqdm import tqdm
@@ -230,11 +244,15 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
     if verify_checksums:
         shards.check_checksums(manifest_path, manifest)
     classes_model = loaded["classes"] or manifest["classes"]
-    modellib.build_model(loaded, classes_model)  # wrong shapes fail here, naming the file
+    _, _, replaced = modellib.build_model(loaded, classes_model)  # wrong shapes fail here
+    if replaced:
+        raise ValueError(f"weights {weights} name other classes than their head holds; "
+                         f"predict with a model.pt (it carries its class list)")
     label_map(manifest["classes"], classes_model)
     ds, manifest = data.read_decoded(manifest_path, mode="eval", batch_size=batch_size,
                                      concurrency=decode_concurrency, resize_size=resize_size,
-                                     crop_size=crop_size)
+                                     crop_size=crop_size, decode_device=decode_device,
+                                     num_gpus=0.1 if decode_device == "cuda" else 0.0)
     k = min(topk, len(classes_model))
     ds = ds.map_batches(
         Predictor, batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
