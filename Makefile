@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast bench clean corpus-table
+.PHONY: demo test test-slow test-all bench clean corpus-table
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +15,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m jobs.demo $(ARGS)
 
+# The default suite (~5 min on 2 cores); the slow tests (Ray Train runs, fault injection, the
+# two-node cluster, S3 against moto: ~10 min) run in CI after it.
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
-
-test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m jobs.benchmark $(ARGS)

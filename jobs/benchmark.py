@@ -67,7 +67,7 @@ def run(cfg: BenchmarkConfig, work: str) -> tuple[dict, list[str]]:
     _cli.init_ray()
     manifest, manifest4 = _bench_shard_and_decode(work, small, big, n, r, rows)
     dtype = modellib.resolve_precision("auto", torch.device("cpu"))
-    _bench_eval(cfg, work, small, manifest, manifest4, n, dtype, r, rows)
+    _bench_eval(cfg, work, big, manifest, manifest4, n, dtype, r, rows)
     train_src = os.path.join(work, "train")
     _copy_subset(files[:n_train], src, train_src, big)
     _bench_train(cfg, work, train_src, dtype, r, rows)
@@ -89,18 +89,20 @@ def _bench_shard_and_decode(work, small, big, n, r, rows) -> tuple[str, str]:
     tar_mb_s = bench.tar_rate(small, os.path.join(work, "plain.tar"))
     rows.append(_row("sharding (jobs.shard vs tar cf)", shard_mb_s, tar_mb_s, "shard_vs_tar", r,
                      "MB/s"))
-    manifest = os.path.join(work, "sn", "val.json")
+    manifest, manifest4 = os.path.join(work, "sn", "val.json"), os.path.join(work, "s4n", "val.json")
     cores = os.cpu_count()
-    stream = bench.stream_decode_rate(manifest)
+    bench.stream_seconds(manifest)  # warm-up: Ray starts its data workers on the first pass
+    stream = bench.differential_rate(n, bench.stream_seconds(manifest), 4 * n,
+                                     bench.stream_seconds(manifest4))
     pil = bench.pil_decode_rate(sorted(os.path.join(dp, f) for dp, _, fs in os.walk(small)
                                        for f in fs))
     r.update(decode_img_s=stream, pil_img_s=pil, decode_img_s_per_core=stream / cores)
     rows.append(_row(f"decode (Ray Data, {cores} cores vs PIL, 1 core)", stream, pil,
                      "decode_vs_pil", r))
-    return manifest, os.path.join(work, "s4n", "val.json")
+    return manifest, manifest4
 
 
-def _bench_eval(cfg, work, small, manifest, manifest4, n, dtype, r, rows) -> None:
+def _bench_eval(cfg, work, big, manifest, manifest4, n, dtype, r, rows) -> None:
     def predict(manifest_path, precision, out):
         with bench.PeakMemory() as mem:  # "none": random init with the data's 10 classes
             s = predict_job.run(predict_job.PredictConfig(
@@ -109,15 +111,21 @@ def _bench_eval(cfg, work, small, manifest, manifest4, n, dtype, r, rows) -> Non
                 progress=False))
         return s, mem.peak
 
+    # Steady-state images/s from the N and 4N runs: start-up (cluster, actors, first batch)
+    # cancels out. The N-run's start-up is reported apart.
     s_def, mem_n = predict(manifest, "auto", "e_def")
+    s4, mem_4n = predict(manifest4, "auto", "e_4n")
     s_fp32, _ = predict(manifest, "fp32", "e_fp32")
+    s4_fp32, _ = predict(manifest4, "fp32", "e_4n_fp32")
+    rate = bench.differential_rate(n, s_def["wall_seconds"], 4 * n, s4["wall_seconds"])
+    rate32 = bench.differential_rate(n, s_fp32["wall_seconds"], 4 * n, s4_fp32["wall_seconds"])
     # The predictor actor runs one torch thread (--cpus-per-actor 1): so does the ceiling.
-    ceiling = bench.eval_ceiling_rate(dtype, cfg.batch_size, 1, 4 * cfg.batch_size, 10)
+    ceiling = bench.eval_ceiling_rate(dtype, cfg.batch_size, 1, 8 * cfg.batch_size, 10)
     ceiling32 = bench.eval_ceiling_rate(torch.float32, cfg.batch_size, 1, 2 * cfg.batch_size, 10)
-    baseline = bench.eval_baseline_rate(small, cfg.batch_size, os.cpu_count(), 10)
-    r.update(eval_img_s=s_def["steady_images_per_s"], eval_fp32_img_s=s_fp32["steady_images_per_s"],
+    baseline = bench.eval_baseline_rate(big, cfg.batch_size, os.cpu_count(), 10)
+    r.update(eval_img_s=rate, eval_fp32_img_s=rate32,
              eval_ceiling_img_s=ceiling, eval_ceiling_fp32_img_s=ceiling32,
-             eval_baseline_img_s=baseline, eval_startup_s=s_def["startup_seconds"])
+             eval_baseline_img_s=baseline, eval_startup_s=s_def["wall_seconds"] - n / rate)
     prec = modellib.precision_name(dtype)
     rows.append(_row(f"eval, job default ({prec}) vs model alone", r["eval_img_s"], ceiling,
                      "eval_vs_ceiling", r))
@@ -125,7 +133,6 @@ def _bench_eval(cfg, work, small, manifest, manifest4, n, dtype, r, rows) -> Non
                      r["eval_img_s"], baseline, "eval_vs_baseline", r))
     rows.append(_row("eval, job fp32 vs model alone fp32", r["eval_fp32_img_s"], ceiling32,
                      "eval_fp32_vs_ceiling_fp32", r))
-    s4, mem_4n = predict(manifest4, "auto", "e_4n")
     r.update(eval_peak_mem_n_mb=mem_n / 1e6, eval_peak_mem_4n_mb=mem_4n / 1e6)
     rows.append(_row(f"growth: job wall time, {4 * n} vs {n} images", s4["wall_seconds"],
                      s_def["wall_seconds"], "eval_time_ratio_4x", r, "s"))

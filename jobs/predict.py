@@ -56,11 +56,7 @@ def main(argv=None) -> int:
     cfg = _cli.parse(PredictConfig, argv, "predict")
     _cli.setup_logging()
     _cli.init_ray()
-    try:
-        summary = run(cfg)
-    except predict.FailedSamples as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    summary = run(cfg)  # FailedSamples: reported by reports_errors, exit 1
     print(metrics.format_table(summary))
     print(f"{summary['images_per_s']:.1f} images/s overall ({summary['precision']}); "
           f"predictions: {cfg.out}/predictions/, summary: {cfg.out}/summary.json")

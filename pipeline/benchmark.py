@@ -70,16 +70,19 @@ def pil_decode_rate(files: list[str]) -> float:
     return len(files) / (time.monotonic() - t0)
 
 
-def stream_decode_rate(manifest: str, batch_size: int = 64) -> float:
-    """Images/s of the Ray Data decode stage alone, after its first batch."""
-    ds, m = data.read_decoded(manifest, batch_size=batch_size)
-    n, t0 = 0, None
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        if t0 is None:
-            t0 = time.monotonic()
-        else:
-            n += len(b["key"])
-    return n / (time.monotonic() - t0)
+def stream_seconds(manifest: str, batch_size: int = 64) -> float:
+    """Wall seconds of one full pass of the Ray Data decode stage over a manifest."""
+    t0 = time.monotonic()
+    ds, _ = data.read_decoded(manifest, batch_size=batch_size)
+    for _ in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        pass
+    return time.monotonic() - t0
+
+
+def differential_rate(n_small: int, t_small: float, n_big: int, t_big: float) -> float:
+    """Steady-state rate from two runs of different size: fixed start-up costs cancel out,
+    and no guess about when "steady state" begins is needed."""
+    return (n_big - n_small) / max(t_big - t_small, 1e-9)
 
 
 def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int,

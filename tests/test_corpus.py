@@ -304,7 +304,7 @@ def render_table(rows) -> str:
 
 
 def test_readme_table_is_the_one_these_tests_produce():
-    if len(ROWS) < 30:
+    if len(ROWS) < 36:  # a partial run of this module cannot judge the whole table
         pytest.skip("run the whole module to compare the table")
     table = render_table(ROWS)
     text = open(README).read()

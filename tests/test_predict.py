@@ -90,6 +90,7 @@ def test_summary_matches_an_independent_duckdb_count(imagenet_like_shards, weigh
     assert evaluate_job.main(["--out", out]) == 0
 
 
+@pytest.mark.slow
 def test_rerun_replaces_and_a_crash_before_publish_keeps_the_previous_set(
         shard_set, tmp_path):
     out = str(tmp_path / "eval")
