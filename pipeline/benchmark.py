@@ -131,7 +131,7 @@ def plain_train_rate(files: list[str], labels: list[int], num_classes: int, crop
     from torchvision.models import resnet18
 
     torch.set_num_threads(threads)
-    base = round(crop * presets.RESIZE_SIZE / presets.CROP_SIZE)
+    base = presets.resize_for(crop)
     model = resnet18(num_classes=num_classes).to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)

@@ -146,7 +146,7 @@ def read_decoded(manifest_path: str, *, mode: str = "eval", resize_size: int | N
     ds = ray.data.read_webdataset(paths, decoder=None, shuffle=shuffle,
                                   override_num_blocks=len(paths))
     if resize_size is None:
-        resize_size = round(crop_size * presets.RESIZE_SIZE / presets.CROP_SIZE)
+        resize_size = presets.resize_for(crop_size)
     ds = ds.map_batches(
         decode_batch, batch_format="pandas", batch_size=batch_size, concurrency=concurrency,
         num_cpus=num_cpus, num_gpus=num_gpus if decode_device == "cuda" else 0.0,

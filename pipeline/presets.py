@@ -26,6 +26,11 @@ STD = (0.229, 0.224, 0.225)
 RESIZE_SIZE, CROP_SIZE = 256, 224
 
 
+def resize_for(crop_size: int) -> int:
+    """The shorter-side size that goes with a crop, in torchvision's 256:224 proportion."""
+    return round(crop_size * RESIZE_SIZE / CROP_SIZE)
+
+
 def reference_eval_transform(resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE):
     """torchvision's own preset object, for comparisons in tests and baselines."""
     from torchvision.transforms._presets import ImageClassification

@@ -300,8 +300,7 @@ def export_model(state: dict, path: str, loop_config: dict, job_config: dict) ->
     net, classes, _ = m.build_model({"state_dict": None, "classes": None, "model_id": "",
                                      "sha256": None, "extra": {}}, loop_config["classes"])
     net.load_state_dict(state["model"])
-    preset = {"resize_size": round(loop_config["crop_size"] * presets.RESIZE_SIZE
-                                   / presets.CROP_SIZE),
+    preset = {"resize_size": presets.resize_for(loop_config["crop_size"]),
               "crop_size": loop_config["crop_size"], "interpolation": "bilinear",
               "antialias": True, "mean": presets.MEAN, "std": presets.STD}
     return m.save_model(path, net, classes, preset, job_config,
