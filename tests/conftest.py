@@ -42,3 +42,24 @@ def shard_set(image_tree, tmp_path_factory, ray_local):
                                    train["classes"])
     shards.write_shards(val_src, str(out), samples_per_shard=10, progress=False)
     return out
+
+
+def read_tar_members(path) -> list:
+    """(TarInfo, bytes) for every member of a tar, in order: for tests that damage shards."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(i, tar.extractfile(i).read()) for i in tar]
+
+
+def write_tar_members(path, members) -> None:
+    """Write (TarInfo, bytes) members back as a tar, sizes fixed up to the bytes given."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())

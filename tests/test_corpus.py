@@ -24,7 +24,7 @@ from PIL import Image
 
 from jobs import predict as predict_job, shard as shard_job
 from pipeline import shards
-from tests.conftest import photo_like
+from tests.conftest import photo_like, read_tar_members, write_tar_members
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 BEGIN, END = "<!-- corpus-table:begin -->", "<!-- corpus-table:end -->"
@@ -123,20 +123,6 @@ def test_empty_split_is_refused(tmp_path, ray_local, capsys):
 
 # ------------------------------------------------------- damaged shards (verify and predict)
 
-def _rewrite(path, members):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for info, data in members:
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
-
-
-def _members(path):
-    with tarfile.open(path) as tar:
-        return [(i, tar.extractfile(i).read()) for i in tar]
-
-
 def _reseal(folder):
     """Update the manifest's size and sha256 to the shards' current bytes: a damaged shard from
     a producer whose manifest matches it, so only the content checks can catch it."""
@@ -155,27 +141,27 @@ def _damage(kind: str, folder):
     if kind == "truncated tar, mid-member":
         shard.write_bytes(data[:2048 + 700])
     elif kind == "truncated tar, at a member boundary":
-        members = _members(shard)
-        _rewrite(shard, members[:3])  # the first sample only: a valid, shorter tar
+        members = read_tar_members(shard)
+        write_tar_members(shard, members[:3])  # the first sample only: a valid, shorter tar
     elif kind == "truncated tar, mid-header":
         shard.write_bytes(data[:512 * 3 + 200])
     elif kind == "members of one sample not adjacent":
-        members = _members(shard)
+        members = read_tar_members(shard)
         members[1], members[3] = members[3], members[1]
-        _rewrite(shard, members)
+        write_tar_members(shard, members)
         _reseal(folder)
     elif kind == "extra .pkl member in a sample":
-        members = _members(shard)
+        members = read_tar_members(shard)
         key = members[0][0].name.split(".")[0]
         evil = tarfile.TarInfo(f"{key}.pkl")
         members.insert(1, (evil, b"cos\nsystem\n(S'touch /tmp/owned-by-shard'\ntR."))
-        _rewrite(shard, members)
+        write_tar_members(shard, members)
         _reseal(folder)
     elif kind == "label outside the class range":
-        members = _members(shard)
+        members = read_tar_members(shard)
         cls = next(i for i, (info, _) in enumerate(members) if info.name.endswith(".cls"))
         members[cls] = (members[cls][0], b"99")
-        _rewrite(shard, members)
+        write_tar_members(shard, members)
         _reseal(folder)
     elif kind == "missing shard":
         shard.unlink()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipeline import data, presets, shards, sources
-from tests.conftest import photo_like
+from tests.conftest import photo_like, read_tar_members, write_tar_members
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +53,12 @@ def test_eval_stream_matches_torchvision_reference_within_1e6(photo_shards):
 def _corrupt_one_member(out, manifest):
     """Rewrite the first shard with one JPEG cut in half (the tar itself stays valid)."""
     path = out / manifest["shards"][0]["file"]
-    members = []
-    with tarfile.open(path) as tar:
-        for info in tar:
-            members.append((info, tar.extractfile(info).read()))
+    members = read_tar_members(path)
     victim = next(i for i, (info, _) in enumerate(members) if info.name.endswith(".jpg"))
     info, payload = members[victim]
     key = info.name.split(".")[0]
     members[victim] = (info, payload[: len(payload) // 3])
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for info, payload in members:
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    path.write_bytes(buf.getvalue())
+    write_tar_members(path, members)
     return key, str(path)
 
 
