@@ -34,3 +34,9 @@ clean:
 
 corpus-table: $(STAMP)
 	UPDATE_CORPUS_TABLE=1 $(PY) -m pytest -q tests/test_corpus.py
+
+# Headless Chromium for the report render check in tests/test_nightly.py, installed only when
+# missing (Debian's package; needs root, as in CI). Without it that test skips, or fails in CI.
+.PHONY: browser
+browser:
+	command -v chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)

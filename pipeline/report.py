@@ -68,7 +68,7 @@ def plot_history(history: pd.DataFrame) -> bytes:
 
 
 def plot_bars(labels: list[str], values: list[float], title: str, xlabel: str,
-              signed: bool = False) -> bytes:
+              signed: bool = False, xlim: tuple[float, float] | None = None) -> bytes:
     """Horizontal bars, first label on top; ``signed`` colours gains green and losses red."""
     fig, ax = _figure(7.0, max(2.0, 0.35 * len(labels) + 1.0))
     colours = [("tab:green" if v >= 0 else "tab:red") if signed else "tab:blue" for v in values]
@@ -77,6 +77,8 @@ def plot_bars(labels: list[str], values: list[float], title: str, xlabel: str,
     ax.invert_yaxis()
     if signed:
         ax.axvline(0, color="black", linewidth=0.8)
+    if xlim:
+        ax.set_xlim(*xlim)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     return png_bytes(fig)
@@ -184,7 +186,7 @@ def worst_section(summary: dict, n: int) -> Section:
     worst = sorted(summary["per_class"], key=lambda c: (c["top1"], c["name"]))[:n]
     rows = [[c["name"], c["id"], c["samples"], f"{c['top1']:.1f}"] for c in worst]
     png = plot_bars([c["name"] for c in worst], [c["top1"] for c in worst],
-                    "worst classes", "top-1 %")
+                    "worst classes", "top-1 %", xlim=(0, 100))  # 0% bars on a 0-100 axis
     return Section("Worst classes", "", ["class", "id", "images", "top-1 %"], rows, png)
 
 
