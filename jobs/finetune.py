@@ -54,6 +54,9 @@ class FinetuneConfig:
     max_failures: int = _cli.option(2, "worker-group restarts from the last checkpoint")
     num_to_keep: int = _cli.option(2, "checkpoints kept")
     decode_concurrency: int = _cli.option(0, "decode tasks at once (0: Ray Data decides)")
+    max_failed_fraction: float = _cli.option(
+        0.0, "stop (exit 1) after an epoch in which more than this fraction of train+val "
+             "samples failed to decode; they are listed in STORAGE/NAME/failures.parquet")
 
 
 def loop_config(cfg: FinetuneConfig) -> dict:
@@ -61,7 +64,7 @@ def loop_config(cfg: FinetuneConfig) -> dict:
     keys = ("weights", "epochs", "batch_size", "optimizer", "lr", "head_lr_mult", "momentum", "nesterov",
             "weight_decay", "label_smoothing", "warmup_epochs", "crop_size", "min_crop_scale",
             "precision",
-            "shuffle_buffer", "seed", "threads")
+            "shuffle_buffer", "seed", "threads", "max_failed_fraction")
     return dict({k: getattr(cfg, k) for k in keys}, freeze_epochs=freeze)
 
 
@@ -77,9 +80,31 @@ def run(cfg: FinetuneConfig, fault: dict | None = None) -> dict:
         use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker, storage_path=cfg.storage_path,
         name=cfg.name, max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
         decode_concurrency=cfg.decode_concurrency or None)
+    failures_path = storage.join(run_dir, "failures.parquet")
+    write_failures(state.get("failures", []), failures_path)
+    storage.write_text_atomic(storage.join(run_dir, "history.json"),
+                              json.dumps(state.get("history", []), indent=1))
+    if state["metrics"].get("stopped"):
+        raise RuntimeError(f"run {cfg.name} stopped: {state['metrics']['stopped']}; see "
+                           f"{failures_path}. The epoch's checkpoint is kept: fix or reshard "
+                           f"the data, or rerun with a higher --max-failed-fraction to go on")
     model_path = storage.join(run_dir, "model.pt")
     train.export_model(state, model_path, full, _cli.to_dict(cfg))
-    return {**state["metrics"], "model": model_path, "run_dir": run_dir}
+    return {**state["metrics"], "history": state.get("history", []), "model": model_path,
+            "run_dir": run_dir, "failures": failures_path}
+
+
+def write_failures(failures: list[dict], path: str) -> None:
+    """The last epoch's undecodable samples (key, shard, split, error) as Parquet: a file with
+    zero rows when none failed, so a reader never has to guess."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = ("key", "shard", "split", "error")
+    table = pa.table({c: pa.array([f[c] for f in failures], pa.string()) for c in cols})
+    fs, p = storage.resolve(path)
+    storage.makedirs(storage.dirname(path))
+    pq.write_table(table, p, filesystem=fs)
 
 
 @_cli.reports_errors

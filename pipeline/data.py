@@ -132,8 +132,9 @@ def read_decoded(manifest_path: str, *, mode: str = "eval", resize_size: int | N
                  num_cpus: float = 1.0, decode_device: str = "cpu", num_gpus: float = 0.0):
     """A Ray Dataset of decoded batches for the shards a manifest lists, and the manifest.
 
-    ``shuffle_seed`` (train) shuffles the shard order afresh, reproducibly, on each execution
-    (Ray counts executions per process: a resumed run starts that count again).
+    ``shuffle_seed`` (train) shuffles the shard order afresh, reproducibly, on each execution.
+    Ray counts executions from 0 in each new run, so a resumed run must fold its resume point
+    into the seed (``train.shuffle_seed``) or it replays epoch 0's order.
     """
     import ray
     from ray.data import FileShuffleConfig

@@ -9,6 +9,7 @@ storage_path and name resumes from the last checkpoint; a failed worker restarts
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -22,6 +23,7 @@ from torch import nn
 from pipeline import model as modellib, presets
 
 STATE_FILE = "state.pt"
+EPOCH_FILE = "epoch.json"
 
 
 class ExactValDataConfig:
@@ -90,8 +92,8 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
     set_backbone_frozen(model, epoch < cfg["freeze_epochs"])
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="none")
     amp = cfg["amp_dtype"] != torch.float32
-    seen = correct = failed = 0
-    loss_sum, t0 = 0.0, time.monotonic()
+    seen = correct = 0
+    loss_sum, t0, failures = 0.0, time.monotonic(), []
     for step, batch in enumerate(it.iter_batches(
             batch_size=cfg["batch_size"], batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
@@ -113,12 +115,46 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
         scheduler.step()
         n_ok = int(ok.sum())
         seen += n_ok
-        failed += len(ok) - n_ok
+        failures += _failed_rows(batch, "train")
         loss_sum += float(loss.detach()) * n_ok
         correct += int(((logits.argmax(1) == labels) & ok).sum())
+    seconds = time.monotonic() - t0
+    seen, correct, loss_sum, failed = _all_reduce([seen, correct, loss_sum, len(failures)], device)
     return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
-            "train_images": seen, "train_failed": failed,
-            "train_seconds": time.monotonic() - t0}
+            "train_images": int(seen), "train_failed": int(failed),
+            "train_seconds": _all_reduce([seconds], device, op="max")[0]}, failures
+
+
+def _failed_rows(batch, split: str) -> list[dict]:
+    """The samples of a batch that could not be decoded: key, shard, split and the error."""
+    bad = np.flatnonzero(batch["error"] != "")
+    return [{"key": str(batch["key"][i]), "shard": str(batch["shard"][i]), "split": split,
+             "error": str(batch["error"][i])} for i in bad]
+
+
+def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
+    """Sum (or max) numbers over all workers; the numbers themselves on a single process."""
+    if not torch.distributed.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max"
+                                 else torch.distributed.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    if torch.distributed.is_initialized():
+        for b in model.buffers():
+            torch.distributed.broadcast(b, src=0)
+
+
+def _gather_failures(failures: list[dict], total: int) -> list[dict]:
+    """Every worker's failed samples, on every worker (collective: all ranks call it)."""
+    if total == 0 or not torch.distributed.is_initialized():
+        return failures
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, failures)
+    return sorted((f for part in out for f in part), key=lambda f: (f["split"], f["key"]))
 
 
 @torch.inference_mode()
@@ -127,9 +163,11 @@ def validate(net, it, cfg, device) -> dict:
     net.eval()
     counts = torch.zeros(4, dtype=torch.float64)  # seen, top1, top5, failed
     k = min(5, cfg["num_classes"])
+    failures = []
     for batch in it.iter_batches(batch_size=cfg["batch_size"], batch_format="numpy"):
         ok = batch["error"] == ""
         counts[3] += int((~ok).sum())
+        failures += _failed_rows(batch, "val")
         if not ok.any():
             continue
         images = torch.from_numpy(batch["image"][ok]).to(device)
@@ -147,7 +185,8 @@ def validate(net, it, cfg, device) -> dict:
         counts = counts.cpu()
     seen = max(float(counts[0]), 1.0)
     return {"val_images": int(counts[0]), "val_failed": int(counts[3]),
-            "val_top1": 100.0 * float(counts[1]) / seen, "val_top5": 100.0 * float(counts[2]) / seen}
+            "val_top1": 100.0 * float(counts[1]) / seen,
+            "val_top5": 100.0 * float(counts[2]) / seen}, failures
 
 
 def _build(cfg, device):
@@ -198,7 +237,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     cfg = dict(cfg, world_size=ctx.get_world_size(),
                amp_dtype=modellib.resolve_precision(cfg["precision"], device))
     model, optimizer, scheduler, scaler = _build(cfg, device)
-    start = 0
+    start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -209,7 +248,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # a disabled GradScaler (bf16/fp32) saves an empty state
             scaler.load_state_dict(state["scaler"])
-        start = state["epoch"] + 1
+        start, history = state["epoch"] + 1, list(state.get("history", []))
     train_it, val_it = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     net, net_frozen = None, None
     for epoch in range(start, cfg["epochs"]):
@@ -217,22 +256,40 @@ def train_loop_per_worker(cfg: dict) -> None:
         if net is None or frozen != net_frozen:  # DDP must be rebuilt when trainables change
             set_backbone_frozen(model, frozen)
             net, net_frozen = ray.train.torch.prepare_model(model, move_to_device=False), frozen
-        m = train_one_epoch(net, model, train_it, optimizer, scheduler, scaler, cfg, epoch,
-                            device, rank)
+        m, train_failures = train_one_epoch(net, model, train_it, optimizer, scheduler, scaler,
+                                            cfg, epoch, device, rank)
         # Validate the bare module: DDP's forward syncs buffers collectively, and workers hold
         # unequal shares of val (every image exactly once), so a DDP forward would deadlock.
-        m.update(validate(model, val_it, cfg, device))
+        # DDP broadcasts BatchNorm statistics from rank 0 *before* each forward, so after the
+        # last step every rank holds different ones: take rank 0's (the checkpointed model) so
+        # that all ranks validate the same model.
+        _broadcast_buffers(model)
+        val_metrics, val_failures = validate(model, val_it, cfg, device)
+        m.update(val_metrics)
+        failures = _gather_failures(train_failures + val_failures,
+                                    m["train_failed"] + m["val_failed"])
+        attempted = m["train_images"] + m["train_failed"] + m["val_images"] + m["val_failed"]
         m.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], backbone_frozen=frozen,
-                 train_images_per_s=m["train_images"] * cfg["world_size"] / m["train_seconds"])
+                 train_images_per_s=m["train_images"] / m["train_seconds"],
+                 failed_fraction=len(failures) / max(attempted, 1))
+        # Every rank computes the same verdict from reduced counts, so all stop together.
+        m["stopped"] = (f"{len(failures)} of {attempted} samples failed to decode in epoch "
+                        f"{epoch + 1} (allowed: {cfg.get('max_failed_fraction', 0.0):.2%})"
+                        if m["failed_fraction"] > cfg.get("max_failed_fraction", 0.0) else "")
+        history.append(m)
         if rank == 0:
             print(f"epoch {epoch + 1}/{cfg['epochs']}: train loss {m['train_loss']:.3f} "
                   f"top-1 {m['train_top1']:.1f}% | val top-1 {m['val_top1']:.1f}% top-5 "
                   f"{m['val_top5']:.1f}% ({m['val_images']} images) | "
-                  f"{m['train_images_per_s']:.0f} train images/s", flush=True)
-        _report(m, model, optimizer, scheduler, scaler, epoch, cfg, rank)
+                  f"{m['train_images_per_s']:.0f} train images/s"
+                  + (f" | {len(failures)} failed to decode" if failures else ""), flush=True)
+        _report(m, history, failures, model, optimizer, scheduler, scaler, epoch, cfg, rank)
+        if m["stopped"]:
+            break
 
 
-def _report(metrics, model, optimizer, scheduler, scaler, epoch, cfg, rank) -> None:
+def _report(metrics, history, failures, model, optimizer, scheduler, scaler, epoch, cfg,
+            rank) -> None:
     import ray.train
 
     if rank != 0:
@@ -242,14 +299,40 @@ def _report(metrics, model, optimizer, scheduler, scaler, epoch, cfg, rank) -> N
         public_cfg = {k: v for k, v in cfg.items() if k not in ("amp_dtype", "fault")}
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "config": public_cfg, "metrics": metrics},
+                    "epoch": epoch, "config": public_cfg, "metrics": metrics,
+                    "history": history, "failures": failures},
                    os.path.join(d, STATE_FILE))
+        # The epoch alone, so a driver can find the resume point without loading the state.
+        with open(os.path.join(d, EPOCH_FILE), "w") as f:
+            json.dump({"epoch": epoch}, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def load_checkpoint_state(checkpoint) -> dict:
     with checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def resume_epoch(storage_path: str, name: str) -> int:
+    """The first epoch a rerun of STORAGE/NAME will train (0 for a new run), read from the
+    small epoch.json of the run's checkpoints."""
+    from pipeline import storage
+
+    run = storage.join(storage_path, name)
+    if not storage.exists(run):
+        return 0
+    epochs = [json.loads(storage.read_text(storage.join(run, rel)))["epoch"]
+              for rel, _ in storage.list_files(run)
+              if rel.startswith("checkpoint_") and rel.endswith("/" + EPOCH_FILE)]
+    return max(epochs) + 1 if epochs else 0
+
+
+def shuffle_seed(seed: int, first_epoch: int) -> int:
+    """The shard-order seed of a driver run that starts at ``first_epoch``. Ray reseeds the file
+    order on each epoch from a count that starts at 0 in every new run, so a resumed run seeded
+    with ``seed`` alone would replay epoch 0's shard order; folding in the resume point keeps
+    the seeded order of each (seed, resume point) and never repeats the first run's."""
+    return seed if first_epoch == 0 else (seed * 1_000_003 + first_epoch) % (2 ** 31)
 
 
 def fit(loop_config: dict, *, train_manifest: str, val_manifest: str, num_workers: int,
@@ -262,10 +345,11 @@ def fit(loop_config: dict, *, train_manifest: str, val_manifest: str, num_worker
 
     from pipeline import data, storage
 
+    storage_path = storage_path if storage.is_uri(storage_path) else os.path.abspath(storage_path)
     train_ds, train_m = data.read_decoded(
         train_manifest, mode="train", crop_size=loop_config["crop_size"],
         batch_size=loop_config["batch_size"], concurrency=decode_concurrency,
-        shuffle_seed=loop_config["seed"])
+        shuffle_seed=shuffle_seed(loop_config["seed"], resume_epoch(storage_path, name)))
     val_ds, val_m = data.read_decoded(
         val_manifest, mode="eval", crop_size=loop_config["crop_size"],
         batch_size=loop_config["batch_size"], concurrency=decode_concurrency)
@@ -274,7 +358,6 @@ def fit(loop_config: dict, *, train_manifest: str, val_manifest: str, num_worker
                          f"shard val with the train classes")
     cfg = dict(loop_config, classes=train_m["classes"], num_classes=len(train_m["classes"]),
                train_samples=train_m["total_samples"])
-    storage_path = storage_path if storage.is_uri(storage_path) else os.path.abspath(storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=cfg,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -63,3 +63,15 @@ def write_tar_members(path, members) -> None:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     path.write_bytes(buf.getvalue())
+
+
+def corrupt_one_member(out, manifest):
+    """Rewrite the manifest's first shard with one JPEG cut to a third (the tar stays valid);
+    return the sample's key and the shard's path."""
+    path = out / manifest["shards"][0]["file"]
+    members = read_tar_members(path)
+    victim = next(i for i, (info, _) in enumerate(members) if info.name.endswith(".jpg"))
+    info, payload = members[victim]
+    members[victim] = (info, payload[: len(payload) // 3])
+    write_tar_members(path, members)
+    return info.name.split(".")[0], str(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline import data, presets, shards, sources
-from tests.conftest import photo_like, read_tar_members, write_tar_members
+from tests.conftest import corrupt_one_member, photo_like, read_tar_members, write_tar_members
 
 
 @pytest.fixture(scope="module")
@@ -50,24 +51,12 @@ def test_eval_stream_matches_torchvision_reference_within_1e6(photo_shards):
         assert float((ours - ref).abs().max()) <= 1e-6, row["key"]
 
 
-def _corrupt_one_member(out, manifest):
-    """Rewrite the first shard with one JPEG cut in half (the tar itself stays valid)."""
-    path = out / manifest["shards"][0]["file"]
-    members = read_tar_members(path)
-    victim = next(i for i, (info, _) in enumerate(members) if info.name.endswith(".jpg"))
-    info, payload = members[victim]
-    key = info.name.split(".")[0]
-    members[victim] = (info, payload[: len(payload) // 3])
-    write_tar_members(path, members)
-    return key, str(path)
-
-
 def test_corrupt_jpeg_is_reported_and_the_counts_add_up(shard_set, tmp_path, ray_local):
     import shutil
 
     shutil.copytree(shard_set, tmp_path / "s")
     manifest = shards.load_manifest(str(tmp_path / "s" / "val.json"))
-    key, shard = _corrupt_one_member(tmp_path / "s", manifest)
+    key, shard = corrupt_one_member(tmp_path / "s", manifest)
     ds, _ = data.read_decoded(str(tmp_path / "s" / "val.json"), batch_size=4)
     rows = ds.take_all()
     failed = [r for r in rows if r["error"]]
@@ -141,3 +130,41 @@ def test_gpu_decode_option_falls_back_to_the_reference_path_without_a_gpu(photo_
     else:  # nvJPEG and tensor resizing: near-identical, never different labels
         assert np.abs(cpu["image"].astype(int) - gpu["image"].astype(int)).mean() < 2.0
     assert list(cpu["label"]) == list(gpu["label"]) and list(gpu["error"]) == [""] * len(raw)
+
+
+def test_a_resumed_run_does_not_replay_epoch_0s_shard_order(image_tree, tmp_path, ray_local):
+    from ray.data import DataContext
+
+    from pipeline import train
+
+    shards.write_shards(sources.scan_source(str(image_tree / "train"), "train"), str(tmp_path),
+                        samples_per_shard=4, progress=False)  # 8 shards: 40320 orders
+    manifest = str(tmp_path / "train.json")
+
+    def first_epoch_order(resume_at: int) -> list[str]:
+        ds, _ = data.read_decoded(manifest, mode="train", crop_size=16, batch_size=4,
+                                  shuffle_seed=train.shuffle_seed(0, resume_at))
+        ctx = DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        try:
+            shard_of = [r["shard"] for r in ds.take_all()]
+        finally:
+            ctx.execution_options.preserve_order = False
+        return list(dict.fromkeys(shard_of))
+
+    fresh, resumed = first_epoch_order(0), first_epoch_order(2)
+    assert len(fresh) == 8 and sorted(fresh) == sorted(resumed)
+    assert fresh != resumed  # a resume at epoch 2 does not start over with epoch 0's order
+    assert first_epoch_order(2) == resumed  # and it is reproducible
+
+
+def test_resume_epoch_reads_the_checkpoints_epoch_files(tmp_path):
+    from pipeline import train
+
+    assert train.resume_epoch(str(tmp_path), "new") == 0
+    for stamp, epoch in (("2026-11-29_01-00-00.000001", 3), ("2026-11-29_02-00-00.000001", 4)):
+        d = tmp_path / "run" / f"checkpoint_{stamp}"
+        d.mkdir(parents=True)
+        (d / train.EPOCH_FILE).write_text(json.dumps({"epoch": epoch}))
+    (tmp_path / "run" / "checkpoint_partial").mkdir()  # a checkpoint cut off before its files
+    assert train.resume_epoch(str(tmp_path), "run") == 5
