@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow test-all bench clean corpus-table
+.PHONY: demo test test-slow test-all bench clean readme-tables
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,9 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-corpus-table: $(STAMP)
-	UPDATE_CORPUS_TABLE=1 $(PY) -m pytest -q tests/test_corpus.py
+# Rewrite the README's bad-input and fault tables from a fresh run of the tests behind them.
+readme-tables: $(STAMP)
+	UPDATE_README_TABLES=1 $(PY) -m pytest -q tests/test_corpus.py tests/test_faults.py
 
 # Headless Chromium for the report render check in tests/test_nightly.py, installed only when
 # missing (Debian's package; needs root, as in CI). Without it that test skips, or fails in CI.

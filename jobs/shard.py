@@ -32,6 +32,10 @@ class ShardConfig:
     seed: int = _cli.option(0, "seed of the train permutation")
     max_pixels: int = _cli.option(shards.DEFAULT_MAX_PIXELS,
                                   "skip images with more pixels (decompression bombs)")
+    max_skipped_fraction: float = _cli.option(
+        0.0, "exit 1 when more than this fraction of the source's files were skipped (the "
+             "shards and the manifest, which lists every skipped file and why, are still "
+             "written; a rerun with a higher value reuses them)")
     verify: str = _cli.option("", "verify the shards of this manifest instead of sharding")
     progress: bool = _cli.option(True, "show a progress bar")
 
@@ -60,7 +64,16 @@ def main(argv=None) -> int:
           f"{st['source_bytes'] / 1e6 / st['seconds']:.1f} MB/s")
     for s in m["skipped"][:20]:
         print(f"  skipped {s['path']}: {s['reason']}")
-    print(f"manifest: {cfg.out}/{cfg.split}.json")
+    if len(m["skipped"]) > 20:
+        print(f"  ... and {len(m['skipped']) - 20} more (all listed in the manifest)")
+    manifest = f"{cfg.out}/{cfg.split}.json"
+    print(f"manifest: {manifest}")
+    seen = m["total_samples"] + len(m["skipped"])
+    if len(m["skipped"]) > cfg.max_skipped_fraction * seen:
+        print(f"error: {len(m['skipped'])} of {seen} source files were skipped (allowed: "
+              f"{cfg.max_skipped_fraction:.2%}); reasons in {manifest}. Rerun with "
+              f"--max-skipped-fraction to accept them", file=sys.stderr)
+        return 1
     return 0
 
 

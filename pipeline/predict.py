@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import data, metrics, model as modellib, presets, shards, storage
+from pipeline import data, faults, metrics, model as modellib, presets, shards, storage
 from pipeline.version import code_version
 
 ITEMS = ("predictions", "failures.parquet", "summary.json")
@@ -96,12 +96,6 @@ def _maybe_kill_actor(fault: dict | None, calls: int) -> None:
     if fault and calls == fault["after_batches"] and not os.path.exists(fault["marker"]):
         open(fault["marker"], "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fault_point(name: str) -> None:
-    """Fault injection for the tests: RESNET_PIPELINE_FAULT=name kills the process here."""
-    if os.environ.get("RESNET_PIPELINE_FAULT") == name:
-        os._exit(17)
 
 
 MOVED = "_MOVED"  # in OUT/_previous: the old set has left OUT whole
@@ -174,7 +168,7 @@ def publish(staging: str, out: str, run_id: str) -> None:
         if storage.exists(storage.join(out, item)):
             storage.move_tree(storage.join(out, item), storage.join(prev, item))
     storage.write_text_atomic(storage.join(prev, MOVED), run_id + "\n")
-    _fault_point("mid_publish")
+    faults.point("mid_publish")
     for item in ITEMS:
         storage.move_tree(storage.join(staging, item), storage.join(out, item))
     storage.write_text_atomic(storage.join(out, "_SUCCESS"), run_id + "\n")  # the switch
@@ -294,7 +288,7 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
             raise _read_error(e, manifest_path) from None
     writer.close()
     check_coverage(manifest, manifest_path, seen, len(keys), per_shard)
-    _fault_point("before_publish")
+    faults.point("before_publish")
     wall = time.monotonic() - t0
     summary = _summarize(staging, classes_model, manifest, meta, failures, wall, started,
                          {"batch_size": batch_size, "actors": actors, "use_gpu": use_gpu,

@@ -23,7 +23,6 @@ from torch import nn
 from pipeline import model as modellib, presets
 
 STATE_FILE = "state.pt"
-EPOCH_FILE = "epoch.json"
 
 
 class ExactValDataConfig:
@@ -302,9 +301,6 @@ def _report(metrics, history, failures, model, optimizer, scheduler, scaler, epo
                     "epoch": epoch, "config": public_cfg, "metrics": metrics,
                     "history": history, "failures": failures},
                    os.path.join(d, STATE_FILE))
-        # The epoch alone, so a driver can find the resume point without loading the state.
-        with open(os.path.join(d, EPOCH_FILE), "w") as f:
-            json.dump({"epoch": epoch}, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -313,18 +309,25 @@ def load_checkpoint_state(checkpoint) -> dict:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
 
 
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of reported checkpoints
+
+
 def resume_epoch(storage_path: str, name: str) -> int:
-    """The first epoch a rerun of STORAGE/NAME will train (0 for a new run), read from the
-    small epoch.json of the run's checkpoints."""
+    """The first epoch a rerun of STORAGE/NAME will train (0 for a new run). Read from the
+    checkpoint Ray Train itself resumes from: the latest one in its checkpoint-manager snapshot
+    (a checkpoint folder written but not yet recorded there when a driver died is not used)."""
     from pipeline import storage
 
-    run = storage.join(storage_path, name)
-    if not storage.exists(run):
+    path = storage.join(storage_path, name, SNAPSHOT_FILE)
+    if not storage.exists(path):
         return 0
-    epochs = [json.loads(storage.read_text(storage.join(run, rel)))["epoch"]
-              for rel, _ in storage.list_files(run)
-              if rel.startswith("checkpoint_") and rel.endswith("/" + EPOCH_FILE)]
-    return max(epochs) + 1 if epochs else 0
+    try:
+        snapshot = json.loads(storage.read_text(path))
+        latest = snapshot["latest_checkpoint_result"]
+        return 0 if latest is None else int(latest["metrics"]["epoch"]) + 1
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}): this Ray version "
+                         f"writes another format, or the file is damaged") from e
 
 
 def shuffle_seed(seed: int, first_epoch: int) -> int:

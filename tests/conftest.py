@@ -75,3 +75,45 @@ def corrupt_one_member(out, manifest):
     members[victim] = (info, payload[: len(payload) // 3])
     write_tar_members(path, members)
     return info.name.split(".")[0], str(path)
+
+
+def finetune_config(shard_dir, tmp_path, **kw):
+    """A FinetuneConfig for 2 CPU Ray Train workers on tiny shards; ``kw`` overrides."""
+    from jobs import finetune
+
+    base = dict(train=str(shard_dir / "train.json"), val=str(shard_dir / "val.json"),
+                weights="none", epochs=2, num_workers=2, cpus_per_worker=0.5, threads=1,
+                storage_path=str(tmp_path / "runs"), name="t", batch_size=8, lr=0.05,
+                crop_size=32, shuffle_buffer=16, warmup_epochs=0.5, precision="fp32")
+    base.update(kw)
+    return finetune.FinetuneConfig(**base)
+
+
+def last_checkpoint_state(tmp_path, name="t") -> dict:
+    import torch
+
+    run = tmp_path / "runs" / name
+    ckpts = sorted(p for p in run.iterdir() if p.name.startswith("checkpoint_") and p.is_dir())
+    return torch.load(ckpts[-1] / "state.pt", weights_only=True)
+
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+
+
+def render_table(rows, first_column: str) -> str:
+    lines = [f"| {first_column} | job | observed outcome |", "|---|---|---|"]
+    lines += [f"| {c} | `{j}` | {o.replace('|', '/')} |" for c, j, o in rows]
+    return "\n".join(lines)
+
+
+def check_readme_table(name: str, table: str) -> None:
+    """README.md must carry ``table`` between <!-- NAME:begin --> and <!-- NAME:end -->;
+    with UPDATE_README_TABLES=1 (``make readme-tables``) it is written there first."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = open(README).read()
+    if os.environ.get("UPDATE_README_TABLES"):
+        head, rest = text.split(begin)
+        _, tail = rest.split(end)
+        open(README, "w").write(f"{head}{begin}\n{table}\n{end}{tail}")
+        text = open(README).read()
+    assert f"{begin}\n{table}\n{end}" in text, f"README's {name} is stale: make readme-tables"

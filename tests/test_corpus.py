@@ -2,7 +2,7 @@
 
 Each case builds one bad input, runs the job a user would run, asserts the expected outcome and
 records what was observed. The last test renders the rows as Markdown and checks that README.md
-carries exactly that table (``make corpus-table`` rewrites it from a fresh run).
+carries exactly that table (``make readme-tables`` rewrites it from a fresh run).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import io
 import json
 import os
 import pickle
-import re
 import shutil
 import subprocess
 import sys
@@ -24,10 +23,9 @@ from PIL import Image
 
 from jobs import predict as predict_job, shard as shard_job
 from pipeline import shards
-from tests.conftest import photo_like, read_tar_members, write_tar_members
+from tests.conftest import (check_readme_table, photo_like, read_tar_members, render_table,
+                            write_tar_members)
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
-BEGIN, END = "<!-- corpus-table:begin -->", "<!-- corpus-table:end -->"
 ROWS: list[tuple[str, str, str]] = []
 
 
@@ -85,11 +83,15 @@ def test_source_corpus_through_jobs_shard(tmp_path, ray_local, capsys):
     src.mkdir(parents=True)
     for name, data in corpus.values():
         (src / name).write_bytes(data)
-    code, _ = _run(shard_job.main, ["--source", str(tmp_path / "src"), "--out",
-                                    str(tmp_path / "out"), "--split", "val", "--no-progress"],
-                   capsys)
+    args = ["--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--split", "val",
+            "--no-progress"]
+    code, err = _run(shard_job.main, args, capsys)  # over the default threshold of 0 skips
+    assert code == 1 and "4 of 11 source files were skipped (allowed: 0.00%)" in err
+    written = json.loads((tmp_path / "out" / "val.json").read_text())
+    code, _ = _run(shard_job.main, args + ["--max-skipped-fraction", "0.5"], capsys)
     assert code == 0
     m = json.loads((tmp_path / "out" / "val.json").read_text())
+    assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in written["shards"]]
     skipped = {s["path"].split("/")[-1]: s["reason"] for s in m["skipped"]}
     stored = {}
     for s in m["shards"]:
@@ -110,6 +112,9 @@ def test_source_corpus_through_jobs_shard(tmp_path, ray_local, capsys):
     assert stored["png_named.JPEG"][0] == "png_named" and exts["png_named"] == "png"
     assert exts["a_b"] == "jpg" and stored["cmyk.JPEG"][1] == "CMYK"
     assert len(stored) + len(skipped) == len(corpus)  # nothing lost silently
+    record("a source where 4 of 11 files are unusable (the cases above)", "jobs.shard",
+           f"exit 1 (`--max-skipped-fraction 0.5` accepts it, same shards): "
+           f"{_short(err, str(tmp_path))}")
 
 
 def test_empty_split_is_refused(tmp_path, ray_local, capsys):
@@ -283,20 +288,7 @@ def test_prediction_killed_while_publishing_keeps_the_previous_result(fault, sha
 
 # ------------------------------------------------------------------------------ the table
 
-def render_table(rows) -> str:
-    lines = ["| bad input or fault | job | observed outcome |", "|---|---|---|"]
-    lines += [f"| {c} | `{j}` | {o.replace('|', '/')} |" for c, j, o in rows]
-    return "\n".join(lines)
-
-
 def test_readme_table_is_the_one_these_tests_produce():
-    if len(ROWS) < 36:  # a partial run of this module cannot judge the whole table
+    if len(ROWS) < 37:  # a partial run of this module cannot judge the whole table
         pytest.skip("run the whole module to compare the table")
-    table = render_table(ROWS)
-    text = open(README).read()
-    if os.environ.get("UPDATE_CORPUS_TABLE"):
-        head, rest = text.split(BEGIN)
-        _, tail = rest.split(END)
-        open(README, "w").write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-        text = open(README).read()
-    assert f"{BEGIN}\n{table}\n{END}" in text, "README's corpus table is stale: make corpus-table"
+    check_readme_table("corpus-table", render_table(ROWS, "bad input or fault"))

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline import data, presets, shards, sources
-from tests.conftest import corrupt_one_member, photo_like, read_tar_members, write_tar_members
+from tests.conftest import corrupt_one_member, photo_like
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +158,16 @@ def test_a_resumed_run_does_not_replay_epoch_0s_shard_order(image_tree, tmp_path
     assert first_epoch_order(2) == resumed  # and it is reproducible
 
 
-def test_resume_epoch_reads_the_checkpoints_epoch_files(tmp_path):
+def test_resume_epoch_follows_ray_trains_checkpoint_snapshot(tmp_path):
     from pipeline import train
 
     assert train.resume_epoch(str(tmp_path), "new") == 0
-    for stamp, epoch in (("2026-11-29_01-00-00.000001", 3), ("2026-11-29_02-00-00.000001", 4)):
-        d = tmp_path / "run" / f"checkpoint_{stamp}"
-        d.mkdir(parents=True)
-        (d / train.EPOCH_FILE).write_text(json.dumps({"epoch": epoch}))
-    (tmp_path / "run" / "checkpoint_partial").mkdir()  # a checkpoint cut off before its files
+    (tmp_path / "run").mkdir()
+    snapshot = {"checkpoint_results": [], "latest_checkpoint_result": {
+        "checkpoint_dir_name": "checkpoint_2026-11-29_02-00-00.000001",
+        "metrics": {"epoch": 4, "val_top1": 50.0}}}
+    (tmp_path / "run" / train.SNAPSHOT_FILE).write_text(json.dumps(snapshot))
     assert train.resume_epoch(str(tmp_path), "run") == 5
+    (tmp_path / "run" / train.SNAPSHOT_FILE).write_text(json.dumps({"other": "format"}))
+    with pytest.raises(ValueError, match="cannot be read"):
+        train.resume_epoch(str(tmp_path), "run")

@@ -55,4 +55,4 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert summary["samples"] == 15 and (work / "eval" / "_SUCCESS").exists()
     assert abs(summary["top1"] - 100 * df["top1_correct"].mean()) < 1e-9
     assert (work / "runs" / "demo" / "model.pt").exists()
-    assert f"top-1 %" in proc.stdout
+    assert "top-1 %" in proc.stdout

@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from jobs import finetune, predict as predict_job
 from pipeline import model as modellib
-from tests.conftest import corrupt_one_member
+from tests.conftest import finetune_config, last_checkpoint_state
 
 
 def _cfg(shard_set, tmp_path, **kw):
-    base = dict(train=str(shard_set / "train.json"), val=str(shard_set / "val.json"),
-                weights="none", epochs=2, num_workers=2, cpus_per_worker=0.5, threads=1,
-                storage_path=str(tmp_path / "runs"), name="t", batch_size=8, lr=0.05,
-                crop_size=32, shuffle_buffer=16, warmup_epochs=0.5, precision="fp32")
-    base.update(kw)
-    return finetune.FinetuneConfig(**base)
+    return finetune_config(shard_set, tmp_path, **kw)
 
 
 def _state(tmp_path, name="t"):
-    run = tmp_path / "runs" / name
-    ckpts = sorted(p for p in run.iterdir() if p.name.startswith("checkpoint_") and p.is_dir())
-    return torch.load(ckpts[-1] / "state.pt", weights_only=True)
+    return last_checkpoint_state(tmp_path, name)
 
 
 @pytest.mark.slow
@@ -67,41 +59,6 @@ def test_linear_probe_leaves_every_backbone_weight_unchanged(shard_set, tmp_path
             assert not torch.equal(value, trained[name]), name
         else:
             assert torch.equal(value, trained[name]), name  # weights and BN running stats
-
-
-@pytest.mark.slow
-def test_undecodable_samples_are_listed_and_over_the_threshold_stop_the_run(shard_set,
-                                                                           tmp_path):
-    import shutil
-
-    import pandas as pd
-
-    from pipeline import shards
-
-    shutil.copytree(shard_set, tmp_path / "s")
-    key, shard = corrupt_one_member(tmp_path / "s",
-                                    shards.load_manifest(str(tmp_path / "s" / "train.json")))
-    with pytest.raises(RuntimeError, match=r"1 of 48 samples failed to decode in epoch 1 "
-                                           r"\(allowed: 0.00%\)"):
-        finetune.run(_cfg(tmp_path / "s", tmp_path, epochs=2, name="bad"))
-    failures = pd.read_parquet(tmp_path / "runs/bad/failures.parquet")
-    assert failures[["key", "shard", "split"]].values.tolist() == [[key, shard, "train"]]
-    assert not (tmp_path / "runs/bad/model.pt").exists()
-    # The stopped epoch's checkpoint is kept: a rerun that allows the failure goes on from it.
-    out = finetune.run(_cfg(tmp_path / "s", tmp_path, epochs=2, name="bad",
-                            max_failed_fraction=0.05))
-    assert [h["epoch"] for h in out["history"]] == [0, 1]
-    assert out["train_failed"] == 1 and out["train_images"] == 31  # 32 rows, one undecodable
-    assert len(pd.read_parquet(out["failures"])) == 1 and os.path.exists(out["model"])
-
-
-@pytest.mark.slow
-def test_a_worker_killed_mid_epoch_is_recovered(shard_set, tmp_path, ray_local):
-    marker = tmp_path / "killed-once"
-    out = finetune.run(_cfg(shard_set, tmp_path, epochs=2, name="kill"),
-                       fault={"epoch": 1, "step": 1, "rank": 1, "marker": str(marker)})
-    assert marker.exists()  # the SIGKILL happened
-    assert out["epoch"] == 1 and _state(tmp_path, "kill")["epoch"] == 1
 
 
 def shards_classes(shard_set):
