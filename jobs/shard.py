@@ -32,6 +32,12 @@ class ShardConfig:
     seed: int = _cli.option(0, "seed of the train permutation")
     max_pixels: int = _cli.option(shards.DEFAULT_MAX_PIXELS,
                                   "skip images with more pixels (decompression bombs)")
+    check: str = _cli.option(shards.DEFAULT_CHECK,
+                             "how each file is checked before it is stored: header (PIL parses "
+                             "the header; a JPEG must hold its end marker, a PNG its IEND: "
+                             "catches truncation) or decode (decodes every image, ~20x slower; "
+                             "also catches damage inside the image data)",
+                             choices=list(shards.CHECKS))
     max_skipped_fraction: float = _cli.option(
         0.0, "exit 1 when more than this fraction of the source's files were skipped (the "
              "shards and the manifest, which lists every skipped file and why, are still "
@@ -56,7 +62,7 @@ def main(argv=None) -> int:
     if cfg.classes_from:
         source = sources.with_classes(source, shards.load_manifest(cfg.classes_from)["classes"])
     m = shards.write_shards(source, cfg.out, cfg.samples_per_shard, cfg.seed, cfg.max_pixels,
-                            progress=cfg.progress)
+                            progress=cfg.progress, check=cfg.check)
     st = m["_stats"]
     print(f"{m['total_samples']} samples in {len(m['shards'])} shards "
           f"({st['reused']} reused), {len(m['skipped'])} skipped, layout {m['layout']}, "

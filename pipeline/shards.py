@@ -10,6 +10,7 @@ skip shards that are already complete and intact.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline import storage
+from pipeline import faults, storage
 from pipeline.sources import Source
 
 FORMAT = "resnet-pipeline-shards"
@@ -36,6 +37,12 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # ImageNet train images average ~110 KB: 5000 per shard gives ~550 MB train shards and
 # 10 val shards of ~640 MB; use 1000 for val if you read it with more than 10 readers.
 DEFAULT_SAMPLES_PER_SHARD = 5000
+# How hard write_shards looks at each source file (inspect_image): "header" parses the header
+# and checks the file is whole (JPEG EOI, PNG IEND); "decode" decodes every image.
+CHECKS = ("header", "decode")
+DEFAULT_CHECK = "header"
+JPEG_EOI = b"\xff\xd9"
+PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the whole chunk: length 0, type, fixed CRC
 
 
 class BadImage(Exception):
@@ -81,15 +88,31 @@ def plan_shards(members: list[Member], split: str, samples_per_shard: int, seed:
     return [ordered[i:i + samples_per_shard] for i in range(0, len(ordered), samples_per_shard)]
 
 
-def plan_digest(members: list[Member], class_index: dict[str, int], max_pixels: int) -> str:
-    h = hashlib.sha256(f"{FORMAT_VERSION}|{max_pixels}".encode())
+def plan_digest(members: list[Member], class_index: dict[str, int], max_pixels: int,
+                check: str = "decode") -> str:
+    # "decode" (the only level before there were two) keeps the old digest, so shards written
+    # then are still reused; another level redoes them.
+    level = "" if check == "decode" else f"|{check}"
+    h = hashlib.sha256(f"{FORMAT_VERSION}|{max_pixels}{level}".encode())
     for m in members:
         h.update(f"\n{m.key}|{m.path}|{class_index[m.class_id]}".encode())
     return h.hexdigest()
 
 
-def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """Check that ``data`` decodes fully; return its real format, size and mode."""
+def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  check: str = DEFAULT_CHECK) -> dict:
+    """Check ``data`` as ``check`` says (see CHECKS); return its real format, size and mode.
+
+    Both levels parse the header with PIL (format, size, mode, the decompression-bomb limit).
+    "header" then checks that the file is whole: a JPEG must hold its end-of-image marker
+    (FF D9) after the start of its image data, a PNG its IEND chunk; other formats get the
+    header check only. Bytes after the end marker (padding, camera trailers, an appended video)
+    are allowed. "decode" decodes every image instead (DCT-scaled for JPEGs): ~20x slower, and
+    it also catches damage inside the image data that a header check cannot see (PIL still
+    decodes most such JPEGs, with grey blocks, so both levels store them).
+    """
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, not {check!r}")
     if not data:
         raise BadImage("empty file (0 bytes)")
     Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own guard then fires at our limit, not its own
@@ -103,9 +126,12 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
                                    f"of {max_pixels} pixels")
                 if fmt not in IMAGE_EXTS:
                     raise BadImage(f"unsupported image format {fmt}")
-                if fmt == "JPEG":  # DCT-domain downscale: still reads every byte, 10x faster
-                    im.draft(mode, (max(1, w // 8), max(1, h // 8)))
-                im.load()
+                if check == "header":
+                    _check_end(fmt, data)
+                else:
+                    if fmt == "JPEG":  # DCT-domain downscale: still reads every byte, 10x faster
+                        im.draft(mode, (max(1, w // 8), max(1, h // 8)))
+                    im.load()
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -117,54 +143,131 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     return {"ext": IMAGE_EXTS[fmt], "width": w, "height": h, "mode": mode}
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+def _jpeg_scan_start(data: bytes) -> int | None:
+    """Offset just past the first start-of-scan (SOS) segment, walking the marker segments
+    (an EXIF thumbnail, with its own SOS and EOI, lies inside APP1 and is skipped whole);
+    None when the file ends first."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:  # junk between segments: skipped, as PIL does
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                return None
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD8:  # no length field
+            pos += 2
+            continue
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:
+            return end if end <= n else None
+        pos = end
+    return None
+
+
+def _check_end(fmt: str, data: bytes) -> None:
+    """Raise BadImage when a JPEG or PNG lacks its end marker: the file was cut short."""
+    if fmt == "JPEG":
+        scan = _jpeg_scan_start(data)
+        if scan is None:
+            raise BadImage("truncated: the JPEG ends before its image data (no start of scan)")
+        # Inside entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so an
+        # FF D9 after the scan start is the EOI. rfind: trailing bytes are usually few.
+        if data.rfind(JPEG_EOI, scan) < 0:
+            raise BadImage("truncated: no JPEG end-of-image marker (FF D9) after the image data")
+    elif fmt == "PNG":
+        if data.rfind(PNG_IEND, 8) < 0:
+            raise BadImage("truncated: no PNG IEND chunk")
+
+
+class _TarWriter:
+    """The bytes ``tarfile`` (PAX format) writes for regular-file members, without its per-member
+    file-object copies: a list of byte strings joined once. Headers are fixed (mtime 0, mode
+    644, uid/gid 0, no user names), so the same members give the same bytes."""
+
+    def __init__(self):
+        self.parts, self.size = [], 0
+
+    def add(self, name: str, data: bytes) -> None:
+        header = _ustar_header(name, len(data))
+        if header is None:  # a long or non-ASCII name: tarfile writes the PAX header for it
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+        pad = -len(data) % tarfile.BLOCKSIZE
+        self.parts += (header, data, bytes(pad))
+        self.size += len(header) + len(data) + pad
+
+    def getvalue(self) -> bytes:
+        # End of archive: two zero blocks, then zeros up to a whole record, as tarfile.close().
+        end = 2 * tarfile.BLOCKSIZE
+        end += -(self.size + end) % tarfile.RECORDSIZE
+        return b"".join(self.parts + [bytes(end)])
+
+
+_USTAR_MODE_IDS = b"0000644\x00" + b"0000000\x00" * 2  # mode 644, uid 0, gid 0
+_USTAR_TAIL = (b"00000000000\x00" + b" " * 8 + b"0" + bytes(100) + b"ustar\x0000"  # mtime 0
+               + bytes(247))  # no user names, no device numbers, no prefix, padding
+_USTAR_TAIL_SUM = sum(_USTAR_TAIL)
+
+
+def _ustar_header(name: str, size: int) -> bytes | None:
+    """The 512-byte header tarfile writes for a regular file with our fixed fields, built
+    directly (tarfile takes ~30 us a header); None when a PAX header is needed."""
+    if not name.isascii() or len(name) > 100 or size >= 8 ** 11:
+        return None
+    head = name.encode("ascii").ljust(100, b"\x00") + _USTAR_MODE_IDS + b"%011o\x00" % size
+    checksum = sum(head) + _USTAR_TAIL_SUM  # the checksum field counts as 8 spaces
+    return head + _USTAR_TAIL[:12] + b"%06o\x00 " % checksum + _USTAR_TAIL[20:]
 
 
 def build_shard(root: str, members: list[Member], class_index: dict[str, int],
-                max_pixels: int) -> tuple[bytes, list[str], list[dict], int]:
+                max_pixels: int, check: str = DEFAULT_CHECK
+                ) -> tuple[bytes, list[str], list[dict], int]:
     """Tar bytes for one shard, the keys stored, the files skipped with their reasons, and the
     number of source bytes stored."""
-    buf, keys, skipped, source_bytes = io.BytesIO(), [], [], 0
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for m in members:
-            try:
-                data = storage.read_bytes(storage.join(root, m.path))
-                info = inspect_image(data, max_pixels)
-            except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-                # Only what a retry cannot fix is skipped; a transient I/O error (an object
-                # store timing out) raises, and Ray retries the whole shard.
-                skipped.append({"path": m.path, "reason": f"unreadable: {e}"})
-                continue
-            except BadImage as e:
-                skipped.append({"path": m.path, "reason": str(e)})
-                continue
-            meta = {"class_id": m.class_id, "path": m.path, "width": info["width"],
-                    "height": info["height"], "mode": info["mode"]}
-            _add_member(tar, f"{m.key}.{info['ext']}", data)
-            _add_member(tar, f"{m.key}.cls", str(class_index[m.class_id]).encode())
-            _add_member(tar, f"{m.key}.json", json.dumps(meta, sort_keys=True).encode())
-            keys.append(m.key)
-            source_bytes += len(data)
-    return buf.getvalue(), keys, skipped, source_bytes
+    tar, keys, skipped, source_bytes = _TarWriter(), [], [], 0
+    for m in members:
+        try:
+            data = storage.read_bytes(storage.join(root, m.path))
+            info = inspect_image(data, max_pixels, check)
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            # Only what a retry cannot fix is skipped; a transient I/O error (an object
+            # store timing out) raises, and Ray retries the whole shard.
+            skipped.append({"path": m.path, "reason": f"unreadable: {e}"})
+            continue
+        except BadImage as e:
+            skipped.append({"path": m.path, "reason": str(e)})
+            continue
+        meta = {"class_id": m.class_id, "path": m.path, "width": info["width"],
+                "height": info["height"], "mode": info["mode"]}
+        tar.add(f"{m.key}.{info['ext']}", data)
+        tar.add(f"{m.key}.cls", str(class_index[m.class_id]).encode())
+        tar.add(f"{m.key}.json", json.dumps(meta, sort_keys=True).encode())
+        keys.append(m.key)
+        source_bytes += len(data)
+    return tar.getvalue(), keys, skipped, source_bytes
 
 
 def write_shard(root: str, out: str, split: str, index: int, members: list[Member],
-                class_index: dict[str, int], max_pixels: int) -> dict:
+                class_index: dict[str, int], max_pixels: int,
+                check: str = DEFAULT_CHECK) -> dict:
     """Write one shard (or keep an intact one from an earlier run); return its record."""
     name = shard_name(split, index)
     path, part = storage.join(out, name), storage.join(out, f"_parts/{name}.json")
-    digest = plan_digest(members, class_index, max_pixels)
+    digest = plan_digest(members, class_index, max_pixels, check)
     if storage.exists(part) and storage.exists(path):
         old = json.loads(storage.read_text(part))
         if (old.get("plan") == digest and storage.size(path) == old["bytes"]
                 and storage.sha256_file(path) == old["sha256"]):
             return dict(old, reused=True)
-    data, keys, skipped, source_bytes = build_shard(root, members, class_index, max_pixels)
+    data, keys, skipped, source_bytes = build_shard(root, members, class_index, max_pixels,
+                                                    check)
     storage.write_bytes_atomic(path, data)
     record = {"file": name, "samples": len(keys), "bytes": len(data),
               "sha256": hashlib.sha256(data).hexdigest(),
@@ -176,11 +279,16 @@ def write_shard(root: str, out: str, split: str, index: int, members: list[Membe
 
 def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
                  seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 progress: bool = True) -> dict:
-    """Shard ``source`` into ``out`` with one Ray task per shard; write and return the manifest."""
+                 progress: bool = True, check: str = DEFAULT_CHECK) -> dict:
+    """Shard ``source`` into ``out`` with one Ray task per shard; write and return the manifest.
+
+    ``check`` is how each source file is checked before it is stored (see CHECKS and
+    inspect_image): "header" (default) or "decode"."""
     import ray
     from tqdm import tqdm
 
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, not {check!r}")
     members, skipped = make_keys(source.items)
     if not members:
         raise ValueError(f"split {source.split!r} of {source.root} has no images to shard "
@@ -188,8 +296,9 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
     storage.check_writable(out)
     plan = plan_shards(members, source.split, samples_per_shard, seed)
     class_index = source.class_index
-    task = ray.remote(num_cpus=1, max_retries=3)(write_shard)
-    refs = {task.remote(source.root, out, source.split, i, shard, class_index, max_pixels): i
+    task = _remote_write_shard()
+    refs = {task.remote(source.root, out, source.split, i, shard, class_index, max_pixels,
+                        check): i
             for i, shard in enumerate(plan)}
     records, start = [None] * len(plan), time.monotonic()
     with tqdm(total=len(members), unit="img", desc=f"shard {source.split}",
@@ -199,9 +308,11 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
             done, pending = ray.wait(pending, num_returns=1)
             rec = ray.get(done[0])
             records[refs[done[0]]] = rec
+            faults.point("shard_after_first_shard")
             bar.update(len(plan[refs[done[0]]]))
             bar.set_postfix(MB_s=f"{sum(r['bytes'] for r in records if r) / 1e6 / max(time.monotonic() - start, 1e-9):.1f}")
-    manifest = _manifest(source, plan, records, skipped, samples_per_shard, seed, max_pixels)
+    manifest = _manifest(source, plan, records, skipped, samples_per_shard, seed, max_pixels,
+                         check)
     storage.write_text_atomic(storage.join(out, f"{source.split}.json"),
                               json.dumps(manifest, indent=1))
     if manifest["total_samples"] == 0:
@@ -214,13 +325,22 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
     return manifest
 
 
-def _manifest(source, plan, records, skipped, samples_per_shard, seed, max_pixels) -> dict:
+@functools.cache
+def _remote_write_shard():
+    """One Ray remote function per process: exported to the cluster once, not on every call."""
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=3)(write_shard)
+
+
+def _manifest(source, plan, records, skipped, samples_per_shard, seed, max_pixels,
+              check) -> dict:
     skipped = list(source.skipped) + skipped + [s for r in records for s in r["skipped"]]
     shards = [{k: r[k] for k in ("file", "samples", "bytes", "sha256", "first_key", "last_key")}
               for r in records if r["samples"] > 0]
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "split": source.split,
             "layout": source.layout, "source": source.root, "seed": seed,
-            "samples_per_shard": samples_per_shard, "max_pixels": max_pixels,
+            "samples_per_shard": samples_per_shard, "max_pixels": max_pixels, "check": check,
             "classes": source.classes, "shards": shards,
             "total_samples": sum(s["samples"] for s in shards),
             "total_bytes": sum(s["bytes"] for s in shards),

@@ -107,10 +107,12 @@ def bad_tree(tmp_path):
     return tmp_path / "src"
 
 
+@pytest.mark.parametrize("check", shards.CHECKS)
 def test_bad_inputs_are_stored_with_their_real_format_or_skipped_with_a_reason(
-        bad_tree, tmp_path, ray_local):
+        bad_tree, tmp_path, ray_local, check):
     m = shards.write_shards(sources.scan_source(str(bad_tree), "train"), str(tmp_path / "out"),
-                            progress=False)
+                            progress=False, check=check)
+    assert m["check"] == check
     members = {}
     for s in m["shards"]:
         for info in tarfile.open(tmp_path / "out" / s["file"]):
@@ -127,6 +129,89 @@ def test_bad_inputs_are_stored_with_their_real_format_or_skipped_with_a_reason(
     assert "not an image" in reasons["notes.txt"]
     assert "decompression" in reasons["bomb.png"]
     assert m["total_samples"] + len(m["skipped"]) == 10  # nothing dropped silently
+
+
+def _with_thumbnail(jpeg: bytes, thumb: bytes) -> bytes:
+    """``jpeg`` with a whole JPEG (its own SOS and EOI) inside an APP1 segment, as an EXIF
+    thumbnail sits."""
+    payload = b"Exif\x00\x00" + thumb
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+def _header_check(data: bytes) -> str:
+    try:
+        shards.inspect_image(data, check="header")
+    except shards.BadImage as e:
+        return f"skipped: {e}"
+    return "stored"
+
+
+def test_header_check_skips_truncated_files_and_keeps_trailing_bytes():
+    rng = np.random.default_rng(1)
+    img = photo_like(rng, 200, 150)
+    jpeg, progressive = _jpeg_bytes(img), _jpeg_bytes(img, progressive=True)
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    png = png.getvalue()
+    thumbed = _with_thumbnail(jpeg, _jpeg_bytes(img.resize((40, 30))))
+    assert _header_check(jpeg) == _header_check(progressive) == _header_check(png) == "stored"
+    assert _header_check(thumbed) == "stored"
+    truncated = {"JPEG cut mid-scan": jpeg[: len(jpeg) // 2],
+                 "JPEG missing only its EOI": jpeg[:-2],
+                 "progressive JPEG cut between scans": progressive[: len(progressive) // 2],
+                 # the thumbnail's EOI must not pass for the image's own
+                 "JPEG with a thumbnail, cut mid-scan": thumbed[: len(thumbed) - len(jpeg) // 2],
+                 "PNG cut mid-IDAT": png[: len(png) // 2],
+                 "PNG missing the end of its IEND chunk": png[:-1]}
+    for case, data in truncated.items():
+        assert _header_check(data).startswith("skipped: truncated"), case
+    # Bytes after the end marker (padding, camera trailers, an appended video) are allowed.
+    trailer = bytes(rng.integers(0, 256, 100_000, dtype=np.uint8))
+    for data in (jpeg + bytes(4096), jpeg + b"\xff\xd9" + trailer, jpeg + trailer, png + trailer):
+        assert _header_check(data) == "stored"
+    info = shards.inspect_image(jpeg + trailer, check="header")
+    assert (info["ext"], info["width"], info["height"], info["mode"]) == ("jpg", 200, 150, "RGB")
+
+
+def test_a_jpeg_with_bytes_after_its_eoi_is_stored_unchanged_at_both_levels(tmp_path):
+    d = tmp_path / "src" / "c"
+    d.mkdir(parents=True)
+    data = _jpeg_bytes(photo_like(np.random.default_rng(2), 64, 48)) + b"\x00" * 1000 + b"junk"
+    (d / "padded.jpg").write_bytes(data)
+    for check in shards.CHECKS:
+        tar_bytes, keys, skipped, _ = shards.build_shard(
+            str(tmp_path / "src"), [shards.Member("padded", "c/padded.jpg", "c")], {"c": 0},
+            shards.DEFAULT_MAX_PIXELS, check)
+        assert keys == ["padded"] and skipped == []
+        with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+            assert tar.extractfile("padded.jpg").read() == data
+
+
+def test_decode_check_still_reports_the_decoder_error():
+    good = _jpeg_bytes(photo_like(np.random.default_rng(3), 64, 48))
+    with pytest.raises(shards.BadImage, match="cannot decode: image file is truncated"):
+        shards.inspect_image(good[: len(good) // 2], check="decode")
+    with pytest.raises(ValueError, match="check must be one of"):
+        shards.inspect_image(good, check="full")
+
+
+def test_tar_writer_gives_the_bytes_tarfile_writes():
+    rng = np.random.default_rng(4)
+    members = [("a.jpg", rng.bytes(1000)), ("a.cls", b"3"), ("a.json", b"{}"), ("b.jpg", b""),
+               ("x" * 100 + ".jpg", rng.bytes(512)), ("\u00e9t\u00e9.cls", b"1"),
+               ("c.jpg", rng.bytes(30000))]
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    ours = shards._TarWriter()
+    for name, data in members:
+        ours.add(name, data)
+    assert ours.getvalue() == ref.getvalue()
 
 
 def test_unreadable_file_is_skipped_with_its_reason(bad_tree, monkeypatch):
