@@ -49,7 +49,8 @@ class FinetuneConfig:
     min_crop_scale: float = _cli.option(0.08, "RandomResizedCrop's smallest area fraction")
     precision: str = _cli.option("auto", "autocast precision (auto: bf16 where supported)",
                                  choices=["auto", "fp32", "bf16", "fp16"])
-    shuffle_buffer: int = _cli.option(1000, "local shuffle buffer (rows) on each worker")
+    shuffle_buffer: int = _cli.option(1000, "local shuffle buffer (rows) on each worker, capped at "
+                                            "a quarter of its share of an epoch")
     seed: int = _cli.option(0, "seed for init, shard order and augmentation")
     max_failures: int = _cli.option(2, "worker-group restarts from the last checkpoint")
     num_to_keep: int = _cli.option(2, "checkpoints kept")

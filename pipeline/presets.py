@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as nnf
-import torchvision.transforms.functional as F
 from PIL import Image
-from torchvision.transforms import InterpolationMode
+
+if TYPE_CHECKING:
+    import torch
+
+# No torch at import time: the decode workers need only PIL and numpy, and importing torch and
+# torchvision costs each of them seconds and ~300 MB. normalize and train_augment import it.
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -40,9 +43,22 @@ def reference_eval_transform(resize_size: int = RESIZE_SIZE, crop_size: int = CR
 
 def eval_image(img: Image.Image, resize_size: int = RESIZE_SIZE,
                crop_size: int = CROP_SIZE) -> np.ndarray:
-    """RGB PIL image -> uint8 3xHxW, pixel-identical to torchvision's eval preset."""
-    img = F.resize(img, [resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    img = F.center_crop(img, [crop_size])
+    """RGB PIL image -> uint8 3xHxW, pixel-identical to torchvision's eval preset.
+
+    The PIL path of torchvision's ``resize(img, [size], BILINEAR, antialias=True)`` and
+    ``center_crop(img, [crop])``, written out with PIL alone (the tests compare the two)."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short != resize_size:
+        new_short, new_long = resize_size, int(resize_size * long / short)
+        size = (new_short, new_long) if w <= h else (new_long, new_short)
+        img = img.resize(size, Image.BILINEAR)
+    w, h = img.size
+    if w < crop_size or h < crop_size:
+        raise ValueError(f"{w}x{h} is smaller than the {crop_size} crop: resize_size must be at "
+                         f"least crop_size")
+    top, left = int(round((h - crop_size) / 2.0)), int(round((w - crop_size) / 2.0))
+    img = img.crop((left, top, left + crop_size, top + crop_size))
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
@@ -51,8 +67,11 @@ def train_base_image(img: Image.Image, base_size: int) -> np.ndarray:
     return eval_image(img, base_size, base_size)
 
 
-def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize(images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """uint8 NCHW (any device) -> normalized float NCHW in channels_last, as torchvision does."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     x = images.float().div(255)
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
@@ -90,6 +109,9 @@ def random_resized_crop_params(height: int, width: int, rng: np.random.Generator
 def train_augment(images: torch.Tensor, keys, seed: int, epoch: int,
                   crop_size: int, min_scale: float = 0.08) -> torch.Tensor:
     """uint8 NCHW base squares -> uint8 N x 3 x crop x crop, RandomResizedCrop + flip per sample."""
+    import torch
+    import torch.nn.functional as nnf
+
     out = torch.empty((len(images), 3, crop_size, crop_size), dtype=torch.uint8,
                       device=images.device)
     _, _, height, width = images.shape

@@ -93,10 +93,11 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
     amp = cfg["amp_dtype"] != torch.float32
     seen = correct = 0
     loss_sum, t0, failures = 0.0, time.monotonic(), []
+    buffer = shuffle_buffer_rows(cfg)
     for step, batch in enumerate(it.iter_batches(
             batch_size=cfg["batch_size"], batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
-            local_shuffle_seed=(cfg["seed"] * 1000 + epoch) if cfg["shuffle_buffer"] else None)):
+            local_shuffle_buffer_size=buffer or None,
+            local_shuffle_seed=(cfg["seed"] * 1000 + epoch) if buffer else None)):
         _maybe_kill(cfg.get("fault"), epoch, step, rank)
         ok = torch.from_numpy(batch["error"] == "").to(device)
         images = torch.from_numpy(batch["image"]).to(device, non_blocking=True)
@@ -122,6 +123,16 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
     return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
             "train_images": int(seen), "train_failed": int(failed),
             "train_seconds": _all_reduce([seconds], device, op="max")[0]}, failures
+
+
+def shuffle_buffer_rows(cfg: dict) -> int:
+    """The local shuffle buffer, capped at a quarter of this worker's share of an epoch. The
+    first batch waits until the buffer is full, so a buffer near the whole share would make
+    every epoch decode first and train after, instead of both at once."""
+    if not cfg["shuffle_buffer"]:
+        return 0
+    share = cfg["train_samples"] // cfg["world_size"]
+    return min(cfg["shuffle_buffer"], max(cfg["batch_size"], share // 4))
 
 
 def _failed_rows(batch, split: str) -> list[dict]:
