@@ -93,6 +93,7 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
     amp = cfg["amp_dtype"] != torch.float32
     seen = correct = 0
     loss_sum, t0, failures = 0.0, time.monotonic(), []
+    first_step_end, first_rows = None, 0  # steady state: from the end of the first step on
     buffer = shuffle_buffer_rows(cfg)
     for step, batch in enumerate(it.iter_batches(
             batch_size=cfg["batch_size"], batch_format="numpy", drop_last=True,
@@ -118,11 +119,19 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
         failures += _failed_rows(batch, "train")
         loss_sum += float(loss.detach()) * n_ok
         correct += int(((logits.argmax(1) == labels) & ok).sum())
-    seconds = time.monotonic() - t0
-    seen, correct, loss_sum, failed = _all_reduce([seen, correct, loss_sum, len(failures)], device)
+        if first_step_end is None:
+            first_step_end, first_rows = time.monotonic(), len(ok)
+    end = time.monotonic()
+    steady_rows = seen + len(failures) - first_rows
+    seen, correct, loss_sum, failed, steady_rows = _all_reduce(
+        [seen, correct, loss_sum, len(failures), steady_rows], device)
+    seconds, first_step = _all_reduce([end - t0, (first_step_end or end) - t0], device, op="max")
     return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
-            "train_images": int(seen), "train_failed": int(failed),
-            "train_seconds": _all_reduce([seconds], device, op="max")[0]}, failures
+            "train_images": int(seen), "train_failed": int(failed), "train_seconds": seconds,
+            # The first step waits for the epoch's data pipeline to start and fill the shuffle
+            # buffer: a fixed cost per epoch, large on tiny epochs, negligible on ImageNet.
+            "train_first_step_seconds": first_step,
+            "train_steady_images_per_s": steady_rows / max(seconds - first_step, 1e-9)}, failures
 
 
 def shuffle_buffer_rows(cfg: dict) -> int:
