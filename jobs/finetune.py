@@ -103,9 +103,9 @@ def write_failures(failures: list[dict], path: str) -> None:
 
     cols = ("key", "shard", "split", "error")
     table = pa.table({c: pa.array([f[c] for f in failures], pa.string()) for c in cols})
-    fs, p = storage.resolve(path)
-    storage.makedirs(storage.dirname(path))
-    pq.write_table(table, p, filesystem=fs)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(path, buf.getvalue().to_pybytes())
 
 
 @_cli.reports_errors

@@ -1,4 +1,5 @@
-"""Fine-tuning with Ray Train on 2 CPU workers: learning, resume, probe, worker failure."""
+"""Fine-tuning with Ray Train on 2 CPU workers: learning, resume, model.pt, linear probe (faults:
+tests/test_faults.py)."""
 
 from __future__ import annotations
 
