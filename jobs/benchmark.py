@@ -83,7 +83,7 @@ def _bench_shard_and_decode(work, small, big, n, r, rows) -> tuple[str, str]:
     def shard(src, out):
         t0 = time.monotonic()
         m = shards.write_shards(sources.scan_source(src, "val"), os.path.join(work, out),
-                                samples_per_shard=max(8, n // 8), progress=False)
+                                samples_per_shard=max(8, n // 2), progress=False)
         return m["_stats"]["source_bytes"] / 1e6, time.monotonic() - t0
 
     # Like the decode and eval rows: a steady-state rate from the N and 4N runs (start-up, and
