@@ -332,22 +332,29 @@ def load_checkpoint_state(checkpoint) -> dict:
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of reported checkpoints
 
 
-def resume_epoch(storage_path: str, name: str) -> int:
-    """The first epoch a rerun of STORAGE/NAME will train (0 for a new run). Read from the
-    checkpoint Ray Train itself resumes from: the latest one in its checkpoint-manager snapshot
-    (a checkpoint folder written but not yet recorded there when a driver died is not used)."""
+def recorded_checkpoint(storage_path: str, name: str) -> tuple[str, int] | None:
+    """The latest checkpoint Ray Train recorded for STORAGE/NAME, the one a rerun resumes from,
+    as (its folder name, its epoch), or None for a new run. A checkpoint folder written but not
+    yet recorded in the snapshot when a driver died is not it, and may be incomplete."""
     from pipeline import storage
 
     path = storage.join(storage_path, name, SNAPSHOT_FILE)
     if not storage.exists(path):
-        return 0
+        return None
     try:
-        snapshot = json.loads(storage.read_text(path))
-        latest = snapshot["latest_checkpoint_result"]
-        return 0 if latest is None else int(latest["metrics"]["epoch"]) + 1
+        latest = json.loads(storage.read_text(path))["latest_checkpoint_result"]
+        if latest is None:
+            return None
+        return str(latest["checkpoint_dir_name"]), int(latest["metrics"]["epoch"])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}): this Ray version "
                          f"writes another format, or the file is damaged") from e
+
+
+def resume_epoch(storage_path: str, name: str) -> int:
+    """The first epoch a rerun of STORAGE/NAME will train (0 for a new run)."""
+    latest = recorded_checkpoint(storage_path, name)
+    return 0 if latest is None else latest[1] + 1
 
 
 def shuffle_seed(seed: int, first_epoch: int) -> int:

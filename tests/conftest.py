@@ -90,11 +90,15 @@ def finetune_config(shard_dir, tmp_path, **kw):
 
 
 def last_checkpoint_state(tmp_path, name="t") -> dict:
+    """The state of the checkpoint Ray Train recorded last (the one a rerun resumes from)."""
     import torch
 
-    run = tmp_path / "runs" / name
-    ckpts = sorted(p for p in run.iterdir() if p.name.startswith("checkpoint_") and p.is_dir())
-    return torch.load(ckpts[-1] / "state.pt", weights_only=True)
+    from pipeline import train
+
+    latest = train.recorded_checkpoint(str(tmp_path / "runs"), name)
+    assert latest is not None, f"run {name} has no recorded checkpoint"
+    path = tmp_path / "runs" / name / latest[0] / train.STATE_FILE
+    return torch.load(path, weights_only=True)
 
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")

@@ -168,6 +168,8 @@ def test_resume_epoch_follows_ray_trains_checkpoint_snapshot(tmp_path):
         "metrics": {"epoch": 4, "val_top1": 50.0}}}
     (tmp_path / "run" / train.SNAPSHOT_FILE).write_text(json.dumps(snapshot))
     assert train.resume_epoch(str(tmp_path), "run") == 5
+    assert train.recorded_checkpoint(str(tmp_path), "run") == \
+        ("checkpoint_2026-11-29_02-00-00.000001", 4)
     (tmp_path / "run" / train.SNAPSHOT_FILE).write_text(json.dumps({"other": "format"}))
     with pytest.raises(ValueError, match="cannot be read"):
         train.resume_epoch(str(tmp_path), "run")

@@ -53,6 +53,16 @@ def _wait_for(predicate, proc, timeout=300.0):
         time.sleep(0.2)
 
 
+def _wait_for_no_alive_actors(class_names, timeout=120.0):
+    from ray.util.state import list_actors
+
+    t0 = time.monotonic()
+    while alive := [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])
+                    if a.class_name in class_names]:
+        assert time.monotonic() - t0 < timeout, f"still alive after {timeout:.0f} s: {alive}"
+        time.sleep(0.5)
+
+
 def test_finetune_job_killed_after_a_checkpoint_resumes_on_rerun(shard_set, tmp_path,
                                                                  ray_local):
     """The job's own process is SIGKILLed (a lost driver); the rerun continues the run."""
@@ -69,6 +79,9 @@ def test_finetune_job_killed_after_a_checkpoint_resumes_on_rerun(shard_set, tmp_
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
+    # The controller and workers are actors, not children of the driver: Ray kills them when it
+    # sees the job's driver gone, and until then they keep training and checkpointing.
+    _wait_for_no_alive_actors(("TrainController", "RayTrainWorker"))
     resume_at = train.resume_epoch(cfg.storage_path, "crash")
     killed_history = last_checkpoint_state(tmp_path, "crash")["history"]
     assert 1 <= resume_at < 3 and proc.returncode == -signal.SIGKILL
