@@ -15,6 +15,7 @@ import torch
 
 from jobs import _cli, finetune, predict as predict_job
 from pipeline import benchmark as bench, model as modellib, shards, sources, synthetic
+from pipeline import predict as predict_lib
 
 TARGETS = {"eval_vs_ceiling": (">=", 0.8), "eval_vs_baseline": (">=", 2.0),
            "train_vs_plain": (">=", 0.8), "shard_vs_tar": (">=", 0.5),
@@ -118,7 +119,7 @@ def _bench_eval(cfg, work, big, manifest, manifest4, n, dtype, r, rows) -> None:
         with bench.PeakMemory() as mem:  # "none": random init with the data's 10 classes
             s = predict_job.run(predict_job.PredictConfig(
                 data=manifest_path, weights="none", out=os.path.join(work, out),
-                precision=precision, batch_size=cfg.batch_size, cpus_per_actor=1,
+                precision=precision, batch_size=cfg.batch_size,
                 progress=False))
         return s, mem.peak
 
@@ -130,10 +131,13 @@ def _bench_eval(cfg, work, big, manifest, manifest4, n, dtype, r, rows) -> None:
     s4_fp32, _ = predict(manifest4, "fp32", "e_4n_fp32")
     rate = bench.differential_rate(n, s_def["wall_seconds"], 4 * n, s4["wall_seconds"])
     rate32 = bench.differential_rate(n, s_fp32["wall_seconds"], 4 * n, s4_fp32["wall_seconds"])
-    # The predictor actor runs one torch thread (--cpus-per-actor 1): so does the ceiling.
-    ceiling = bench.eval_ceiling_rate(dtype, cfg.batch_size, 1, 8 * cfg.batch_size, 10)
-    ceiling32 = bench.eval_ceiling_rate(torch.float32, cfg.batch_size, 1, 2 * cfg.batch_size, 10)
-    baseline = bench.eval_baseline_rate(big, cfg.batch_size, os.cpu_count(), 10)
+    # The predictor actor runs as many torch threads as the machine has cores (the job's
+    # default with one actor): so does the ceiling.
+    threads = predict_lib.cpu_threads(1)
+    ceiling = bench.eval_ceiling_rate(dtype, cfg.batch_size, threads, 8 * cfg.batch_size, 10)
+    ceiling32 = bench.eval_ceiling_rate(torch.float32, cfg.batch_size, threads,
+                                        4 * cfg.batch_size, 10)
+    baseline = bench.eval_baseline_rate(big, cfg.batch_size, os.cpu_count(), threads, 10)
     r.update(eval_img_s=rate, eval_fp32_img_s=rate32,
              eval_ceiling_img_s=ceiling, eval_ceiling_fp32_img_s=ceiling32,
              eval_baseline_img_s=baseline, eval_startup_s=s_def["wall_seconds"] - n / rate)

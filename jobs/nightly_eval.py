@@ -42,7 +42,12 @@ class NightlyConfig:
                                  choices=["auto", "fp32", "bf16", "fp16"])
     use_gpu: bool = _cli.option(False, "one GPU per predictor actor")
     actors: int = _cli.option(1, "predictor actors (on a GPU cluster: the number of GPUs)")
-    cpus_per_actor: float = _cli.option(1.0, "CPUs per predictor actor (torch threads on CPU)")
+    cpus_per_actor: float = _cli.option(0.0, "CPUs each predictor actor reserves in Ray's "
+                                              "scheduling (0: 1 with a GPU, 0.5 on CPU, where "
+                                              "its threads use the cores anyway)")
+    threads: int = _cli.option(0, "torch threads per predictor actor on CPU (0: the cores of "
+                                  "its node, shared among the actors there; decode tasks "
+                                  "time-share them)")
     decode_concurrency: int = _cli.option(0, "decode tasks at once (0: Ray Data decides)")
     max_failed_fraction: float = _cli.option(0.0, "exit 1 when more than this fraction of "
                                                   "samples fail to decode")
@@ -55,7 +60,7 @@ def run(cfg: NightlyConfig) -> nightly.NightlyResult:
         min_effect=cfg.min_effect, latest=cfg.latest, top_n=cfg.top_n, config=_cli.to_dict(cfg),
         predict_options={"batch_size": cfg.batch_size, "precision": cfg.precision,
                          "use_gpu": cfg.use_gpu, "actors": cfg.actors,
-                         "cpus_per_actor": cfg.cpus_per_actor,
+                         "cpus_per_actor": cfg.cpus_per_actor, "threads": cfg.threads,
                          "decode_concurrency": cfg.decode_concurrency or None,
                          "max_failed_fraction": cfg.max_failed_fraction,
                          "progress": cfg.progress})

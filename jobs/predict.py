@@ -25,7 +25,12 @@ class PredictConfig:
                                          "GPUs without bf16, else fp32", choices=["auto", "fp32", "bf16", "fp16"])
     use_gpu: bool = _cli.option(False, "one GPU per predictor actor")
     actors: int = _cli.option(1, "predictor actors (on a GPU cluster: the number of GPUs)")
-    cpus_per_actor: float = _cli.option(1.0, "CPUs per predictor actor (torch threads on CPU)")
+    cpus_per_actor: float = _cli.option(0.0, "CPUs each predictor actor reserves in Ray's "
+                                              "scheduling (0: 1 with a GPU, 0.5 on CPU, where "
+                                              "its threads use the cores anyway)")
+    threads: int = _cli.option(0, "torch threads per predictor actor on CPU (0: the cores of "
+                                  "its node, shared among the actors there; decode tasks "
+                                  "time-share them)")
     decode_concurrency: int = _cli.option(0, "decode tasks at once (0: Ray Data decides)")
     decode_device: str = _cli.option("cpu", "cuda: decode JPEGs with nvJPEG on the GPU (near-"
                                             "identical pixels, for GPU clusters starved by JPEG "
@@ -48,7 +53,8 @@ def run(cfg: PredictConfig) -> dict:
         decode_concurrency=cfg.decode_concurrency or None, topk=cfg.topk,
         max_failed_fraction=cfg.max_failed_fraction, resize_size=cfg.resize_size or None,
         crop_size=cfg.crop_size or None, progress=cfg.progress,
-        verify_checksums=cfg.verify_checksums, decode_device=cfg.decode_device)
+        verify_checksums=cfg.verify_checksums, decode_device=cfg.decode_device,
+        threads=cfg.threads)
 
 
 @_cli.reports_errors

@@ -17,27 +17,41 @@ from pipeline import data, presets
 
 
 class PeakMemory:
-    """Samples the RSS of this process plus every Ray worker process; keeps the peak."""
+    """Samples the RSS of this process plus every Ray worker process; keeps the peak.
 
-    def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+    The process table is rescanned once a second (reading every command line is what costs);
+    the RSS of the processes found is sampled every ``interval``. Kept cheap because it runs
+    beside the job it measures, on the same cores."""
 
-    def _sample(self) -> int:
+    def __init__(self, interval: float = 0.1, rescan: float = 1.0):
+        self.interval, self.rescan, self.peak = interval, rescan, 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _ray_processes() -> list:
         import psutil
 
-        total = psutil.Process().memory_info().rss
-        for p in psutil.process_iter(["name", "cmdline"]):
-            try:
-                cmd = " ".join(p.info["cmdline"] or [])
-                if cmd.startswith("ray::") or "default_worker.py" in cmd:
-                    total += p.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return total
+        found = [psutil.Process()]
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if cmd.startswith("ray::") or "default_worker.py" in cmd:
+                found.append(p)
+        return found
 
     def _run(self):
+        import psutil
+
+        procs, scanned = [], 0.0
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            if time.monotonic() - scanned >= self.rescan:
+                procs, scanned = self._ray_processes(), time.monotonic()
+            total = 0
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            self.peak = max(self.peak, total)
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -101,11 +115,14 @@ def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int,
     return done / (time.monotonic() - t0)
 
 
-def eval_baseline_rate(root: str, batch_size: int, workers: int, num_classes: int = 1000) -> float:
-    """Images/s of the seed notebook's loop: ImageFolder + DataLoader + plain fp32 model."""
+def eval_baseline_rate(root: str, batch_size: int, workers: int, threads: int,
+                       num_classes: int = 1000) -> float:
+    """Images/s of the seed notebook's loop: ImageFolder + DataLoader + plain fp32 model, at
+    torch's default thread count (every core; set here, as other measurements change it)."""
     from torchvision.datasets import ImageFolder
     from torchvision.models import resnet18
 
+    torch.set_num_threads(threads)
     loader = torch.utils.data.DataLoader(
         ImageFolder(root, presets.reference_eval_transform()), batch_size=batch_size,
         num_workers=workers)

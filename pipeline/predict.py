@@ -42,10 +42,10 @@ class Predictor:
 
     def __init__(self, weights: str, data_classes: list[dict], precision: str = "auto",
                  use_gpu: bool | None = None, topk: int = 5, num_threads: int | None = None,
-                 fault: dict | None = None):
+                 actors_per_node: int = 1, fault: dict | None = None):
         self.fault, self.calls = fault, 0
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        if num_threads is not None:  # 0: this node's cores, shared among its predictor actors
+            torch.set_num_threads(num_threads or cpu_threads(actors_per_node))
         torch.manual_seed(0)  # "none" weights: the same random model in every actor
         loaded = modellib.load_weights(weights)
         net, self.classes, _ = modellib.build_model(loaded, None if loaded["classes"] else data_classes)
@@ -81,6 +81,14 @@ class Predictor:
                 "error": batch["error"], "shard": batch["shard"]}
 
 
+def cpu_threads(actors_per_node: int) -> int:
+    """Torch threads for a CPU predictor actor: every core this process may run on, shared
+    with the other predictor actors of its node. Decode tasks time-share those cores: at CPU
+    inference rates they need a fraction of one (a core decodes ~300 images/s, ResNet-18 in
+    bf16 runs ~50 images/s per core), so leaving cores to them alone leaves most of it idle."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, actors_per_node))
+
+
 def label_map(data_classes: list[dict], model_classes: list[dict]) -> np.ndarray:
     """Data label -> model output index, matched by class id; error if the model lacks one."""
     index = {c["id"]: c["index"] for c in model_classes}
@@ -96,6 +104,14 @@ def _maybe_kill_actor(fault: dict | None, calls: int) -> None:
     if fault and calls == fault["after_batches"] and not os.path.exists(fault["marker"]):
         open(fault["marker"], "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _actors_per_node(actors: int) -> int:
+    """Predictor actors per node, as Ray spreads them over the nodes that have CPUs."""
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+    return -(-actors // max(1, nodes))
 
 
 MOVED = "_MOVED"  # in OUT/_previous: the old set has left OUT whole
@@ -216,14 +232,44 @@ def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
     })
 
 
+def prediction_dataset(manifest_path: str, weights: str, *, batch_size: int, precision: str,
+                       use_gpu: bool, actors: int, cpus_per_actor: float, threads: int,
+                       topk: int, decode_concurrency: int | None, resize_size: int,
+                       crop_size: int, decode_device: str, fault: dict | None = None):
+    """The Ray Dataset of per-image predictions (decode tasks -> predictor actors), and the
+    manifest."""
+    # Decoding runs in Ray tasks beside the predictor actors. Ray Data fuses operators whose
+    # resources are equal, and fused, each actor decodes a batch, then infers, in turn. So on
+    # CPU the actor reserves half a CPU (its threads use the node's cores whatever it reserves)
+    # and decode tasks keep one each (fractional ones make Ray start extra worker processes).
+    cpus_per_actor = cpus_per_actor or (1.0 if use_gpu else 0.5)
+    decode_cpus = 0.5 if not use_gpu and cpus_per_actor == 1.0 else 1.0
+    ds, manifest = data.read_decoded(manifest_path, mode="eval", batch_size=batch_size,
+                                     concurrency=decode_concurrency, resize_size=resize_size,
+                                     crop_size=crop_size, decode_device=decode_device,
+                                     num_cpus=decode_cpus,
+                                     num_gpus=0.1 if decode_device == "cuda" else 0.0)
+    ds = ds.map_batches(
+        Predictor, batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
+        num_cpus=cpus_per_actor,
+        fn_constructor_kwargs={"weights": weights, "data_classes": manifest["classes"],
+                               "precision": precision, "use_gpu": use_gpu, "topk": topk,
+                               "num_threads": None if use_gpu else threads,
+                               "actors_per_node": _actors_per_node(actors), "fault": fault})
+    return ds, manifest
+
+
 def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: int = 64,
                    precision: str = "auto", use_gpu: bool = False, actors: int = 1,
-                   cpus_per_actor: float = 1.0, decode_concurrency: int | None = None,
+                   cpus_per_actor: float = 0.0, decode_concurrency: int | None = None,
                    topk: int = 5, max_failed_fraction: float = 0.0,
                    resize_size: int | None = None, crop_size: int | None = None,
                    progress: bool = True, fault: dict | None = None,
-                   verify_checksums: bool = True, decode_device: str = "cpu") -> dict:
-    """Predict every image a manifest lists into ``out``; return the published summary."""
+                   verify_checksums: bool = True, decode_device: str = "cpu",
+                   threads: int = 0) -> dict:
+    """Predict every image a manifest lists into ``out``; return the published summary.
+    ``cpus_per_actor``: the CPUs each actor reserves in Ray (0: 1 with a GPU, 0.5 on CPU);
+    ``threads``: torch threads per CPU actor (0: its node's cores shared among its actors)."""
     import ray
     from tqdm import tqdm
 
@@ -243,18 +289,12 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
         raise ValueError(f"weights {weights} name other classes than their head holds; "
                          f"predict with a model.pt (it carries its class list)")
     label_map(manifest["classes"], classes_model)
-    ds, manifest = data.read_decoded(manifest_path, mode="eval", batch_size=batch_size,
-                                     concurrency=decode_concurrency, resize_size=resize_size,
-                                     crop_size=crop_size, decode_device=decode_device,
-                                     num_gpus=0.1 if decode_device == "cuda" else 0.0)
+    ds, manifest = prediction_dataset(
+        manifest_path, weights, batch_size=batch_size, precision=precision, use_gpu=use_gpu,
+        actors=actors, cpus_per_actor=cpus_per_actor, threads=threads, topk=topk,
+        decode_concurrency=decode_concurrency, resize_size=resize_size, crop_size=crop_size,
+        decode_device=decode_device, fault=fault)
     k = min(topk, len(classes_model))
-    ds = ds.map_batches(
-        Predictor, batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
-        num_cpus=cpus_per_actor,
-        fn_constructor_kwargs={"weights": weights, "data_classes": manifest["classes"],
-                               "precision": precision, "use_gpu": use_gpu, "topk": topk,
-                               "num_threads": max(1, int(cpus_per_actor)) if not use_gpu else None,
-                               "fault": fault})
     dtype = modellib.resolve_precision(precision, modellib.pick_device(use_gpu))
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     meta = {"model_id": loaded["model_id"], "weights_sha256": loaded["sha256"] or "",

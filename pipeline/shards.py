@@ -413,7 +413,7 @@ def check_checksums(manifest_path: str, manifest: dict) -> None:
     next to decoding, and the only check that catches a flipped bit inside an image."""
     import ray
 
-    task = ray.remote(num_cpus=0.5)(_checksum_problem)
+    task = ray.remote(num_cpus=1)(_checksum_problem)
     problems = [p for p in ray.get([task.remote(rec, path) for rec, path in
                                     zip(manifest["shards"], shard_paths(manifest_path, manifest))])
                 if p]
