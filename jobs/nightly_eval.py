@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
+from jobs.predict import CPUS_PER_ACTOR_HELP, THREADS_HELP
 from pipeline import nightly, predict
 
 
@@ -42,12 +43,8 @@ class NightlyConfig:
                                  choices=["auto", "fp32", "bf16", "fp16"])
     use_gpu: bool = _cli.option(False, "one GPU per predictor actor")
     actors: int = _cli.option(1, "predictor actors (on a GPU cluster: the number of GPUs)")
-    cpus_per_actor: float = _cli.option(0.0, "CPUs each predictor actor reserves in Ray's "
-                                              "scheduling (0: 1 with a GPU, 0.5 on CPU, where "
-                                              "its threads use the cores anyway)")
-    threads: int = _cli.option(0, "torch threads per predictor actor on CPU (0: the cores of "
-                                  "its node, shared among the actors there; decode tasks "
-                                  "time-share them)")
+    cpus_per_actor: float = _cli.option(0.0, CPUS_PER_ACTOR_HELP)
+    threads: int = _cli.option(0, THREADS_HELP)
     decode_concurrency: int = _cli.option(0, "decode tasks at once (0: Ray Data decides)")
     max_failed_fraction: float = _cli.option(0.0, "exit 1 when more than this fraction of "
                                                   "samples fail to decode")

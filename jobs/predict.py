@@ -9,6 +9,12 @@ from jobs import _cli
 from pipeline import metrics, predict
 
 
+CPUS_PER_ACTOR_HELP = ("CPUs each predictor actor reserves in Ray's scheduling (0: 1 with a "
+                       "GPU, 0.5 on CPU, where its threads use the cores anyway)")
+THREADS_HELP = ("torch threads per predictor actor on CPU (0: the cores of its node, shared "
+                "among the actors there; decode tasks time-share them)")
+
+
 @dataclass(frozen=True)
 class PredictConfig:
     """Predict every image of a shard manifest with ResNet-18 on a Ray Data actor pool and write
@@ -25,12 +31,8 @@ class PredictConfig:
                                          "GPUs without bf16, else fp32", choices=["auto", "fp32", "bf16", "fp16"])
     use_gpu: bool = _cli.option(False, "one GPU per predictor actor")
     actors: int = _cli.option(1, "predictor actors (on a GPU cluster: the number of GPUs)")
-    cpus_per_actor: float = _cli.option(0.0, "CPUs each predictor actor reserves in Ray's "
-                                              "scheduling (0: 1 with a GPU, 0.5 on CPU, where "
-                                              "its threads use the cores anyway)")
-    threads: int = _cli.option(0, "torch threads per predictor actor on CPU (0: the cores of "
-                                  "its node, shared among the actors there; decode tasks "
-                                  "time-share them)")
+    cpus_per_actor: float = _cli.option(0.0, CPUS_PER_ACTOR_HELP)
+    threads: int = _cli.option(0, THREADS_HELP)
     decode_concurrency: int = _cli.option(0, "decode tasks at once (0: Ray Data decides)")
     decode_device: str = _cli.option("cpu", "cuda: decode JPEGs with nvJPEG on the GPU (near-"
                                             "identical pixels, for GPU clusters starved by JPEG "

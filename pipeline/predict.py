@@ -85,7 +85,7 @@ def cpu_threads(actors_per_node: int) -> int:
     """Torch threads for a CPU predictor actor: every core this process may run on, shared
     with the other predictor actors of its node. Decode tasks time-share those cores: at CPU
     inference rates they need a fraction of one (a core decodes ~300 images/s, ResNet-18 in
-    bf16 runs ~50 images/s per core), so leaving cores to them alone leaves most of it idle."""
+    bf16 runs ~50 images/s per core), and a core set aside for them would mostly idle."""
     return max(1, len(os.sched_getaffinity(0)) // max(1, actors_per_node))
 
 
@@ -241,7 +241,8 @@ def prediction_dataset(manifest_path: str, weights: str, *, batch_size: int, pre
     # Decoding runs in Ray tasks beside the predictor actors. Ray Data fuses operators whose
     # resources are equal, and fused, each actor decodes a batch, then infers, in turn. So on
     # CPU the actor reserves half a CPU (its threads use the node's cores whatever it reserves)
-    # and decode tasks keep one each (fractional ones make Ray start extra worker processes).
+    # and decode tasks keep one each (fractional ones make Ray start extra worker processes),
+    # or half when an actor is given exactly one.
     cpus_per_actor = cpus_per_actor or (1.0 if use_gpu else 0.5)
     decode_cpus = 0.5 if not use_gpu and cpus_per_actor == 1.0 else 1.0
     ds, manifest = data.read_decoded(manifest_path, mode="eval", batch_size=batch_size,
