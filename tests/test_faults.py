@@ -53,12 +53,14 @@ def _wait_for(predicate, proc, timeout=300.0):
         time.sleep(0.2)
 
 
-def _wait_for_no_alive_actors(class_names, timeout=120.0):
+def _wait_for_other_jobs_actors_to_die(ray_local, class_names, timeout=120.0):
+    """Wait until no actor of these classes is alive outside this test process's own job (its
+    earlier in-process runs may keep theirs)."""
     from ray.util.state import list_actors
 
-    t0 = time.monotonic()
+    ours, t0 = ray_local.get_runtime_context().get_job_id(), time.monotonic()
     while alive := [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])
-                    if a.class_name in class_names]:
+                    if a.class_name in class_names and a.job_id != ours]:
         assert time.monotonic() - t0 < timeout, f"still alive after {timeout:.0f} s: {alive}"
         time.sleep(0.5)
 
@@ -81,7 +83,7 @@ def test_finetune_job_killed_after_a_checkpoint_resumes_on_rerun(shard_set, tmp_
         proc.wait(timeout=60)
     # The controller and workers are actors, not children of the driver: Ray kills them when it
     # sees the job's driver gone, and until then they keep training and checkpointing.
-    _wait_for_no_alive_actors(("TrainController", "RayTrainWorker"))
+    _wait_for_other_jobs_actors_to_die(ray_local, ("TrainController", "RayTrainWorker"))
     resume_at = train.resume_epoch(cfg.storage_path, "crash")
     killed_history = last_checkpoint_state(tmp_path, "crash")["history"]
     assert 1 <= resume_at < 3 and proc.returncode == -signal.SIGKILL
