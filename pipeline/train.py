@@ -84,13 +84,32 @@ def _maybe_kill(fault: dict | None, epoch: int, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def train_step(net, images, labels, ok, optimizer, scaler, loss_fn, amp_dtype):
+    """One optimizer step on a batch; returns (loss, logits).
+
+    ``images``: uint8 N x 3 x H x W on the training device (already augmented); ``labels``:
+    int64 N; ``ok``: bool N, False for undecodable samples, which keep their row (equal step
+    counts across DDP workers) at weight 0 in the loss; ``loss_fn`` has ``reduction="none"``;
+    ``amp_dtype``: torch.float32 (no autocast), torch.bfloat16 or torch.float16 (with a
+    GradScaler). The model runs in channels_last on normalized input (``presets.normalize``).
+    """
+    device = images.device
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+        logits = net(presets.normalize(images))
+        loss = (loss_fn(logits.float(), labels) * ok).sum() / ok.sum().clamp(min=1)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
+
+
 def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, device, rank):
     # drop_last: a 1-image tail batch breaks BatchNorm in train mode; every worker holds the same
     # number of rows (equal split), so all drop the same tail and DDP stays in lockstep.
     net.train()
     set_backbone_frozen(model, epoch < cfg["freeze_epochs"])
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="none")
-    amp = cfg["amp_dtype"] != torch.float32
     seen = correct = 0
     loss_sum, t0, failures = 0.0, time.monotonic(), []
     first_step_end, first_rows = None, 0  # steady state: from the end of the first step on
@@ -105,14 +124,8 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
         images = presets.train_augment(images, batch["key"], cfg["seed"], epoch, cfg["crop_size"],
                                        cfg.get("min_crop_scale", 0.08))
         labels = torch.from_numpy(np.maximum(batch["label"], 0)).to(device)
-        with torch.autocast(device.type, dtype=cfg["amp_dtype"], enabled=amp):
-            logits = net(presets.normalize(images))
-            # Undecodable samples keep their row (equal step counts across workers) at weight 0.
-            loss = (loss_fn(logits.float(), labels) * ok).sum() / ok.sum().clamp(min=1)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss, logits = train_step(net, images, labels, ok, optimizer, scaler, loss_fn,
+                                  cfg["amp_dtype"])
         scheduler.step()
         n_ok = int(ok.sum())
         seen += n_ok
