@@ -3,23 +3,35 @@ most confused pairs and calibration (expected calibration error)."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 
 from pipeline import storage
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for k successes in n trials, as fractions."""
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials, as fractions in [0, 1].
+
+    scipy's ``binomtest(k, n).proportion_ci(method="wilson")``, clamped so that
+    ``lo <= k / n <= hi`` holds exactly in floating point (at k = 0 and k = n too: the plots'
+    error bars are ``value - lo`` and ``hi - value``). ``n == 0`` gives (nan, nan): no estimate.
+    Source: Wilson (1927), "Probable inference, the law of succession, and statistical
+    inference", JASA 22(158).
+    """
     if n == 0:
         return (float("nan"), float("nan"))
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
     p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    return (min(max(0.0, float(ci.low)), p), max(min(1.0, float(ci.high)), p))
+
+
+def percent_interval(k: int, n: int) -> list[float]:
+    """The 95% Wilson interval in percent, with ``lo <= 100 * k / n <= hi`` exactly."""
+    value = 100.0 * k / n if n else float("nan")
+    lo, hi = (100.0 * v for v in wilson_interval(k, n))
+    return [min(lo, value), max(hi, value)] if n else [lo, hi]
 
 
 def read_predictions(out: str, columns: list[str] | None = None) -> pd.DataFrame:
@@ -67,8 +79,8 @@ def evaluate(df: pd.DataFrame, classes: list[dict], top_pairs: int = 10) -> dict
     return {
         "samples": n,
         "top1": pct(top1.sum()), "top5": pct(top5.sum()),
-        "top1_ci95": [100 * v for v in wilson_interval(int(top1.sum()), n)],
-        "top5_ci95": [100 * v for v in wilson_interval(int(top5.sum()), n)],
+        "top1_ci95": percent_interval(int(top1.sum()), n),
+        "top5_ci95": percent_interval(int(top5.sum()), n),
         "ece": ece, "reliability": bins,
         "per_class": [{"index": int(r.label), "id": ids.get(int(r.label)),
                        "name": names.get(int(r.label)), "samples": int(r.size),
