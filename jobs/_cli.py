@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any
 
+from pipeline.errors import PipelineError, UsageError
+
 
 def option(default: Any, help: str, choices=None, required: bool = False):  # noqa: A002
     return dataclasses.field(default=default,
@@ -82,13 +84,15 @@ def dump(obj) -> str:
     return json.dumps(obj, indent=1, default=str)
 
 
-# Bad input, missing files and failed runs: reported as one clear line, exit 1. Programming
-# errors (TypeError, AttributeError, ...) keep their traceback.
-USER_ERRORS = (ValueError, OSError, RuntimeError)
+# Bad input, missing files and runs that cannot go on: one clear line, exit 1 (2 for settings
+# that cannot work). Programming errors (RuntimeError from torch, TypeError, ...) keep their
+# traceback: see pipeline/errors.py.
+USER_ERRORS = (PipelineError, ValueError, OSError)
 
 
 def reports_errors(main):
-    """Decorator for a job's main(): user errors become `error: ...` on stderr and exit 1."""
+    """Decorator for a job's main(): user errors become `error: ...` on stderr and exit 1, a
+    UsageError exit 2; RESNET_PIPELINE_DEBUG=1 re-raises them with their traceback."""
     import functools
 
     @functools.wraps(main)
@@ -99,5 +103,5 @@ def reports_errors(main):
             if os.environ.get("RESNET_PIPELINE_DEBUG"):
                 raise
             print(f"error: {str(e).strip()}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(e, UsageError) else 1
     return wrapper

@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
 from pipeline import sources, storage
+from pipeline.errors import PipelineError
 
 TORCHVISION_WEIGHTS = {"DEFAULT": ResNet18_Weights.DEFAULT,
                        "IMAGENET1K_V1": ResNet18_Weights.IMAGENET1K_V1}
@@ -62,7 +63,7 @@ def _load_torchvision(spec: str) -> dict:
         state_dict = weights.get_state_dict(progress=False, check_hash=True)
     except Exception as e:
         cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-        raise RuntimeError(f"could not get torchvision weights {spec} ({weights.url}): {e}. "
+        raise PipelineError(f"could not get torchvision weights {spec} ({weights.url}): {e}. "
                            f"Offline, copy that file to {cache} or pass --weights PATH") from None
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     sha = storage.sha256_file(path) if os.path.exists(path) else None
