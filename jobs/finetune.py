@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from jobs import _cli
 from pipeline import presets, storage, train
+from pipeline.errors import PipelineError
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,11 @@ class FinetuneConfig:
     epochs: int = _cli.option(10, "epochs to train")
     num_workers: int = _cli.option(2, "Ray Train workers (one GPU each with --use-gpu)")
     use_gpu: bool = _cli.option(False, "train on GPUs (NCCL); without it CPUs (gloo)")
-    cpus_per_worker: float = _cli.option(1.0, "CPUs reserved per worker; leave CPUs free for "
-                                              "the decode tasks")
+    cpus_per_worker: float = _cli.option(0.0, "CPUs each worker reserves in Ray (0: auto: 1 "
+                                              "with a GPU; on CPUs what leaves a quarter of the "
+                                              "cluster's CPUs, at least one, to the decode "
+                                              "tasks). A setting that leaves the decode tasks no "
+                                              "CPU is refused")
     threads: int = _cli.option(0, "torch threads per worker (0: Ray's default, the reserved CPUs)")
     storage_path: str = _cli.option("runs", "where runs live (shared storage on a cluster: "
                                             "s3://... or an NFS mount)")
@@ -34,7 +38,8 @@ class FinetuneConfig:
                             choices=["finetune", "probe"])
     unfreeze_after: int = _cli.option(0, "with --mode probe: unfreeze the backbone after this "
                                          "many epochs (0: never)")
-    batch_size: int = _cli.option(64, "batch size per worker")
+    batch_size: int = _cli.option(64, "batch size per worker (lowered, with a warning, to a "
+                                      "worker's share of the train split when that is smaller)")
     optimizer: str = _cli.option("sgd", "sgd (momentum, as torchvision's reference) or adamw "
                                         "(faster from random init on small data)",
                                  choices=["sgd", "adamw"])
@@ -70,25 +75,34 @@ def loop_config(cfg: FinetuneConfig) -> dict:
 
 
 def run(cfg: FinetuneConfig, fault: dict | None = None) -> dict:
-    """Train, export model.pt, and return the last epoch's metrics with the output paths."""
+    """Check the run (``train.plan_run``: nothing is written when it is refused), train, export
+    model.pt, and return the last epoch's metrics with the output paths."""
     loop = loop_config(cfg)
     if fault:
         loop["fault"] = fault
-    run_dir = storage.join(cfg.storage_path, cfg.name)
-    storage.write_text_atomic(storage.join(run_dir, "config.json"), _cli.dump(_cli.to_dict(cfg)))
-    result, state, full = train.fit(
-        loop, train_manifest=cfg.train, val_manifest=cfg.val, num_workers=cfg.num_workers,
-        use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker, storage_path=cfg.storage_path,
-        name=cfg.name, max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
-        decode_concurrency=cfg.decode_concurrency or None)
+    plan = train.plan_run(loop, train_manifest=cfg.train, val_manifest=cfg.val,
+                          num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                          cpus_per_worker=cfg.cpus_per_worker, storage_path=cfg.storage_path,
+                          name=cfg.name)
+    for note in plan.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    print(f"resources: {plan.resources.describe()}")
+    run_dir = plan.run_dir
+    resolved = {"cpus_per_worker": plan.resources.cpus_per_worker,
+                "batch_size_per_worker": plan.loop_config["batch_size"]}
+    storage.write_text_atomic(storage.join(run_dir, "config.json"),
+                              _cli.dump({**_cli.to_dict(cfg), "resolved": resolved}))
+    result, state, full = train.fit(plan, max_failures=cfg.max_failures,
+                                    num_to_keep=cfg.num_to_keep,
+                                    decode_concurrency=cfg.decode_concurrency or None)
     failures_path = storage.join(run_dir, "failures.parquet")
     write_failures(state.get("failures", []), failures_path)
     storage.write_text_atomic(storage.join(run_dir, "history.json"),
                               json.dumps(state.get("history", []), indent=1))
     if state["metrics"].get("stopped"):
-        raise RuntimeError(f"run {cfg.name} stopped: {state['metrics']['stopped']}; see "
-                           f"{failures_path}. The epoch's checkpoint is kept: fix or reshard "
-                           f"the data, or rerun with a higher --max-failed-fraction to go on")
+        raise PipelineError(f"run {cfg.name} stopped: {state['metrics']['stopped']}; see "
+                            f"{failures_path}. The epoch's checkpoint is kept: fix or reshard "
+                            f"the data, or rerun with a higher --max-failed-fraction to go on")
     model_path = storage.join(run_dir, "model.pt")
     train.export_model(state, model_path, full, _cli.to_dict(cfg))
     return {**state["metrics"], "history": state.get("history", []), "model": model_path,

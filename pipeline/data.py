@@ -144,8 +144,12 @@ def read_decoded(manifest_path: str, *, mode: str = "eval", resize_size: int | N
     shuffle = None
     if shuffle_seed is not None:
         shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    # Read tasks reserve what the decode tasks reserve (Ray's default is one CPU each): the
+    # two then fuse, and a plan that left the data stage a fraction of a CPU cannot wait
+    # forever on a read task (resources.py).
     ds = ray.data.read_webdataset(paths, decoder=None, shuffle=shuffle,
-                                  override_num_blocks=len(paths))
+                                  override_num_blocks=len(paths),
+                                  ray_remote_args={"num_cpus": num_cpus})
     if resize_size is None:
         resize_size = presets.resize_for(crop_size)
     ds = ds.map_batches(

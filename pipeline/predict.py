@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import data, faults, metrics, model as modellib, presets, shards, storage
+from pipeline.errors import PipelineError
 from pipeline.version import code_version
 
 ITEMS = ("predictions", "failures.parquet", "summary.json")
@@ -78,7 +79,10 @@ class Predictor:
                 "topk_index": topi[:, :k], "topk_prob": topp[:, :k],
                 "top1_correct": (pred == labels) & (labels >= 0),
                 "top5_correct": (topi[:, :k5] == labels[:, None]).any(axis=1) & (labels >= 0),
-                "error": batch["error"], "shard": batch["shard"]}
+                "error": batch["error"], "shard": batch["shard"],
+                # what this actor ran, which the driver cannot know (a CPU-only head can drive
+                # GPUs that lack bf16)
+                "precision": np.full(n, modellib.precision_name(self.dtype), dtype=object)}
 
 
 def cpu_threads(actors_per_node: int) -> int:
@@ -232,31 +236,23 @@ def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
     })
 
 
-def prediction_dataset(manifest_path: str, weights: str, *, batch_size: int, precision: str,
-                       use_gpu: bool, actors: int, cpus_per_actor: float, threads: int,
-                       topk: int, decode_concurrency: int | None, resize_size: int,
-                       crop_size: int, decode_device: str, fault: dict | None = None):
-    """The Ray Dataset of per-image predictions (decode tasks -> predictor actors), and the
-    manifest."""
-    # Decoding runs in Ray tasks beside the predictor actors. Ray Data fuses operators whose
-    # resources are equal, and fused, each actor decodes a batch, then infers, in turn. So on
-    # CPU the actor reserves half a CPU (its threads use the node's cores whatever it reserves)
-    # and decode tasks keep one each (fractional ones make Ray start extra worker processes),
-    # or half when an actor is given exactly one.
-    cpus_per_actor = cpus_per_actor or (1.0 if use_gpu else 0.5)
-    decode_cpus = 0.5 if not use_gpu and cpus_per_actor == 1.0 else 1.0
+def prediction_dataset(manifest_path: str, weights: str, plan, *, batch_size: int,
+                       precision: str, threads: int, topk: int,
+                       decode_concurrency: int | None, resize_size: int, crop_size: int,
+                       decode_device: str, fault: dict | None = None):
+    """The Ray Dataset of per-image predictions (decode tasks -> predictor actors) laid out as
+    ``plan`` (a ``resources.PredictPlan``) says, and the manifest."""
     ds, manifest = data.read_decoded(manifest_path, mode="eval", batch_size=batch_size,
                                      concurrency=decode_concurrency, resize_size=resize_size,
                                      crop_size=crop_size, decode_device=decode_device,
-                                     num_cpus=decode_cpus,
-                                     num_gpus=0.1 if decode_device == "cuda" else 0.0)
+                                     num_cpus=plan.decode_cpus, num_gpus=plan.decode_gpus)
     ds = ds.map_batches(
-        Predictor, batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
-        num_cpus=cpus_per_actor,
+        Predictor, batch_size=batch_size, concurrency=plan.actors, num_gpus=plan.gpus_per_actor,
+        num_cpus=plan.cpus_per_actor,
         fn_constructor_kwargs={"weights": weights, "data_classes": manifest["classes"],
-                               "precision": precision, "use_gpu": use_gpu, "topk": topk,
-                               "num_threads": None if use_gpu else threads,
-                               "actors_per_node": _actors_per_node(actors), "fault": fault})
+                               "precision": precision, "use_gpu": plan.use_gpu, "topk": topk,
+                               "num_threads": None if plan.use_gpu else threads,
+                               "actors_per_node": _actors_per_node(plan.actors), "fault": fault})
     return ds, manifest
 
 
@@ -274,7 +270,11 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
     import ray
     from tqdm import tqdm
 
+    from pipeline import resources
+
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
+    plan = resources.plan_prediction(resources.current_cluster(), actors, use_gpu, cpus_per_actor,
+                                     decode_device)
     storage.check_writable(out)
     recover(out)
     loaded = modellib.load_weights(weights)  # fail here, not in every actor, on bad weights
@@ -291,24 +291,21 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
                          f"predict with a model.pt (it carries its class list)")
     label_map(manifest["classes"], classes_model)
     ds, manifest = prediction_dataset(
-        manifest_path, weights, batch_size=batch_size, precision=precision, use_gpu=use_gpu,
-        actors=actors, cpus_per_actor=cpus_per_actor, threads=threads, topk=topk,
-        decode_concurrency=decode_concurrency, resize_size=resize_size, crop_size=crop_size,
-        decode_device=decode_device, fault=fault)
+        manifest_path, weights, plan, batch_size=batch_size, precision=precision,
+        threads=threads, topk=topk, decode_concurrency=decode_concurrency,
+        resize_size=resize_size, crop_size=crop_size, decode_device=decode_device, fault=fault)
     k = min(topk, len(classes_model))
-    dtype = modellib.resolve_precision(precision, modellib.pick_device(use_gpu))
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     meta = {"model_id": loaded["model_id"], "weights_sha256": loaded["sha256"] or "",
             "data_manifest": manifest_path,
             "data_manifest_sha256": hashlib.sha256(storage.read_bytes(manifest_path)).hexdigest(),
             "preset": json.dumps({"resize_size": resize_size, "crop_size": crop_size,
                                   "interpolation": "bilinear", "antialias": True}),
-            "precision": modellib.precision_name(dtype), "code_version": code_version(),
-            "run_id": run_id}
+            "precision": "", "code_version": code_version(), "run_id": run_id}
     staging = storage.join(out, f"_staging-{run_id}")
     writer = _PartWriter(storage.join(staging, "predictions"), meta)
     keys, failures, t_first, seen, first_n = set(), [], None, 0, 0
-    per_shard = collections.Counter()
+    per_shard, ran = collections.Counter(), set()
     with tqdm(total=manifest["total_samples"], unit="img", desc="predict",
               disable=not progress) as bar:
         try:
@@ -319,8 +316,11 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
                 failures += [{"key": str(key), "shard": str(s), "error": str(e)} for key, s, e in
                              zip(batch["key"][bad], batch["shard"][bad], batch["error"][bad])]
                 keys.update(batch["key"].tolist())
+                ran.update(batch["precision"].tolist())
+                # the Parquet metadata (written with the first part) names what the actors ran
+                meta["precision"] = "+".join(sorted(ran))
                 per_shard.update(storage.basename(u) for u in batch["shard"].tolist())
-                good = {c: v[~bad] for c, v in batch.items()}
+                good = {c: v[~bad] for c, v in batch.items() if c != "precision"}
                 if len(good["key"]):
                     writer.write(_to_table(good, k))
                 seen += len(batch["key"])
@@ -346,17 +346,17 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
     return summary
 
 
-def _read_error(e, manifest_path: str) -> RuntimeError:
+def _read_error(e, manifest_path: str) -> PipelineError:
     """A damaged shard surfaces as a failed Ray read task: say what broke and what to run."""
     cause = getattr(e, "cause", None) or e
     lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
     first = lines[0] if lines else type(cause).__name__
-    return RuntimeError(f"reading the shards of {manifest_path} failed "
+    return PipelineError(f"reading the shards of {manifest_path} failed "
                         f"({type(cause).__name__}: {first}); run `python -m jobs.shard --verify "
                         f"{manifest_path}` to name the damaged shard. Nothing published")
 
 
-class FailedSamples(RuntimeError):
+class FailedSamples(PipelineError):
     """More samples failed than the run allows; outputs are published all the same."""
 
 
@@ -365,14 +365,14 @@ def check_coverage(manifest: dict, path: str, rows: int, unique: int,
     """Rows (decoded or failed) must be exactly the manifest's samples, shard by shard: a tar cut
     at a member boundary reads back cleanly with fewer samples, and only this count catches it."""
     if rows != unique:
-        raise RuntimeError(f"{rows - unique} duplicate keys in the predictions of {path}: "
+        raise PipelineError(f"{rows - unique} duplicate keys in the predictions of {path}: "
                            f"nothing published")
     base = storage.dirname(path)  # shard files of one manifest share a folder: names suffice
     wrong = [f"{storage.join(base, s['file'])} gave {per_shard.get(s['file'], 0)} of "
              f"{s['samples']} samples" for s in manifest["shards"]
              if per_shard.get(s["file"], 0) != s["samples"]]
     if wrong or unique != manifest["total_samples"]:
-        raise RuntimeError(f"{path} lists {manifest['total_samples']} samples but the stream gave "
+        raise PipelineError(f"{path} lists {manifest['total_samples']} samples but the stream gave "
                            f"{unique}: {'; '.join(wrong) or 'unknown shards'}. Run `python -m "
                            f"jobs.shard --verify {path}`. Nothing published")
 

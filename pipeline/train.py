@@ -9,18 +9,25 @@ storage_path and name resumes from the last checkpoint; a failed worker restarts
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import signal
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import model as modellib, presets
+from pipeline.errors import PipelineError, UsageError
+
+if TYPE_CHECKING:
+    from pipeline.resources import TrainPlan
 
 STATE_FILE = "state.pt"
 
@@ -30,7 +37,7 @@ class ExactValDataConfig:
     counts) but "val" with equal=False, so no val image is dropped or seen twice."""
 
     @staticmethod
-    def make():
+    def make(execution_options=None):
         import ray.train
 
         class _Config(ray.train.DataConfig):
@@ -44,7 +51,7 @@ class ExactValDataConfig:
                         out[i]["val"] = it
                 return out
 
-        return _Config(datasets_to_split=["train"])
+        return _Config(datasets_to_split=["train"], execution_options=execution_options)
 
 
 def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
@@ -235,7 +242,7 @@ def _build(cfg, device):
     else:
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"],
                                     nesterov=cfg["nesterov"])
-    steps = max(1, math.ceil(cfg["train_samples"] / world / cfg["batch_size"]))
+    steps = max(1, cfg["train_samples"] // world // cfg["batch_size"])  # drop_last
     total, warmup = steps * cfg["epochs"], max(1, int(steps * cfg["warmup_epochs"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup, total))
@@ -252,7 +259,9 @@ def check_resumable(saved: dict, cfg: dict) -> None:
     restored optimizer and schedule would silently continue a different experiment."""
     changed = [k for k in RESUME_KEYS if k in saved and saved[k] != cfg.get(k)]
     if changed:
-        raise ValueError(f"run exists with different {', '.join(changed)}: use a new --name, "
+        shown = [k if k in ("classes", "train_samples") else f"{k} {saved[k]!r} -> {cfg.get(k)!r}"
+                 for k in changed]
+        raise UsageError(f"run exists with different {', '.join(shown)}: use a new --name, "
                          f"or the same settings to resume")
 
 
@@ -302,6 +311,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                                     m["train_failed"] + m["val_failed"])
         attempted = m["train_images"] + m["train_failed"] + m["val_images"] + m["val_failed"]
         m.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], backbone_frozen=frozen,
+                 precision=modellib.precision_name(cfg["amp_dtype"]),  # what this worker ran
                  train_images_per_s=m["train_images"] / m["train_seconds"],
                  failed_fraction=len(failures) / max(attempted, 1))
         # Every rank computes the same verdict from reduced counts, so all stop together.
@@ -378,44 +388,123 @@ def shuffle_seed(seed: int, first_epoch: int) -> int:
     return seed if first_epoch == 0 else (seed * 1_000_003 + first_epoch) % (2 ** 31)
 
 
-def fit(loop_config: dict, *, train_manifest: str, val_manifest: str, num_workers: int,
-        use_gpu: bool, cpus_per_worker: float, storage_path: str, name: str,
-        max_failures: int = 1, num_to_keep: int = 2, decode_concurrency: int | None = None):
-    """Run (or resume) a fine-tuning run; return (ray.train.Result, the last checkpoint's state,
-    the resolved loop config)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a fine-tuning run is checked against before Ray Train starts: the loop config
+    the workers get (classes, train_samples, world_size and the per-worker batch resolved), the
+    resource plan, and where the run lives."""
+    loop_config: dict
+    resources: "TrainPlan"
+    train_manifest: str
+    val_manifest: str
+    storage_path: str
+    name: str
+    notes: tuple[str, ...] = ()  # what the plan changed, for the job to print
 
-    from pipeline import data, storage
+    @property
+    def run_dir(self) -> str:
+        from pipeline import storage
+
+        return storage.join(self.storage_path, self.name)
+
+
+MIN_BATCH = 2  # BatchNorm in train mode needs two values per channel (1x1 maps at small crops)
+
+
+def per_worker_batch(train_samples: int, num_workers: int, batch_size: int) -> tuple[int, str]:
+    """The per-worker batch that gives every epoch at least one optimizer step, and a note when it
+    differs from ``batch_size``. Each worker gets ``train_samples // num_workers`` rows (an equal
+    split) and drops its last partial batch, so a batch larger than that share trains nothing.
+    Raises UsageError when a worker's share is under MIN_BATCH images."""
+    share = train_samples // num_workers
+    if share < MIN_BATCH:
+        raise UsageError(f"the train split has {train_samples} images: with --num-workers "
+                         f"{num_workers} each worker gets {share}, fewer than a batch of "
+                         f"{MIN_BATCH}; use fewer workers or more images")
+    if share >= batch_size:
+        return batch_size, ""
+    return share, (f"--batch-size {batch_size} is larger than each worker's share of the train "
+                   f"split ({train_samples} images / {num_workers} workers = {share}): using a "
+                   f"per-worker batch of {share}, one step per epoch")
+
+
+def plan_run(loop_config: dict, *, train_manifest: str, val_manifest: str, num_workers: int,
+             use_gpu: bool, cpus_per_worker: float, storage_path: str, name: str,
+             cluster=None) -> RunPlan:
+    """Check a fine-tuning run before anything starts or is written; raise UsageError (one line)
+    for settings that cannot run: a resource plan the cluster cannot give, too few train images
+    for the workers, train and val class lists that differ, or a rerun of STORAGE/NAME whose
+    settings differ from the run it would resume."""
+    from pipeline import resources, shards, storage
 
     storage_path = storage_path if storage.is_uri(storage_path) else os.path.abspath(storage_path)
-    train_ds, train_m = data.read_decoded(
-        train_manifest, mode="train", crop_size=loop_config["crop_size"],
-        batch_size=loop_config["batch_size"], concurrency=decode_concurrency,
-        shuffle_seed=shuffle_seed(loop_config["seed"], resume_epoch(storage_path, name)))
-    val_ds, val_m = data.read_decoded(
-        val_manifest, mode="eval", crop_size=loop_config["crop_size"],
-        batch_size=loop_config["batch_size"], concurrency=decode_concurrency)
+    plan = resources.plan_training(cluster or resources.current_cluster(), num_workers, use_gpu,
+                                   cpus_per_worker)
+    train_m, val_m = shards.load_manifest(train_manifest), shards.load_manifest(val_manifest)
     if [c["id"] for c in train_m["classes"]] != [c["id"] for c in val_m["classes"]]:
-        raise ValueError(f"{train_manifest} and {val_manifest} have different class lists: "
-                         f"shard val with the train classes")
-    cfg = dict(loop_config, classes=train_m["classes"], num_classes=len(train_m["classes"]),
-               train_samples=train_m["total_samples"])
+        raise UsageError(f"{train_manifest} and {val_manifest} have different class lists: shard "
+                         f"val with --classes-from {train_manifest}")
+    batch, note = per_worker_batch(train_m["total_samples"], num_workers,
+                                   loop_config["batch_size"])
+    cfg = dict(loop_config, batch_size=batch, classes=train_m["classes"],
+               num_classes=len(train_m["classes"]), train_samples=train_m["total_samples"],
+               world_size=num_workers)
+    saved = recorded_config(storage_path, name)
+    if saved is not None:
+        check_resumable(saved, cfg)
+    return RunPlan(cfg, plan, train_manifest, val_manifest, storage_path, name,
+                   tuple(n for n in (note,) if n))
+
+
+def recorded_config(storage_path: str, name: str) -> dict | None:
+    """The loop config saved in the checkpoint a rerun of STORAGE/NAME would resume from."""
+    from pipeline import storage
+
+    latest = recorded_checkpoint(storage_path, name)
+    if latest is None:
+        return None
+    data = storage.read_bytes(storage.join(storage_path, name, latest[0], STATE_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["config"]
+
+
+def fit(run: RunPlan, *, max_failures: int = 1, num_to_keep: int = 2,
+        decode_concurrency: int | None = None):
+    """Run (or resume) a planned fine-tuning run (``plan_run``); return (ray.train.Result, the
+    last checkpoint's state, the resolved loop config)."""
+    import ray.train
+    from ray.data import ExecutionOptions, ExecutionResources
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline import data
+
+    cfg, plan = run.loop_config, run.resources
+    train_ds, _ = data.read_decoded(
+        run.train_manifest, mode="train", crop_size=cfg["crop_size"],
+        batch_size=cfg["batch_size"], concurrency=decode_concurrency, num_cpus=plan.decode_cpus,
+        shuffle_seed=shuffle_seed(cfg["seed"], resume_epoch(run.storage_path, run.name)))
+    val_ds, _ = data.read_decoded(
+        run.val_manifest, mode="eval", crop_size=cfg["crop_size"], batch_size=cfg["batch_size"],
+        concurrency=decode_concurrency, num_cpus=plan.decode_cpus)
+    # Ray Train keeps its workers' resources from Ray Data; on a fixed cluster the limit also
+    # says what the plan left to the data stage, so Ray Data never waits on CPUs it cannot get.
+    options = None if plan.data_cpus is None else ExecutionOptions(
+        resource_limits=ExecutionResources(cpu=plan.data_cpus))
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=cfg,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+            num_workers=plan.num_workers, use_gpu=plan.use_gpu,
+            resources_per_worker={"CPU": plan.cpus_per_worker,
+                                  **({"GPU": 1} if plan.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path,
+            name=run.name, storage_path=run.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep)),
         datasets={"train": train_ds, "val": val_ds},
-        dataset_config=ExactValDataConfig.make())
+        dataset_config=ExactValDataConfig.make(options))
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"run {name} finished without a checkpoint")
+        raise PipelineError(f"run {run.name} finished without a checkpoint")
     return result, load_checkpoint_state(result.checkpoint), cfg
 
 

@@ -129,12 +129,13 @@ def test_decoding_runs_in_tasks_beside_the_predictor_not_fused_into_it(shard_set
                                                                       capsys, cpus_per_actor):
     """Fused (Ray Data fuses operators with equal resources), an actor decodes, then infers,
     in turn, and the other cores idle: measured 44 vs 80 images/s on 2 cores."""
-    from pipeline import predict
+    from pipeline import predict, resources
 
+    plan = resources.plan_prediction(resources.current_cluster(), actors=1, use_gpu=False,
+                                     cpus_per_actor=cpus_per_actor)
     ds, _ = predict.prediction_dataset(
-        str(shard_set / "val.json"), "none", batch_size=4, precision="fp32", use_gpu=False,
-        actors=1, cpus_per_actor=cpus_per_actor, threads=0, topk=5, decode_concurrency=None,
-        resize_size=256, crop_size=224, decode_device="cpu")
+        str(shard_set / "val.json"), "none", plan, batch_size=4, precision="fp32", threads=0,
+        topk=5, decode_concurrency=None, resize_size=256, crop_size=224, decode_device="cpu")
     ds.explain()
     plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in plan, plan

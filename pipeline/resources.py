@@ -1,0 +1,172 @@
+"""The resource plan of a job, worked out against the Ray cluster it runs on before it starts.
+
+Ray schedules by declared resources: a task or actor whose CPUs or GPUs the cluster cannot give
+waits, and a pipeline whose training workers hold every CPU waits forever for a decode task
+(Ray only warns "The job may hang forever"). So each job plans its stages together:
+
+* fine-tuning: N Ray Train workers (1 GPU each with ``use_gpu``) plus the Ray Data read/decode
+  tasks that feed them. ``cpus_per_worker=0`` (auto) leaves a quarter of the cluster's CPUs (at
+  least one, at most half) to the data stage; with GPUs a worker takes one CPU.
+* prediction: the predictor actors (1 GPU each with ``use_gpu``) plus the decode tasks.
+
+A plan that cannot run raises ``UsageError`` naming the flags and the cluster's CPUs/GPUs, at
+once, before anything is written. A cluster that may grow (a job submitted to a cluster with
+RAY_ADDRESS set, which the autoscaler of ``cluster.yaml`` can enlarge) is not refused: the plan
+is logged as a warning and Ray waits for the nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from pipeline.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+# Share of a CPU-only cluster's CPUs that auto-planned training leaves to decoding: a core
+# decodes ~300 ImageNet images/s, ResNet-18 trains at ~15 images/s per core on CPU.
+DATA_SHARE = 0.25
+# With --decode-device cuda each decode task shares its node's GPU with a predictor actor.
+DECODE_GPU_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the cluster holds now: ``cpus``, ``gpus`` (counts, may be fractional), and whether
+    it may grow (an autoscaling cluster joined through RAY_ADDRESS) or is fixed (a local one)."""
+    cpus: float
+    gpus: float
+    can_grow: bool = False
+
+    def describe(self) -> str:
+        return f"this Ray cluster has {self.cpus:g} CPUs and {self.gpus:g} GPUs"
+
+
+def current_cluster() -> Cluster:
+    """The running Ray cluster's resources (``ray.init`` must have been called)."""
+    import ray
+
+    res = ray.cluster_resources()
+    return Cluster(float(res.get("CPU", 0)), float(res.get("GPU", 0)),
+                   can_grow=bool(os.environ.get("RAY_ADDRESS")))
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Ray Train workers and their data stage. ``data_cpus``: the CPUs left to Ray Data, set as
+    its resource limit (None on a cluster that may grow); ``decode_cpus``: what one read/decode
+    task reserves (<= data_cpus)."""
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    data_cpus: float | None
+    decode_cpus: float
+
+    def describe(self) -> str:
+        gpu = ", 1 GPU" if self.use_gpu else ""
+        data = "the rest" if self.data_cpus is None else f"{self.data_cpus:g} CPUs"
+        return (f"{self.num_workers} Train workers x ({self.cpus_per_worker:g} CPU{gpu}) + "
+                f"data stage {data} (decode tasks of {self.decode_cpus:g} CPU)")
+
+
+@dataclass(frozen=True)
+class PredictPlan:
+    """Predictor actors and their decode tasks (CPUs and GPUs each reserves in Ray)."""
+    actors: int
+    use_gpu: bool
+    cpus_per_actor: float
+    gpus_per_actor: float
+    decode_cpus: float
+    decode_gpus: float
+
+    def describe(self) -> str:
+        gpu = f", {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
+        return (f"{self.actors} predictor actors x ({self.cpus_per_actor:g} CPU{gpu}) + decode "
+                f"tasks of {self.decode_cpus:g} CPU"
+                + (f", {self.decode_gpus:g} GPU" if self.decode_gpus else ""))
+
+
+def _refuse_or_warn(cluster: Cluster, problem: str) -> None:
+    if cluster.can_grow:
+        log.warning("%s; %s now. Waiting for the autoscaler to add nodes (stop the job if this "
+                    "cluster cannot grow)", problem, cluster.describe())
+        return
+    raise UsageError(f"{problem}; {cluster.describe()}")
+
+
+def plan_training(cluster: Cluster, num_workers: int, use_gpu: bool,
+                  cpus_per_worker: float = 0.0) -> TrainPlan:
+    """Plan ``num_workers`` Ray Train workers and their data stage on ``cluster``.
+
+    ``cpus_per_worker``: CPUs each worker reserves; 0 (auto) is 1 with GPUs, else what leaves
+    the data stage DATA_SHARE of the CPUs (at least 1, at most half). Raises ``UsageError`` when
+    the plan cannot run on a fixed cluster (see the module doc)."""
+    if num_workers < 1:
+        raise UsageError(f"--num-workers must be at least 1, not {num_workers}")
+    if cpus_per_worker < 0:
+        raise UsageError(f"--cpus-per-worker must be >= 0 (0: auto), not {cpus_per_worker:g}")
+    if use_gpu and cluster.gpus < num_workers:
+        _refuse_or_warn(cluster, f"--use-gpu with --num-workers {num_workers} needs "
+                                 f"{num_workers} GPUs")
+    cpus = cluster.cpus
+    reserve = min(max(1.0, DATA_SHARE * cpus), cpus / 2)
+    if cpus_per_worker == 0:
+        room = (cpus - reserve) / num_workers
+        cpus_per_worker = min(1.0, room) if use_gpu else room
+        if cpus_per_worker <= 0:
+            cpus_per_worker = 1.0  # no CPU at all now: a growing cluster brings them
+        cpus_per_worker = _round_down(cpus_per_worker)
+    data_cpus = _round_down(cpus - num_workers * cpus_per_worker) \
+        if cpus - num_workers * cpus_per_worker >= 0.01 else 0.0
+    if data_cpus == 0:
+        _refuse_or_warn(cluster, f"--num-workers {num_workers} x --cpus-per-worker "
+                                 f"{cpus_per_worker:g} = {num_workers * cpus_per_worker:g} CPUs "
+                                 f"leaves no CPU to read and decode the shards: lower "
+                                 f"--cpus-per-worker (0: auto) or --num-workers")
+    # On a cluster that may grow, Ray Data gets no fixed limit: nodes still to come add CPUs.
+    limit = None if cluster.can_grow else data_cpus
+    return TrainPlan(num_workers, use_gpu, cpus_per_worker, limit,
+                     min(1.0, data_cpus) if data_cpus else 1.0)
+
+
+def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor: float = 0.0,
+                    decode_device: str = "cpu") -> PredictPlan:
+    """Plan ``actors`` predictor actors and their decode tasks on ``cluster``.
+
+    On CPU an actor reserves half a CPU by default (its torch threads use the node's cores
+    whatever it reserves) and a decode task one CPU. Ray Data fuses operators whose resources
+    are equal, and fused, an actor decodes and infers in turn, so the two never reserve the
+    same amount. With ``decode_device="cuda"`` a decode task takes DECODE_GPU_SHARE of a GPU
+    and each actor the rest of its own. Raises ``UsageError`` when the plan cannot run on a
+    fixed cluster."""
+    if actors < 1:
+        raise UsageError(f"--actors must be at least 1, not {actors}")
+    if cpus_per_actor < 0:
+        raise UsageError(f"--cpus-per-actor must be >= 0 (0: auto), not {cpus_per_actor:g}")
+    gpu_decode = use_gpu and decode_device == "cuda"
+    gpus_per_actor = (1.0 - DECODE_GPU_SHARE if gpu_decode else 1.0) if use_gpu else 0.0
+    if use_gpu and cluster.gpus < actors:
+        _refuse_or_warn(cluster, f"--use-gpu with --actors {actors} needs {actors} GPUs")
+    if cpus_per_actor == 0:
+        want = 1.0 if use_gpu else 0.5
+        cpus_per_actor = _round_down(max(0.01, min(want, (cluster.cpus - 1.0) / actors)))
+    decode_cpus = 0.5 if cpus_per_actor == 1.0 and not use_gpu else 1.0
+    left = cluster.cpus - actors * cpus_per_actor
+    if 0.1 <= left < decode_cpus:  # a share of a CPU, never the actors' share (fusion)
+        decode_cpus = _round_down(left)
+        if decode_cpus == cpus_per_actor:
+            decode_cpus -= 0.01
+    if left < decode_cpus:
+        _refuse_or_warn(cluster, f"--actors {actors} x --cpus-per-actor {cpus_per_actor:g} = "
+                                 f"{actors * cpus_per_actor:g} CPUs leaves no CPU to decode the "
+                                 f"images: lower --cpus-per-actor (0: auto) or --actors")
+    return PredictPlan(actors, use_gpu, cpus_per_actor, gpus_per_actor, decode_cpus,
+                       DECODE_GPU_SHARE if gpu_decode else 0.0)
+
+
+def _round_down(cpus: float) -> float:
+    """To a hundredth: Ray's resource arithmetic is exact to 1e-4, and 0.333 + 0.333 + 0.333
+    must fit in 1 where 1/3 * 3 may not."""
+    return max(0.01, int(cpus * 100) / 100)
