@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import shards, sources
+from pipeline import shards, sources, storage
 
 
 @dataclass(frozen=True)
@@ -42,19 +42,31 @@ class ShardConfig:
         0.0, "exit 1 when more than this fraction of the source's files were skipped (the "
              "shards and the manifest, which lists every skipped file and why, are still "
              "written; a rerun with a higher value reuses them)")
-    verify: str = _cli.option("", "verify the shards of this manifest instead of sharding")
+    verify: str = _cli.option("", "verify the shards of this manifest (or of every manifest in this "
+                                  "folder) instead of sharding")
     progress: bool = _cli.option(True, "show a progress bar")
+
+
+def verify(path: str) -> int:
+    """Verify one manifest, or every shard manifest in a folder; exit 1 naming each bad shard."""
+    manifests = shards.find_manifests(path) if storage.is_dir(path) else [path]
+    if not manifests:
+        raise FileNotFoundError(f"{path} is a folder with no shard manifest (<split>.json)")
+    bad = 0
+    for manifest in manifests:
+        problems = shards.verify_shards(manifest)
+        for p in problems:
+            print(f"BAD {p}")
+        print(f"{'FAILED' if problems else 'OK'}: {len(problems)} bad shard(s) in {manifest}")
+        bad += len(problems)
+    return 1 if bad else 0
 
 
 @_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(ShardConfig, argv, "shard")
     if cfg.verify:
-        problems = shards.verify_shards(cfg.verify)
-        for p in problems:
-            print(f"BAD {p}")
-        print(f"{'FAILED' if problems else 'OK'}: {len(problems)} bad shard(s) in {cfg.verify}")
-        return 1 if problems else 0
+        return verify(cfg.verify)
     if not cfg.source or not cfg.out:
         _cli.fail("--source and --out are required (or --verify MANIFEST)")
     _cli.init_ray()
@@ -74,11 +86,21 @@ def main(argv=None) -> int:
         print(f"  ... and {len(m['skipped']) - 20} more (all listed in the manifest)")
     manifest = f"{cfg.out}/{cfg.split}.json"
     print(f"manifest: {manifest}")
+    if m["empty_classes"]:
+        index = {c["id"]: c["index"] for c in m["classes"]}
+        print(f"warning: {len(m['empty_classes'])} of {len(m['classes'])} classes hold no image: "
+              + ", ".join(f"{c} (index {index[c]})" for c in m["empty_classes"][:10])
+              + ("" if len(m["empty_classes"]) <= 10 else ", ...")
+              + "; they keep their index (listed as empty_classes in the manifest)",
+              file=sys.stderr)
     seen = m["total_samples"] + len(m["skipped"])
     if len(m["skipped"]) > cfg.max_skipped_fraction * seen:
+        too_big = sum("raise --max-pixels" in s["reason"] for s in m["skipped"])
+        hint = (f"; {too_big} of them are over --max-pixels {cfg.max_pixels}: raise it to store "
+                f"them" if too_big else "")
         print(f"error: {len(m['skipped'])} of {seen} source files were skipped (allowed: "
               f"{cfg.max_skipped_fraction:.2%}); reasons in {manifest}. Rerun with "
-              f"--max-skipped-fraction to accept them", file=sys.stderr)
+              f"--max-skipped-fraction to accept them{hint}", file=sys.stderr)
         return 1
     return 0
 

@@ -11,46 +11,26 @@ Rows: ``key`` str, ``label`` int64, ``image`` uint8 3xHxW, ``error`` str ("" whe
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline import presets, shards
+from pipeline import images as imagelib, presets, shards
 
 # What counts as bad data, not a bug: recorded per sample, never raised.
 DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError,
                Image.DecompressionBombError, Image.DecompressionBombWarning)
-IMAGE_EXTS = tuple(shards.IMAGE_EXTS.values())
 
 
 def decode_image(data: bytes, max_pixels: int = shards.DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Bytes -> RGB PIL image (CMYK, grayscale, palette and alpha all become RGB)."""
-    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own guard then fires at our limit, not its own
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > max_pixels:
-            raise ValueError(f"{img.width}x{img.height} pixels is over the decompression-bomb "
-                             f"limit of {max_pixels}")
-        return img.convert("RGB")
+    """Bytes -> RGB PIL image (``imagelib.decode_rgb``: the one opener with the pixel limit)."""
+    return imagelib.decode_rgb(data, max_pixels)
 
 
 def _sample_image(row: dict, num_classes: int) -> tuple[bytes, int]:
-    """The image bytes and label of one raw sample; ValueError names what is wrong."""
-    present = {k for k, v in row.items() if not k.startswith("__") and isinstance(v, bytes)}
-    extra = present - shards.MEMBER_EXTS
-    if extra:
-        raise ValueError(f"unexpected member(s) {sorted(extra)} refused (never unpickled)")
-    images = [k for k in IMAGE_EXTS if k in present]
-    if len(images) != 1:
-        raise ValueError(f"expected one image member, found {images or 'none'}")
-    if "cls" not in present:
-        raise ValueError("no .cls member")
-    label = int(row["cls"])
-    if not 0 <= label < num_classes:
-        raise ValueError(f"label {label} outside the class range 0..{num_classes - 1}")
-    return row[images[0]], label
+    """The image bytes and label of one raw sample (``shards.validate_sample``'s rule)."""
+    ext, label = shards.validate_sample(row, num_classes)
+    return row[ext], label
 
 
 def decode_batch(batch, *, mode: str, num_classes: int, resize_size: int = presets.RESIZE_SIZE,

@@ -17,23 +17,21 @@ import json
 import random
 import tarfile
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
-from pipeline import faults, storage
+from pipeline import faults, images, storage
 from pipeline.sources import Source
 
 FORMAT = "resnet-pipeline-shards"
 FORMAT_VERSION = 1
-# Real format (PIL's name) -> member extension. Anything else is skipped with its reason.
-IMAGE_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
-              "TIFF": "tiff"}
+# Real format (PIL's name) -> member extension (images.py). Anything else is skipped with its
+# reason.
+IMAGE_EXTS = images.IMAGE_EXTS
 MEMBER_EXTS = set(IMAGE_EXTS.values()) | {"cls", "json"}
-# PIL's own default limit: ~89.5 Mpixel (a 0.25 GB RGB bitmap); beyond that we refuse to decode.
-DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MAX_PIXELS = images.DEFAULT_MAX_PIXELS
 # ImageNet train images average ~110 KB: 5000 per shard gives ~550 MB train shards and
 # 10 val shards of ~640 MB; use 1000 for val if you read it with more than 10 readers.
 DEFAULT_SAMPLES_PER_SHARD = 5000
@@ -61,21 +59,35 @@ def shard_name(split: str, index: int) -> str:
 
 
 def make_keys(items: list[tuple[str, str]]) -> tuple[list[Member], list[dict]]:
-    """Key = file stem with dots replaced by '_'. A stem shared by several classes is prefixed
-    with its class id; a key still not unique (same stem twice in one class) is skipped."""
-    stems = [p.rsplit("/", 1)[-1].rsplit(".", 1)[0].replace(".", "_") for p, _ in items]
-    counts = Counter(stems)
-    keyed = [(f"{c.replace('.', '_')}_{s}" if counts[s] > 1 else s, p, c)
-             for s, (p, c) in zip(stems, items)]
-    key_counts = Counter(k for k, _, _ in keyed)
-    members, skipped = [], []
-    for key, path, cls in keyed:
-        if key_counts[key] > 1:
-            skipped.append({"path": path, "reason": f"duplicate key {key!r}: another file in "
-                                                    f"class {cls} has the same stem"})
-        else:
-            members.append(Member(key, path, cls))
-    return members, skipped
+    """A key per file, unique by construction and free of dots (WebDataset splits a member name
+    at its first dot). The file's stem (dots as '_') where no other file has that key, which
+    keeps ImageNet's keys (``n01440764_10026``, ``ILSVRC2012_val_00000001``); else its folder
+    and stem (``cat/001.jpg`` -> ``cat_001``); else its whole relative path with '_', '/' and
+    '.' escaped as '__', '_s', '_d' (``x/img.png`` -> ``x_simg_dpng``), which differs for
+    every path. A key that meets another moves up a level until none does. Nothing is
+    dropped: the second list (files skipped) is always empty."""
+    levels = [0] * len(items)
+    while True:
+        keys = [_key(path, level) for (path, _), level in zip(items, levels)]
+        counts = Counter(keys)
+        clashing = [i for i, k in enumerate(keys) if counts[k] > 1 and levels[i] < 2]
+        if not clashing:
+            break
+        for i in clashing:
+            levels[i] += 1
+    if len(set(keys)) != len(keys):  # only two equal paths could do this
+        raise ValueError(f"two files with the same path among {len(items)} source files")
+    return [Member(k, p, c) for k, (p, c) in zip(keys, items)], []
+
+
+def _key(path: str, level: int) -> str:
+    """Level 0: the stem; 1: folders and stem; 2: the whole path, escaped (injective)."""
+    if level == 2:
+        return path.replace("_", "__").replace("/", "_s").replace(".", "_d")
+    stem = path.rsplit(".", 1)[0] if "." in path.rsplit("/", 1)[-1] else path
+    if level == 0:
+        stem = stem.rsplit("/", 1)[-1]
+    return stem.replace("/", "_").replace(".", "_")
 
 
 def plan_shards(members: list[Member], split: str, samples_per_shard: int, seed: int):
@@ -115,29 +127,23 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ValueError(f"check must be one of {CHECKS}, not {check!r}")
     if not data:
         raise BadImage("empty file (0 bytes)")
-    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own guard then fires at our limit, not its own
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                fmt, (w, h), mode = im.format, im.size, im.mode
-                if w * h > max_pixels:
-                    raise BadImage(f"{w}x{h} pixels is over the decompression-bomb limit "
-                                   f"of {max_pixels} pixels")
-                if fmt not in IMAGE_EXTS:
-                    raise BadImage(f"unsupported image format {fmt}")
-                if check == "header":
-                    _check_end(fmt, data)
-                else:
-                    if fmt == "JPEG":  # DCT-domain downscale: still reads every byte, 10x faster
-                        im.draft(mode, (max(1, w // 8), max(1, h // 8)))
-                    im.load()
+        with images.open_image(data, max_pixels) as im:
+            fmt, (w, h), mode = im.format, im.size, im.mode
+            if fmt not in IMAGE_EXTS:
+                raise BadImage(f"unsupported image format {fmt}")
+            if check == "header":
+                _check_end(fmt, data)
+            else:
+                if fmt in images.JPEG_FORMATS:  # DCT-domain downscale: reads every byte, 10x faster
+                    im.draft(mode, (max(1, w // 8), max(1, h // 8)))
+                im.load()
     except BadImage:
         raise
+    except images.TooManyPixels as e:
+        raise BadImage(str(e)) from None
     except UnidentifiedImageError:
         raise BadImage("not an image (PIL cannot identify it)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(f"decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(f"cannot decode: {e}") from None
     return {"ext": IMAGE_EXTS[fmt], "width": w, "height": h, "mode": mode}
@@ -170,7 +176,7 @@ def _jpeg_scan_start(data: bytes) -> int | None:
 
 def _check_end(fmt: str, data: bytes) -> None:
     """Raise BadImage when a JPEG or PNG lacks its end marker: the file was cut short."""
-    if fmt == "JPEG":
+    if fmt in images.JPEG_FORMATS:  # an MPO's first frame ends with an EOI like any JPEG
         scan = _jpeg_scan_start(data)
         if scan is None:
             raise BadImage("truncated: the JPEG ends before its image data (no start of scan)")
@@ -335,13 +341,19 @@ def _remote_write_shard():
 
 def _manifest(source, plan, records, skipped, samples_per_shard, seed, max_pixels,
               check) -> dict:
+    bad = {s["path"] for r in records for s in r["skipped"]}
+    stored = Counter(m.class_id for shard in plan for m in shard if m.path not in bad)
     skipped = list(source.skipped) + skipped + [s for r in records for s in r["skipped"]]
     shards = [{k: r[k] for k in ("file", "samples", "bytes", "sha256", "first_key", "last_key")}
               for r in records if r["samples"] > 0]
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "split": source.split,
             "layout": source.layout, "source": source.root, "seed": seed,
             "samples_per_shard": samples_per_shard, "max_pixels": max_pixels, "check": check,
-            "classes": source.classes, "shards": shards,
+            "classes": source.classes,
+            # classes that keep their index but hold no image (an empty class folder, or one
+            # whose every file was skipped): listed, never dropped, so no index shifts
+            "empty_classes": [c["id"] for c in source.classes if not stored[c["id"]]],
+            "shards": shards,
             "total_samples": sum(s["samples"] for s in shards),
             "total_bytes": sum(s["bytes"] for s in shards),
             "skipped": sorted(skipped, key=lambda s: s["path"])}
@@ -366,6 +378,21 @@ def load_manifest(path: str) -> dict:
         raise ValueError(f"manifest {path} lists no samples (split {manifest['split']!r} is "
                          f"empty)")
     return manifest
+
+
+def find_manifests(folder: str) -> list[str]:
+    """The shard manifests (``<split>.json`` of this format) directly in ``folder``, sorted."""
+    found = []
+    for name in sorted(storage.list_dir_files(folder)):
+        if name.endswith(".json"):
+            path = storage.join(folder, name)
+            try:
+                head = json.loads(storage.read_text(path))
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(head, dict) and head.get("format") == FORMAT:
+                found.append(path)
+    return found
 
 
 def shard_paths(manifest_path: str, manifest: dict) -> list[str]:
@@ -451,9 +478,30 @@ def _verify_one(rec: dict, path: str, n_classes: int) -> str | None:
     if samples[0][0] != rec["first_key"] or samples[-1][0] != rec["last_key"]:
         return "first/last key differ from the manifest"
     for key, parts in samples:
-        if set(parts) - {"cls", "json"} == set() or "cls" not in parts:
-            return f"sample {key} lacks an image or a .cls member"
-        label = parts["cls"].decode("ascii", "replace").strip()
-        if not label.isdigit() or not 0 <= int(label) < n_classes:
-            return f"sample {key} has label {label!r} outside 0..{n_classes - 1}"
+        try:
+            validate_sample(parts, n_classes)
+        except ValueError as e:
+            return f"sample {key}: {e}"
     return None
+
+
+def validate_sample(parts: dict, num_classes: int) -> tuple[str, int]:
+    """The one rule for a stored sample (contract 1), used by ``--verify`` and by decoding:
+    members are an image, ``cls`` and optionally ``json`` (anything else is refused, never
+    unpickled); exactly one image; ``cls`` ASCII digits in 0..num_classes-1. ``parts`` maps
+    member extensions to bytes (other keys, such as WebDataset's ``__key__``, and None values
+    are ignored). Returns (the image's extension, the label); raises ValueError naming what is
+    wrong."""
+    present = {k for k, v in parts.items() if not k.startswith("__") and isinstance(v, bytes)}
+    extra = present - MEMBER_EXTS
+    if extra:
+        raise ValueError(f"unexpected member(s) {sorted(extra)} refused (never unpickled)")
+    found = [k for k in images.MEMBER_IMAGE_EXTS if k in present]
+    if len(found) != 1:
+        raise ValueError(f"expected one image member, found {found or 'none'}")
+    if "cls" not in present:
+        raise ValueError("no .cls member")
+    text = parts["cls"].decode("ascii", "replace").strip()
+    if not text.isdigit() or not 0 <= int(text) < num_classes:
+        raise ValueError(f"label {text!r} outside the class range 0..{num_classes - 1}")
+    return found[0], int(text)

@@ -105,12 +105,17 @@ def _top_level(root: str) -> list[tuple[str, str]]:
     )
 
 
-def _class_folder_items(root: str, sub: str = "") -> tuple[list, list]:
-    """Items of ROOT/<class>/... (recursive inside each class); loose top-level files skipped."""
+def _class_folder_items(root: str, sub: str = "") -> tuple[list, list, list[str]]:
+    """Items of ROOT/<class>/... (recursive inside each class), the files skipped with their
+    reasons (loose top-level files, hidden files, dangling symlinks, ...), and the class ids:
+    every non-hidden class folder, empty ones included, as torchvision's ``find_classes``
+    numbers them, so an empty folder never shifts the index of the classes after it."""
     base = storage.join(root, sub) if sub else root
     items, skipped = [], []
-    for rel, _size in storage.list_files(base):
-        path = f"{sub}/{rel}" if sub else rel
+    prefix = f"{sub}/" if sub else ""
+    files, problems = storage.list_tree(base)
+    for rel, _size in files:
+        path = prefix + rel
         parts = rel.split("/")
         if len(parts) < 2:
             skipped.append({"path": path, "reason": "file outside any class folder"})
@@ -118,13 +123,15 @@ def _class_folder_items(root: str, sub: str = "") -> tuple[list, list]:
             skipped.append({"path": path, "reason": "hidden file"})
         else:
             items.append((path, parts[0]))
-    return items, skipped
+    skipped += [{"path": prefix + p["path"], "reason": p["reason"]} for p in problems]
+    class_ids = [d for d in storage.list_dirs(base) if not d.startswith(".")]
+    return items, skipped, class_ids
 
 
 def _scan_folder(root: str, split: str) -> Source:
-    items, skipped = _class_folder_items(root)
+    items, skipped, class_ids = _class_folder_items(root)
     names = _read_synset_mapping(root)
-    classes = make_classes({c for _, c in items}, names)
+    classes = make_classes(class_ids, names)
     return Source("folder", root, split, classes, sorted(items), skipped)
 
 
@@ -145,17 +152,18 @@ def _scan_kaggle(root: str, split: str) -> Source:
     names = _read_synset_mapping(root)
     sub = f"{KAGGLE_DATA}/{split}"
     if split == "train":
-        items, skipped = _class_folder_items(root, sub)
-        ids = names.keys() if names else {c for _, c in items}
+        items, skipped, class_ids = _class_folder_items(root, sub)
+        ids = names.keys() if names else class_ids
         classes = make_classes(ids, names)
         return Source("imagenet-kaggle", root, split, classes, sorted(items), skipped)
     csv_path = storage.join(root, f"LOC_{split}_solution.csv")
     if not storage.exists(csv_path):
         raise FileNotFoundError(f"imagenet-kaggle layout: {csv_path} is missing")
     truth = _read_kaggle_solution(csv_path)
-    items, skipped = [], []
-    seen = set()
-    for rel, _size in storage.list_files(storage.join(root, sub)):
+    files, problems = storage.list_tree(storage.join(root, sub))
+    items, seen = [], set()
+    skipped = [{"path": f"{sub}/{p['path']}", "reason": p["reason"]} for p in problems]
+    for rel, _size in files:
         path = f"{sub}/{rel}"
         image_id = rel.rsplit("/", 1)[-1].split(".", 1)[0]
         if image_id not in truth:
@@ -222,8 +230,10 @@ def _scan_devkit(root: str, split: str, devkit: str | None) -> Source:
             raise ValueError(f"{gt_path}:{line_no}: ILSVRC2012 id {line} is not a leaf "
                              f"synset in {DEVKIT_META}")
         truth[line_no] = id_to_wnid[int(line)]
-    items, skipped, seen = [], [], set()
-    for rel, _size in storage.list_files(root):
+    files, problems = storage.list_tree(root)
+    items, seen = [], set()
+    skipped = [p for p in problems if "/" not in p["path"]]
+    for rel, _size in files:
         if "/" in rel:
             continue  # the devkit folder and anything nested is not a val image
         m = VAL_NAME.match(rel)

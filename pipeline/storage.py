@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import stat
 import uuid
 from typing import Iterator
 
@@ -179,14 +180,72 @@ def delete_file(path: str) -> None:
 
 
 def list_files(root: str) -> Iterator[tuple[str, int]]:
-    """Yield (path relative to root with '/' separators, size) for every file below root."""
+    """Yield (path relative to root with '/' separators, size) for every file below root
+    (symlinks followed). Entries that are no readable file are left out: ``list_tree`` names
+    them."""
+    yield from list_tree(root)[0]
+
+
+def list_tree(root: str) -> tuple[list[tuple[str, int]], list[dict]]:
+    """Every file below ``root`` as (relative path, size), and every entry that looks like a file
+    but cannot be read as one, as {"path", "reason"}: a dangling symlink, a folder that cannot be
+    listed, a socket or FIFO. Symlinked files and folders are followed (a folder reached twice
+    through two links is listed under both paths, as torchvision's ImageFolder lists it; a link
+    to a folder above it is reported, not followed). On object stores every object is a file."""
     fs, p = resolve(root)
-    selector = pafs.FileSelector(p, recursive=True)
-    prefix = p.rstrip("/") + "/"
-    for info in fs.get_file_info(selector):
-        if info.type == pafs.FileType.File:
-            rel = info.path[len(prefix):] if info.path.startswith(prefix) else info.path
-            yield rel.replace(os.sep, "/"), info.size
+    if not is_local(fs):
+        selector = pafs.FileSelector(p, recursive=True)
+        prefix = p.rstrip("/") + "/"
+        return [(i.path[len(prefix):] if i.path.startswith(prefix) else i.path, i.size)
+                for i in fs.get_file_info(selector) if i.type == pafs.FileType.File], []
+    files, problems = [], []
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, p).replace(os.sep, "/")
+
+    def unreadable(err: OSError) -> None:
+        problems.append({"path": rel(err.filename), "reason": f"cannot list folder: {err}"})
+
+    for dirpath, dirnames, filenames in os.walk(p, onerror=unreadable, followlinks=True):
+        here = os.path.realpath(dirpath)
+        for d in list(dirnames):  # a link to a folder above this one would loop forever
+            target = os.path.realpath(os.path.join(dirpath, d))
+            if here == target or here.startswith(target + os.sep):
+                dirnames.remove(d)
+                problems.append({"path": rel(os.path.join(dirpath, d)),
+                                 "reason": f"symlink loop: links to {target}, a folder above"})
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:
+                problems.append({"path": rel(full), "reason": "dangling symlink to "
+                                 f"{os.readlink(full) if os.path.islink(full) else '?'}"})
+                continue
+            except OSError as e:
+                problems.append({"path": rel(full), "reason": f"unreadable: {e}"})
+                continue
+            if stat.S_ISREG(st.st_mode):
+                files.append((rel(full), st.st_size))
+            else:
+                problems.append({"path": rel(full), "reason": "not a regular file"})
+    return files, problems
+
+
+def list_dir_files(root: str) -> list[str]:
+    """The names of the files directly under ``root``."""
+    fs, p = resolve(root)
+    return [basename(i.path) for i in fs.get_file_info(pafs.FileSelector(p))
+            if i.type == pafs.FileType.File]
+
+
+def list_dirs(root: str) -> list[str]:
+    """The names of the folders directly under ``root`` (symlinked folders included), sorted."""
+    fs, p = resolve(root)
+    if is_local(fs):
+        return sorted(e.name for e in os.scandir(p) if e.is_dir())  # is_dir follows links
+    return sorted(basename(i.path) for i in fs.get_file_info(pafs.FileSelector(p))
+                  if i.type == pafs.FileType.Directory)
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:

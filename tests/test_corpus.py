@@ -117,6 +117,94 @@ def test_source_corpus_through_jobs_shard(tmp_path, ray_local, capsys):
            f"{_short(err, str(tmp_path))}")
 
 
+def _mpo(rng) -> bytes:
+    """A multi-picture JPEG as phones and cameras write it (PIL reads its format as MPO)."""
+    buf = io.BytesIO()
+    first, second = photo_like(rng, 96, 64), photo_like(rng, 96, 64)
+    first.save(buf, format="MPO", save_all=True, append_images=[second])
+    return buf.getvalue()
+
+
+def _netpbm(rng, mode: str) -> bytes:
+    buf = io.BytesIO()
+    photo_like(rng, 80, 60, mode).save(buf, format="PPM")
+    return buf.getvalue()
+
+
+def test_image_folder_as_imagefolder_users_have_them(tmp_path, ray_local, capsys):
+    """ROOT/<class>/ folders as people have them: phone photos, Netpbm files, an empty class
+    folder between two others, symlinks (dangling and working), file names whose keys meet,
+    an image over the pixel limit. Every file is stored, or skipped with its reason; the class
+    indices are torchvision's ImageFolder's; every stored image decodes."""
+    from torchvision.datasets.folder import find_classes
+
+    from pipeline import data
+
+    rng = np.random.default_rng(11)
+    good = _jpeg(photo_like(rng, 96, 64))
+    root = tmp_path / "src"
+    files = {"a/phone.jpg": _mpo(rng), "a/photo.ppm": _netpbm(rng, "RGB"),
+             "a/gray.pgm": _netpbm(rng, "L"), "c/a.b.jpg": good, "c/a_b.jpg": good,
+             "c/img.jpg": good, "c/img.png": None, "d/huge.png": None, "real/linked.jpg": good}
+    for rel, payload in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel == "c/img.png":
+            photo_like(rng, 64, 48).save(root / rel, format="PNG")
+        elif rel == "d/huge.png":
+            Image.new("L", (400, 300)).save(root / rel, format="PNG")
+        else:
+            (root / rel).write_bytes(payload)
+    (root / "b").mkdir()  # an empty class folder between a and c
+    os.symlink(root / "real" / "linked.jpg", root / "a" / "symlinked_file.jpg")
+    os.symlink(root / "a" / "missing.jpg", root / "a" / "dangling.jpg")
+    os.symlink(root / "real", root / "e_linked_folder")
+    os.symlink(root, root / "real" / "loop")  # a link to a folder above: reported, not walked
+    args = ["--source", str(root), "--out", str(tmp_path / "out"), "--split", "val",
+            "--no-progress", "--max-pixels", "100000"]
+    code, err = _run(shard_job.main, args, capsys)
+    m = json.loads((tmp_path / "out" / "val.json").read_text())
+    skipped = {s["path"]: s["reason"] for s in m["skipped"]}
+    ids = [c["id"] for c in m["classes"]]
+    assert ids == find_classes(str(root))[0], "class indices as torchvision's ImageFolder"
+    # b is empty; every file of d is over the pixel limit
+    assert m["empty_classes"] == ["b", "d"]
+    assert "warning: 2 of 6 classes hold no image: b (index 1), d (index 3)" in err
+    stored = {}
+    for shard in m["shards"]:
+        raw = (tmp_path / "out" / shard["file"]).read_bytes()
+        for key, parts in shards.read_tar_samples(raw, shard["file"]):
+            meta = json.loads(parts["json"])
+            ext, _ = shards.validate_sample(parts, len(ids))
+            img = data.decode_image(parts[ext])  # every stored sample decodes
+            stored[meta["path"]] = (key, ext, img.size)
+    expected_stored = {"a/phone.jpg", "a/photo.ppm", "a/gray.pgm", "c/a.b.jpg", "c/a_b.jpg",
+                       "c/img.jpg", "c/img.png", "real/linked.jpg", "a/symlinked_file.jpg",
+                       "e_linked_folder/linked.jpg"}
+    assert set(stored) == expected_stored, (stored, skipped)
+    assert set(skipped) == {"a/dangling.jpg", "d/huge.png", "real/loop", "e_linked_folder/loop"}
+    assert len({k for k, _, _ in stored.values()}) == len(stored)
+    assert stored["a/phone.jpg"][1] == "jpg" and stored["a/phone.jpg"][2] == (96, 64)
+    assert code == 1 and "raise it to store them" in err and "--max-pixels 100000" in err
+    assert "dangling symlink" in skipped["a/dangling.jpg"]
+    assert "raise --max-pixels" in skipped["d/huge.png"]
+    cases = {"multi-picture JPEG from a phone (PIL format MPO) named .jpg": "a/phone.jpg",
+             "Netpbm colour image (.ppm)": "a/photo.ppm", "Netpbm grey image (.pgm)": "a/gray.pgm",
+             "`x/a.b.jpg` beside `x/a_b.jpg` (keys meet)": "c/a_b.jpg",
+             "`x/img.jpg` beside `x/img.png` (same stem)": "c/img.png",
+             "symlinked file": "a/symlinked_file.jpg",
+             "symlinked class folder": "e_linked_folder/linked.jpg"}
+    for case, path in cases.items():
+        key, ext, _ = stored[path]
+        record(case, "jobs.shard", f"stored as `{key}.{ext}`, decodes")
+    record("dangling symlink", "jobs.shard",
+           f"skipped, recorded in the manifest: {skipped['a/dangling.jpg'].replace(str(root), 'ROOT')}")
+    record("image over the pixel limit (`--max-pixels 100000`)", "jobs.shard",
+           f"skipped, recorded: {skipped['d/huge.png']}; exit 1: {_short(err, str(tmp_path))}")
+    record("empty class folder `b` between `a` and `c`", "jobs.shard",
+           "kept at index 1 (torchvision's ImageFolder numbering), listed in the manifest's "
+           "`empty_classes`, warning printed")
+
+
 def test_empty_split_is_refused(tmp_path, ray_local, capsys):
     (tmp_path / "src" / "empty_class").mkdir(parents=True)
     (tmp_path / "src" / "empty_class" / "x.txt").write_text("no images")
@@ -289,6 +377,6 @@ def test_prediction_killed_while_publishing_keeps_the_previous_result(fault, sha
 # ------------------------------------------------------------------------------ the table
 
 def test_readme_table_is_the_one_these_tests_produce():
-    if len(ROWS) < 37:  # a partial run of this module cannot judge the whole table
+    if len(ROWS) < 47:  # a partial run of this module cannot judge the whole table
         pytest.skip("run the whole module to compare the table")
     check_readme_table("corpus-table", render_table(ROWS, "bad input or fault"))

@@ -179,12 +179,13 @@ def test_a_refused_resume_is_one_line_and_changes_nothing(shard_set, tmp_path, r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["one image per class, 2 classes", "fewer val images than workers"])
+@pytest.mark.parametrize("case", ["one image per class, 4 classes",
+                                  "2 classes, fewer val images than workers"])
 def test_tiny_splits_train_and_validate(case, tmp_path, ray_local):
     from pipeline import shards, sources, synthetic
 
     per = {"train": 1, "val": 1} if case.startswith("one") else {"train": 4, "val": 1}
-    classes = 2 if case.startswith("one") else 1 + 1
+    classes = 4 if case.startswith("one") else 2
     synthetic.generate_image_folder(str(tmp_path / "img"), per, num_classes=classes, seed=3,
                                     size_range=(48, 64))
     out = tmp_path / "s"
@@ -196,5 +197,6 @@ def test_tiny_splits_train_and_validate(case, tmp_path, ray_local):
         vsrc.items[:] = vsrc.items[:1]  # one val image, two workers
     shards.write_shards(vsrc, str(out), progress=False)
     res = finetune.run(finetune_config(out, tmp_path, epochs=1, name="tiny", batch_size=64))
-    assert res["train_images"] >= 2 and res["val_images"] == (2 if case.startswith("one") else 1)
+    assert res["train_images"] == (4 if case.startswith("one") else 8)
+    assert res["val_images"] == (4 if case.startswith("one") else 1)
     assert os.path.exists(res["model"])

@@ -232,8 +232,31 @@ def test_unreadable_file_is_skipped_with_its_reason(bad_tree, monkeypatch):
 def test_duplicate_stems_across_classes_get_class_prefixed_keys():
     members, skipped = shards.make_keys([("a/1.jpg", "a"), ("b/1.jpg", "b"), ("b/2.jpg", "b"),
                                          ("b/2.png", "b")])
-    assert sorted(m.key for m in members) == ["a_1", "b_1"]
-    assert {s["path"] for s in skipped} == {"b/2.jpg", "b/2.png"}
+    keys = {m.path: m.key for m in members}
+    assert keys["a/1.jpg"] == "a_1" and keys["b/1.jpg"] == "b_1"
+    # the same stem twice in one folder: both stored, keys from the whole path
+    assert keys["b/2.jpg"] == "b_s2_djpg" and keys["b/2.png"] == "b_s2_dpng"
+    assert skipped == []
+
+
+@pytest.mark.parametrize("paths", [
+    ["x/a.b.jpg", "x/a_b.jpg"],                      # dots become '_': the same stem
+    ["x/img.jpg", "x/img.png"],                      # same stem, two formats
+    ["x/a_b.jpg", "x/a.b.jpg", "x_a/b.jpg", "x/a/b.jpg", "x/a_b", "x/a/b"],
+    ["n01/x.JPEG", "n02/x.JPEG", "n01_x.JPEG/y.jpg"],
+    [f"c{i % 3}/img.{ext}" for i in range(9) for ext in ("jpg",)][:3] + ["c0/img.png"],
+])
+def test_keys_are_unique_dot_free_and_nothing_is_dropped(paths):
+    members, skipped = shards.make_keys([(p, p.split("/")[0]) for p in paths])
+    keys = [m.key for m in members]
+    assert skipped == [] and len(members) == len(paths)
+    assert len(set(keys)) == len(keys) and not any("." in k or "/" in k for k in keys), keys
+
+
+def test_imagenet_keys_stay_the_file_stems():
+    members, _ = shards.make_keys([("n01440764/n01440764_10026.JPEG", "n01440764"),
+                                   ("ILSVRC2012_val_00000001.JPEG", "n01751748")])
+    assert [m.key for m in members] == ["n01440764_10026", "ILSVRC2012_val_00000001"]
 
 
 def test_verify_names_damaged_shards_and_a_rerun_repairs_them(image_tree, tmp_path, ray_local,
@@ -282,3 +305,37 @@ def test_manifest_errors_are_clear(tmp_path):
         shards.load_manifest(str(bad))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         shards.load_manifest(str(tmp_path / "missing.json"))
+
+
+def test_verify_and_decoding_apply_one_sample_rule(shard_set, tmp_path, capsys):
+    """A sample holding two images passed --verify and failed decoding: one validator now."""
+    import shutil
+
+    from pipeline import data
+    from tests.conftest import read_tar_members, write_tar_members
+
+    out = tmp_path / "s"
+    shutil.copytree(shard_set, out)
+    m = json.loads((out / "val.json").read_text())
+    path = out / m["shards"][0]["file"]
+    members = read_tar_members(path)
+    info, payload = next((i, d) for i, d in members if i.name.endswith(".jpg"))
+    extra = tarfile.TarInfo(info.name.replace(".jpg", ".png"))
+    at = [i.name for i, _ in members].index(info.name)
+    members.insert(at + 1, (extra, payload))
+    write_tar_members(path, members)
+    rec = m["shards"][0]
+    rec["bytes"], rec["sha256"] = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+    (out / "val.json").write_text(json.dumps(m))
+    problems = shards.verify_shards(str(out / "val.json"))
+    assert len(problems) == 1 and "expected one image member, found ['jpg', 'png']" in problems[0]
+    row = {"__key__": "k", "jpg": payload, "png": payload, "cls": b"0"}
+    with pytest.raises(ValueError, match=r"expected one image member, found \['jpg', 'png'\]"):
+        data._sample_image(row, 4)
+
+
+def test_verify_takes_a_folder_of_manifests(shard_set, capsys):
+    assert shard_job.main(["--verify", str(shard_set)]) == 0
+    out = capsys.readouterr().out
+    assert f"OK: 0 bad shard(s) in {shard_set / 'train.json'}" in out
+    assert f"OK: 0 bad shard(s) in {shard_set / 'val.json'}" in out
