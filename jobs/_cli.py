@@ -23,6 +23,11 @@ def option(default: Any, help: str, choices=None, required: bool = False):  # no
                              metadata={"help": help, "choices": choices, "required": required})
 
 
+def positional(help: str, metavar: str):  # noqa: A002
+    """One or more positional arguments, parsed into a tuple of strings."""
+    return dataclasses.field(default=(), metadata={"help": help, "positional": metavar})
+
+
 TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -35,6 +40,10 @@ def parse(cls, argv=None, job: str = ""):
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
+        if meta.get("positional"):
+            parser.add_argument(f.name, nargs="+", metavar=meta["positional"],
+                                help=meta["help"], type=str)
+            continue
         kw = {"help": meta.get("help", ""), "dest": f.name}
         typ = f.type if isinstance(f.type, str) else f.type.__name__
         if typ == "bool":
@@ -46,8 +55,11 @@ def parse(cls, argv=None, job: str = ""):
         else:
             kw["default"] = f.default
         parser.add_argument(flag, type=TYPES[typ], choices=meta.get("choices"), **kw)
-    args = parser.parse_args(argv)
-    return cls(**vars(args))
+    args = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("positional"):
+            args[f.name] = tuple(args[f.name])
+    return cls(**args)
 
 
 def to_dict(cfg) -> dict:
