@@ -193,9 +193,11 @@ def test_tiny_splits_train_and_validate(case, tmp_path, ray_local):
                              str(out), progress=False)
     vsrc = sources.with_classes(sources.scan_source(str(tmp_path / "img" / "val"), "val"),
                                 tm["classes"])
-    if case.startswith("fewer"):
+    if "fewer" in case:
         vsrc.items[:] = vsrc.items[:1]  # one val image, two workers
     shards.write_shards(vsrc, str(out), progress=False)
+    assert json.loads((out / "val.json").read_text())["total_samples"] == per["val"] * (
+        classes if case.startswith("one") else 1)
     res = finetune.run(finetune_config(out, tmp_path, epochs=1, name="tiny", batch_size=64))
     assert res["train_images"] == (4 if case.startswith("one") else 8)
     assert res["val_images"] == (4 if case.startswith("one") else 1)
