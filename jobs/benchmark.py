@@ -16,10 +16,14 @@ import torch
 from jobs import _cli, finetune, predict as predict_job
 from pipeline import benchmark as bench, model as modellib, shards, sources, synthetic
 from pipeline import predict as predict_lib
+from pipeline.errors import PipelineError, UsageError
 
 TARGETS = {"eval_vs_ceiling": (">=", 0.8), "eval_vs_baseline": (">=", 2.0),
            "train_vs_plain": (">=", 0.8), "shard_vs_tar": (">=", 0.5),
            "eval_time_ratio_4x": ("<=", 4.4), "eval_mem_ratio_4x": ("<=", 1.25)}
+
+
+MIN_TRAIN_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,8 @@ class BenchmarkConfig:
     a table; --json writes the figures."""
     quick: bool = _cli.option(False, "small sizes (under ~3 minutes on 2 cores)")
     images: int = _cli.option(0, "N, images for the evaluation runs (0: 160, or 64 with --quick)")
-    train_images: int = _cli.option(0, "images for the training runs (0: 96, or 48 with --quick)")
+    train_images: int = _cli.option(0, "images for the training runs (0: 6 batches, or 4 with "
+                                       "--quick; at least 3 batches)")
     train_crop: int = _cli.option(112, "training crop size (reduced from 224 for CPU speed)")
     batch_size: int = _cli.option(32, "batch size for evaluation and training")
     json: str = _cli.option("", "write the figures to this JSON file")
@@ -56,10 +61,22 @@ def _row(name, value, base, ratio_key, results, unit="img/s", ratio=None):
     return f"| {name} | {value:.1f} {unit} | {base:.1f} {unit} | {results[ratio_key]:.2f} | {goal} {ok} |"
 
 
+def train_images(cfg: BenchmarkConfig) -> int:
+    """Images for the training rows. Their steady rate leaves out each epoch's first step, so
+    an epoch needs several steps (--quick once trained 48 images at batch 32: one step, and the
+    row read 0.0). One worker takes the whole split."""
+    n = cfg.train_images or (4 if cfg.quick else 6) * cfg.batch_size
+    if n // cfg.batch_size < MIN_TRAIN_STEPS:
+        raise UsageError(f"--train-images {n} at --batch-size {cfg.batch_size} is "
+                         f"{n // cfg.batch_size} steps an epoch; the steady training rate needs "
+                         f"at least {MIN_TRAIN_STEPS}")
+    return n
+
+
 def run(cfg: BenchmarkConfig, work: str) -> tuple[dict, list[str]]:
     """Every measurement, in one run; returns (figures, table rows)."""
     n = cfg.images or (64 if cfg.quick else 160)
-    n_train = cfg.train_images or (48 if cfg.quick else 96)
+    n_train = train_images(cfg)
     r, rows = {}, []
     src, big, small = (os.path.join(work, d) for d in ("jpeg", "src4n", "srcn"))
     files = synthetic.generate_photo_folder(src, 4 * n, num_classes=10)
@@ -174,6 +191,9 @@ def _bench_train(cfg, work, train_src, dtype, r, rows) -> None:
         crop_size=cfg.train_crop, shuffle_buffer=64))
     steady = [h["train_steady_images_per_s"] for h in out["history"][1:]]  # epoch 1: warm-up
     train_img_s = sum(steady) / len(steady)
+    if not train_img_s > 0:
+        raise PipelineError(f"the training row measured no steady step ({steady}): "
+                            f"{out['history'][-1]['train_images']} images an epoch")
     files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(train_src) for f in fs)
     classes = sorted({os.path.basename(os.path.dirname(f)) for f in files})
     labels = [classes.index(os.path.basename(os.path.dirname(f))) for f in files]
@@ -197,6 +217,7 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+@_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(BenchmarkConfig, argv, "benchmark")
     _cli.setup_logging()

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import data, faults, metrics, model as modellib, presets, shards, storage
+from pipeline import data, faults, model as modellib, presets, shards, storage
 from pipeline.errors import PipelineError
 from pipeline.version import code_version
 
@@ -67,7 +67,8 @@ class Predictor:
         topi = np.full((n, max(k, k5)), -1, dtype=np.int64)
         topp = np.zeros((n, max(k, k5)), dtype=np.float32)
         if ok.any():
-            x = torch.from_numpy(batch["image"][ok]).to(self.device, non_blocking=True)
+            images = batch["image"] if ok.all() else batch["image"][ok]  # no copy when all ok
+            x = torch.from_numpy(images).to(self.device, non_blocking=True)
             logits = self.model(presets.normalize(x, self.dtype))
             probs = logits.float().softmax(dim=1)
             p, i = probs.topk(max(k, k5), dim=1)
@@ -386,6 +387,8 @@ def _write_failures(path: str, failures: list[dict]) -> None:
 
 def _summarize(staging, classes, manifest, meta, failures, wall, started, settings) -> dict:
     import pyarrow.dataset as pads
+
+    from pipeline import metrics  # pandas: the driver only, not the predictor actors
 
     fs, p = storage.resolve(storage.join(staging, "predictions"))
     df = pads.dataset(p, filesystem=fs, format="parquet").to_table().to_pandas()

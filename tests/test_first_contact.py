@@ -202,3 +202,19 @@ def test_tiny_splits_train_and_validate(case, tmp_path, ray_local):
     assert res["train_images"] == (4 if case.startswith("one") else 8)
     assert res["val_images"] == (4 if case.startswith("one") else 1)
     assert os.path.exists(res["model"])
+
+
+@pytest.mark.parametrize("argv", [["--quick"], [], ["--quick", "--batch-size", "8"]])
+def test_benchmark_training_rows_get_several_steady_steps_an_epoch(argv):
+    from jobs import _cli, benchmark
+
+    cfg = _cli.parse(benchmark.BenchmarkConfig, argv, "benchmark")
+    assert benchmark.train_images(cfg) // cfg.batch_size >= benchmark.MIN_TRAIN_STEPS
+
+
+def test_benchmark_refuses_sizes_with_no_steady_step():
+    from jobs import _cli, benchmark
+
+    cfg = _cli.parse(benchmark.BenchmarkConfig, ["--train-images", "48"], "benchmark")
+    with pytest.raises(UsageError, match="1 steps an epoch"):
+        benchmark.train_images(cfg)
