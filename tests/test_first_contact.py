@@ -218,3 +218,20 @@ def test_benchmark_refuses_sizes_with_no_steady_step():
     cfg = _cli.parse(benchmark.BenchmarkConfig, ["--train-images", "48"], "benchmark")
     with pytest.raises(UsageError, match="1 steps an epoch"):
         benchmark.train_images(cfg)
+
+
+def test_summary_records_the_precision_the_actors_ran(shard_set, tmp_path, ray_local,
+                                                      monkeypatch):
+    """The driver's own resolution may differ from the actors' (a CPU-only head driving GPUs
+    without bf16): make the driver's say fp16, which no actor here runs."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline import model as modellib, predict
+
+    monkeypatch.setattr(modellib, "resolve_precision", lambda *a: torch.float16)
+    summary = predict.run_prediction(str(shard_set / "val.json"), "none", str(tmp_path / "o"),
+                                     precision="fp32", progress=False)
+    assert summary["precision"] == "fp32"
+    part = next((tmp_path / "o" / "predictions").glob("*.parquet"))
+    assert pq.read_schema(part).metadata[b"precision"] == b"fp32"
