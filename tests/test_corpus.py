@@ -205,6 +205,34 @@ def test_image_folder_as_imagefolder_users_have_them(tmp_path, ray_local, capsys
            "`empty_classes`, warning printed")
 
 
+@pytest.mark.parametrize("case", ["fine-tuning workers that hold every CPU",
+                                  "fine-tuning on GPUs the cluster does not have",
+                                  "prediction actors that hold every CPU",
+                                  "fewer train images than two a worker"])
+def test_settings_that_cannot_run_exit_2_at_once(case, shard_set, tmp_path, ray_local, capsys):
+    from jobs import finetune
+
+    train, val = str(shard_set / "train.json"), str(shard_set / "val.json")
+    base = ["--train", train, "--val", val, "--weights", "none", "--storage-path",
+            str(tmp_path / "runs")]
+    if case.startswith("prediction"):
+        main, argv = predict_job.main, ["--data", val, "--weights", "none", "--out",
+                                        str(tmp_path / "o"), "--actors", "2",
+                                        "--cpus-per-actor", "1"]
+        flag = "--cpus-per-actor 1"
+    elif "GPUs" in case:
+        main, argv, flag = finetune.main, base + ["--use-gpu"], "--use-gpu"
+    elif "fewer" in case:
+        main, argv, flag = finetune.main, base + ["--num-workers", "32"], "--num-workers 32"
+    else:
+        main, argv, flag = finetune.main, base + ["--cpus-per-worker", "1"], "--cpus-per-worker 1"
+    code, err = _run(main, argv, capsys)
+    assert code == 2 and flag in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "o").exists()
+    record(f"{case} (2-CPU local cluster)", main.__module__, f"exit 2 at once, nothing written: "
+           f"{_short(err, str(tmp_path))}")
+
+
 def test_empty_split_is_refused(tmp_path, ray_local, capsys):
     (tmp_path / "src" / "empty_class").mkdir(parents=True)
     (tmp_path / "src" / "empty_class" / "x.txt").write_text("no images")
@@ -377,6 +405,6 @@ def test_prediction_killed_while_publishing_keeps_the_previous_result(fault, sha
 # ------------------------------------------------------------------------------ the table
 
 def test_readme_table_is_the_one_these_tests_produce():
-    if len(ROWS) < 47:  # a partial run of this module cannot judge the whole table
+    if len(ROWS) < 51:  # a partial run of this module cannot judge the whole table
         pytest.skip("run the whole module to compare the table")
     check_readme_table("corpus-table", render_table(ROWS, "bad input or fault"))
