@@ -1,4 +1,4 @@
-"""Streaming shards through Ray Data into decoded batches (contract 2 in DESIGN.md).
+"""Streaming shards through Ray Data into decoded batches (contract 2 in docs/DESIGN.md).
 
 Shards are read with ``ray.data.read_webdataset(decoder=None)``: members stay raw bytes and
 nothing is unpickled. Decoding happens in ``map_batches`` with one named policy for bad samples:

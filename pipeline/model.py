@@ -1,4 +1,5 @@
-"""Building ResNet-18 from torchvision weights or a file, and the model.pt format (contract 4).
+"""Building ResNet-18 from torchvision weights or a file, and the model.pt format (contract 4
+in docs/DESIGN.md).
 
 ``weights`` is ``DEFAULT`` / ``IMAGENET1K_V1`` (torchvision's ImageNet weights, from the torch
 hub cache or downloaded), ``none`` (random init) or a path: a plain state_dict or this project's

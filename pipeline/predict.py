@@ -1,4 +1,4 @@
-"""Batch inference to Parquet, published exactly once (contract 3 in DESIGN.md).
+"""Batch inference to Parquet, published exactly once (contract 3 in docs/DESIGN.md).
 
 Decoded batches flow through ``map_batches(Predictor)`` on an actor pool (one GPU per actor
 where GPUs exist). The driver streams the small per-image results into a staging folder, checks

@@ -1,4 +1,4 @@
-"""Writing and verifying WebDataset shards (contract 1 in DESIGN.md).
+"""Writing and verifying WebDataset shards (contract 1 in docs/DESIGN.md).
 
 One sample per source image: ``KEY.<jpg|png|...>`` (the original bytes, extension from the real
 format), ``KEY.cls`` (class index as ASCII digits) and ``KEY.json`` (class id, source path, width,
@@ -486,12 +486,12 @@ def _verify_one(rec: dict, path: str, n_classes: int) -> str | None:
 
 
 def validate_sample(parts: dict, num_classes: int) -> tuple[str, int]:
-    """The one rule for a stored sample (contract 1), used by ``--verify`` and by decoding:
-    members are an image, ``cls`` and optionally ``json`` (anything else is refused, never
-    unpickled); exactly one image; ``cls`` ASCII digits in 0..num_classes-1. ``parts`` maps
-    member extensions to bytes (other keys, such as WebDataset's ``__key__``, and None values
-    are ignored). Returns (the image's extension, the label); raises ValueError naming what is
-    wrong."""
+    """The one rule for a stored sample (contract 1 in docs/DESIGN.md), used by ``--verify``
+    and by decoding: members are an image, ``cls`` and optionally ``json`` (anything else is
+    refused, never unpickled); exactly one image; ``cls`` ASCII digits in 0..num_classes-1.
+    ``parts`` maps member extensions to bytes (other keys, such as WebDataset's ``__key__``, and
+    None values are ignored). Returns (the image's extension, the label); raises ValueError
+    naming what is wrong."""
     present = {k for k, v in parts.items() if not k.startswith("__") and isinstance(v, bytes)}
     extra = present - MEMBER_EXTS
     if extra:

@@ -509,7 +509,7 @@ def fit(run: RunPlan, *, max_failures: int = 1, num_to_keep: int = 2,
 
 
 def export_model(state: dict, path: str, loop_config: dict, job_config: dict) -> str:
-    """Write model.pt (contract 4) from a checkpoint state; return its sha256."""
+    """Write model.pt (contract 4 in docs/DESIGN.md) from a checkpoint state; return its sha256."""
     from pipeline import model as m
 
     net, classes, _ = m.build_model({"state_dict": None, "classes": None, "model_id": "",
