@@ -56,6 +56,10 @@ def parse(cls, argv=None, job: str = ""):
             kw["default"] = f.default
         parser.add_argument(flag, type=TYPES[typ], choices=meta.get("choices"), **kw)
     args = vars(parser.parse_args(argv))
+    for name, value in args.items():  # every *_fraction flag is a fraction, never a percent
+        if name.endswith("_fraction") and not 0 <= value <= 1:
+            parser.error(f"--{name.replace('_', '-')} is a fraction in [0, 1] (0.05 is 5%), "
+                         f"not {value:g}")
     for f in dataclasses.fields(cls):
         if f.metadata.get("positional"):
             args[f.name] = tuple(args[f.name])

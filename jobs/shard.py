@@ -39,7 +39,9 @@ class ShardConfig:
                              "also catches damage inside the image data)",
                              choices=list(shards.CHECKS))
     max_skipped_fraction: float = _cli.option(
-        0.0, "exit 1 when more than this fraction of the source's files were skipped (the "
+        0.0, "exit 1 when more than this fraction (0..1) of the source's image files were "
+             "skipped; hidden and system files and files outside the class folders do not "
+             "count (the "
              "shards and the manifest, which lists every skipped file and why, are still "
              "written; a rerun with a higher value reuses them)")
     verify: str = _cli.option("", "verify the shards of this manifest (or of every manifest in this "
@@ -93,12 +95,17 @@ def main(argv=None) -> int:
               + ("" if len(m["empty_classes"]) <= 10 else ", ...")
               + "; they keep their index (listed as empty_classes in the manifest)",
               file=sys.stderr)
-    seen = m["total_samples"] + len(m["skipped"])
-    if len(m["skipped"]) > cfg.max_skipped_fraction * seen:
-        too_big = sum("raise --max-pixels" in s["reason"] for s in m["skipped"])
+    lost = [s for s in m["skipped"] if not sources.is_ignorable(s)]
+    ignored = len(m["skipped"]) - len(lost)
+    if ignored:
+        print(f"{ignored} hidden or system files, or files outside the class folders, are not "
+              f"counted as skipped images (listed in the manifest all the same)")
+    seen = m["total_samples"] + len(lost)
+    if len(lost) > cfg.max_skipped_fraction * seen:
+        too_big = sum("raise --max-pixels" in s["reason"] for s in lost)
         hint = (f"; {too_big} of them are over --max-pixels {cfg.max_pixels}: raise it to store "
                 f"them" if too_big else "")
-        print(f"error: {len(m['skipped'])} of {seen} source files were skipped (allowed: "
+        print(f"error: {len(lost)} of {seen} source files were skipped (allowed: "
               f"{cfg.max_skipped_fraction:.2%}); reasons in {manifest}. Rerun with "
               f"--max-skipped-fraction to accept them{hint}", file=sys.stderr)
         return 1

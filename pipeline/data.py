@@ -128,8 +128,7 @@ def read_decoded(manifest_path: str, *, mode: str = "eval", resize_size: int | N
     # two then fuse, and a plan that left the data stage a fraction of a CPU cannot wait
     # forever on a read task (resources.py).
     ds = ray.data.read_webdataset(paths, decoder=None, shuffle=shuffle,
-                                  override_num_blocks=len(paths),
-                                  ray_remote_args={"num_cpus": num_cpus})
+                                  override_num_blocks=len(paths), num_cpus=num_cpus)
     if resize_size is None:
         resize_size = presets.resize_for(crop_size)
     ds = ds.map_batches(

@@ -67,8 +67,7 @@ class Predictor:
         topi = np.full((n, max(k, k5)), -1, dtype=np.int64)
         topp = np.zeros((n, max(k, k5)), dtype=np.float32)
         if ok.any():
-            images = batch["image"] if ok.all() else batch["image"][ok]  # no copy when all ok
-            x = torch.from_numpy(images).to(self.device, non_blocking=True)
+            x = torch.from_numpy(batch["image"][ok]).to(self.device, non_blocking=True)
             logits = self.model(presets.normalize(x, self.dtype))
             probs = logits.float().softmax(dim=1)
             p, i = probs.topk(max(k, k5), dim=1)

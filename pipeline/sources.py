@@ -105,6 +105,19 @@ def _top_level(root: str) -> list[tuple[str, str]]:
     )
 
 
+# Files a class folder commonly holds that are no images of it: listed in the manifest's
+# skipped like any other, but not counted against jobs.shard --max-skipped-fraction.
+OUTSIDE_CLASS, HIDDEN, SYSTEM = ("file outside any class folder", "hidden file",
+                                 "system file, not an image")
+SYSTEM_FILES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}
+
+
+def is_ignorable(skipped: dict) -> bool:
+    """Whether a skipped entry is a hidden or system file or one outside the class folders (a
+    README, a licence): no image was lost there, so it does not count as a skipped image."""
+    return skipped["reason"] in (OUTSIDE_CLASS, HIDDEN, SYSTEM)
+
+
 def _class_folder_items(root: str, sub: str = "") -> tuple[list, list, list[str]]:
     """Items of ROOT/<class>/... (recursive inside each class), the files skipped with their
     reasons (loose top-level files, hidden files, dangling symlinks, ...), and the class ids:
@@ -118,9 +131,11 @@ def _class_folder_items(root: str, sub: str = "") -> tuple[list, list, list[str]
         path = prefix + rel
         parts = rel.split("/")
         if len(parts) < 2:
-            skipped.append({"path": path, "reason": "file outside any class folder"})
+            skipped.append({"path": path, "reason": OUTSIDE_CLASS})
         elif any(p.startswith(".") for p in parts):
-            skipped.append({"path": path, "reason": "hidden file"})
+            skipped.append({"path": path, "reason": HIDDEN})
+        elif parts[-1].lower() in SYSTEM_FILES:
+            skipped.append({"path": path, "reason": SYSTEM})
         else:
             items.append((path, parts[0]))
     skipped += [{"path": prefix + p["path"], "reason": p["reason"]} for p in problems]

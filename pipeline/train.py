@@ -444,6 +444,9 @@ def plan_run(loop_config: dict, *, train_manifest: str, val_manifest: str, num_w
     if [c["id"] for c in train_m["classes"]] != [c["id"] for c in val_m["classes"]]:
         raise UsageError(f"{train_manifest} and {val_manifest} have different class lists: shard "
                          f"val with --classes-from {train_manifest}")
+    # Weights that cannot be had (offline DEFAULT, a wrong file) fail here in one line, not in
+    # every worker, retried by Ray Train's failure policy.
+    modellib.build_model(modellib.load_weights(loop_config["weights"]), train_m["classes"])
     batch, note = per_worker_batch(train_m["total_samples"], num_workers,
                                    loop_config["batch_size"])
     cfg = dict(loop_config, batch_size=batch, classes=train_m["classes"],

@@ -235,3 +235,36 @@ def test_summary_records_the_precision_the_actors_ran(shard_set, tmp_path, ray_l
     assert summary["precision"] == "fp32"
     part = next((tmp_path / "o" / "predictions").glob("*.parquet"))
     assert pq.read_schema(part).metadata[b"precision"] == b"fp32"
+
+
+def test_a_folder_with_system_and_hidden_files_shards_with_default_flags(tmp_path, ray_local,
+                                                                         capsys):
+    """.DS_Store, Thumbs.db and a top-level README are in most real folders: listed in the
+    manifest, never counted as skipped images (they made the default threshold of 0 fail)."""
+    from jobs import shard as shard_job
+    from pipeline import synthetic
+
+    synthetic.generate_image_folder(str(tmp_path / "img"), {"train": 2}, num_classes=2, seed=5,
+                                    size_range=(48, 64))
+    root = tmp_path / "img" / "train"
+    for junk in (".DS_Store", "circle/.DS_Store", "square/Thumbs.db", "README.txt"):
+        (root / junk).write_bytes(b"\x00junk")
+    code, out = _job(shard_job.main, ["--source", str(root), "--out", str(tmp_path / "s"),
+                                      "--no-progress"], capsys)
+    assert code == 0, out
+    m = json.loads((tmp_path / "s" / "train.json").read_text())
+    assert m["total_samples"] == 4 and len(m["skipped"]) == 4
+    assert "4 hidden or system files, or files outside the class folders" in out
+    (root / "circle" / "broken.jpg").write_bytes(b"not a jpeg")  # a real image lost: counted
+    code, out = _job(shard_job.main, ["--source", str(root), "--out", str(tmp_path / "s"),
+                                      "--no-progress"], capsys)
+    assert code == 1 and "1 of 5 source files were skipped" in out
+
+
+def test_fraction_flags_refuse_a_percentage(capsys):
+    from jobs import shard as shard_job
+
+    with pytest.raises(SystemExit) as e:
+        shard_job.main(["--source", "x", "--out", "y", "--max-skipped-fraction", "25"])
+    assert e.value.code == 2
+    assert "is a fraction in [0, 1] (0.05 is 5%), not 25" in capsys.readouterr().err
