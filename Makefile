@@ -32,7 +32,7 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Rewrite the README's bad-input and fault tables from a fresh run of the tests behind them.
+# Rewrite the bad-input and fault tables in docs/RELIABILITY.md from a fresh run of the tests behind them.
 readme-tables: $(STAMP)
 	UPDATE_README_TABLES=1 $(PY) -m pytest -q tests/test_corpus.py tests/test_faults.py
 

@@ -28,7 +28,7 @@ class ShardConfig:
     classes_from: str = _cli.option("", "take the class list from this manifest (shard val with "
                                         "the train classes so indices agree)")
     samples_per_shard: int = _cli.option(shards.DEFAULT_SAMPLES_PER_SHARD,
-                                         "images per shard (see README for the choice)")
+                                         "images per shard (docs/JOBS.md explains the choice)")
     seed: int = _cli.option(0, "seed of the train permutation")
     max_pixels: int = _cli.option(shards.DEFAULT_MAX_PIXELS,
                                   "skip images with more pixels (decompression bombs)")

@@ -1,5 +1,5 @@
-"""A real two-node Ray cluster on loopback with token authentication, driven like the README's
-"Running on a cluster": the project's jobs go in through the real `ray job submit` CLI.
+"""A real two-node Ray cluster on loopback with token authentication, driven like
+docs/CLUSTER.md's "Running on a cluster": the jobs go in through the real `ray job submit` CLI.
 
 The head and one worker node are `ray start --block` subprocesses (each 1 logical CPU; the
 worker also advertises `node_b`), started with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH
@@ -9,7 +9,7 @@ picked free, and teardown stops only the processes this test started (never `ray
 would stop every Ray on the machine).
 
 The test shards generated images with `python -m jobs.shard`, runs `python -m jobs.predict` with
-the README's command line (paths and address changed, `--weights none` because nothing can be
+docs/CLUSTER.md's command line (paths and address changed, `--weights none` because nothing can be
 downloaded), checks the published Parquet, and proves from Ray's state API that the prediction
 job's work ran on both nodes: the single predictor actor (Ray Data fuses the decode into it)
 holds one node's only CPU for the whole run, so the 1-CPU read tasks can only run on the other
@@ -295,7 +295,7 @@ def cluster(tmp_path):
 
 
 def submit(c: Cluster, submission_id: str, *entrypoint: str) -> str:
-    """`ray job submit` exactly as in the README (waits, streams the logs); returns its output."""
+    """`ray job submit` exactly as in docs/CLUSTER.md (waits, streams the logs); returns its output."""
     proc = c.ray("job", "submit", "--address", c.dashboard, "--working-dir", ROOT,
                  "--submission-id", submission_id, "--", *entrypoint, timeout=300, check=False)
     out = proc.stdout + proc.stderr

@@ -1,8 +1,9 @@
-"""The bad-input corpus, run through the real jobs; its outcomes are the README's table.
+"""The bad-input corpus, run through the real jobs; its outcomes are the table in
+docs/RELIABILITY.md.
 
 Each case builds one bad input, runs the job a user would run, asserts the expected outcome and
-records what was observed. The last test renders the rows as Markdown and checks that README.md
-carries exactly that table (``make readme-tables`` rewrites it from a fresh run).
+records what was observed. The last test renders the rows as Markdown and checks that
+docs/RELIABILITY.md carries exactly that table (``make readme-tables`` rewrites it from a fresh run).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Faults on a local Ray cluster, and the failed-sample thresholds; the README's fault table.
+"""Faults on a local Ray cluster, and the failed-sample thresholds; the fault table in
+docs/RELIABILITY.md.
 
 Each test injects one fault into a real job (a worker or actor SIGKILLed from inside, a job's
 process killed, damaged samples), asserts that nothing is lost or duplicated, and records what
-was observed. The last test renders the rows and checks that README.md carries that table
+was observed. The last test renders the rows and checks that docs/RELIABILITY.md carries that table
 (``make readme-tables`` rewrites it from a fresh run). All slow: run by `make test-slow` and CI.
 """
 
