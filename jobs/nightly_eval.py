@@ -6,12 +6,11 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from jobs.predict import CPUS_PER_ACTOR_HELP, THREADS_HELP
 from pipeline import nightly, predict
 
 
 @dataclass(frozen=True)
-class NightlyConfig:
+class NightlyConfig(predict.PredictOptions):
     """Predict every image of --data with --weights into HISTORY/runs/<run_id>/ (a normal
     jobs.predict output folder), append one row to HISTORY/history.parquet, compare per-image
     top-1 correctness with the previous run and with the pinned --baseline run (McNemar's exact
@@ -37,17 +36,6 @@ class NightlyConfig:
                                          "percentage points")
     top_n: int = _cli.option(10, "classes and confused pairs listed in the report")
     latest: bool = _cli.option(True, "also copy the report to HISTORY/latest.html")
-    batch_size: int = _cli.option(64, "images per model call")
-    precision: str = _cli.option("auto", "auto: bf16 where oneDNN/CUDA support it, fp16 on "
-                                         "GPUs without bf16, else fp32",
-                                 choices=["auto", "fp32", "bf16", "fp16"])
-    use_gpu: bool = _cli.option(False, "one GPU per predictor actor")
-    actors: int = _cli.option(1, "predictor actors (on a GPU cluster: the number of GPUs)")
-    cpus_per_actor: float = _cli.option(0.0, CPUS_PER_ACTOR_HELP)
-    threads: int = _cli.option(0, THREADS_HELP)
-    decode_concurrency: int = _cli.option(0, "decode tasks at once (0: Ray Data decides)")
-    max_failed_fraction: float = _cli.option(0.0, "exit 1 when more than this fraction of "
-                                                  "samples fail to decode")
     progress: bool = _cli.option(False, "show a progress bar (off: cron logs stay readable)")
 
 
@@ -55,12 +43,7 @@ def run(cfg: NightlyConfig) -> nightly.NightlyResult:
     return nightly.run_nightly(
         cfg.data, cfg.weights, cfg.history, baseline=cfg.baseline, alpha=cfg.alpha,
         min_effect=cfg.min_effect, latest=cfg.latest, top_n=cfg.top_n, config=_cli.to_dict(cfg),
-        predict_options={"batch_size": cfg.batch_size, "precision": cfg.precision,
-                         "use_gpu": cfg.use_gpu, "actors": cfg.actors,
-                         "cpus_per_actor": cfg.cpus_per_actor, "threads": cfg.threads,
-                         "decode_concurrency": cfg.decode_concurrency or None,
-                         "max_failed_fraction": cfg.max_failed_fraction,
-                         "progress": cfg.progress})
+        predict_options=predict.PredictOptions.of(cfg))
 
 
 @_cli.reports_errors

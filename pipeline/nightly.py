@@ -287,18 +287,19 @@ class NightlyResult:
 def run_nightly(manifest: str, weights: str, history: str, *, baseline: str = "",
                 alpha: float = 0.01, min_effect: float = 0.5, latest: bool = True,
                 top_n: int = 10, config: dict | None = None,
-                predict_options: dict | None = None) -> NightlyResult:
+                predict_options=None) -> NightlyResult:
     """Predict into HISTORY/runs/<run_id>, compare, append to the history table, report.
 
-    ``predict_options`` go to ``pipeline.predict.run_prediction`` unchanged; ``config`` (the
-    job's resolved config) is recorded in the run's nightly.json.
+    ``predict_options`` (a ``predict.PredictOptions``; default: its defaults) go to
+    ``pipeline.predict.run_prediction`` unchanged; ``config`` (the job's resolved config) is
+    recorded in the run's nightly.json.
     """
     from pipeline import predict
 
     refs = references(read_history(history), baseline)  # a bad --baseline fails before predicting
     run_id = new_run_id()
     run_dir = storage.join(history, "runs", run_id)
-    summary = predict.run_prediction(manifest, weights, run_dir, **(predict_options or {}))
+    summary = predict.run_prediction(manifest, weights, run_dir, predict_options)
     current = load_correctness(run_dir)
     meta = {**summary, "run_id": run_id}  # summary["run_id"] is the prediction's own id
     comparisons = [compare_with(role, ref, meta, current, alpha, min_effect) for role, ref in refs]

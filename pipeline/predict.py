@@ -18,6 +18,7 @@ copies + deletes on an object store; the protocol holds for both (see ``recover`
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,12 +31,52 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import data, faults, model as modellib, presets, shards, storage
+from pipeline import data, faults, model as modellib, presets, publish, shards, storage
 from pipeline.errors import PipelineError
 from pipeline.version import code_version
 
-ITEMS = ("predictions", "failures.parquet", "summary.json")
 ROWS_PER_FILE = 100_000
+
+
+def _opt(default, help: str, choices=None):  # noqa: A002
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+CPUS_PER_ACTOR_HELP = ("CPUs each predictor actor reserves in Ray's scheduling (0: 1 with a "
+                       "GPU, 0.5 on CPU, where its threads use the cores anyway)")
+THREADS_HELP = ("torch threads per predictor actor on CPU (0: the cores of its node, shared "
+                "among the actors there; decode tasks time-share them)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+    """How a prediction run is laid out and what it keeps: one options object, taken by
+    ``run_prediction`` and embedded (as base class) by the configs of jobs.predict and
+    jobs.nightly_eval, so the two jobs cannot drift apart. Sizes in pixels; 0 means "decide"."""
+    batch_size: int = _opt(64, "images per model call")
+    precision: str = _opt("auto", "auto: bf16 where oneDNN/CUDA support it, fp16 on GPUs "
+                                  "without bf16, else fp32", ["auto", "fp32", "bf16", "fp16"])
+    use_gpu: bool = _opt(False, "one GPU per predictor actor")
+    actors: int = _opt(1, "predictor actors (on a GPU cluster: the number of GPUs)")
+    cpus_per_actor: float = _opt(0.0, CPUS_PER_ACTOR_HELP)
+    threads: int = _opt(0, THREADS_HELP)
+    decode_concurrency: int = _opt(0, "decode tasks at once (0: Ray Data decides)")
+    decode_device: str = _opt("cpu", "cuda: decode JPEGs with nvJPEG on the GPU (near-identical "
+                                     "pixels, for GPU clusters starved by JPEG decoding); falls "
+                                     "back to PIL without a GPU", ["cpu", "cuda"])
+    resize_size: int = _opt(0, "resize shorter side to (0: the model's preset, else 256)")
+    crop_size: int = _opt(0, "centre crop (0: the model's preset, else 224)")
+    topk: int = _opt(5, "top-k indices and probabilities kept per image")
+    max_failed_fraction: float = _opt(0.0, "exit non-zero when more than this fraction of "
+                                           "samples fail to decode")
+    verify_checksums: bool = _opt(True, "check every shard's size and sha256 against the "
+                                        "manifest before predicting")
+    progress: bool = _opt(True, "show a progress bar")
+
+    @classmethod
+    def of(cls, config) -> "PredictOptions":
+        """The options of a config that embeds them (a subclass instance)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 class Predictor:
@@ -118,84 +159,6 @@ def _actors_per_node(actors: int) -> int:
     return -(-actors // max(1, nodes))
 
 
-MOVED = "_MOVED"  # in OUT/_previous: the old set has left OUT whole
-
-
-def _remove_stale_staging(out: str) -> None:
-    """Staging folders of runs that died before publishing hold nothing anyone reads."""
-    import pyarrow.fs as pafs
-
-    fs, p = storage.resolve(out)
-    if fs.get_file_info(p).type != pafs.FileType.Directory and storage.is_local(fs):
-        return
-    for info in fs.get_file_info(pafs.FileSelector(p, allow_not_found=True)):
-        if storage.basename(info.path).startswith("_staging-"):
-            fs.delete_dir(info.path)
-
-
-def recover(out: str) -> None:
-    """Finish or roll back a publish that a crash interrupted.
-
-    Three states, told apart by two markers (OUT/_SUCCESS and OUT/_previous/_MOVED):
-
-    * OUT/_SUCCESS present: OUT holds a whole set (the new one, or the old one that had not
-      started to leave); only the clean-up of _previous was left.
-    * no _SUCCESS, _MOVED present: the old set was whole in _previous and whatever OUT holds
-      is part of the new set: remove it, drop _MOVED, then move the old set back.
-    * no _SUCCESS, no _MOVED: the old set was on its way out. On a local disk each item was
-      renamed, so it is in one place or the other; on an object store an item can be partly
-      in both (copy, then delete). OUT then holds nothing but old objects, so the items in
-      _previous are merged back over OUT without deleting anything first.
-
-    _SUCCESS goes back last and _previous is deleted after it, so a crash inside recover leaves
-    one of the same three states and the next recover finishes the job.
-    """
-    _remove_stale_staging(out)
-    prev = storage.join(out, "_previous")
-    if not storage.exists(prev):
-        return
-    if storage.exists(storage.join(out, "_SUCCESS")):
-        storage.delete_dir(prev)  # the set in OUT is complete: only the clean-up was left
-        return
-    if storage.exists(storage.join(prev, MOVED)):
-        for item in ITEMS:
-            _remove(storage.join(out, item))
-        storage.delete_file(storage.join(prev, MOVED))
-    for item in ITEMS + ("_SUCCESS",):
-        src = storage.join(prev, item)
-        if storage.exists(src):
-            storage.move_tree(src, storage.join(out, item))
-    storage.delete_dir(prev)
-
-
-def _remove(path: str) -> None:
-    if storage.is_dir(path):
-        storage.delete_dir(path)
-    else:
-        storage.delete_file(path)
-
-
-def publish(staging: str, out: str, run_id: str) -> None:
-    """Old set to OUT/_previous (its _SUCCESS first), _MOVED, new set in, _SUCCESS, clean up.
-
-    Each move is one rename on a local disk and a copy + delete of every object on an object
-    store (``storage.move_tree``); the markers, not the moves, make the switch safe: readers
-    trust OUT only while _SUCCESS is there, and ``recover`` rolls back any half-done state.
-    """
-    prev = storage.join(out, "_previous")
-    storage.makedirs(prev)
-    for item in ("_SUCCESS",) + ITEMS:  # _SUCCESS first: from here on OUT is not trusted
-        if storage.exists(storage.join(out, item)):
-            storage.move_tree(storage.join(out, item), storage.join(prev, item))
-    storage.write_text_atomic(storage.join(prev, MOVED), run_id + "\n")
-    faults.point("mid_publish")
-    for item in ITEMS:
-        storage.move_tree(storage.join(staging, item), storage.join(out, item))
-    storage.write_text_atomic(storage.join(out, "_SUCCESS"), run_id + "\n")  # the switch
-    storage.delete_dir(prev)
-    storage.delete_dir(staging)
-
-
 class _PartWriter:
     """Streams prediction rows into part-NNNNN.parquet files with run metadata."""
 
@@ -236,53 +199,54 @@ def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
     })
 
 
-def prediction_dataset(manifest_path: str, weights: str, plan, *, batch_size: int,
-                       precision: str, threads: int, topk: int,
-                       decode_concurrency: int | None, resize_size: int, crop_size: int,
-                       decode_device: str, fault: dict | None = None):
+def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOptions, *,
+                       resize_size: int, crop_size: int, fault: dict | None = None):
     """The Ray Dataset of per-image predictions (decode tasks -> predictor actors) laid out as
-    ``plan`` (a ``resources.PredictPlan``) says, and the manifest."""
-    ds, manifest = data.read_decoded(manifest_path, mode="eval", batch_size=batch_size,
-                                     concurrency=decode_concurrency, resize_size=resize_size,
-                                     crop_size=crop_size, decode_device=decode_device,
+    ``plan`` (a ``resources.PredictPlan``) says, and the manifest. ``resize_size``/``crop_size``:
+    the preset resolved against the model's own."""
+    ds, manifest = data.read_decoded(manifest_path, mode="eval", batch_size=opts.batch_size,
+                                     concurrency=opts.decode_concurrency or None,
+                                     resize_size=resize_size, crop_size=crop_size,
+                                     decode_device=opts.decode_device,
                                      num_cpus=plan.decode_cpus, num_gpus=plan.decode_gpus)
     ds = ds.map_batches(
-        Predictor, batch_size=batch_size, concurrency=plan.actors, num_gpus=plan.gpus_per_actor,
-        num_cpus=plan.cpus_per_actor,
+        Predictor, batch_size=opts.batch_size, concurrency=plan.actors,
+        num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
         fn_constructor_kwargs={"weights": weights, "data_classes": manifest["classes"],
-                               "precision": precision, "use_gpu": plan.use_gpu, "topk": topk,
-                               "num_threads": None if plan.use_gpu else threads,
+                               "precision": opts.precision, "use_gpu": plan.use_gpu,
+                               "topk": opts.topk,
+                               "num_threads": None if plan.use_gpu else opts.threads,
                                "actors_per_node": _actors_per_node(plan.actors), "fault": fault})
     return ds, manifest
 
 
-def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: int = 64,
-                   precision: str = "auto", use_gpu: bool = False, actors: int = 1,
-                   cpus_per_actor: float = 0.0, decode_concurrency: int | None = None,
-                   topk: int = 5, max_failed_fraction: float = 0.0,
-                   resize_size: int | None = None, crop_size: int | None = None,
-                   progress: bool = True, fault: dict | None = None,
-                   verify_checksums: bool = True, decode_device: str = "cpu",
-                   threads: int = 0) -> dict:
-    """Predict every image a manifest lists into ``out``; return the published summary.
-    ``cpus_per_actor``: the CPUs each actor reserves in Ray (0: 1 with a GPU, 0.5 on CPU);
-    ``threads``: torch threads per CPU actor (0: its node's cores shared among its actors)."""
+def run_prediction(manifest_path: str, weights: str, out: str,
+                   opts: PredictOptions | None = None, *, fault: dict | None = None,
+                   **overrides) -> dict:
+    """Predict every image a manifest lists into ``out`` and publish it exactly once
+    (``pipeline.publish``); return the published summary (contract 3 in docs/DESIGN.md).
+
+    ``opts`` (default ``PredictOptions()``), with ``overrides`` (its field names) applied on
+    top. Raises UsageError for a resource plan the cluster cannot give, ValueError/OSError for
+    bad weights, manifests or shards (nothing published), FailedSamples after publishing when
+    more than ``max_failed_fraction`` of the samples failed to decode."""
     import ray
     from tqdm import tqdm
 
     from pipeline import resources
 
+    opts = dataclasses.replace(opts or PredictOptions(), **overrides)
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
-    plan = resources.plan_prediction(resources.current_cluster(), actors, use_gpu, cpus_per_actor,
-                                     decode_device)
+    plan = resources.plan_prediction(resources.current_cluster(), opts.actors, opts.use_gpu,
+                                     opts.cpus_per_actor, opts.decode_device)
     storage.check_writable(out)
-    recover(out)
+    publish.recover(out)
     loaded = modellib.load_weights(weights)  # fail here, not in every actor, on bad weights
     preset = loaded["extra"].get("preset") or {}  # a model.pt knows the preset it was trained at
-    resize_size = resize_size or preset.get("resize_size", presets.RESIZE_SIZE)
-    crop_size = crop_size or preset.get("crop_size", presets.CROP_SIZE)
+    resize_size = opts.resize_size or preset.get("resize_size", presets.RESIZE_SIZE)
+    crop_size = opts.crop_size or preset.get("crop_size", presets.CROP_SIZE)
     manifest = shards.load_manifest(manifest_path)
-    if verify_checksums:
+    if opts.verify_checksums:
         shards.check_checksums(manifest_path, manifest)
     classes_model = loaded["classes"] or manifest["classes"]
     _, _, replaced = modellib.build_model(loaded, classes_model)  # wrong shapes fail here
@@ -290,11 +254,9 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
         raise ValueError(f"weights {weights} name other classes than their head holds; "
                          f"predict with a model.pt (it carries its class list)")
     label_map(manifest["classes"], classes_model)
-    ds, manifest = prediction_dataset(
-        manifest_path, weights, plan, batch_size=batch_size, precision=precision,
-        threads=threads, topk=topk, decode_concurrency=decode_concurrency,
-        resize_size=resize_size, crop_size=crop_size, decode_device=decode_device, fault=fault)
-    k = min(topk, len(classes_model))
+    ds, manifest = prediction_dataset(manifest_path, weights, plan, opts,
+                                      resize_size=resize_size, crop_size=crop_size, fault=fault)
+    k = min(opts.topk, len(classes_model))
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     meta = {"model_id": loaded["model_id"], "weights_sha256": loaded["sha256"] or "",
             "data_manifest": manifest_path,
@@ -307,7 +269,7 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
     keys, failures, t_first, seen, first_n = set(), [], None, 0, 0
     per_shard, ran = collections.Counter(), set()
     with tqdm(total=manifest["total_samples"], unit="img", desc="predict",
-              disable=not progress) as bar:
+              disable=not opts.progress) as bar:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 if t_first is None:  # steady state starts once the first batch is out
@@ -332,16 +294,17 @@ def run_prediction(manifest_path: str, weights: str, out: str, *, batch_size: in
     faults.point("before_publish")
     wall = time.monotonic() - t0
     summary = _summarize(staging, classes_model, manifest, meta, failures, wall, started,
-                         {"batch_size": batch_size, "actors": actors, "use_gpu": use_gpu,
+                         {"batch_size": opts.batch_size, "actors": opts.actors,
+                          "use_gpu": opts.use_gpu,
                           "steady_images_per_s": (seen - first_n) / (time.monotonic() - t_first)
                           if t_first and seen > first_n else 0.0,
                           "startup_seconds": (t_first - t0) if t_first else wall})
     _write_failures(storage.join(staging, "failures.parquet"), failures)
     storage.write_text_atomic(storage.join(staging, "summary.json"), json.dumps(summary, indent=1))
-    publish(staging, out, run_id)
-    if len(failures) > max_failed_fraction * manifest["total_samples"]:
+    publish.publish(staging, out, run_id)
+    if len(failures) > opts.max_failed_fraction * manifest["total_samples"]:
         raise FailedSamples(f"{len(failures)} of {manifest['total_samples']} samples failed to "
-                            f"decode (allowed: {max_failed_fraction:.2%}); see "
+                            f"decode (allowed: {opts.max_failed_fraction:.2%}); see "
                             f"{storage.join(out, 'failures.parquet')}")
     return summary
 

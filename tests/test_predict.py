@@ -134,8 +134,8 @@ def test_decoding_runs_in_tasks_beside_the_predictor_not_fused_into_it(shard_set
     plan = resources.plan_prediction(resources.current_cluster(), actors=1, use_gpu=False,
                                      cpus_per_actor=cpus_per_actor)
     ds, _ = predict.prediction_dataset(
-        str(shard_set / "val.json"), "none", plan, batch_size=4, precision="fp32", threads=0,
-        topk=5, decode_concurrency=None, resize_size=256, crop_size=224, decode_device="cpu")
+        str(shard_set / "val.json"), "none", plan,
+        predict.PredictOptions(batch_size=4, precision="fp32"), resize_size=256, crop_size=224)
     ds.explain()
     plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in plan, plan
