@@ -87,14 +87,23 @@ def run(cfg: FinetuneConfig, fault: dict | None = None) -> dict:
     for note in plan.notes:
         print(f"warning: {note}", file=sys.stderr)
     print(f"resources: {plan.resources.describe()}")
+    if plan.first_epoch >= cfg.epochs:
+        print(f"run {cfg.name} has already trained {plan.first_epoch} of {cfg.epochs} epochs: "
+              f"nothing to train (rerun with a higher --epochs to go on)")
+    elif plan.first_epoch:
+        print(f"resuming run {cfg.name} at epoch {plan.first_epoch + 1} of {cfg.epochs}, from the "
+              f"last checkpoint Ray Train recorded")
     run_dir = plan.run_dir
     resolved = {"cpus_per_worker": plan.resources.cpus_per_worker,
                 "batch_size_per_worker": plan.loop_config["batch_size"]}
     storage.write_text_atomic(storage.join(run_dir, "config.json"),
                               _cli.dump({**_cli.to_dict(cfg), "resolved": resolved}))
-    result, state, full = train.fit(plan, max_failures=cfg.max_failures,
-                                    num_to_keep=cfg.num_to_keep,
-                                    decode_concurrency=cfg.decode_concurrency or None)
+    if plan.first_epoch >= cfg.epochs:  # no worker group to start for a finished run
+        state, full = train.recorded_state(plan.storage_path, cfg.name), plan.loop_config
+    else:
+        _, state, full = train.fit(plan, max_failures=cfg.max_failures,
+                                   num_to_keep=cfg.num_to_keep,
+                                   decode_concurrency=cfg.decode_concurrency or None)
     failures_path = storage.join(run_dir, "failures.parquet")
     write_failures(state.get("failures", []), failures_path)
     storage.write_text_atomic(storage.join(run_dir, "history.json"),
@@ -128,7 +137,7 @@ def main(argv=None) -> int:
     _cli.setup_logging()
     _cli.init_ray()
     if cfg.weights.lower() == "none":
-        print("weights: none -> training from random init (no pretrained weights)")
+        print("weights: none -> a random init (no pretrained weights) for a new run")
     out = run(cfg)
     print(json.dumps({k: out[k] for k in ("epoch", "train_loss", "train_top1", "val_top1",
                                            "val_top5", "train_images_per_s", "model")}, indent=1))

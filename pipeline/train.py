@@ -400,6 +400,7 @@ class RunPlan:
     storage_path: str
     name: str
     notes: tuple[str, ...] = ()  # what the plan changed, for the job to print
+    first_epoch: int = 0  # > 0: a rerun resuming after the checkpoint Ray Train recorded
 
     @property
     def run_dir(self) -> str:
@@ -456,18 +457,25 @@ def plan_run(loop_config: dict, *, train_manifest: str, val_manifest: str, num_w
     if saved is not None:
         check_resumable(saved, cfg)
     return RunPlan(cfg, plan, train_manifest, val_manifest, storage_path, name,
-                   tuple(n for n in (note,) if n))
+                   tuple(n for n in (note,) if n), resume_epoch(storage_path, name))
 
 
-def recorded_config(storage_path: str, name: str) -> dict | None:
-    """The loop config saved in the checkpoint a rerun of STORAGE/NAME would resume from."""
+def recorded_state(storage_path: str, name: str) -> dict | None:
+    """The state (model, optimizer, config, metrics, history, ...) of the checkpoint a rerun of
+    STORAGE/NAME would resume from; None for a new run."""
     from pipeline import storage
 
     latest = recorded_checkpoint(storage_path, name)
     if latest is None:
         return None
     data = storage.read_bytes(storage.join(storage_path, name, latest[0], STATE_FILE))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["config"]
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def recorded_config(storage_path: str, name: str) -> dict | None:
+    """The loop config saved in the checkpoint a rerun of STORAGE/NAME would resume from."""
+    state = recorded_state(storage_path, name)
+    return None if state is None else state["config"]
 
 
 def fit(run: RunPlan, *, max_failures: int = 1, num_to_keep: int = 2,

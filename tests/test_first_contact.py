@@ -174,8 +174,14 @@ def test_a_refused_resume_is_one_line_and_changes_nothing(shard_set, tmp_path, r
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
     # the same settings resume: epoch 2 of 2
     code, err = _job(finetune.main, argv, capsys)
-    assert code == 0, err
+    assert code == 0 and "resuming run r at epoch 2 of 2" in err, err
     assert json.loads((run_dir / "history.json").read_text())[-1]["epoch"] == 1
+    # and once more: nothing left to train, said at once, no worker group started
+    t0 = time.monotonic()
+    code, err = _job(finetune.main, argv, capsys)
+    assert code == 0 and "has already trained 2 of 2 epochs: nothing to train" in err, err
+    assert time.monotonic() - t0 < 30
+    assert len(json.loads((run_dir / "history.json").read_text())) == 2
 
 
 @pytest.mark.slow
