@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import presets, storage, train
-from pipeline.errors import PipelineError
+from pipeline import presets, train
 
 
 @dataclass(frozen=True)
@@ -65,21 +65,18 @@ class FinetuneConfig:
              "samples failed to decode; they are listed in STORAGE/NAME/failures.parquet")
 
 
-def loop_config(cfg: FinetuneConfig) -> dict:
+def loop_config(cfg: FinetuneConfig) -> train.LoopConfig:
+    """The workers' typed config: every LoopConfig recipe field takes the flag of its name."""
     freeze = 0 if cfg.mode == "finetune" else (cfg.unfreeze_after or cfg.epochs)
-    keys = ("weights", "epochs", "batch_size", "optimizer", "lr", "head_lr_mult", "momentum", "nesterov",
-            "weight_decay", "label_smoothing", "warmup_epochs", "crop_size", "min_crop_scale",
-            "precision",
-            "shuffle_buffer", "seed", "threads", "max_failed_fraction")
-    return dict({k: getattr(cfg, k) for k in keys}, freeze_epochs=freeze)
+    recipe = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(train.LoopConfig)
+              if hasattr(cfg, f.name)}
+    return train.LoopConfig(**recipe, freeze_epochs=freeze)
 
 
 def run(cfg: FinetuneConfig, fault: dict | None = None) -> dict:
     """Check the run (``train.plan_run``: nothing is written when it is refused), train, export
     model.pt, and return the last epoch's metrics with the output paths."""
-    loop = loop_config(cfg)
-    if fault:
-        loop["fault"] = fault
+    loop = dataclasses.replace(loop_config(cfg), fault=fault)
     plan = train.plan_run(loop, train_manifest=cfg.train, val_manifest=cfg.val,
                           num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                           cpus_per_worker=cfg.cpus_per_worker, storage_path=cfg.storage_path,
@@ -93,42 +90,9 @@ def run(cfg: FinetuneConfig, fault: dict | None = None) -> dict:
     elif plan.first_epoch:
         print(f"resuming run {cfg.name} at epoch {plan.first_epoch + 1} of {cfg.epochs}, from the "
               f"last checkpoint Ray Train recorded")
-    run_dir = plan.run_dir
-    resolved = {"cpus_per_worker": plan.resources.cpus_per_worker,
-                "batch_size_per_worker": plan.loop_config["batch_size"]}
-    storage.write_text_atomic(storage.join(run_dir, "config.json"),
-                              _cli.dump({**_cli.to_dict(cfg), "resolved": resolved}))
-    if plan.first_epoch >= cfg.epochs:  # no worker group to start for a finished run
-        state, full = train.recorded_state(plan.storage_path, cfg.name), plan.loop_config
-    else:
-        _, state, full = train.fit(plan, max_failures=cfg.max_failures,
-                                   num_to_keep=cfg.num_to_keep,
-                                   decode_concurrency=cfg.decode_concurrency or None)
-    failures_path = storage.join(run_dir, "failures.parquet")
-    write_failures(state.get("failures", []), failures_path)
-    storage.write_text_atomic(storage.join(run_dir, "history.json"),
-                              json.dumps(state.get("history", []), indent=1))
-    if state["metrics"].get("stopped"):
-        raise PipelineError(f"run {cfg.name} stopped: {state['metrics']['stopped']}; see "
-                            f"{failures_path}. The epoch's checkpoint is kept: fix or reshard "
-                            f"the data, or rerun with a higher --max-failed-fraction to go on")
-    model_path = storage.join(run_dir, "model.pt")
-    train.export_model(state, model_path, full, _cli.to_dict(cfg))
-    return {**state["metrics"], "history": state.get("history", []), "model": model_path,
-            "run_dir": run_dir, "failures": failures_path}
-
-
-def write_failures(failures: list[dict], path: str) -> None:
-    """The last epoch's undecodable samples (key, shard, split, error) as Parquet: a file with
-    zero rows when none failed, so a reader never has to guess."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols = ("key", "shard", "split", "error")
-    table = pa.table({c: pa.array([f[c] for f in failures], pa.string()) for c in cols})
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    storage.write_bytes_atomic(path, buf.getvalue().to_pybytes())
+    return train.run_planned(plan, job_config=_cli.to_dict(cfg), max_failures=cfg.max_failures,
+                             num_to_keep=cfg.num_to_keep,
+                             decode_concurrency=cfg.decode_concurrency or None)
 
 
 @_cli.reports_errors

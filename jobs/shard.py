@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import shards, sources, storage
+from pipeline import failures, shards, sources, storage
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         print(f"{ignored} hidden or system files, or files outside the class folders, are not "
               f"counted as skipped images (listed in the manifest all the same)")
     seen = m["total_samples"] + len(lost)
-    if len(lost) > cfg.max_skipped_fraction * seen:
+    if failures.over_limit(len(lost), seen, cfg.max_skipped_fraction):
         too_big = sum("raise --max-pixels" in s["reason"] for s in lost)
         hint = (f"; {too_big} of them are over --max-pixels {cfg.max_pixels}: raise it to store "
                 f"them" if too_big else "")

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
-import uuid
 from dataclasses import asdict, dataclass
 
 import pandas as pd
@@ -96,8 +94,10 @@ class Comparison:
 
 
 def new_run_id() -> str:
-    """A sortable, unique run id: UTC time plus a random suffix."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    """A sortable, unique run id (``publish.new_run_id``: one format for every job)."""
+    from pipeline import publish
+
+    return publish.new_run_id()
 
 
 def mcnemar_exact(lost: int, gained: int) -> float:

@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import data, faults, model as modellib, presets, publish, shards, storage
+from pipeline import failures as failurelib
 from pipeline.errors import PipelineError
 from pipeline.version import code_version
 
@@ -257,7 +257,7 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     ds, manifest = prediction_dataset(manifest_path, weights, plan, opts,
                                       resize_size=resize_size, crop_size=crop_size, fault=fault)
     k = min(opts.topk, len(classes_model))
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    run_id = publish.new_run_id()
     meta = {"model_id": loaded["model_id"], "weights_sha256": loaded["sha256"] or "",
             "data_manifest": manifest_path,
             "data_manifest_sha256": hashlib.sha256(storage.read_bytes(manifest_path)).hexdigest(),
@@ -275,7 +275,8 @@ def run_prediction(manifest_path: str, weights: str, out: str,
                 if t_first is None:  # steady state starts once the first batch is out
                     t_first, first_n = time.monotonic(), len(batch["key"])
                 bad = batch["error"] != ""
-                failures += [{"key": str(key), "shard": str(s), "error": str(e)} for key, s, e in
+                failures += [{"key": str(key), "shard": str(s), "split": manifest["split"],
+                              "error": str(e)} for key, s, e in
                              zip(batch["key"][bad], batch["shard"][bad], batch["error"][bad])]
                 keys.update(batch["key"].tolist())
                 ran.update(batch["precision"].tolist())
@@ -299,10 +300,10 @@ def run_prediction(manifest_path: str, weights: str, out: str,
                           "steady_images_per_s": (seen - first_n) / (time.monotonic() - t_first)
                           if t_first and seen > first_n else 0.0,
                           "startup_seconds": (t_first - t0) if t_first else wall})
-    _write_failures(storage.join(staging, "failures.parquet"), failures)
+    failurelib.write(storage.join(staging, "failures.parquet"), failures)
     storage.write_text_atomic(storage.join(staging, "summary.json"), json.dumps(summary, indent=1))
     publish.publish(staging, out, run_id)
-    if len(failures) > opts.max_failed_fraction * manifest["total_samples"]:
+    if failurelib.over_limit(len(failures), manifest["total_samples"], opts.max_failed_fraction):
         raise FailedSamples(f"{len(failures)} of {manifest['total_samples']} samples failed to "
                             f"decode (allowed: {opts.max_failed_fraction:.2%}); see "
                             f"{storage.join(out, 'failures.parquet')}")
@@ -338,13 +339,6 @@ def check_coverage(manifest: dict, path: str, rows: int, unique: int,
         raise PipelineError(f"{path} lists {manifest['total_samples']} samples but the stream gave "
                            f"{unique}: {'; '.join(wrong) or 'unknown shards'}. Run `python -m "
                            f"jobs.shard --verify {path}`. Nothing published")
-
-
-def _write_failures(path: str, failures: list[dict]) -> None:
-    fs, p = storage.resolve(path)
-    table = pa.table({c: pa.array([f[c] for f in failures], pa.string())
-                      for c in ("key", "shard", "error")})
-    pq.write_table(table, p, filesystem=fs)
 
 
 def _summarize(staging, classes, manifest, meta, failures, wall, started, settings) -> dict:

@@ -16,9 +16,18 @@ the tests use.
 
 from __future__ import annotations
 
+import time
+import uuid
+
 from pipeline import faults, storage
 
 ITEMS = ("predictions", "failures.parquet", "summary.json")
+
+
+def new_run_id() -> str:
+    """The one run-id format of every job: UTC time, sortable, plus a random suffix that keeps
+    two runs started in the same second apart (``20261129T020000Z-3fa9c1``)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 MOVED = "_MOVED"  # in OUT/_previous: the old set has left OUT whole
 

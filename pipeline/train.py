@@ -16,14 +16,14 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline import model as modellib, presets
+from pipeline import failures as failurelib, model as modellib, presets
 from pipeline.errors import PipelineError, UsageError
 
 if TYPE_CHECKING:
@@ -91,6 +91,48 @@ def _maybe_kill(fault: dict | None, epoch: int, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every Ray Train worker runs with: the recipe (from jobs.finetune's flags), then what
+    the driver resolves against the data and the cluster (``plan_run``), then what each worker
+    resolves for itself. Saved with every checkpoint as a dict (``saved_config``); a rerun must
+    match it in RESUME_KEYS. Learning rates are per 256 images (scaled by the global batch)."""
+    weights: str  # the recipe: no defaults here, jobs.finetune's flags are the one place
+    epochs: int
+    batch_size: int  # per worker; plan_run lowers it to a worker's share of the split
+    optimizer: str
+    lr: float
+    head_lr_mult: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    label_smoothing: float
+    warmup_epochs: float
+    crop_size: int
+    min_crop_scale: float
+    precision: str
+    shuffle_buffer: int
+    seed: int
+    threads: int
+    max_failed_fraction: float
+    freeze_epochs: int  # backbone frozen (linear probe) for the first N epochs
+    # resolved by plan_run
+    classes: tuple = ()
+    num_classes: int = 0
+    train_samples: int = 0
+    world_size: int = 1
+    # resolved by each worker; never saved
+    amp_dtype: object = None
+    fault: dict | None = None  # tests only: SIGKILL a worker once (see _maybe_kill)
+
+    def saved_config(self) -> dict:
+        """The dict saved in checkpoints and compared on resume (no per-worker fields)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("amp_dtype", "fault")}
+        out["classes"] = list(self.classes)
+        return out
+
+
 def train_step(net, images, labels, ok, optimizer, scaler, loss_fn, amp_dtype):
     """One optimizer step on a batch; returns (loss, logits).
 
@@ -115,24 +157,24 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
     # drop_last: a 1-image tail batch breaks BatchNorm in train mode; every worker holds the same
     # number of rows (equal split), so all drop the same tail and DDP stays in lockstep.
     net.train()
-    set_backbone_frozen(model, epoch < cfg["freeze_epochs"])
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="none")
+    set_backbone_frozen(model, epoch < cfg.freeze_epochs)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
     seen = correct = 0
     loss_sum, t0, failures = 0.0, time.monotonic(), []
     first_step_end, first_rows = None, 0  # steady state: from the end of the first step on
     buffer = shuffle_buffer_rows(cfg)
     for step, batch in enumerate(it.iter_batches(
-            batch_size=cfg["batch_size"], batch_format="numpy", drop_last=True,
+            batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=buffer or None,
-            local_shuffle_seed=(cfg["seed"] * 1000 + epoch) if buffer else None)):
-        _maybe_kill(cfg.get("fault"), epoch, step, rank)
+            local_shuffle_seed=(cfg.seed * 1000 + epoch) if buffer else None)):
+        _maybe_kill(cfg.fault, epoch, step, rank)
         ok = torch.from_numpy(batch["error"] == "").to(device)
         images = torch.from_numpy(batch["image"]).to(device, non_blocking=True)
-        images = presets.train_augment(images, batch["key"], cfg["seed"], epoch, cfg["crop_size"],
-                                       cfg.get("min_crop_scale", 0.08))
+        images = presets.train_augment(images, batch["key"], cfg.seed, epoch, cfg.crop_size,
+                                       cfg.min_crop_scale)
         labels = torch.from_numpy(np.maximum(batch["label"], 0)).to(device)
         loss, logits = train_step(net, images, labels, ok, optimizer, scaler, loss_fn,
-                                  cfg["amp_dtype"])
+                                  cfg.amp_dtype)
         scheduler.step()
         n_ok = int(ok.sum())
         seen += n_ok
@@ -158,10 +200,10 @@ def shuffle_buffer_rows(cfg: dict) -> int:
     """The local shuffle buffer, capped at a quarter of this worker's share of an epoch. The
     first batch waits until the buffer is full, so a buffer near the whole share would make
     every epoch decode first and train after, instead of both at once."""
-    if not cfg["shuffle_buffer"]:
+    if not cfg.shuffle_buffer:
         return 0
-    share = cfg["train_samples"] // cfg["world_size"]
-    return min(cfg["shuffle_buffer"], max(cfg["batch_size"], share // 4))
+    share = cfg.train_samples // cfg.world_size
+    return min(cfg.shuffle_buffer, max(cfg.batch_size, share // 4))
 
 
 def _failed_rows(batch, split: str) -> list[dict]:
@@ -201,9 +243,9 @@ def validate(net, it, cfg, device) -> dict:
     """Top-1/top-5 over this worker's share of val, summed over all workers."""
     net.eval()
     counts = torch.zeros(4, dtype=torch.float64)  # seen, top1, top5, failed
-    k = min(5, cfg["num_classes"])
+    k = min(5, cfg.num_classes)
     failures = []
-    for batch in it.iter_batches(batch_size=cfg["batch_size"], batch_format="numpy"):
+    for batch in it.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
         ok = batch["error"] == ""
         counts[3] += int((~ok).sum())
         failures += _failed_rows(batch, "val")
@@ -211,8 +253,8 @@ def validate(net, it, cfg, device) -> dict:
             continue
         images = torch.from_numpy(batch["image"][ok]).to(device)
         labels = torch.from_numpy(batch["label"][ok]).to(device)
-        with torch.autocast(device.type, dtype=cfg["amp_dtype"],
-                            enabled=cfg["amp_dtype"] != torch.float32):
+        with torch.autocast(device.type, dtype=cfg.amp_dtype,
+                            enabled=cfg.amp_dtype != torch.float32):
             logits = net(presets.normalize(images))
         topk = logits.float().topk(k, dim=1).indices
         counts[0] += len(labels)
@@ -229,24 +271,24 @@ def validate(net, it, cfg, device) -> dict:
 
 
 def _build(cfg, device):
-    torch.manual_seed(cfg["seed"])
-    loaded = modellib.load_weights(cfg["weights"])
-    model, classes, _ = modellib.build_model(loaded, cfg["classes"])
+    torch.manual_seed(cfg.seed)
+    loaded = modellib.load_weights(cfg.weights)
+    model, classes, _ = modellib.build_model(loaded, list(cfg.classes))
     model = model.to(device, memory_format=torch.channels_last)
-    world = cfg["world_size"]
-    scale = cfg["batch_size"] * world / 256  # linear scaling rule (Goyal et al.)
-    lr = cfg["lr"] * scale
-    groups = param_groups(model, lr, lr * cfg["head_lr_mult"], cfg["weight_decay"])
-    if cfg.get("optimizer", "sgd") == "adamw":  # converges faster from random init on small data
+    world = cfg.world_size
+    scale = cfg.batch_size * world / 256  # linear scaling rule (Goyal et al.)
+    lr = cfg.lr * scale
+    groups = param_groups(model, lr, lr * cfg.head_lr_mult, cfg.weight_decay)
+    if cfg.optimizer == "adamw":  # converges faster from random init on small data
         optimizer = torch.optim.AdamW(groups, lr=lr)
     else:
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"],
-                                    nesterov=cfg["nesterov"])
-    steps = max(1, cfg["train_samples"] // world // cfg["batch_size"])  # drop_last
-    total, warmup = steps * cfg["epochs"], max(1, int(steps * cfg["warmup_epochs"]))
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum,
+                                    nesterov=cfg.nesterov)
+    steps = max(1, cfg.train_samples // world // cfg.batch_size)  # drop_last
+    total, warmup = steps * cfg.epochs, max(1, int(steps * cfg.warmup_epochs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup, total))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp_dtype"] == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp_dtype == torch.float16)
     return model, optimizer, scheduler, scaler
 
 
@@ -254,29 +296,32 @@ RESUME_KEYS = ("weights", "batch_size", "optimizer", "lr", "crop_size", "train_s
                "classes", "world_size", "seed")
 
 
-def check_resumable(saved: dict, cfg: dict) -> None:
+def check_resumable(saved: dict, cfg: LoopConfig) -> None:
     """A rerun under the same name must be the same run (more epochs allowed): otherwise the
     restored optimizer and schedule would silently continue a different experiment."""
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != cfg.get(k)]
+    now = cfg.saved_config()
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
     if changed:
-        shown = [k if k in ("classes", "train_samples") else f"{k} {saved[k]!r} -> {cfg.get(k)!r}"
+        shown = [k if k in ("classes", "train_samples") else f"{k} {saved[k]!r} -> {now[k]!r}"
                  for k in changed]
         raise UsageError(f"run exists with different {', '.join(shown)}: use a new --name, "
                          f"or the same settings to resume")
 
 
-def train_loop_per_worker(cfg: dict) -> None:
-    """The Ray Train worker function: build, resume if a checkpoint exists, train, report."""
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker function: build, resume if a checkpoint exists, train, report.
+    ``config``: {"loop": LoopConfig} (Ray Train hands workers a dict)."""
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
+    cfg: LoopConfig = config["loop"]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = ray.train.torch.get_device()
-    cfg = dict(cfg, world_size=ctx.get_world_size(),
-               amp_dtype=modellib.resolve_precision(cfg["precision"], device))
+    cfg = replace(cfg, world_size=ctx.get_world_size(),
+                  amp_dtype=modellib.resolve_precision(cfg.precision, device))
     model, optimizer, scheduler, scaler = _build(cfg, device)
     start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -292,8 +337,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         start, history = state["epoch"] + 1, list(state.get("history", []))
     train_it, val_it = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     net, net_frozen = None, None
-    for epoch in range(start, cfg["epochs"]):
-        frozen = epoch < cfg["freeze_epochs"]
+    for epoch in range(start, cfg.epochs):
+        frozen = epoch < cfg.freeze_epochs
         if net is None or frozen != net_frozen:  # DDP must be rebuilt when trainables change
             set_backbone_frozen(model, frozen)
             net, net_frozen = ray.train.torch.prepare_model(model, move_to_device=False), frozen
@@ -311,16 +356,17 @@ def train_loop_per_worker(cfg: dict) -> None:
                                     m["train_failed"] + m["val_failed"])
         attempted = m["train_images"] + m["train_failed"] + m["val_images"] + m["val_failed"]
         m.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], backbone_frozen=frozen,
-                 precision=modellib.precision_name(cfg["amp_dtype"]),  # what this worker ran
+                 precision=modellib.precision_name(cfg.amp_dtype),  # what this worker ran
                  train_images_per_s=m["train_images"] / m["train_seconds"],
                  failed_fraction=len(failures) / max(attempted, 1))
         # Every rank computes the same verdict from reduced counts, so all stop together.
+        allowed = cfg.max_failed_fraction
         m["stopped"] = (f"{len(failures)} of {attempted} samples failed to decode in epoch "
-                        f"{epoch + 1} (allowed: {cfg.get('max_failed_fraction', 0.0):.2%})"
-                        if m["failed_fraction"] > cfg.get("max_failed_fraction", 0.0) else "")
+                        f"{epoch + 1} (allowed: {allowed:.2%})"
+                        if failurelib.over_limit(len(failures), attempted, allowed) else "")
         history.append(m)
         if rank == 0:
-            print(f"epoch {epoch + 1}/{cfg['epochs']}: train loss {m['train_loss']:.3f} "
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {m['train_loss']:.3f} "
                   f"top-1 {m['train_top1']:.1f}% | val top-1 {m['val_top1']:.1f}% top-5 "
                   f"{m['val_top5']:.1f}% ({m['val_images']} images) | "
                   f"{m['train_images_per_s']:.0f} train images/s"
@@ -338,10 +384,9 @@ def _report(metrics, history, failures, model, optimizer, scheduler, scaler, epo
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        public_cfg = {k: v for k, v in cfg.items() if k not in ("amp_dtype", "fault")}
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "config": public_cfg, "metrics": metrics,
+                    "epoch": epoch, "config": cfg.saved_config(), "metrics": metrics,
                     "history": history, "failures": failures},
                    os.path.join(d, STATE_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -393,7 +438,7 @@ class RunPlan:
     """Everything a fine-tuning run is checked against before Ray Train starts: the loop config
     the workers get (classes, train_samples, world_size and the per-worker batch resolved), the
     resource plan, and where the run lives."""
-    loop_config: dict
+    loop_config: LoopConfig
     resources: "TrainPlan"
     train_manifest: str
     val_manifest: str
@@ -429,7 +474,7 @@ def per_worker_batch(train_samples: int, num_workers: int, batch_size: int) -> t
                    f"per-worker batch of {share}, one step per epoch")
 
 
-def plan_run(loop_config: dict, *, train_manifest: str, val_manifest: str, num_workers: int,
+def plan_run(loop_config: LoopConfig, *, train_manifest: str, val_manifest: str, num_workers: int,
              use_gpu: bool, cpus_per_worker: float, storage_path: str, name: str,
              cluster=None) -> RunPlan:
     """Check a fine-tuning run before anything starts or is written; raise UsageError (one line)
@@ -447,12 +492,12 @@ def plan_run(loop_config: dict, *, train_manifest: str, val_manifest: str, num_w
                          f"val with --classes-from {train_manifest}")
     # Weights that cannot be had (offline DEFAULT, a wrong file) fail here in one line, not in
     # every worker, retried by Ray Train's failure policy.
-    modellib.build_model(modellib.load_weights(loop_config["weights"]), train_m["classes"])
+    modellib.build_model(modellib.load_weights(loop_config.weights), train_m["classes"])
     batch, note = per_worker_batch(train_m["total_samples"], num_workers,
-                                   loop_config["batch_size"])
-    cfg = dict(loop_config, batch_size=batch, classes=train_m["classes"],
-               num_classes=len(train_m["classes"]), train_samples=train_m["total_samples"],
-               world_size=num_workers)
+                                   loop_config.batch_size)
+    cfg = replace(loop_config, batch_size=batch, classes=tuple(train_m["classes"]),
+                  num_classes=len(train_m["classes"]), train_samples=train_m["total_samples"],
+                  world_size=num_workers)
     saved = recorded_config(storage_path, name)
     if saved is not None:
         check_resumable(saved, cfg)
@@ -490,18 +535,18 @@ def fit(run: RunPlan, *, max_failures: int = 1, num_to_keep: int = 2,
 
     cfg, plan = run.loop_config, run.resources
     train_ds, _ = data.read_decoded(
-        run.train_manifest, mode="train", crop_size=cfg["crop_size"],
-        batch_size=cfg["batch_size"], concurrency=decode_concurrency, num_cpus=plan.decode_cpus,
-        shuffle_seed=shuffle_seed(cfg["seed"], resume_epoch(run.storage_path, run.name)))
+        run.train_manifest, mode="train", crop_size=cfg.crop_size,
+        batch_size=cfg.batch_size, concurrency=decode_concurrency, num_cpus=plan.decode_cpus,
+        shuffle_seed=shuffle_seed(cfg.seed, resume_epoch(run.storage_path, run.name)))
     val_ds, _ = data.read_decoded(
-        run.val_manifest, mode="eval", crop_size=cfg["crop_size"], batch_size=cfg["batch_size"],
+        run.val_manifest, mode="eval", crop_size=cfg.crop_size, batch_size=cfg.batch_size,
         concurrency=decode_concurrency, num_cpus=plan.decode_cpus)
     # Ray Train keeps its workers' resources from Ray Data; on a fixed cluster the limit also
     # says what the plan left to the data stage, so Ray Data never waits on CPUs it cannot get.
     options = None if plan.data_cpus is None else ExecutionOptions(
         resource_limits=ExecutionResources(cpu=plan.data_cpus))
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=cfg,
+        train_loop_per_worker, train_loop_config={"loop": cfg},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers, use_gpu=plan.use_gpu,
@@ -519,15 +564,50 @@ def fit(run: RunPlan, *, max_failures: int = 1, num_to_keep: int = 2,
     return result, load_checkpoint_state(result.checkpoint), cfg
 
 
-def export_model(state: dict, path: str, loop_config: dict, job_config: dict) -> str:
+def run_planned(plan: RunPlan, *, job_config: dict, max_failures: int = 1, num_to_keep: int = 2,
+                decode_concurrency: int | None = None) -> dict:
+    """Run a checked fine-tuning run (``plan_run``) to its end and write its outputs under
+    STORAGE/NAME: config.json (``job_config`` plus the resolved plan), checkpoints, history.json,
+    failures.parquet and model.pt (contract 4 in docs/DESIGN.md). A run whose every epoch is
+    already trained starts no worker group. Returns the last epoch's metrics with ``history``,
+    ``model``, ``run_dir`` and ``failures`` (paths). Raises PipelineError when more samples
+    failed to decode than ``max_failed_fraction`` allows (after that epoch's checkpoint)."""
+    from pipeline import failures as failurelib, storage
+
+    cfg, run_dir = plan.loop_config, plan.run_dir
+    resolved = {"cpus_per_worker": plan.resources.cpus_per_worker,
+                "batch_size_per_worker": cfg.batch_size}
+    storage.write_text_atomic(storage.join(run_dir, "config.json"),
+                              json.dumps({**job_config, "resolved": resolved}, indent=1,
+                                         default=str))
+    if plan.first_epoch >= cfg.epochs:
+        state = recorded_state(plan.storage_path, plan.name)
+    else:
+        _, state, cfg = fit(plan, max_failures=max_failures, num_to_keep=num_to_keep,
+                            decode_concurrency=decode_concurrency)
+    failures_path = storage.join(run_dir, "failures.parquet")
+    failurelib.write(failures_path, state.get("failures", []))
+    storage.write_text_atomic(storage.join(run_dir, "history.json"),
+                              json.dumps(state.get("history", []), indent=1))
+    if state["metrics"].get("stopped"):
+        raise PipelineError(f"run {plan.name} stopped: {state['metrics']['stopped']}; see "
+                            f"{failures_path}. The epoch's checkpoint is kept: fix or reshard "
+                            f"the data, or rerun with a higher --max-failed-fraction to go on")
+    model_path = storage.join(run_dir, "model.pt")
+    export_model(state, model_path, cfg, job_config)
+    return {**state["metrics"], "history": state.get("history", []), "model": model_path,
+            "run_dir": run_dir, "failures": failures_path}
+
+
+def export_model(state: dict, path: str, loop_config: LoopConfig, job_config: dict) -> str:
     """Write model.pt (contract 4 in docs/DESIGN.md) from a checkpoint state; return its sha256."""
     from pipeline import model as m
 
     net, classes, _ = m.build_model({"state_dict": None, "classes": None, "model_id": "",
-                                     "sha256": None, "extra": {}}, loop_config["classes"])
+                                     "sha256": None, "extra": {}}, list(loop_config.classes))
     net.load_state_dict(state["model"])
-    preset = {"resize_size": presets.resize_for(loop_config["crop_size"]),
-              "crop_size": loop_config["crop_size"], "interpolation": "bilinear",
+    preset = {"resize_size": presets.resize_for(loop_config.crop_size),
+              "crop_size": loop_config.crop_size, "interpolation": "bilinear",
               "antialias": True, "mean": presets.MEAN, "std": presets.STD}
     return m.save_model(path, net, classes, preset, job_config,
                         model_id=f"resnet18-finetuned/{job_config.get('name', '')}"
