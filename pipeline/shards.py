@@ -267,10 +267,9 @@ def write_shard(root: str, out: str, split: str, index: int, members: list[Membe
     name = shard_name(split, index)
     path, part = storage.join(out, name), storage.join(out, f"_parts/{name}.json")
     digest = plan_digest(members, class_index, max_pixels, check)
-    if storage.exists(part) and storage.exists(path):
+    if storage.exists(part):
         old = json.loads(storage.read_text(part))
-        if (old.get("plan") == digest and storage.size(path) == old["bytes"]
-                and storage.sha256_file(path) == old["sha256"]):
+        if old.get("plan") == digest and integrity_problem(old, path) is None:
             return dict(old, reused=True)
     data, keys, skipped, source_bytes = build_shard(root, members, class_index, max_pixels,
                                                     check)
@@ -424,15 +423,24 @@ def read_tar_samples(data: bytes, name: str) -> list[tuple[str, dict[str, bytes]
     return samples
 
 
-def _checksum_problem(rec: dict, path: str) -> str | None:
-    if not storage.exists(path):
-        return f"{path}: missing"
-    size = storage.size(path)
+def integrity_problem(rec: dict, path: str, data: bytes | None = None) -> str | None:
+    """The one size + sha256 check of a shard against its record (``bytes``, ``sha256``):
+    None when it matches, else what is wrong. ``data``: the shard's bytes when the caller has
+    read them already; else the file is streamed from ``path``."""
+    if data is None and not storage.exists(path):
+        return "missing"
+    size = len(data) if data is not None else storage.size(path)
     if size != rec["bytes"]:
-        return f"{path}: size {size} bytes, manifest says {rec['bytes']}"
-    if storage.sha256_file(path) != rec["sha256"]:
-        return f"{path}: sha256 does not match the manifest"
+        return f"size {size} bytes, manifest says {rec['bytes']}"
+    sha = hashlib.sha256(data).hexdigest() if data is not None else storage.sha256_file(path)
+    if sha != rec["sha256"]:
+        return "sha256 does not match the manifest"
     return None
+
+
+def _checksum_problem(rec: dict, path: str) -> str | None:
+    problem = integrity_problem(rec, path)
+    return f"{path}: {problem}" if problem else None
 
 
 def check_checksums(manifest_path: str, manifest: dict) -> None:
@@ -465,10 +473,9 @@ def _verify_one(rec: dict, path: str, n_classes: int) -> str | None:
     if not storage.exists(path):
         return "missing"
     data = storage.read_bytes(path)
-    if len(data) != rec["bytes"]:
-        return f"size {len(data)} bytes, manifest says {rec['bytes']}"
-    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
-        return "sha256 does not match the manifest"
+    problem = integrity_problem(rec, path, data)
+    if problem:
+        return problem
     try:
         samples = read_tar_samples(data, rec["file"])
     except ValueError as e:
