@@ -30,16 +30,15 @@ def load(weights: str, precision: str = "fp32") -> Classifier:
     """Load ``weights`` (DEFAULT, IMAGENET1K_V1 or a file naming its classes); raise ValueError
     for weights that name no classes (``none``, or a state_dict whose head is not ImageNet's)."""
     loaded = modellib.load_weights(weights)
-    if loaded["classes"] is None:
+    if loaded.classes is None:
         raise ValueError(f"weights {weights!r} name no classes: give DEFAULT, IMAGENET1K_V1, a "
                          f"model.pt from jobs.finetune, or an ImageNet (1000-class) state_dict")
     net, classes, _ = modellib.build_model(loaded, None)
-    preset = loaded["extra"].get("preset") or {}
+    preset = loaded.eval_preset
     device = modellib.pick_device(None)
     dtype = modellib.resolve_precision(precision, device)
     net = net.eval().to(device, dtype, memory_format=torch.channels_last)
-    return Classifier(net, classes, preset.get("resize_size", presets.RESIZE_SIZE),
-                      preset.get("crop_size", presets.CROP_SIZE), dtype)
+    return Classifier(net, classes, preset.resize_size, preset.crop_size, dtype)
 
 
 @torch.inference_mode()

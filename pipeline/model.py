@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
-from pipeline import sources, storage
+from pipeline import presets, sources, storage
 from pipeline.errors import PipelineError
 
 TORCHVISION_WEIGHTS = {"DEFAULT": ResNet18_Weights.DEFAULT,
@@ -29,13 +30,44 @@ def imagenet_classes() -> list[dict]:
     return sources.make_classes(sources.imagenet_wnids())
 
 
-def load_weights(spec: str) -> dict:
-    """Resolve ``spec`` to {state_dict, classes (or None if unknown), model_id, sha256, extra}."""
+@dataclass(frozen=True)
+class LoadedWeights:
+    """Weights resolved from a ``--weights`` spec (contract 4 in docs/DESIGN.md).
+
+    ``state_dict`` is None for a random init; ``classes`` ([{"index", "id", "name"}]) is None
+    when the weights do not say (a random init, or a bare state_dict whose head is not
+    ImageNet's); ``preset`` is the one a model.pt was trained at (None: torchvision's);
+    ``sha256`` of the file (None when there is none); ``source`` the spec as given."""
+    state_dict: dict | None
+    classes: list[dict] | None
+    model_id: str
+    sha256: str | None = None
+    preset: dict | None = None
+    config: dict | None = None
+    source: str = ""
+
+    def __getitem__(self, key: str):
+        """Mapping access for callers written when this was a dict (``extra`` holds the
+        preset and the training config)."""
+        if key == "extra":
+            return {k: v for k, v in (("preset", self.preset), ("config", self.config)) if v}
+        return getattr(self, key)
+
+    @property
+    def eval_preset(self) -> presets.Preset:
+        return presets.Preset.from_dict(self.preset)
+
+
+def load_weights(spec: str) -> LoadedWeights:
+    """Resolve ``spec``: DEFAULT/IMAGENET1K_V1 (torchvision's, from the hub cache or
+    downloaded), ``none`` (random init) or a file (this project's model.pt or a bare
+    state_dict), loaded with ``torch.load(weights_only=True)``. Raises FileNotFoundError for a
+    spec that is none of these, ValueError for a file that cannot be loaded safely or is neither
+    format, PipelineError when torchvision's weights cannot be had (offline)."""
     if spec.lower() == "none":
-        return {"state_dict": None, "classes": None, "model_id": "resnet18-random-init",
-                "sha256": None, "extra": {}}
+        return LoadedWeights(None, None, "resnet18-random-init", source=spec)
     if spec.upper() in TORCHVISION_WEIGHTS:
-        return dict(_load_torchvision(spec.upper()), source=spec)
+        return _load_torchvision(spec.upper())
     if not storage.exists(spec):
         raise FileNotFoundError(f"weights {spec!r}: not DEFAULT, IMAGENET1K_V1, none, nor an "
                                 f"existing file")
@@ -47,18 +79,17 @@ def load_weights(spec: str) -> dict:
                          f"(torch.load weights_only=True): {str(e).splitlines()[0]}") from None
     sha = hashlib.sha256(data).hexdigest()
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
-        return {"state_dict": obj["state_dict"], "classes": obj["classes"],
-                "model_id": obj.get("model_id", os.path.basename(spec)), "sha256": sha,
-                "extra": {k: obj.get(k) for k in ("preset", "config")}, "source": spec}
+        return LoadedWeights(obj["state_dict"], obj["classes"],
+                             obj.get("model_id", os.path.basename(spec)), sha,
+                             obj.get("preset"), obj.get("config"), spec)
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         fc = obj.get("fc.weight")
         classes = imagenet_classes() if fc is not None and fc.shape[0] == 1000 else None
-        return {"state_dict": obj, "classes": classes, "model_id": os.path.basename(spec),
-                "sha256": sha, "extra": {}, "source": spec}
+        return LoadedWeights(obj, classes, os.path.basename(spec), sha, source=spec)
     raise ValueError(f"weights file {spec} is neither a state_dict nor a {MODEL_FORMAT} file")
 
 
-def _load_torchvision(spec: str) -> dict:
+def _load_torchvision(spec: str) -> LoadedWeights:
     weights = TORCHVISION_WEIGHTS[spec]
     try:
         state_dict = weights.get_state_dict(progress=False, check_hash=True)
@@ -68,15 +99,16 @@ def _load_torchvision(spec: str) -> dict:
                            f"Offline, copy that file to {cache} or pass --weights PATH") from None
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     sha = storage.sha256_file(path) if os.path.exists(path) else None
-    return {"state_dict": state_dict, "classes": imagenet_classes(),
-            "model_id": f"torchvision/resnet18/{weights.name}", "sha256": sha, "extra": {}}
+    return LoadedWeights(state_dict, imagenet_classes(), f"torchvision/resnet18/{weights.name}",
+                         sha, source=spec)
 
 
-def build_model(weights: dict, classes: list[dict] | None) -> tuple[nn.Module, list[dict], bool]:
+def build_model(weights: LoadedWeights, classes: list[dict] | None
+                ) -> tuple[nn.Module, list[dict], bool]:
     """ResNet-18 with ``weights`` loaded; the head is replaced by ``nn.Linear(512, C)`` when the
     data's classes differ from the weights' classes. Returns (model, classes, head_replaced)."""
-    w_classes = weights["classes"]
-    state = weights["state_dict"]
+    w_classes = weights.classes
+    state = weights.state_dict
     if state is not None and w_classes is None:
         n = state["fc.weight"].shape[0] if "fc.weight" in state else 0
         # A bare state_dict names no classes: a head of the data's size is taken to be in the
@@ -91,7 +123,7 @@ def build_model(weights: dict, classes: list[dict] | None) -> tuple[nn.Module, l
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"weights {weights.get('source', weights['model_id'])} do not fit "
+            raise ValueError(f"weights {weights.source or weights.model_id} do not fit "
                              f"ResNet-18 with "
                              f"{len(w_classes)} classes: {str(e).splitlines()[-1].strip()}") from None
     replaced = state is not None and [c["id"] for c in target] != [c["id"] for c in w_classes]

@@ -90,7 +90,7 @@ class Predictor:
             torch.set_num_threads(num_threads or cpu_threads(actors_per_node))
         torch.manual_seed(0)  # "none" weights: the same random model in every actor
         loaded = modellib.load_weights(weights)
-        net, self.classes, _ = modellib.build_model(loaded, None if loaded["classes"] else data_classes)
+        net, self.classes, _ = modellib.build_model(loaded, None if loaded.classes else data_classes)
         self.device = modellib.pick_device(use_gpu)
         self.dtype = modellib.resolve_precision(precision, self.device)
         self.model = net.eval().to(self.device, self.dtype, memory_format=torch.channels_last)
@@ -242,13 +242,13 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     storage.check_writable(out)
     publish.recover(out)
     loaded = modellib.load_weights(weights)  # fail here, not in every actor, on bad weights
-    preset = loaded["extra"].get("preset") or {}  # a model.pt knows the preset it was trained at
-    resize_size = opts.resize_size or preset.get("resize_size", presets.RESIZE_SIZE)
-    crop_size = opts.crop_size or preset.get("crop_size", presets.CROP_SIZE)
+    # a model.pt knows the preset it was trained at; --resize-size/--crop-size override it
+    preset = loaded.eval_preset.with_sizes(opts.resize_size, opts.crop_size)
+    resize_size, crop_size = preset.resize_size, preset.crop_size
     manifest = shards.load_manifest(manifest_path)
     if opts.verify_checksums:
         shards.check_checksums(manifest_path, manifest)
-    classes_model = loaded["classes"] or manifest["classes"]
+    classes_model = loaded.classes or manifest["classes"]
     _, _, replaced = modellib.build_model(loaded, classes_model)  # wrong shapes fail here
     if replaced:
         raise ValueError(f"weights {weights} name other classes than their head holds; "
@@ -258,11 +258,10 @@ def run_prediction(manifest_path: str, weights: str, out: str,
                                       resize_size=resize_size, crop_size=crop_size, fault=fault)
     k = min(opts.topk, len(classes_model))
     run_id = publish.new_run_id()
-    meta = {"model_id": loaded["model_id"], "weights_sha256": loaded["sha256"] or "",
+    meta = {"model_id": loaded.model_id, "weights_sha256": loaded.sha256 or "",
             "data_manifest": manifest_path,
             "data_manifest_sha256": hashlib.sha256(storage.read_bytes(manifest_path)).hexdigest(),
-            "preset": json.dumps({"resize_size": resize_size, "crop_size": crop_size,
-                                  "interpolation": "bilinear", "antialias": True}),
+            "preset": json.dumps(preset.to_dict()),
             "precision": "", "code_version": code_version(), "run_id": run_id}
     staging = storage.join(out, f"_staging-{run_id}")
     writer = _PartWriter(storage.join(staging, "predictions"), meta)

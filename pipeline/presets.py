@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +33,41 @@ RESIZE_SIZE, CROP_SIZE = 256, 224
 def resize_for(crop_size: int) -> int:
     """The shorter-side size that goes with a crop, in torchvision's 256:224 proportion."""
     return round(crop_size * RESIZE_SIZE / CROP_SIZE)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The eval preset of a model (contract 4 in docs/DESIGN.md): shorter side to
+    ``resize_size`` pixels (bilinear, antialiased), centre crop ``crop_size`` pixels, then
+    ``mean``/``std`` on the device. The one shape a preset has, in model.pt (``to_dict``),
+    in prediction metadata and in summary.json. Default: torchvision's
+    ``ResNet18_Weights.DEFAULT.transforms()``."""
+    resize_size: int = RESIZE_SIZE
+    crop_size: int = CROP_SIZE
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    mean: tuple = MEAN
+    std: tuple = STD
+
+    @classmethod
+    def for_crop(cls, crop_size: int) -> "Preset":
+        return cls(resize_for(crop_size), crop_size)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Preset":
+        """From a saved dict; keys it lacks take the defaults (older model.pt files)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v
+                      for k, v in (d or {}).items() if k in known})
+
+    def with_sizes(self, resize_size: int = 0, crop_size: int = 0) -> "Preset":
+        """This preset with the sizes a user set (0 keeps the preset's own)."""
+        return replace(self, resize_size=resize_size or self.resize_size,
+                       crop_size=crop_size or self.crop_size)
+
+    def to_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in fields(self) for v in (getattr(self, f.name),)}
 
 
 def reference_eval_transform(resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE):

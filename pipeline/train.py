@@ -603,12 +603,9 @@ def export_model(state: dict, path: str, loop_config: LoopConfig, job_config: di
     """Write model.pt (contract 4 in docs/DESIGN.md) from a checkpoint state; return its sha256."""
     from pipeline import model as m
 
-    net, classes, _ = m.build_model({"state_dict": None, "classes": None, "model_id": "",
-                                     "sha256": None, "extra": {}}, list(loop_config.classes))
+    net, classes, _ = m.build_model(m.LoadedWeights(None, None, ""), list(loop_config.classes))
     net.load_state_dict(state["model"])
-    preset = {"resize_size": presets.resize_for(loop_config.crop_size),
-              "crop_size": loop_config.crop_size, "interpolation": "bilinear",
-              "antialias": True, "mean": presets.MEAN, "std": presets.STD}
+    preset = presets.Preset.for_crop(loop_config.crop_size).to_dict()
     return m.save_model(path, net, classes, preset, job_config,
                         model_id=f"resnet18-finetuned/{job_config.get('name', '')}"
                                  f"/epoch{state['epoch']}")
