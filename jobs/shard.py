@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     _cli.init_ray()
     source = sources.scan_source(cfg.source, cfg.split, cfg.layout, cfg.devkit or None)
     if cfg.classes_from:
-        source = sources.with_classes(source, shards.load_manifest(cfg.classes_from)["classes"])
+        source = sources.with_classes(source, shards.load_manifest(cfg.classes_from).classes)
     m = shards.write_shards(source, cfg.out, cfg.samples_per_shard, cfg.seed, cfg.max_pixels,
                             progress=cfg.progress, check=cfg.check)
     st = m["_stats"]

@@ -120,7 +120,7 @@ def read_decoded(manifest_path: str, *, mode: str = "eval", resize_size: int | N
     from ray.data import FileShuffleConfig
 
     manifest = shards.load_manifest(manifest_path)
-    paths = shards.shard_paths(manifest_path, manifest)
+    paths = manifest.shard_paths
     shuffle = None
     if shuffle_seed is not None:
         shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
@@ -134,7 +134,7 @@ def read_decoded(manifest_path: str, *, mode: str = "eval", resize_size: int | N
     ds = ds.map_batches(
         decode_batch, batch_format="pandas", batch_size=batch_size, concurrency=concurrency,
         num_cpus=num_cpus, num_gpus=num_gpus if decode_device == "cuda" else 0.0,
-        fn_kwargs={"mode": mode, "num_classes": len(manifest["classes"]), "device": decode_device,
+        fn_kwargs={"mode": mode, "num_classes": len(manifest.classes), "device": decode_device,
                    "resize_size": resize_size, "crop_size": crop_size,
-                   "max_pixels": manifest.get("max_pixels", shards.DEFAULT_MAX_PIXELS)})
+                   "max_pixels": manifest.max_pixels})
     return ds, manifest

@@ -212,7 +212,7 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
     ds = ds.map_batches(
         Predictor, batch_size=opts.batch_size, concurrency=plan.actors,
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
-        fn_constructor_kwargs={"weights": weights, "data_classes": manifest["classes"],
+        fn_constructor_kwargs={"weights": weights, "data_classes": manifest.classes,
                                "precision": opts.precision, "use_gpu": plan.use_gpu,
                                "topk": opts.topk,
                                "num_threads": None if plan.use_gpu else opts.threads,
@@ -248,12 +248,12 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     manifest = shards.load_manifest(manifest_path)
     if opts.verify_checksums:
         shards.check_checksums(manifest_path, manifest)
-    classes_model = loaded.classes or manifest["classes"]
+    classes_model = loaded.classes or manifest.classes
     _, _, replaced = modellib.build_model(loaded, classes_model)  # wrong shapes fail here
     if replaced:
         raise ValueError(f"weights {weights} name other classes than their head holds; "
                          f"predict with a model.pt (it carries its class list)")
-    label_map(manifest["classes"], classes_model)
+    label_map(manifest.classes, classes_model)
     ds, manifest = prediction_dataset(manifest_path, weights, plan, opts,
                                       resize_size=resize_size, crop_size=crop_size, fault=fault)
     k = min(opts.topk, len(classes_model))
@@ -267,14 +267,14 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     writer = _PartWriter(storage.join(staging, "predictions"), meta)
     keys, failures, t_first, seen, first_n = set(), [], None, 0, 0
     per_shard, ran = collections.Counter(), set()
-    with tqdm(total=manifest["total_samples"], unit="img", desc="predict",
+    with tqdm(total=manifest.total_samples, unit="img", desc="predict",
               disable=not opts.progress) as bar:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 if t_first is None:  # steady state starts once the first batch is out
                     t_first, first_n = time.monotonic(), len(batch["key"])
                 bad = batch["error"] != ""
-                failures += [{"key": str(key), "shard": str(s), "split": manifest["split"],
+                failures += [{"key": str(key), "shard": str(s), "split": manifest.split,
                               "error": str(e)} for key, s, e in
                              zip(batch["key"][bad], batch["shard"][bad], batch["error"][bad])]
                 keys.update(batch["key"].tolist())
@@ -302,8 +302,8 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     failurelib.write(storage.join(staging, "failures.parquet"), failures)
     storage.write_text_atomic(storage.join(staging, "summary.json"), json.dumps(summary, indent=1))
     publish.publish(staging, out, run_id)
-    if failurelib.over_limit(len(failures), manifest["total_samples"], opts.max_failed_fraction):
-        raise FailedSamples(f"{len(failures)} of {manifest['total_samples']} samples failed to "
+    if failurelib.over_limit(len(failures), manifest.total_samples, opts.max_failed_fraction):
+        raise FailedSamples(f"{len(failures)} of {manifest.total_samples} samples failed to "
                             f"decode (allowed: {opts.max_failed_fraction:.2%}); see "
                             f"{storage.join(out, 'failures.parquet')}")
     return summary
@@ -323,7 +323,7 @@ class FailedSamples(PipelineError):
     """More samples failed than the run allows; outputs are published all the same."""
 
 
-def check_coverage(manifest: dict, path: str, rows: int, unique: int,
+def check_coverage(manifest: shards.Manifest, path: str, rows: int, unique: int,
                    per_shard: collections.Counter) -> None:
     """Rows (decoded or failed) must be exactly the manifest's samples, shard by shard: a tar cut
     at a member boundary reads back cleanly with fewer samples, and only this count catches it."""
@@ -331,11 +331,11 @@ def check_coverage(manifest: dict, path: str, rows: int, unique: int,
         raise PipelineError(f"{rows - unique} duplicate keys in the predictions of {path}: "
                            f"nothing published")
     base = storage.dirname(path)  # shard files of one manifest share a folder: names suffice
-    wrong = [f"{storage.join(base, s['file'])} gave {per_shard.get(s['file'], 0)} of "
-             f"{s['samples']} samples" for s in manifest["shards"]
-             if per_shard.get(s["file"], 0) != s["samples"]]
-    if wrong or unique != manifest["total_samples"]:
-        raise PipelineError(f"{path} lists {manifest['total_samples']} samples but the stream gave "
+    wrong = [f"{storage.join(base, s.file)} gave {per_shard.get(s.file, 0)} of "
+             f"{s.samples} samples" for s in manifest.shards
+             if per_shard.get(s.file, 0) != s.samples]
+    if wrong or unique != manifest.total_samples:
+        raise PipelineError(f"{path} lists {manifest.total_samples} samples but the stream gave "
                            f"{unique}: {'; '.join(wrong) or 'unknown shards'}. Run `python -m "
                            f"jobs.shard --verify {path}`. Nothing published")
 
@@ -348,8 +348,8 @@ def _summarize(staging, classes, manifest, meta, failures, wall, started, settin
     fs, p = storage.resolve(storage.join(staging, "predictions"))
     df = pads.dataset(p, filesystem=fs, format="parquet").to_table().to_pandas()
     summary = metrics.evaluate(df, classes) if len(df) else {"samples": 0}
-    summary.update({"failures": len(failures), "manifest_samples": manifest["total_samples"],
-                    "wall_seconds": wall, "images_per_s": manifest["total_samples"] / wall,
+    summary.update({"failures": len(failures), "manifest_samples": manifest.total_samples,
+                    "wall_seconds": wall, "images_per_s": manifest.total_samples / wall,
                     "started_at": started, **settings,
                     **{k: v for k, v in meta.items() if k != "preset"},
                     "preset": json.loads(meta["preset"]), "classes": classes})

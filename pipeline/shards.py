@@ -18,7 +18,7 @@ import random
 import tarfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from PIL import UnidentifiedImageError
 
@@ -364,25 +364,75 @@ def _manifest(source, plan, records, skipped, samples_per_shard, seed, max_pixel
             "skipped": sorted(skipped, key=lambda s: s["path"])}
 
 
-def load_manifest(path: str) -> dict:
-    """Read a manifest, with a clear error for a missing, malformed or foreign file."""
+@dataclass(frozen=True)
+class Shard:
+    """One shard's record in a manifest: its file (relative to the manifest), samples, size in
+    bytes, sha256 and first and last key."""
+    file: str
+    samples: int
+    bytes: int
+    sha256: str
+    first_key: str | None
+    last_key: str | None
+
+    def __getitem__(self, key: str):  # mapping access, as the manifest's JSON reads
+        return getattr(self, key)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A shard manifest as read (contract 1 in docs/DESIGN.md): ``classes`` [{"index", "id",
+    "name"}] in index order, ``shards`` in order, ``total_samples``, ``skipped`` [{"path",
+    "reason"}], ``empty_classes`` (ids), ``max_pixels``; ``raw`` is the whole JSON, and
+    ``manifest[key]`` reads it as the dict it was before this type."""
+    path: str
+    split: str
+    layout: str
+    classes: list[dict]
+    shards: list[Shard]
+    total_samples: int
+    skipped: list[dict]
+    empty_classes: list[str]
+    max_pixels: int
+    raw: dict
+
+    def __getitem__(self, key: str):
+        return self.shards if key == "shards" else self.raw[key]
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self.raw else default
+
+    @property
+    def shard_paths(self) -> list[str]:
+        """Shard locations: manifests name shards relative to themselves."""
+        base = storage.dirname(self.path)
+        return [storage.join(base, s.file) for s in self.shards]
+
+
+def load_manifest(path: str) -> Manifest:
+    """Read a manifest; raise FileNotFoundError for a missing file and ValueError, naming the
+    file, for one that is malformed, of another format or version, or lists no samples."""
     try:
         text = storage.read_text(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"manifest {path} does not exist") from None
     try:
-        manifest = json.loads(text)
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"manifest {path} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"manifest {path} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"manifest {path} has format version {manifest.get('format_version')}; "
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"manifest {path} has format version {raw.get('format_version')}; "
                          f"this code reads version {FORMAT_VERSION}: reshard with jobs.shard")
-    if manifest["total_samples"] == 0 or not manifest["shards"]:
-        raise ValueError(f"manifest {path} lists no samples (split {manifest['split']!r} is "
-                         f"empty)")
-    return manifest
+    if raw["total_samples"] == 0 or not raw["shards"]:
+        raise ValueError(f"manifest {path} lists no samples (split {raw['split']!r} is empty)")
+    shard_fields = {f.name for f in fields(Shard)}
+    return Manifest(path, raw["split"], raw.get("layout", ""), raw["classes"],
+                    [Shard(**{k: v for k, v in r.items() if k in shard_fields})
+                     for r in raw["shards"]],
+                    raw["total_samples"], raw.get("skipped", []), raw.get("empty_classes", []),
+                    raw.get("max_pixels", DEFAULT_MAX_PIXELS), raw)
 
 
 def find_manifests(folder: str) -> list[str]:
@@ -400,8 +450,9 @@ def find_manifests(folder: str) -> list[str]:
     return found
 
 
-def shard_paths(manifest_path: str, manifest: dict) -> list[str]:
-    """Shard locations: manifests name shards relative to themselves."""
+def shard_paths(manifest_path: str, manifest) -> list[str]:
+    """Shard locations of a manifest read or written at ``manifest_path`` (a ``Manifest`` or
+    the dict ``write_shards`` returns): manifests name shards relative to themselves."""
     base = storage.dirname(manifest_path)
     return [storage.join(base, s["file"]) for s in manifest["shards"]]
 
@@ -449,14 +500,14 @@ def _checksum_problem(rec: dict, path: str) -> str | None:
     return f"{path}: {problem}" if problem else None
 
 
-def check_checksums(manifest_path: str, manifest: dict) -> None:
+def check_checksums(manifest_path: str, manifest: Manifest) -> None:
     """Size and sha256 of every shard, one Ray task each; raise naming every bad shard. Cheap
     next to decoding, and the only check that catches a flipped bit inside an image."""
     import ray
 
     task = ray.remote(num_cpus=1)(_checksum_problem)
     problems = [p for p in ray.get([task.remote(rec, path) for rec, path in
-                                    zip(manifest["shards"], shard_paths(manifest_path, manifest))])
+                                    zip(manifest.shards, manifest.shard_paths)])
                 if p]
     if problems:
         raise ValueError("shards do not match their manifest: " + "; ".join(problems) +
@@ -466,9 +517,9 @@ def check_checksums(manifest_path: str, manifest: dict) -> None:
 def verify_shards(manifest_path: str) -> list[str]:
     """Recheck every shard against its manifest; return one problem line per bad shard."""
     manifest = load_manifest(manifest_path)
-    n_classes = len(manifest["classes"])
+    n_classes = len(manifest.classes)
     problems = []
-    for rec, path in zip(manifest["shards"], shard_paths(manifest_path, manifest)):
+    for rec, path in zip(manifest.shards, manifest.shard_paths):
         problem = _verify_one(rec, path, n_classes)
         if problem:
             problems.append(f"{path}: {problem}")

@@ -487,16 +487,16 @@ def plan_run(loop_config: LoopConfig, *, train_manifest: str, val_manifest: str,
     plan = resources.plan_training(cluster or resources.current_cluster(), num_workers, use_gpu,
                                    cpus_per_worker)
     train_m, val_m = shards.load_manifest(train_manifest), shards.load_manifest(val_manifest)
-    if [c["id"] for c in train_m["classes"]] != [c["id"] for c in val_m["classes"]]:
+    if [c["id"] for c in train_m.classes] != [c["id"] for c in val_m.classes]:
         raise UsageError(f"{train_manifest} and {val_manifest} have different class lists: shard "
                          f"val with --classes-from {train_manifest}")
     # Weights that cannot be had (offline DEFAULT, a wrong file) fail here in one line, not in
     # every worker, retried by Ray Train's failure policy.
-    modellib.build_model(modellib.load_weights(loop_config.weights), train_m["classes"])
-    batch, note = per_worker_batch(train_m["total_samples"], num_workers,
+    modellib.build_model(modellib.load_weights(loop_config.weights), train_m.classes)
+    batch, note = per_worker_batch(train_m.total_samples, num_workers,
                                    loop_config.batch_size)
-    cfg = replace(loop_config, batch_size=batch, classes=tuple(train_m["classes"]),
-                  num_classes=len(train_m["classes"]), train_samples=train_m["total_samples"],
+    cfg = replace(loop_config, batch_size=batch, classes=tuple(train_m.classes),
+                  num_classes=len(train_m.classes), train_samples=train_m.total_samples,
                   world_size=num_workers)
     saved = recorded_config(storage_path, name)
     if saved is not None:
