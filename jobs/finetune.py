@@ -73,10 +73,10 @@ def loop_config(cfg: FinetuneConfig) -> train.LoopConfig:
     return train.LoopConfig(**recipe, freeze_epochs=freeze)
 
 
-def run(cfg: FinetuneConfig, fault: dict | None = None) -> dict:
+def run(cfg: FinetuneConfig) -> dict:
     """Check the run (``train.plan_run``: nothing is written when it is refused), train, export
     model.pt, and return the last epoch's metrics with the output paths."""
-    loop = dataclasses.replace(loop_config(cfg), fault=fault)
+    loop = loop_config(cfg)
     plan = train.plan_run(loop, train_manifest=cfg.train, val_manifest=cfg.val,
                           num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                           cpus_per_worker=cfg.cpus_per_worker, storage_path=cfg.storage_path,

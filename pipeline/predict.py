@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
 import time
 
 import numpy as np
@@ -84,8 +83,8 @@ class Predictor:
 
     def __init__(self, weights: str, data_classes: list[dict], precision: str = "auto",
                  use_gpu: bool | None = None, topk: int = 5, num_threads: int | None = None,
-                 actors_per_node: int = 1, fault: dict | None = None):
-        self.fault, self.calls = fault, 0
+                 actors_per_node: int = 1):
+        self.calls = 0
         if num_threads is not None:  # 0: this node's cores, shared among its predictor actors
             torch.set_num_threads(num_threads or cpu_threads(actors_per_node))
         torch.manual_seed(0)  # "none" weights: the same random model in every actor
@@ -101,7 +100,7 @@ class Predictor:
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls += 1
-        _maybe_kill_actor(self.fault, self.calls)
+        faults.kill_once("predictor_batch", batch=self.calls)
         # Top-5 correctness is always top-5, whatever --topk keeps in the output lists.
         n, k, k5 = len(batch["key"]), self.topk, min(5, len(self.classes))
         ok = batch["error"] == ""
@@ -142,13 +141,6 @@ def label_map(data_classes: list[dict], model_classes: list[dict]) -> np.ndarray
         raise ValueError(f"the model's {len(model_classes)} classes lack {len(missing)} of the "
                          f"data's classes (e.g. {missing[:3]}): wrong weights for this data?")
     return np.array([index[c["id"]] for c in data_classes], dtype=np.int64)
-
-
-def _maybe_kill_actor(fault: dict | None, calls: int) -> None:
-    """Fault injection for the tests: SIGKILL this actor once, at its N-th batch."""
-    if fault and calls == fault["after_batches"] and not os.path.exists(fault["marker"]):
-        open(fault["marker"], "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _actors_per_node(actors: int) -> int:
@@ -200,7 +192,7 @@ def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
 
 
 def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOptions, *,
-                       resize_size: int, crop_size: int, fault: dict | None = None):
+                       resize_size: int, crop_size: int):
     """The Ray Dataset of per-image predictions (decode tasks -> predictor actors) laid out as
     ``plan`` (a ``resources.PredictPlan``) says, and the manifest. ``resize_size``/``crop_size``:
     the preset resolved against the model's own."""
@@ -216,13 +208,12 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
                                "precision": opts.precision, "use_gpu": plan.use_gpu,
                                "topk": opts.topk,
                                "num_threads": None if plan.use_gpu else opts.threads,
-                               "actors_per_node": _actors_per_node(plan.actors), "fault": fault})
+                               "actors_per_node": _actors_per_node(plan.actors)})
     return ds, manifest
 
 
 def run_prediction(manifest_path: str, weights: str, out: str,
-                   opts: PredictOptions | None = None, *, fault: dict | None = None,
-                   **overrides) -> dict:
+                   opts: PredictOptions | None = None, **overrides) -> dict:
     """Predict every image a manifest lists into ``out`` and publish it exactly once
     (``pipeline.publish``); return the published summary (contract 3 in docs/DESIGN.md).
 
@@ -255,7 +246,7 @@ def run_prediction(manifest_path: str, weights: str, out: str,
                          f"predict with a model.pt (it carries its class list)")
     label_map(manifest.classes, classes_model)
     ds, manifest = prediction_dataset(manifest_path, weights, plan, opts,
-                                      resize_size=resize_size, crop_size=crop_size, fault=fault)
+                                      resize_size=resize_size, crop_size=crop_size)
     k = min(opts.topk, len(classes_model))
     run_id = publish.new_run_id()
     meta = {"model_id": loaded.model_id, "weights_sha256": loaded.sha256 or "",

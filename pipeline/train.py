@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import signal
 import tempfile
 import time
 from dataclasses import dataclass, fields, replace
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import failures as failurelib, model as modellib, presets
+from pipeline import failures as failurelib, faults, model as modellib, presets
 from pipeline.errors import PipelineError, UsageError
 
 if TYPE_CHECKING:
@@ -82,15 +81,6 @@ def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
         module.train(not frozen)
 
 
-def _maybe_kill(fault: dict | None, epoch: int, step: int, rank: int) -> None:
-    """Fault injection for the tests: SIGKILL this worker once, at (epoch, step, rank)."""
-    if not fault or (epoch, step, rank) != (fault["epoch"], fault["step"], fault["rank"]):
-        return
-    if not os.path.exists(fault["marker"]):
-        open(fault["marker"], "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 @dataclass(frozen=True)
 class LoopConfig:
     """What every Ray Train worker runs with: the recipe (from jobs.finetune's flags), then what
@@ -123,12 +113,11 @@ class LoopConfig:
     world_size: int = 1
     # resolved by each worker; never saved
     amp_dtype: object = None
-    fault: dict | None = None  # tests only: SIGKILL a worker once (see _maybe_kill)
 
     def saved_config(self) -> dict:
         """The dict saved in checkpoints and compared on resume (no per-worker fields)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("amp_dtype", "fault")}
+               if f.name != "amp_dtype"}
         out["classes"] = list(self.classes)
         return out
 
@@ -167,7 +156,7 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
             batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=buffer or None,
             local_shuffle_seed=(cfg.seed * 1000 + epoch) if buffer else None)):
-        _maybe_kill(cfg.fault, epoch, step, rank)
+        faults.kill_once("train_step", epoch=epoch, step=step, rank=rank)
         ok = torch.from_numpy(batch["error"] == "").to(device)
         images = torch.from_numpy(batch["image"]).to(device, non_blocking=True)
         images = presets.train_augment(images, batch["key"], cfg.seed, epoch, cfg.crop_size,

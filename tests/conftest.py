@@ -11,16 +11,29 @@ from pipeline.synthetic import photo_like  # noqa: F401  (re-exported for the te
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(tmp_path_factory):
     import ray
     from ray.data import DataContext
 
+    from pipeline import faults
+
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray's workers inherit this, so faults.arm() in a test reaches them (pipeline/faults.py)
+    os.environ.setdefault(faults.FAULT_FILE, str(tmp_path_factory.mktemp("faults") / "armed"))
     if not ray.is_initialized():
         ray.init(num_cpus=2, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def armed_fault(ray_local):
+    """faults.arm for one test; disarmed after it, whatever happens."""
+    from pipeline import faults
+
+    yield faults.arm
+    faults.disarm()
 
 
 @pytest.fixture(scope="session")

@@ -33,10 +33,10 @@ def record(case: str, job: str, outcome: str) -> None:
     ROWS.append((case, job, " ".join(outcome.split())))
 
 
-def test_a_train_worker_killed_mid_epoch_is_recovered(shard_set, tmp_path, ray_local):
+def test_a_train_worker_killed_mid_epoch_is_recovered(shard_set, tmp_path, armed_fault):
     marker = tmp_path / "killed-once"
-    out = finetune.run(finetune_config(shard_set, tmp_path, epochs=2, name="kill"),
-                       fault={"epoch": 1, "step": 1, "rank": 1, "marker": str(marker)})
+    armed_fault("train_step", str(marker), epoch=1, step=1, rank=1)
+    out = finetune.run(finetune_config(shard_set, tmp_path, epochs=2, name="kill"))
     assert marker.exists()  # the SIGKILL happened
     assert [h["epoch"] for h in out["history"]] == [0, 1]  # each epoch reported once
     assert last_checkpoint_state(tmp_path, "kill")["epoch"] == 1
@@ -124,13 +124,13 @@ def test_undecodable_train_samples_over_the_threshold_stop_the_run(shard_set, tm
 
 
 def test_a_killed_predictor_actor_still_gives_exactly_one_row_per_image(shard_set, tmp_path,
-                                                                        ray_local):
+                                                                        armed_fault):
     from pipeline import predict
 
     marker = tmp_path / "killed"
+    armed_fault("predictor_batch", str(marker), batch=2)
     summary = predict.run_prediction(str(shard_set / "val.json"), "none", str(tmp_path / "out"),
-                                     batch_size=4, precision="fp32", progress=False,
-                                     fault={"marker": str(marker), "after_batches": 2})
+                                     batch_size=4, precision="fp32", progress=False)
     assert marker.exists()  # the actor really died mid-run
     df = metrics.read_predictions(str(tmp_path / "out"))
     assert len(df) == df["key"].nunique() == summary["manifest_samples"] == 16
