@@ -274,3 +274,23 @@ def test_fraction_flags_refuse_a_percentage(capsys):
         shard_job.main(["--source", "x", "--out", "y", "--max-skipped-fraction", "25"])
     assert e.value.code == 2
     assert "is a fraction in [0, 1] (0.05 is 5%), not 25" in capsys.readouterr().err
+
+
+def test_programming_errors_keep_their_traceback_user_errors_get_one_line(capsys):
+    """RuntimeError (a torch shape or device bug) used to print one line and exit 1."""
+    from jobs import _cli
+    from pipeline.errors import PipelineError
+
+    def job(exc):
+        @_cli.reports_errors
+        def main(argv=None):
+            raise exc
+        return main
+
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        job(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))()
+    assert job(PipelineError("run r stopped"))() == 1
+    assert job(UsageError("--actors 3 x ..."))() == 2
+    assert job(FileNotFoundError("manifest m does not exist"))() == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: run r stopped", "error: --actors 3 x ...", "error: manifest m does not exist"]
