@@ -34,6 +34,8 @@ class TooManyPixels(ValueError):
 
 
 def too_many_pixels(width: int, height: int, max_pixels: int) -> TooManyPixels:
+    """The ``TooManyPixels`` error (returned, not raised) for a ``width`` x ``height`` image over
+    ``max_pixels`` pixels; its message names both counts and ``--max-pixels``."""
     return TooManyPixels(f"{width}x{height} = {width * height} pixels is over the limit of "
                          f"{max_pixels} pixels (a decompression-bomb guard; raise --max-pixels "
                          f"to accept it)")

@@ -27,6 +27,8 @@ MODEL_FORMAT = "resnet-pipeline-model"
 
 
 def imagenet_classes() -> list[dict]:
+    """The 1000 ImageNet-1k classes as [{"index", "id", "name"}]: sorted WordNet ids (torchvision's
+    output order) with torchvision's short English names (``ResNet18_Weights.DEFAULT.meta``)."""
     return sources.make_classes(sources.imagenet_wnids())
 
 
@@ -55,6 +57,8 @@ class LoadedWeights:
 
     @property
     def eval_preset(self) -> presets.Preset:
+        """The ``presets.Preset`` these weights were trained at; torchvision's (resize 256, crop 224
+        pixels) where ``preset`` is None, and its defaults for any key ``preset`` lacks."""
         return presets.Preset.from_dict(self.preset)
 
 
@@ -144,13 +148,17 @@ def save_model(path: str, model: nn.Module, classes: list[dict], preset: dict, c
 
 
 def pick_device(use_gpu: bool | None = None) -> torch.device:
+    """``cuda`` (the current GPU) when ``use_gpu`` (None: whenever CUDA is available) and CUDA is
+    available, else ``cpu``: asking for a GPU where there is none falls back to the CPU silently."""
     if use_gpu is None:
         use_gpu = torch.cuda.is_available()
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 where the hardware runs it natively, fp32 otherwise."""
+    """The autocast dtype for ``precision`` ("auto", "fp32", "bf16", "fp16") on ``device``.
+    auto: bf16 where the hardware runs it natively (CUDA with bf16, oneDNN CPUs with bf16),
+    fp16 on CUDA GPUs without bf16, fp32 otherwise. Raises KeyError for another name."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -160,4 +168,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 
 def precision_name(dtype: torch.dtype) -> str:
+    """The short name of a dtype as ``--precision`` spells it and outputs record it (float32 ->
+    ``fp32``, bfloat16 -> ``bf16``, float16 -> ``fp16``); KeyError for any other dtype."""
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

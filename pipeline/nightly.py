@@ -150,12 +150,15 @@ def overall_verdict(comparisons: list[Comparison]) -> str:
 
 
 def exit_code(verdict: str) -> int:
+    """The process exit status for an overall verdict (EXIT_CODES: 0 for a first run, no change or
+    an improvement, 3 for a regression, 4 when not comparable); KeyError for an unknown verdict."""
     return EXIT_CODES[verdict]
 
 
 # --- the history table -------------------------------------------------------------------------
 
 def history_path(history: str) -> str:
+    """Where the history table lives: ``HISTORY/history.parquet`` (a local path or a URI)."""
     return storage.join(history, "history.parquet")
 
 
@@ -247,6 +250,8 @@ def compare_with(role: str, ref: dict, current_meta: dict, current: pd.Series, a
 
 
 def read_summary(predictions_dir: str) -> dict:
+    """A prediction folder's summary.json as a dict (``run_prediction``'s summary), read whether or
+    not the folder holds _SUCCESS. FileNotFoundError when it is missing, ValueError for bad JSON."""
     return json.loads(storage.read_text(storage.join(predictions_dir, "summary.json")))
 
 
@@ -257,6 +262,8 @@ def write_run_record(run_dir: str, record: dict) -> None:
 
 
 def comparison_dicts(comparisons: list[Comparison]) -> list[dict]:
+    """The comparisons as plain dicts (``dataclasses.asdict``; NaN where a figure was not measured),
+    for nightly.json and the report."""
     return [asdict(c) for c in comparisons]
 
 
@@ -274,6 +281,9 @@ def describe(c: Comparison, alpha: float, min_effect: float) -> str:
 
 @dataclass(frozen=True)
 class NightlyResult:
+    """What ``run_nightly`` returns: the run id and folder, the prediction summary (summary.json),
+    the comparisons, the overall verdict and its exit code, and the paths of report.md and
+    report.html."""
     run_id: str
     run_dir: str
     summary: dict

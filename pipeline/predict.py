@@ -159,6 +159,9 @@ class _PartWriter:
         storage.makedirs(folder)
 
     def write(self, table: pa.Table) -> None:
+        """Append ``table`` (``_to_table``'s columns) to the open part file, first opening the next
+        ``part-NNNNN.parquet`` with the run metadata in its schema. A part is closed once it
+        holds ROWS_PER_FILE (100,000) rows or more, so it may exceed that by up to one table."""
         if self.writer is None:
             fs, p = storage.resolve(storage.join(self.folder, f"part-{self.index:05d}.parquet"))
             schema = table.schema.with_metadata({k.encode(): v.encode()
@@ -170,6 +173,7 @@ class _PartWriter:
             self.close()
 
     def close(self) -> None:
+        """Finish the open part file, if any; the next ``write`` opens a new part."""
         if self.writer is not None:
             self.writer.close()
             self.writer, self.rows, self.index = None, 0, self.index + 1
@@ -293,6 +297,9 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     failurelib.write(storage.join(staging, "failures.parquet"), failures)
     storage.write_text_atomic(storage.join(staging, "summary.json"), json.dumps(summary, indent=1))
     publish.publish(staging, out, run_id)
+    if len(failures) == manifest.total_samples:  # nothing to score: no metric to report
+        raise FailedSamples(f"none of the {manifest.total_samples} samples could be decoded; "
+                            f"see {storage.join(out, 'failures.parquet')}")
     if failurelib.over_limit(len(failures), manifest.total_samples, opts.max_failed_fraction):
         raise FailedSamples(f"{len(failures)} of {manifest.total_samples} samples failed to "
                             f"decode (allowed: {opts.max_failed_fraction:.2%}); see "

@@ -51,6 +51,8 @@ class Preset:
 
     @classmethod
     def for_crop(cls, crop_size: int) -> "Preset":
+        """The default preset for a ``crop_size``-pixel training crop: shorter side to
+        ``resize_for(crop_size)`` pixels (the 256:224 proportion), other fields torchvision's."""
         return cls(resize_for(crop_size), crop_size)
 
     @classmethod
@@ -66,6 +68,7 @@ class Preset:
                        crop_size=crop_size or self.crop_size)
 
     def to_dict(self) -> dict:
+        """The preset as a JSON-ready dict (tuples as lists), the form ``from_dict`` reads back."""
         return {f.name: list(v) if isinstance(v, tuple) else v
                 for f in fields(self) for v in (getattr(self, f.name),)}
 
@@ -116,6 +119,9 @@ def normalize(images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.T
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:
+    """A 64-bit seed (an int in [0, 2**64)) for one sample's augmentation in one epoch: the 8-byte
+    BLAKE2b digest of ``"seed|epoch|key"``, read little-endian; unlike ``hash``, the same in
+    every process."""
     digest = hashlib.blake2b(f"{seed}|{epoch}|{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 

@@ -26,6 +26,9 @@ HISTORY_RUNS_SHOWN = 60
 
 @dataclass
 class Section:
+    """One report section: ``title``, ``text`` (one paragraph; ``**bold**`` is its only markup), a
+    table (``headers`` and ``rows``; none when ``rows`` is empty) and an optional plot, ``png``
+    (PNG bytes, shown in report.html only)."""
     title: str
     text: str = ""
     headers: list[str] = field(default_factory=list)
@@ -42,6 +45,8 @@ def _figure(width: float = 7.0, height: float = 3.6):
 
 
 def png_bytes(fig: Figure) -> bytes:
+    """``fig`` rendered as PNG bytes at its own dpi (100 for this module's figures), after
+    ``tight_layout`` (which changes ``fig`` itself)."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -123,6 +128,9 @@ def _ci(lo, hi) -> str:
 
 def overview_section(run_id: str, summary: dict, verdict: str, comparisons: list[dict],
                      alpha: float, min_effect: float) -> Section:
+    """The "Run" section: the verdict, the significance rule (McNemar's exact p and min-effect in
+    percentage points) and a table of the run's metadata and metrics (top-1/top-5 % with 95%
+    Wilson intervals, ECE, seconds, images/s). KeyError when ``summary`` lacks a field."""
     compared = ", ".join(f"{c['role']} run {c['reference_run_id']}" for c in comparisons)
     text = (f"Verdict: **{verdict}**. Compared with: {compared or 'nothing (first run)'}. "
             f"A change is significant only if McNemar's exact p < alpha = {alpha:g} AND the "
@@ -142,6 +150,8 @@ def overview_section(run_id: str, summary: dict, verdict: str, comparisons: list
 
 
 def comparison_section(comparisons: list[dict]) -> Section:
+    """The "Comparisons" table, one row per comparison (``nightly.comparison_dicts`` form): paired
+    images, top-1 % then and now, change in percentage points, lost, gained, McNemar's exact p."""
     rows = [[c["role"], c["reference_run_id"], c["paired"], _pct(c["reference_top1"]),
              _pct(c["top1"]), _pct(c["delta_pp"]), c["lost"], c["gained"],
              "" if c["outcome"] == "not comparable" else f"{c['p_value']:.3g}",
@@ -155,6 +165,8 @@ def comparison_section(comparisons: list[dict]) -> Section:
 
 
 def history_section(history: pd.DataFrame) -> Section:
+    """The last HISTORY_RUNS_SHOWN (60) runs of the history table: date, top-1/top-5 % with 95%
+    Wilson intervals, samples and verdict per run, plus ``plot_history``'s plot."""
     h = history.tail(HISTORY_RUNS_SHOWN)
     rows = [[str(r.date)[:19], r.run_id, f"{r.top1:.2f}", _ci(r.top1_ci95_lo, r.top1_ci95_hi),
              f"{r.top5:.2f}", _ci(r.top5_ci95_lo, r.top5_ci95_hi), r.samples, r.verdict]
@@ -166,6 +178,9 @@ def history_section(history: pd.DataFrame) -> Section:
 
 def changes_section(summary: dict, reference: dict | None, reference_run_id: str,
                     n: int) -> Section:
+    """The ``n`` classes whose top-1 changed most (percentage points) against ``reference`` (the
+    previous run's summary.json; None: no comparable run, text only), with a signed bar plot when
+    any changed."""
     title = "Classes that changed most since the last run"
     if reference is None:
         return Section(title, "No previous run, or it used different data (see Comparisons).")
@@ -183,6 +198,8 @@ def changes_section(summary: dict, reference: dict | None, reference_run_id: str
 
 
 def worst_section(summary: dict, n: int) -> Section:
+    """The ``n`` classes with the lowest top-1 % (ties by name), their image counts, and a bar plot
+    on a 0-100 % axis."""
     worst = sorted(summary["per_class"], key=lambda c: (c["top1"], c["name"]))[:n]
     rows = [[c["name"], c["id"], c["samples"], f"{c['top1']:.1f}"] for c in worst]
     png = plot_bars([c["name"] for c in worst], [c["top1"] for c in worst],
@@ -191,6 +208,9 @@ def worst_section(summary: dict, n: int) -> Section:
 
 
 def confused_section(summary: dict, n: int) -> Section:
+    """The first ``n`` of ``summary["confused_pairs"]`` (true -> predicted class, image count; most
+    frequent first, at most 10 from ``metrics.evaluate``) with a bar plot; text only when there
+    are none."""
     pairs = summary["confused_pairs"][:n]
     if not pairs:
         return Section("Most confused pairs", "No misclassified image.")
@@ -202,6 +222,9 @@ def confused_section(summary: dict, n: int) -> Section:
 
 
 def reliability_section(summary: dict) -> Section:
+    """The reliability table and diagram of ``summary["reliability"]`` (the non-empty ones of 15
+    equal-width confidence bins) and the expected calibration error (ECE, Naeini et al. 2015;
+    reliability diagrams as in Guo et al. 2017, "On Calibration of Modern Neural Networks")."""
     bins = summary["reliability"]
     rows = [[f"{b['lo']:.2f}-{b['hi']:.2f}", b["count"], f"{b['confidence']:.3f}",
              f"{b['accuracy']:.3f}"] for b in bins]
@@ -225,6 +248,8 @@ def build_sections(run_id: str, summary: dict, history: pd.DataFrame, comparison
 # --- rendering -----------------------------------------------------------------------------------
 
 def render_markdown(title: str, sections: list[Section]) -> str:
+    """The report as Markdown text: ``# title``, then per section a ``##`` heading, its text and its
+    table ('|' in cells escaped); the plots are left to report.html."""
     out = [f"# {title}", ""]
     for s in sections:
         out += [f"## {s.title}", ""]
@@ -246,6 +271,8 @@ CSS = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}
 
 
 def render_html(title: str, sections: list[Section]) -> str:
+    """The report as one self-contained HTML page (a string): text HTML-escaped with ``**bold**`` as
+    <strong>, plots inlined as base64 PNG data URIs, tables as <table>."""
     esc = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>{esc(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",

@@ -41,6 +41,7 @@ class Cluster:
     can_grow: bool = False
 
     def describe(self) -> str:
+        """One phrase naming the cluster's CPUs and GPUs, for error and warning messages."""
         return f"this Ray cluster has {self.cpus:g} CPUs and {self.gpus:g} GPUs"
 
 
@@ -65,6 +66,8 @@ class TrainPlan:
     decode_cpus: float
 
     def describe(self) -> str:
+        """One line for logs: workers x (CPUs, GPU each), the CPUs left to the data stage ("the
+        rest" on a cluster that may grow) and the CPUs of one decode task."""
         gpu = ", 1 GPU" if self.use_gpu else ""
         data = "the rest" if self.data_cpus is None else f"{self.data_cpus:g} CPUs"
         return (f"{self.num_workers} Train workers x ({self.cpus_per_worker:g} CPU{gpu}) + "
@@ -82,6 +85,8 @@ class PredictPlan:
     decode_gpus: float
 
     def describe(self) -> str:
+        """One line for logs: actors x (CPUs, GPU share each) and the CPUs (and GPU share) of one
+        decode task."""
         gpu = f", {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
         return (f"{self.actors} predictor actors x ({self.cpus_per_actor:g} CPU{gpu}) + decode "
                 f"tasks of {self.decode_cpus:g} CPU"

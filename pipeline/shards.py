@@ -49,12 +49,15 @@ class BadImage(Exception):
 
 @dataclass(frozen=True)
 class Member:
+    """One source file to store: its sample ``key`` (unique, free of dots), its ``path`` relative to
+    the source root, and its ``class_id``."""
     key: str
     path: str  # relative to the source root
     class_id: str
 
 
 def shard_name(split: str, index: int) -> str:
+    """A shard's file name: ``<split>-<index as 6 digits>.tar``, e.g. ``train-000003.tar``."""
     return f"{split}-{index:06d}.tar"
 
 
@@ -102,6 +105,9 @@ def plan_shards(members: list[Member], split: str, samples_per_shard: int, seed:
 
 def plan_digest(members: list[Member], class_index: dict[str, int], max_pixels: int,
                 check: str = "decode") -> str:
+    """SHA-256 hex of what a shard holds (format version, ``max_pixels``, ``check``, each member's
+    key, path and class index in order): a rerun reuses a shard whose record has the same digest.
+    KeyError for a member whose class id is not in ``class_index``."""
     # "decode" (the only level before there were two) keeps the old digest, so shards written
     # then are still reused; another level redoes them.
     level = "" if check == "decode" else f"|{check}"
@@ -204,6 +210,9 @@ class _TarWriter:
         self.parts, self.size = [], 0
 
     def add(self, name: str, data: bytes) -> None:
+        """Append one regular-file member ``name`` holding ``data``: a fixed ustar header (a PAX one
+        for a name over 100 characters or not ASCII, or 8 GiB of data or more), the data, and
+        zeros up to a whole 512-byte block."""
         header = _ustar_header(name, len(data))
         if header is None:  # a long or non-ASCII name: tarfile writes the PAX header for it
             info = tarfile.TarInfo(name)
@@ -216,6 +225,8 @@ class _TarWriter:
         self.size += len(header) + len(data) + pad
 
     def getvalue(self) -> bytes:
+        """The whole archive as bytes: the members added so far, two zero blocks, and zeros up to a
+        whole 10240-byte record, as ``tarfile`` closes one."""
         # End of archive: two zero blocks, then zeros up to a whole record, as tarfile.close().
         end = 2 * tarfile.BLOCKSIZE
         end += -(self.size + end) % tarfile.RECORDSIZE
@@ -400,6 +411,8 @@ class Manifest:
         return self.shards if key == "shards" else self.raw[key]
 
     def get(self, key: str, default=None):
+        """``self[key]`` (``shards`` as Shard records, any other key from the raw JSON) when the raw
+        JSON has ``key``, else ``default``: ``dict.get``, for older callers."""
         return self[key] if key in self.raw else default
 
     @property

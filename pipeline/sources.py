@@ -26,6 +26,9 @@ VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
 
 @dataclass
 class Source:
+    """One split of a source: ``layout`` (one of LAYOUTS), ``root``, ``split``, ``classes``
+    [{"index", "id", "name"}] sorted by id, ``items`` (path relative to root, class id) and
+    ``skipped`` [{"path", "reason"}] for the files that could not be labelled."""
     layout: str
     root: str
     split: str
@@ -35,6 +38,7 @@ class Source:
 
     @property
     def class_index(self) -> dict[str, int]:
+        """Class id -> class index, over ``classes``."""
         return {c["id"]: c["index"] for c in self.classes}
 
 

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 
 
 def is_uri(path: str) -> bool:
+    """True when ``path`` holds ``://`` (s3://, gs://, file://...): a pyarrow filesystem URI."""
     return "://" in str(path)
 
 
@@ -47,6 +48,8 @@ def is_local(fs: pafs.FileSystem) -> bool:
 
 
 def join(base: str, *parts: str) -> str:
+    """``base`` joined with ``parts``: with '/' for a URI, with ``os.path.join`` for a local path
+    (where an absolute part starts the path anew)."""
     base = str(base)
     if is_uri(base):
         return posixpath.join(base, *parts)
@@ -54,6 +57,8 @@ def join(base: str, *parts: str) -> str:
 
 
 def dirname(path: str) -> str:
+    """The parent of ``path`` (a trailing '/' ignored): ``scheme://`` and the parent for a URI, an
+    absolute path for a local path (a relative one is made absolute first)."""
     path = str(path).rstrip("/")
     if is_uri(path):
         scheme, rest = path.split("://", 1)
@@ -62,20 +67,26 @@ def dirname(path: str) -> str:
 
 
 def basename(path: str) -> str:
+    """The last '/'-separated component of ``path`` (a trailing '/' ignored), URI or local."""
     return posixpath.basename(str(path).rstrip("/"))
 
 
 def exists(path: str) -> bool:
+    """Whether a file or folder is at ``path`` (object store: an object, or a prefix with one)."""
     fs, p = resolve(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
 def is_dir(path: str) -> bool:
+    """Whether ``path`` is a folder (on an object store: a prefix with objects or a ``makedirs``
+    marker); False when nothing is there."""
     fs, p = resolve(path)
     return fs.get_file_info(p).type == pafs.FileType.Directory
 
 
 def size(path: str) -> int:
+    """The size of the file at ``path`` in bytes; FileNotFoundError when nothing is there. A folder
+    gives None (pyarrow has no size for it), whatever the annotation says."""
     fs, p = resolve(path)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
@@ -84,17 +95,22 @@ def size(path: str) -> int:
 
 
 def makedirs(path: str) -> None:
+    """Create the folder ``path`` and its parents; nothing to do when it exists (object stores get
+    pyarrow's empty marker objects). OSError (FileExistsError, ...) when a file is in the way."""
     fs, p = resolve(path)
     fs.create_dir(p, recursive=True)
 
 
 def read_bytes(path: str) -> bytes:
+    """The whole file at ``path`` as bytes; FileNotFoundError when it is missing, OSError when it is
+    a folder or cannot be read."""
     fs, p = resolve(path)
     with fs.open_input_stream(p) as f:
         return f.read()
 
 
 def read_text(path: str) -> str:
+    """The file at ``path`` decoded as UTF-8; errors as ``read_bytes``, and UnicodeDecodeError."""
     return read_bytes(path).decode("utf-8")
 
 
@@ -118,10 +134,13 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
 
 
 def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` as UTF-8, atomically (``write_bytes_atomic``)."""
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def delete_dir(path: str) -> None:
+    """Delete the folder ``path`` and everything under it; nothing when it does not exist. OSError
+    when ``path`` is a file."""
     fs, p = resolve(path)
     if fs.get_file_info(p).type != pafs.FileType.NotFound:
         fs.delete_dir(p)
@@ -174,6 +193,8 @@ def _move_local(src: str, dst: str) -> None:
 
 
 def delete_file(path: str) -> None:
+    """Delete the file ``path``; nothing when it does not exist. OSError (IsADirectoryError on local
+    disk) when ``path`` is a folder."""
     fs, p = resolve(path)
     if fs.get_file_info(p).type != pafs.FileType.NotFound:
         fs.delete_file(p)
@@ -249,6 +270,8 @@ def list_dirs(root: str) -> list[str]:
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    """The SHA-256 hex digest of the file at ``path``, streamed in blocks of ``chunk`` bytes (by
+    default 4 MiB); FileNotFoundError when it is missing."""
     fs, p = resolve(path)
     h = hashlib.sha256()
     with fs.open_input_stream(p) as f:

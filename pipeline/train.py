@@ -37,6 +37,10 @@ class ExactValDataConfig:
 
     @staticmethod
     def make(execution_options=None):
+        """The ``ray.train.DataConfig`` (imports Ray when called): "train" split equally among the
+        workers by Ray, "val" by ``streaming_split(world_size, equal=False)``;
+        ``execution_options`` (a ``ray.data.ExecutionOptions`` or None) apply to both. Uses Ray's
+        private ``DataConfig._resolve_execution_options``."""
         import ray.train
 
         class _Config(ray.train.DataConfig):
@@ -65,6 +69,10 @@ def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: floa
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR multiplier (a fraction of the base LR) at optimizer step ``step`` (0-based): linear
+    warmup, (step + 1) / warmup over the first ``warmup`` steps (Goyal et al. 2017), then cosine
+    decay from 1 to 0 at step ``total`` and after (Loshchilov & Hutter 2017, SGDR, without
+    restarts). ``total`` counts the warmup steps."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -143,6 +151,11 @@ def train_step(net, images, labels, ok, optimizer, scaler, loss_fn, amp_dtype):
 
 
 def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, device, rank):
+    """Train ``net`` (``model`` wrapped by Ray Train/DDP) for one epoch over this worker's iterator
+    ``it``, stepping ``scheduler`` per batch; collective (all ranks call it). Returns (metrics
+    over all workers: train_loss, train_top1 % on the augmented crops, train_images,
+    train_failed, train_seconds, train_first_step_seconds, train_steady_images_per_s; this
+    worker's failed samples as [{"key", "shard", "split", "error"}])."""
     # drop_last: a 1-image tail batch breaks BatchNorm in train mode; every worker holds the same
     # number of rows (equal split), so all drop the same tail and DDP stays in lockstep.
     net.train()
@@ -185,7 +198,7 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
             "train_steady_images_per_s": steady_rows / max(seconds - first_step, 1e-9)}, failures
 
 
-def shuffle_buffer_rows(cfg: dict) -> int:
+def shuffle_buffer_rows(cfg: LoopConfig) -> int:
     """The local shuffle buffer, capped at a quarter of this worker's share of an epoch. The
     first batch waits until the buffer is full, so a buffer near the whole share would make
     every epoch decode first and train after, instead of both at once."""
@@ -382,6 +395,9 @@ def _report(metrics, history, failures, model, optimizer, scheduler, scaler, epo
 
 
 def load_checkpoint_state(checkpoint) -> dict:
+    """The state a rank-0 ``_report`` saved in a ``ray.train.Checkpoint`` (model, optimizer,
+    scheduler, scaler, epoch, config, metrics, history, failures), loaded onto the CPU with
+    ``weights_only=True``; FileNotFoundError when the checkpoint holds no state.pt."""
     with checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
 
@@ -438,6 +454,7 @@ class RunPlan:
 
     @property
     def run_dir(self) -> str:
+        """The run's folder, STORAGE/NAME (checkpoints, config.json, history.json, model.pt)."""
         from pipeline import storage
 
         return storage.join(self.storage_path, self.name)

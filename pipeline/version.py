@@ -11,6 +11,9 @@ from pipeline import __version__
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
+    """``<package version>+g<12-hex commit>``, with ``-dirty`` when tracked files differ from it, of
+    the git checkout holding pipeline/; the bare package version when git or a checkout is
+    missing (or git takes over 5 s). Computed once per process."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         sha = subprocess.run(["git", "-C", repo, "rev-parse", "--short=12", "HEAD"],

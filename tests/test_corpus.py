@@ -317,6 +317,25 @@ def test_damaged_shard_is_named_by_verify_and_never_gives_a_silent_number(
     assert not os.path.exists("/tmp/owned-by-shard")
 
 
+def test_every_image_undecodable_is_never_a_score(shard_set, tmp_path, capsys, ray_local):
+    """All wrong at the decode stage: even when --max-failed-fraction 1 accepts every failure,
+    a run with nothing decoded exits 1 (it used to end in a KeyError traceback)."""
+    folder = tmp_path / "s"
+    shutil.copytree(shard_set, folder)
+    for shard in json.loads((folder / "val.json").read_text())["shards"]:
+        path = folder / shard["file"]
+        write_tar_members(path, [(i, d[: len(d) // 3] if i.name.endswith(".jpg") else d)
+                                 for i, d in read_tar_members(path)])
+    _reseal(folder)
+    code, err = _run(predict_job.main, ["--data", str(folder / "val.json"), "--weights", "none",
+                                        "--out", str(tmp_path / "eval"), "--no-progress",
+                                        "--max-failed-fraction", "1"], capsys)
+    assert code == 1 and "none of the 16 samples could be decoded" in err, err
+    assert (tmp_path / "eval" / "failures.parquet").exists()
+    record("every image in the shards undecodable (`--max-failed-fraction 1`)", "jobs.predict",
+           f"exit 1, failures.parquet lists all 16: {_short(err, str(tmp_path))}")
+
+
 # ------------------------------------------------------------------ manifests and weights
 
 @pytest.mark.parametrize("case,text", [
@@ -406,6 +425,6 @@ def test_prediction_killed_while_publishing_keeps_the_previous_result(fault, sha
 # ------------------------------------------------------------------------------ the table
 
 def test_readme_table_is_the_one_these_tests_produce():
-    if len(ROWS) < 51:  # a partial run of this module cannot judge the whole table
+    if len(ROWS) < 52:  # a partial run of this module cannot judge the whole table
         pytest.skip("run the whole module to compare the table")
     check_readme_table("corpus-table", render_table(ROWS, "bad input or fault"))
