@@ -154,7 +154,7 @@ def move_tree(src: str, dst: str) -> str:
     the prefix is copied server-side, then the source prefix is deleted, so a crash can leave
     part of the objects in both places or (while deleting) the copy whole and the source in
     part, never an object lost; objects already under ``dst`` with the same names are
-    overwritten, others are kept. Callers that need atomicity (``predict.publish``) order their
+    overwritten, others are kept. Callers that need atomicity (``publish.publish``) order their
     steps and markers so that either state can be rolled back.
     """
     fs, s = resolve(src)

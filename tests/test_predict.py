@@ -107,7 +107,7 @@ def test_rerun_replaces_and_a_crash_before_publish_keeps_the_previous_set(
             timeout=300)
         assert proc.returncode == 17, proc.stderr[-2000:]
         if fault == "mid_publish":
-            from pipeline.predict import recover
+            from pipeline.publish import recover
             recover(out)  # what the next run does first
         assert open(os.path.join(out, "_SUCCESS")).read() == before
         df = metrics.read_predictions(out)
