@@ -14,9 +14,10 @@ What it measures, on generated ImageNet-like JPEGs (~500x375, ~110 KB, a few gra
    GPU preset inputs against PIL + ``presets.eval_image`` inputs.
 
 It prints one Markdown table, the goals for one H200 (judged only on a CUDA device) and, on CUDA,
-an estimate of the nightly 50,000-image evaluation. Ray and webdataset are never imported: it
-runs on a bare GPU machine with torch, torchvision, pillow, numpy and pyarrow. Without CUDA the GPU-only rows read
-"no CUDA device: not measured" and the rest are measured on the CPU. Any error in a measured
+an estimate of the nightly 50,000-image evaluation. Ray, webdataset and pandas are never
+imported: it runs on a bare GPU machine with torch, torchvision, pillow, numpy and pyarrow.
+Without CUDA the GPU-only rows read "no CUDA device: not measured" and the rest are measured on
+the CPU. Any error in a measured
 path raises with its traceback: a failure here is a finding, not something to summarise.
 """
 

@@ -41,11 +41,10 @@ class ShardConfig:
     max_skipped_fraction: float = _cli.option(
         0.0, "exit 1 when more than this fraction (0..1) of the source's image files were "
              "skipped; hidden and system files and files outside the class folders do not "
-             "count (the "
-             "shards and the manifest, which lists every skipped file and why, are still "
-             "written; a rerun with a higher value reuses them)")
-    verify: str = _cli.option("", "verify the shards of this manifest (or of every manifest in this "
-                                  "folder) instead of sharding")
+             "count (the shards and the manifest, which lists every skipped file and why, are "
+             "still written; a rerun with a higher value reuses them)")
+    verify: str = _cli.option("", "verify the shards of this manifest (or of every manifest in "
+                                  "this folder) instead of sharding")
     progress: bool = _cli.option(True, "show a progress bar")
 
 
