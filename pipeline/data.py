@@ -10,7 +10,6 @@ Rows: ``key`` str, ``label`` int64, ``image`` uint8 3xHxW, ``error`` str ("" whe
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -68,12 +67,14 @@ def decode_batch(batch, *, mode: str, num_classes: int, resize_size: int = prese
             "shard": np.array([str(r.get("__url__", "")) for r in rows], dtype=object)}
 
 
-def _pixels(data: bytes) -> int:
+def _within_limit(data: bytes, max_pixels: int) -> bool:
+    """Whether the header opens and the image is within ``max_pixels`` (no pixels decoded); when
+    not, the PIL path records what is wrong."""
     try:
-        with Image.open(io.BytesIO(data)) as im:  # header only: no pixels decoded
-            return im.width * im.height
+        imagelib.open_image(data, max_pixels).close()
+        return True
     except DATA_ERRORS:
-        return 1 << 62  # let the PIL path record what is wrong
+        return False
 
 
 def _gpu_decode(rows, images, num_classes, mode, resize_size, crop_size, max_pixels) -> set[int]:
@@ -91,7 +92,7 @@ def _gpu_decode(rows, images, num_classes, mode, resize_size, crop_size, max_pix
             data, _ = _sample_image(row, num_classes)
         except DATA_ERRORS:
             continue  # the PIL path records the error
-        if data[:3] == b"\xff\xd8\xff" and _pixels(data) <= max_pixels:
+        if data[:3] == b"\xff\xd8\xff" and _within_limit(data, max_pixels):
             todo.append((i, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
     done = set()
     for i, raw in todo:

@@ -61,14 +61,14 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def make_keys(items: list[tuple[str, str]]) -> tuple[list[Member], list[dict]]:
+def make_keys(items: list[tuple[str, str]]) -> list[Member]:
     """A key per file, unique by construction and free of dots (WebDataset splits a member name
     at its first dot). The file's stem (dots as '_') where no other file has that key, which
     keeps ImageNet's keys (``n01440764_10026``, ``ILSVRC2012_val_00000001``); else its folder
     and stem (``cat/001.jpg`` -> ``cat_001``); else its whole relative path with '_', '/' and
     '.' escaped as '__', '_s', '_d' (``x/img.png`` -> ``x_simg_dpng``), which differs for
-    every path. A key that meets another moves up a level until none does. Nothing is
-    dropped: the second list (files skipped) is always empty."""
+    every path. A key that meets another moves up a level until none does, so no file is
+    dropped for its name."""
     levels = [0] * len(items)
     while True:
         keys = [_key(path, level) for (path, _), level in zip(items, levels)]
@@ -80,7 +80,7 @@ def make_keys(items: list[tuple[str, str]]) -> tuple[list[Member], list[dict]]:
             levels[i] += 1
     if len(set(keys)) != len(keys):  # only two equal paths could do this
         raise ValueError(f"two files with the same path among {len(items)} source files")
-    return [Member(k, p, c) for k, (p, c) in zip(keys, items)], []
+    return [Member(k, p, c) for k, (p, c) in zip(keys, items)]
 
 
 def _key(path: str, level: int) -> str:
@@ -311,10 +311,10 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
 
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, not {check!r}")
-    members, skipped = make_keys(source.items)
+    members = make_keys(source.items)
     if not members:
         raise ValueError(f"split {source.split!r} of {source.root} has no images to shard "
-                         f"({len(source.skipped) + len(skipped)} files skipped)")
+                         f"({len(source.skipped)} files skipped)")
     storage.check_writable(out)
     plan = plan_shards(members, source.split, samples_per_shard, seed)
     class_index = source.class_index
@@ -333,8 +333,7 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
             faults.point("shard_after_first_shard")
             bar.update(len(plan[refs[done[0]]]))
             bar.set_postfix(MB_s=f"{sum(r['bytes'] for r in records if r) / 1e6 / max(time.monotonic() - start, 1e-9):.1f}")
-    manifest = _manifest(source, plan, records, skipped, samples_per_shard, seed, max_pixels,
-                         check)
+    manifest = _manifest(source, plan, records, samples_per_shard, seed, max_pixels, check)
     storage.write_text_atomic(storage.join(out, f"{source.split}.json"),
                               json.dumps(manifest, indent=1))
     if manifest["total_samples"] == 0:
@@ -355,11 +354,10 @@ def _remote_write_shard():
     return ray.remote(num_cpus=1, max_retries=3)(write_shard)
 
 
-def _manifest(source, plan, records, skipped, samples_per_shard, seed, max_pixels,
-              check) -> dict:
+def _manifest(source, plan, records, samples_per_shard, seed, max_pixels, check) -> dict:
     bad = {s["path"] for r in records for s in r["skipped"]}
     stored = Counter(m.class_id for shard in plan for m in shard if m.path not in bad)
-    skipped = list(source.skipped) + skipped + [s for r in records for s in r["skipped"]]
+    skipped = list(source.skipped) + [s for r in records for s in r["skipped"]]
     shards = [{k: r[k] for k in ("file", "samples", "bytes", "sha256", "first_key", "last_key")}
               for r in records if r["samples"] > 0]
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "split": source.split,
@@ -418,8 +416,7 @@ class Manifest:
     @property
     def shard_paths(self) -> list[str]:
         """Shard locations: manifests name shards relative to themselves."""
-        base = storage.dirname(self.path)
-        return [storage.join(base, s.file) for s in self.shards]
+        return shard_paths(self.path, self)
 
 
 def load_manifest(path: str) -> Manifest:

@@ -84,9 +84,9 @@ def is_dir(path: str) -> bool:
     return fs.get_file_info(p).type == pafs.FileType.Directory
 
 
-def size(path: str) -> int:
+def size(path: str) -> int | None:
     """The size of the file at ``path`` in bytes; FileNotFoundError when nothing is there. A folder
-    gives None (pyarrow has no size for it), whatever the annotation says."""
+    gives None (pyarrow has no size for it)."""
     fs, p = resolve(path)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:

@@ -230,13 +230,13 @@ def test_unreadable_file_is_skipped_with_its_reason(bad_tree, monkeypatch):
 
 
 def test_duplicate_stems_across_classes_get_class_prefixed_keys():
-    members, skipped = shards.make_keys([("a/1.jpg", "a"), ("b/1.jpg", "b"), ("b/2.jpg", "b"),
-                                         ("b/2.png", "b")])
+    members = shards.make_keys([("a/1.jpg", "a"), ("b/1.jpg", "b"), ("b/2.jpg", "b"),
+                                ("b/2.png", "b")])
+    assert len(members) == 4  # nothing dropped
     keys = {m.path: m.key for m in members}
     assert keys["a/1.jpg"] == "a_1" and keys["b/1.jpg"] == "b_1"
     # the same stem twice in one folder: both stored, keys from the whole path
     assert keys["b/2.jpg"] == "b_s2_djpg" and keys["b/2.png"] == "b_s2_dpng"
-    assert skipped == []
 
 
 @pytest.mark.parametrize("paths", [
@@ -247,15 +247,15 @@ def test_duplicate_stems_across_classes_get_class_prefixed_keys():
     [f"c{i % 3}/img.{ext}" for i in range(9) for ext in ("jpg",)][:3] + ["c0/img.png"],
 ])
 def test_keys_are_unique_dot_free_and_nothing_is_dropped(paths):
-    members, skipped = shards.make_keys([(p, p.split("/")[0]) for p in paths])
+    members = shards.make_keys([(p, p.split("/")[0]) for p in paths])
     keys = [m.key for m in members]
-    assert skipped == [] and len(members) == len(paths)
+    assert len(members) == len(paths)  # nothing dropped
     assert len(set(keys)) == len(keys) and not any("." in k or "/" in k for k in keys), keys
 
 
 def test_imagenet_keys_stay_the_file_stems():
-    members, _ = shards.make_keys([("n01440764/n01440764_10026.JPEG", "n01440764"),
-                                   ("ILSVRC2012_val_00000001.JPEG", "n01751748")])
+    members = shards.make_keys([("n01440764/n01440764_10026.JPEG", "n01440764"),
+                                ("ILSVRC2012_val_00000001.JPEG", "n01751748")])
     assert [m.key for m in members] == ["n01440764_10026", "ILSVRC2012_val_00000001"]
 
 
