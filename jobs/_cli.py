@@ -35,6 +35,13 @@ def positional(help: str, metavar: str):  # noqa: A002
     return dataclasses.field(default=(), metadata={"help": help, "positional": metavar})
 
 
+def repeated(help: str, metavar: str, required: bool = False):  # noqa: A002
+    """A flag that may be given several times (``--data a=A --data b=B``), parsed into a tuple of
+    strings in the order given; empty when absent."""
+    return dataclasses.field(default=(), metadata={"help": help, "repeat": metavar,
+                                                   "required": required})
+
+
 TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -52,6 +59,10 @@ def parse(cls, argv=None, job: str = ""):
                                 help=meta["help"], type=str)
             continue
         kw = {"help": meta.get("help", ""), "dest": f.name}
+        if meta.get("repeat"):
+            parser.add_argument(flag, action="append", metavar=meta["repeat"], type=str,
+                                required=bool(meta.get("required")), default=None, **kw)
+            continue
         typ = f.type if isinstance(f.type, str) else f.type.__name__
         if typ == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
@@ -68,8 +79,8 @@ def parse(cls, argv=None, job: str = ""):
             parser.error(f"--{name.replace('_', '-')} is a fraction in [0, 1] (0.05 is 5%), "
                          f"not {value:g}")
     for f in dataclasses.fields(cls):
-        if f.metadata.get("positional"):
-            args[f.name] = tuple(args[f.name])
+        if f.metadata.get("positional") or f.metadata.get("repeat"):
+            args[f.name] = tuple(args[f.name] or ())
     return cls(**args)
 
 

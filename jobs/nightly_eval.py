@@ -1,56 +1,86 @@
-"""Nightly evaluation: predict, append to the history table, alarm on a significant regression."""
+"""Nightly evaluation over a suite of sets: predict, record one history row per set, alarm on a
+significant regression or on a published accuracy the pipeline no longer reproduces."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import nightly, predict
+from pipeline import nightly, predict, published
 
 
 @dataclass(frozen=True)
 class NightlyConfig(predict.PredictOptions):
-    """Predict every image of --data with --weights into HISTORY/runs/<run_id>/ (a normal
-    jobs.predict output folder), append one row to HISTORY/history.parquet, compare per-image
-    top-1 correctness with the previous run and with the pinned --baseline run (McNemar's exact
-    test on the discordant pairs), and write report.md and a self-contained report.html into the
-    run folder. A change is significant only if p < --alpha AND the top-1 change exceeds
-    --min-effect percentage points. Exit codes: 0 nothing regressed (also the first run),
-    1 the run failed (e.g. more decode failures than --max-failed-fraction), 2 bad arguments
-    (e.g. an unknown --baseline), 3 significant top-1 regression, 4 not comparable: the
-    previous or baseline run used a different data manifest (sha256 differs). A regression
-    (3) outranks a refused comparison (4)."""
-    data: str = _cli.option("", "shard manifest to evaluate on (val.json from jobs.shard)",
-                            required=True)
+    """Predict every image of each --data set with --weights into HISTORY/runs/<run_id>/<set>/ (a
+    normal jobs.predict output folder), record one row per set in HISTORY/history/ (one file per
+    set per run, never rewritten), compare each set's per-image top-1 correctness with that set's
+    previous run and with the pinned --baseline run (McNemar's exact test on the discordant
+    pairs), check the published accuracy of known weights (torchvision's, or --published), and
+    write report.md and a self-contained report.html (all sets side by side, then a section per
+    set) into the run folder. A change is significant only if p < --alpha AND the top-1 change
+    exceeds --min-effect percentage points. Exit codes, for the worst set: 0 nothing regressed
+    (also the first run), 1 a set failed (e.g. more decode failures than --max-failed-fraction;
+    it is not recorded in the history), 2 bad arguments (e.g. an unknown --baseline), 3
+    significant top-1 regression, 4 not comparable: the previous or baseline run used a different
+    data manifest (sha256 differs), 5 pipeline fidelity: a published accuracy lies outside the
+    measured 95% interval widened by --fidelity-tolerance. Severity: 5 > 3 > 1 > 4 > 0."""
+    data: tuple = _cli.repeated("a set to evaluate, repeatable: NAME=MANIFEST (e.g. "
+                                "val=shards/val.json v2=shards-v2/val.json), or a bare MANIFEST "
+                                "(named after its file: val.json -> val)", "[NAME=]MANIFEST",
+                                required=True)
     weights: str = _cli.option("", "model to evaluate: DEFAULT, IMAGENET1K_V1, none, or a file "
                                    "(model.pt from jobs.finetune, or a state_dict)",
                                required=True)
-    history: str = _cli.option("", "history folder (local or s3://...): history.parquet, "
-                                   "runs/<run_id>/, latest.html", required=True)
-    baseline: str = _cli.option("", "run id (from history.parquet) to compare with as well as "
+    history: str = _cli.option("", "history folder (local or s3://...): history/ (one Parquet "
+                                   "file per set per run), runs/<run_id>/, latest.html",
+                               required=True)
+    real_labels: tuple = _cli.repeated(
+        "ImageNet-ReaL labels for a set of ImageNet val images, repeatable: NAME=FILE, or a bare "
+        "FILE with a single set; FILE 'builtin' is the shipped real.json (Beyer et al. 2020)",
+        "[NAME=]FILE")
+    baseline: str = _cli.option("", "run id (from the history) to compare with as well as "
                                     "the previous run; empty: previous run only")
     alpha: float = _cli.option(0.01, "significance level: a change needs McNemar exact p below "
                                      "this")
     min_effect: float = _cli.option(0.5, "a change also needs |top-1 change| above this many "
                                          "percentage points")
+    published: str = _cli.option("", "JSON file of more published figures to check (a list of "
+                                      "{model, dataset, top1, top5, samples, source}; model is a "
+                                      "model_id or weights sha256, dataset a kind such as "
+                                      "imagenet-v2 or a set NAME); torchvision's ResNet-18 "
+                                      "figures are built in")
+    fidelity_tolerance: float = _cli.option(0.05, "percentage points the measured 95%% interval "
+                                                  "is widened by before a published figure "
+                                                  "outside it fails the run (exit 5)")
     top_n: int = _cli.option(10, "classes and confused pairs listed in the report")
     latest: bool = _cli.option(True, "also copy the report to HISTORY/latest.html")
     progress: bool = _cli.option(False, "show a progress bar (off: cron logs stay readable)")
 
 
 def run(cfg: NightlyConfig) -> nightly.NightlyResult:
+    sets = nightly.parse_sets(cfg.data, cfg.real_labels)
+    table = published.BUILTIN + (published.load_table(cfg.published) if cfg.published else [])
+    opts = dataclasses.replace(predict.PredictOptions.of(cfg), real_labels="")
     return nightly.run_nightly(
-        cfg.data, cfg.weights, cfg.history, baseline=cfg.baseline, alpha=cfg.alpha,
+        sets, cfg.weights, cfg.history, baseline=cfg.baseline, alpha=cfg.alpha,
         min_effect=cfg.min_effect, latest=cfg.latest, top_n=cfg.top_n, config=_cli.to_dict(cfg),
-        predict_options=predict.PredictOptions.of(cfg))
+        predict_options=opts, published_table=table,
+        fidelity_tolerance=cfg.fidelity_tolerance)
 
 
 @_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(NightlyConfig, argv, "nightly_eval")
-    if not 0 < cfg.alpha <= 1 or cfg.min_effect < 0:
-        print("error: --alpha must be in (0, 1] and --min-effect >= 0", file=sys.stderr)
+    if not 0 < cfg.alpha <= 1 or cfg.min_effect < 0 or cfg.fidelity_tolerance < 0:
+        print("error: --alpha must be in (0, 1], --min-effect and --fidelity-tolerance >= 0",
+              file=sys.stderr)
+        return nightly.EXIT_USAGE
+    try:
+        nightly.parse_sets(cfg.data, cfg.real_labels)
+    except nightly.SuiteError as e:
+        print(f"error: {e}", file=sys.stderr)
         return nightly.EXIT_USAGE
     _cli.setup_logging()
     _cli.init_ray()
@@ -59,14 +89,17 @@ def main(argv=None) -> int:
     except nightly.BaselineNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return nightly.EXIT_USAGE
-    except predict.FailedSamples as e:  # published, but not recorded in the history
-        print(f"error: {e}", file=sys.stderr)
-        return nightly.EXIT_FAILED
     print(nightly.format_result(result, cfg.alpha, cfg.min_effect))
-    for c in result.comparisons:
-        if c.outcome == nightly.NOT_COMPARABLE:
-            print(f"error: refusing to compare with {c.role} run {c.reference_run_id}: "
-                  f"{c.reason}", file=sys.stderr)
+    for r in result.sets:
+        if r.error:
+            print(f"error: set {r.name}: {r.error}", file=sys.stderr)
+        for c in r.comparisons:
+            if c.outcome == nightly.NOT_COMPARABLE:
+                print(f"error: set {r.name}: refusing to compare with {c.role} run "
+                      f"{c.reference_run_id}: {c.reason}", file=sys.stderr)
+        for f in r.fidelity:
+            if not f.ok:
+                print(f"error: set {r.name}: pipeline fidelity: {f.describe()}", file=sys.stderr)
     return result.exit_code
 
 

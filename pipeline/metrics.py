@@ -3,6 +3,8 @@ most confused pairs and calibration (expected calibration error)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -91,6 +93,50 @@ def evaluate(df: pd.DataFrame, classes: list[dict], top_pairs: int = 10) -> dict
     }
 
 
+REAL_KEY = re.compile(r"(?:^|/)ILSVRC2012_val_(\d{8})$")
+
+
+def real_accuracy(df: pd.DataFrame, classes: list[dict], real: list[list[int]]) -> dict:
+    """ImageNet-ReaL top-1/top-5 (Beyer et al. 2020, "Are we done with ImageNet?").
+
+    ``df``: prediction rows (``key``, ``topk_index`` in the class space of ``classes``);
+    ``real``: entry i lists the right sorted-wnid indices for ``ILSVRC2012_val_{i+1:08d}``.
+    Rows are matched by key (``ILSVRC2012_val_NNNNNNNN``, the file stem); an image counts as
+    right when its prediction (any of its top 5) is one of its labels, compared by wnid. Images
+    whose list is empty, and keys that are no val image, are left out of these figures only.
+    Returns ``real_top1``/``real_top5`` (percent, NaN when nothing is scored), their 95% Wilson
+    intervals and ``real_samples``. ValueError when ``classes`` are not ImageNet wnids or a key's
+    number lies past the end of ``real``."""
+    from pipeline import sources
+
+    wnids = sources.imagenet_wnids()
+    ids = [c["id"] for c in classes]
+    if not set(ids) <= set(wnids):
+        raise ValueError(f"ReaL labels are ImageNet classes, but the model's classes are not "
+                         f"ImageNet wnids (e.g. {[i for i in ids if i not in set(wnids)][:3]})")
+    to_real = np.array([wnids.index(i) for i in ids], dtype=np.int64)
+    top1 = top5 = n = 0
+    for key, topk in zip(df["key"], df["topk_index"]):
+        m = REAL_KEY.search(str(key))
+        if not m:
+            continue
+        number = int(m.group(1))
+        if not 1 <= number <= len(real):
+            raise ValueError(f"image {key}: ReaL labels hold {len(real)} entries, not "
+                             f"{number}")
+        right = set(real[number - 1])
+        if not right:
+            continue
+        guesses = [int(to_real[i]) for i in list(topk)[:5] if i >= 0]
+        n += 1
+        top1 += bool(guesses) and guesses[0] in right
+        top5 += any(g in right for g in guesses)
+    pct = (lambda k: 100.0 * k / n) if n else (lambda k: float("nan"))  # noqa: E731
+    return {"real_samples": n, "real_top1": pct(top1), "real_top5": pct(top5),
+            "real_top1_ci95": percent_interval(top1, n),
+            "real_top5_ci95": percent_interval(top5, n)}
+
+
 def format_table(summary: dict, worst: int = 5) -> str:
     """A short text table of a summary for the terminal."""
     lines = [f"{'samples':<22}{summary['samples']}",
@@ -100,6 +146,9 @@ def format_table(summary: dict, worst: int = 5) -> str:
              f"{'top-5 %':<22}{summary['top5']:.3f}  (95% CI {summary['top5_ci95'][0]:.2f}"
              f"-{summary['top5_ci95'][1]:.2f})",
              f"{'ECE':<22}{summary['ece']:.4f}"]
+    if "real_samples" in summary:
+        lines.append(f"{'ReaL top-1 / top-5 %':<22}{summary['real_top1']:.3f} / "
+                     f"{summary['real_top5']:.3f}  ({summary['real_samples']} images with labels)")
     worst_classes = sorted(summary["per_class"], key=lambda c: c["top1"])[:worst]
     if worst_classes:
         lines.append("worst classes: " + ", ".join(f"{c['name']} {c['top1']:.1f}%"

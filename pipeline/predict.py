@@ -31,7 +31,7 @@ import torch
 
 from pipeline import data, faults, model as modellib, presets, publish, shards, storage
 from pipeline import failures as failurelib
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.version import code_version
 
 ROWS_PER_FILE = 100_000
@@ -68,6 +68,11 @@ class PredictOptions:
     topk: int = _opt(5, "top-k indices and probabilities kept per image")
     max_failed_fraction: float = _opt(0.0, "exit non-zero when more than this fraction of "
                                            "samples fail to decode")
+    real_labels: str = _opt("", "ImageNet-ReaL labels (Beyer et al. 2020) for the ImageNet val "
+                                "images among the data (keys ILSVRC2012_val_NNNNNNNN): a JSON "
+                                "file of 50,000 label lists, or 'builtin' for the shipped "
+                                "real.json; adds real_top1/real_top5/real_samples to "
+                                "summary.json; empty: off")
     verify_checksums: bool = _opt(True, "check every shard's size and sha256 against the "
                                         "manifest before predicting")
     progress: bool = _opt(True, "show a progress bar")
@@ -89,10 +94,13 @@ class Predictor:
             torch.set_num_threads(num_threads or cpu_threads(actors_per_node))
         torch.manual_seed(0)  # "none" weights: the same random model in every actor
         loaded = modellib.load_weights(weights)
-        net, self.classes, _ = modellib.build_model(loaded, None if loaded.classes else data_classes)
+        net, model_classes, _ = modellib.build_model(loaded,
+                                                     None if loaded.classes else data_classes)
         self.device = modellib.pick_device(use_gpu)
         self.dtype = modellib.resolve_precision(precision, self.device)
         self.model = net.eval().to(self.device, self.dtype, memory_format=torch.channels_last)
+        self.classes, index = scored_classes(data_classes, model_classes)
+        self.output_index = None if index is None else torch.from_numpy(index).to(self.device)
         self.names = np.array([c["name"] for c in self.classes], dtype=object)
         self.label_map = label_map(data_classes, self.classes)
         self.topk = min(topk, len(self.classes))
@@ -109,6 +117,8 @@ class Predictor:
         if ok.any():
             x = torch.from_numpy(batch["image"][ok]).to(self.device, non_blocking=True)
             logits = self.model(presets.normalize(x, self.dtype))
+            if self.output_index is not None:  # a subset set: its classes' logits only
+                logits = logits.index_select(1, self.output_index)
             probs = logits.float().softmax(dim=1)
             p, i = probs.topk(max(k, k5), dim=1)
             topi[ok], topp[ok] = i.cpu().numpy(), p.cpu().numpy()
@@ -131,6 +141,30 @@ def cpu_threads(actors_per_node: int) -> int:
     inference rates they need a fraction of one (a core decodes ~300 images/s, ResNet-18 in
     bf16 runs ~50 images/s per core), and a core set aside for them would mostly idle."""
     return max(1, len(os.sched_getaffinity(0)) // max(1, actors_per_node))
+
+
+def scored_classes(data_classes: list[dict], model_classes: list[dict]
+                   ) -> tuple[list[dict], np.ndarray | None]:
+    """The classes a prediction is made over, and which model outputs they are.
+
+    When the model is an ImageNet-1k model (its classes are the 1000 wnids) and the data's class
+    ids a strict subset of them (ImageNet-R/-A's 200 classes, or any ImageNet class folder), the
+    model is scored over the data's classes only: its
+    logits restricted to them (matched by id, in the data's order), the softmax taken over those,
+    ``pred``/``topk_*`` in the data's class space. This is how the sets' own evaluation code and
+    timm's ``--valid-labels`` score them (Hendrycks et al. 2021, "The Many Faces of Robustness";
+    "Natural Adversarial Examples"). Returns (data_classes, model indices of shape [C_data]);
+    otherwise (model_classes, None): the model's own output space, e.g. for a model fine-tuned
+    on the subset itself, or one with classes the data lacks (its wrong answers stay wrong).
+    ValueError (``label_map``) when the model lacks some of the data's classes."""
+    from pipeline import sources
+
+    label_map(data_classes, model_classes)
+    imagenet = [c["id"] for c in model_classes] == sources.imagenet_wnids()
+    if imagenet and len(data_classes) < len(model_classes):
+        index = {c["id"]: c["index"] for c in model_classes}
+        return data_classes, np.array([index[c["id"]] for c in data_classes], dtype=np.int64)
+    return model_classes, None
 
 
 def label_map(data_classes: list[dict], model_classes: list[dict]) -> np.ndarray:
@@ -248,10 +282,14 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     if replaced:
         raise ValueError(f"weights {weights} name other classes than their head holds; "
                          f"predict with a model.pt (it carries its class list)")
-    label_map(manifest.classes, classes_model)
+    classes_out, subset = scored_classes(manifest.classes, classes_model)
+    real = load_real_labels(opts.real_labels) if opts.real_labels else None
+    if real is not None and opts.topk < 5:
+        raise UsageError(f"--real-labels scores top-5 from the kept top-k: --topk {opts.topk} "
+                         f"must be at least 5")
     ds, manifest = prediction_dataset(manifest_path, weights, plan, opts,
                                       resize_size=resize_size, crop_size=crop_size)
-    k = min(opts.topk, len(classes_model))
+    k = min(opts.topk, len(classes_out))
     run_id = publish.new_run_id()
     meta = {"model_id": loaded.model_id, "weights_sha256": loaded.sha256 or "",
             "data_manifest": manifest_path,
@@ -288,12 +326,16 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     check_coverage(manifest, manifest_path, seen, len(keys), per_shard)
     faults.point("before_publish")
     wall = time.monotonic() - t0
-    summary = _summarize(staging, classes_model, manifest, meta, failures, wall, started,
+    summary = _summarize(staging, classes_out, manifest, meta, failures, wall, started,
                          {"batch_size": opts.batch_size, "actors": opts.actors,
                           "use_gpu": opts.use_gpu,
                           "steady_images_per_s": (seen - first_n) / (time.monotonic() - t_first)
                           if t_first and seen > first_n else 0.0,
-                          "startup_seconds": (t_first - t0) if t_first else wall})
+                          "startup_seconds": (t_first - t0) if t_first else wall,
+                          "model_classes": len(classes_model),
+                          "scored_over": "data classes" if subset is not None else "model "
+                                                                                 "classes"},
+                         real, opts.real_labels)
     failurelib.write(storage.join(staging, "failures.parquet"), failures)
     storage.write_text_atomic(storage.join(staging, "summary.json"), json.dumps(summary, indent=1))
     publish.publish(staging, out, run_id)
@@ -305,6 +347,34 @@ def run_prediction(manifest_path: str, weights: str, out: str,
                             f"decode (allowed: {opts.max_failed_fraction:.2%}); see "
                             f"{storage.join(out, 'failures.parquet')}")
     return summary
+
+
+REAL_LABELS_BUILTIN = "builtin"
+
+
+def load_real_labels(spec: str) -> list[list[int]]:
+    """ImageNet-ReaL labels: entry i lists the sorted-wnid class indices that are right for
+    ``ILSVRC2012_val_{i+1:08d}`` (possibly none). ``spec`` is ``builtin`` (the 50,000 lists of
+    google-research/reassessed-imagenet's real.json, Beyer et al. 2020, "Are we done with
+    ImageNet?", Apache-2.0, shipped in pipeline/reference/) or a path or URI to such a JSON file.
+    ValueError naming the file when it is not a list of lists of ints in 0..999."""
+    from importlib import resources
+
+    if spec == REAL_LABELS_BUILTIN:
+        text = resources.files("pipeline").joinpath("reference",
+                                                    "imagenet_real_labels.json").read_text()
+    else:
+        text = storage.read_text(spec)
+    try:
+        labels = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--real-labels {spec}: not JSON ({e})") from None
+    if not isinstance(labels, list) or not all(
+            isinstance(row, list) and all(isinstance(v, int) and 0 <= v < 1000 for v in row)
+            for row in labels):
+        raise ValueError(f"--real-labels {spec}: expected a JSON list of lists of class indices "
+                         f"0..999 (entry i for ILSVRC2012_val_{{i+1:08d}})")
+    return labels
 
 
 def _read_error(e, manifest_path: str) -> PipelineError:
@@ -338,7 +408,8 @@ def check_coverage(manifest: shards.Manifest, path: str, rows: int, unique: int,
                            f"jobs.shard --verify {path}`. Nothing published")
 
 
-def _summarize(staging, classes, manifest, meta, failures, wall, started, settings) -> dict:
+def _summarize(staging, classes, manifest, meta, failures, wall, started, settings,
+               real=None, real_source="") -> dict:
     import pyarrow.dataset as pads
 
     from pipeline import metrics  # pandas: the driver only, not the predictor actors
@@ -346,6 +417,8 @@ def _summarize(staging, classes, manifest, meta, failures, wall, started, settin
     fs, p = storage.resolve(storage.join(staging, "predictions"))
     df = pads.dataset(p, filesystem=fs, format="parquet").to_table().to_pandas()
     summary = metrics.evaluate(df, classes) if len(df) else {"samples": 0}
+    if real is not None:
+        summary.update(metrics.real_accuracy(df, classes, real), real_labels=real_source)
     summary.update({"failures": len(failures), "manifest_samples": manifest.total_samples,
                     "wall_seconds": wall, "images_per_s": manifest.total_samples / wall,
                     "started_at": started, **settings,

@@ -144,6 +144,9 @@ def overview_section(run_id: str, summary: dict, verdict: str, comparisons: list
             ["top-1 % (95% CI)", f"{summary['top1']:.2f} ({_ci(*summary['top1_ci95'])})"],
             ["top-5 % (95% CI)", f"{summary['top5']:.2f} ({_ci(*summary['top5_ci95'])})"],
             ["ECE", f"{summary['ece']:.4f}"],
+            *([["ReaL top-1 / top-5 % (images)", f"{_pct(summary['real_top1'])} / "
+                f"{_pct(summary['real_top5'])} ({summary['real_samples']})"]]
+              if "real_samples" in summary else []),
             ["wall time s / images/s", f"{summary['wall_seconds']:.1f} / "
                                        f"{summary['images_per_s']:.1f}"]]
     return Section("Run", text, ["", ""], rows)
@@ -233,16 +236,69 @@ def reliability_section(summary: dict) -> Section:
                    plot_reliability(bins) if bins else None)
 
 
+def fidelity_section(fidelity: list) -> Section:
+    """The published-accuracy check (``published.Fidelity`` records): published vs measured with
+    the measured 95% interval, the tolerance, the outcome and the figure's source."""
+    title = "Published accuracy (pipeline fidelity)"
+    if not fidelity:
+        return Section(title, "No published figure applies to this model on this whole set.")
+    rows = [[f.dataset, f.metric, f"{f.published:.3f}", f"{f.measured:.3f}",
+             f"{f.lo:.3f}-{f.hi:.3f}", f"{f.tolerance:g}",
+             "inside" if f.ok else "OUTSIDE: pipeline fidelity failure", f.source]
+            for f in fidelity]
+    return Section(title, "A published figure outside the measured 95% interval (widened by the "
+                          "tolerance) means the pipeline, not the model, has drifted.",
+                   ["dataset", "metric", "published %", "measured %", "95% CI",
+                    "tolerance pp", "outcome", "source"], rows)
+
+
+def suite_section(run_id: str, results: list, verdict: str, alpha: float,
+                  min_effect: float) -> Section:
+    """All sets side by side (``nightly.SetResult`` records): samples, top-1/top-5 % with 95%
+    intervals, ReaL top-1, the change against the set's previous run and its McNemar p, the
+    published figure and the set's verdict. The overall verdict is the worst set's."""
+    rows = []
+    for r in results:
+        s = r.summary
+        if s is None:
+            rows.append([r.name, r.kind, "", "", "", "", "", "", "", "", r.verdict])
+            continue
+        prev = next((c for c in r.comparisons if c.role == "previous"), None)
+        delta = "" if prev is None or prev.outcome == "not comparable" else \
+            f"{prev.delta_pp:+.2f}"
+        p = "" if prev is None or prev.outcome == "not comparable" else f"{prev.p_value:.3g}"
+        pub = "; ".join(f"{f.published:.2f} ({'ok' if f.ok else 'OUTSIDE'})" for f in r.fidelity)
+        rows.append([r.name, r.kind, s["samples"],
+                     f"{s['top1']:.2f} ({_ci(*s['top1_ci95'])})",
+                     f"{s['top5']:.2f} ({_ci(*s['top5_ci95'])})",
+                     _pct(s.get("real_top1")), s.get("scored_over", ""), delta, p, pub,
+                     r.verdict])
+    text = (f"Run {run_id}. Verdict: **{verdict}** (the worst of its sets). A change is "
+            f"significant only if McNemar's exact p < alpha = {alpha:g} AND the top-1 change "
+            f"exceeds min-effect = {min_effect:g} percentage points, each set against its own "
+            f"previous run.")
+    return Section("All sets", text,
+                   ["set", "kind", "images", "top-1 % (95% CI)", "top-5 % (95% CI)",
+                    "ReaL top-1 %", "scored over", "change vs previous pp", "p", "published %",
+                    "verdict"], rows)
+
+
 def build_sections(run_id: str, summary: dict, history: pd.DataFrame, comparisons: list[dict],
                    verdict: str, alpha: float, min_effect: float,
                    reference_summary: dict | None = None, reference_run_id: str = "",
-                   top_n: int = 10) -> list[Section]:
-    """All sections of one run's report, in reading order."""
-    return [overview_section(run_id, summary, verdict, comparisons, alpha, min_effect),
-            comparison_section(comparisons), history_section(history),
-            changes_section(summary, reference_summary, reference_run_id, top_n),
-            worst_section(summary, top_n), confused_section(summary, top_n),
-            reliability_section(summary)]
+                   top_n: int = 10, prefix: str = "", fidelity: list | None = None
+                   ) -> list[Section]:
+    """All sections of one set's report, in reading order, titles prefixed with ``prefix`` (the
+    set's name in a run over several sets)."""
+    sections = [overview_section(run_id, summary, verdict, comparisons, alpha, min_effect),
+                comparison_section(comparisons), fidelity_section(fidelity or []),
+                history_section(history),
+                changes_section(summary, reference_summary, reference_run_id, top_n),
+                worst_section(summary, top_n), confused_section(summary, top_n),
+                reliability_section(summary)]
+    for s in sections:
+        s.title = prefix + s.title
+    return sections
 
 
 # --- rendering -----------------------------------------------------------------------------------

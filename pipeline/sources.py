@@ -16,7 +16,8 @@ from importlib import resources
 
 from pipeline import storage
 
-LAYOUTS = ("folder", "imagenet-kaggle", "imagenet-devkit")
+LAYOUTS = ("folder", "imagenet-kaggle", "imagenet-devkit", "imagenet-v2", "imagenet-r",
+           "imagenet-a", "imagenet-sketch")
 KAGGLE_DATA = "ILSVRC/Data/CLS-LOC"
 DEVKIT_DIRS = ("ILSVRC2012_devkit_t12", "devkit", ".")
 DEVKIT_GT = "data/ILSVRC2012_validation_ground_truth.txt"
@@ -48,6 +49,14 @@ def imagenet_wnids() -> list[str]:
     return text.split()
 
 
+def subset_wnids(layout: str) -> list[str]:
+    """The 200 sorted wnids of ImageNet-R (``layout="imagenet-r"``) or ImageNet-A
+    (``"imagenet-a"``), shipped as package data from timm's ``timm/data/_info/`` (Apache-2.0,
+    pipeline/reference/LICENSE-timm.txt). KeyError for any other layout."""
+    name = {"imagenet-r": "imagenet_r_synsets.txt", "imagenet-a": "imagenet_a_synsets.txt"}[layout]
+    return resources.files("pipeline").joinpath("reference", name).read_text().split()
+
+
 def imagenet_category_names() -> dict[str, str]:
     """wnid -> torchvision's short English name, for the 1000 ImageNet classes."""
     from torchvision.models import ResNet18_Weights
@@ -72,8 +81,9 @@ def detect_layout(root: str, split: str) -> str:
         return "imagenet-devkit"
     if storage.is_dir(root):
         top = _top_level(root)
-        if any(kind == "dir" for _, kind in top):
-            return "folder"
+        dirs = {n for n, kind in top if kind == "dir" and not n.startswith(".")}
+        if dirs:
+            return _recognise_class_folders(root, dirs)
     else:
         raise FileNotFoundError(f"source {root} does not exist or is not a folder")
     found = ", ".join(f"{n}{'/' if k == 'dir' else ''}" for n, k in top[:10]) or "nothing"
@@ -83,6 +93,29 @@ def detect_layout(root: str, split: str) -> str:
         f"LOC_val_solution.csv and LOC_synset_mapping.txt), imagenet-devkit (flat "
         f"ILSVRC2012_val_*.JPEG with ROOT/<devkit>/{DEVKIT_GT} and {DEVKIT_META}). Found: {found}"
     )
+
+
+def _recognise_class_folders(root: str, dirs: set[str]) -> str:
+    """The layout of ROOT/<class>/...: a released robustness set when the folder names are exactly
+    its classes, else ``folder``. Integer folder names that are not exactly ImageNet-V2's 0..999
+    are refused: read as ImageNet class indices or as the user's own classes, they give different
+    labels, and guessing wrong would scramble every label silently."""
+    if all(d.isdigit() for d in dirs):
+        if dirs == {str(i) for i in range(1000)}:
+            return "imagenet-v2"
+        raise ValueError(
+            f"{root}: the {len(dirs)} class folders are integers but not ImageNet-V2's 0..999. "
+            f"Pass --layout imagenet-v2 if they are ImageNet class indices (folder N is the N-th "
+            f"sorted wnid, mapped numerically), or --layout folder if they are your own classes "
+            f"(numbered by the folder names' string order, as torchvision's ImageFolder does)")
+    for layout in ("imagenet-r", "imagenet-a"):
+        if dirs == set(subset_wnids(layout)):
+            return layout
+    if dirs == set(imagenet_wnids()) and any(
+            f.lower().startswith("sketch_") for f in storage.list_dir_files(
+                storage.join(root, min(dirs)))):
+        return "imagenet-sketch"
+    return "folder"
 
 
 def scan_source(root: str, split: str, layout: str = "auto", devkit: str | None = None) -> Source:
@@ -95,6 +128,10 @@ def scan_source(root: str, split: str, layout: str = "auto", devkit: str | None 
         return _scan_kaggle(root, split)
     if layout == "imagenet-devkit":
         return _scan_devkit(root, split, devkit)
+    if layout == "imagenet-v2":
+        return _scan_imagenet_v2(root, split)
+    if layout in ("imagenet-r", "imagenet-a", "imagenet-sketch"):
+        return _scan_fixed_classes(root, split, layout)
     raise ValueError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
 
 
@@ -152,6 +189,34 @@ def _scan_folder(root: str, split: str) -> Source:
     names = _read_synset_mapping(root)
     classes = make_classes(class_ids, names)
     return Source("folder", root, split, classes, sorted(items), skipped)
+
+
+def _scan_imagenet_v2(root: str, split: str) -> Source:
+    """ImageNet-V2: ROOT/<0..999>/*.jpeg, each folder an integer class index in the sorted-wnid
+    order, mapped to its wnid **numerically** ("10" is wnid 10, whatever the string order of the
+    folder names). The class list is the 1000 ImageNet classes, folders missing or not."""
+    wnids = imagenet_wnids()
+    items, skipped, folders = _class_folder_items(root)
+    labelled = []
+    for path, folder in items:
+        if folder.isdigit() and int(folder) < len(wnids):
+            labelled.append((path, wnids[int(folder)]))
+        else:
+            skipped.append({"path": path, "reason": f"folder {folder!r} is not an ImageNet class "
+                                                    f"index 0..{len(wnids) - 1}"})
+    return Source("imagenet-v2", root, split, make_classes(wnids), sorted(labelled), skipped)
+
+
+def _scan_fixed_classes(root: str, split: str, layout: str) -> Source:
+    """ImageNet-R/-A (the 200 wnids of ``subset_wnids``) and ImageNet-Sketch (the 1000): ROOT/<wnid>/*,
+    with the set's whole class list whatever folders exist; folders outside it are skipped."""
+    wnids = subset_wnids(layout) if layout in ("imagenet-r", "imagenet-a") else imagenet_wnids()
+    known = set(wnids)
+    items, skipped, _ = _class_folder_items(root)
+    kept = [(p, c) for p, c in items if c in known]
+    skipped += [{"path": p, "reason": f"folder {c!r} is not one of the {len(wnids)} {layout} "
+                                      f"classes"} for p, c in items if c not in known]
+    return Source(layout, root, split, make_classes(wnids), sorted(kept), skipped)
 
 
 def _read_synset_mapping(root: str) -> dict[str, str]:

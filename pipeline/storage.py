@@ -115,11 +115,13 @@ def read_text(path: str) -> str:
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` so that readers see the old file or the whole new one, never a part."""
+    """Write ``data`` so that readers see the old file or the whole new one, never a part. On a
+    local disk the bytes go to a hidden temporary file beside it (``.NAME.tmp-XXXXXXXX``, which
+    pyarrow's and pandas' folder readers skip) that is then renamed over ``path``."""
     fs, p = resolve(path)
     if is_local(fs):
         fs.create_dir(os.path.dirname(p), recursive=True)
-        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.tmp-{uuid.uuid4().hex[:8]}")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()

@@ -194,7 +194,8 @@ def test_history_table_has_one_row_per_run(nightly_runs, weights):
     assert damaged["p_vs_previous"] == pytest.approx(0.125) and damaged["alpha"] == 1.0
     assert pd.isna(t["previous_run_id"].iloc[0]) and pd.isna(t["p_vs_previous"].iloc[3])
     for row in t.itertuples():  # each run is a normal prediction folder
-        assert row.predictions_dir.endswith(os.path.join("runs", row.run_id))
+        assert row.predictions_dir.endswith(os.path.join("runs", row.run_id, "val"))
+        assert row.dataset == "val" and row.dataset_kind == ""
         assert len(metrics.read_predictions(row.predictions_dir)) == 16
 
 
@@ -248,7 +249,7 @@ class _Page(HTMLParser):
 
 def test_report_html_is_self_contained_with_valid_plots(nightly_runs):
     t = nightly_runs["table"]
-    run_dir = t["predictions_dir"].iloc[2]
+    run_dir = os.path.dirname(t["predictions_dir"].iloc[2])  # runs/<run_id>/, above the set
     page = open(os.path.join(run_dir, "report.html"), encoding="utf-8").read()
     parser = _Page()
     parser.feed(page)
@@ -366,7 +367,8 @@ def test_report_renders_in_headless_chromium(nightly_runs, tmp_path):
     The screenshot is kept at $REPORT_SCREENSHOT when that is set, for a person to look at.
     """
     browser = _browser()
-    html_path = os.path.join(nightly_runs["table"]["predictions_dir"].iloc[2], "report.html")
+    html_path = os.path.join(os.path.dirname(nightly_runs["table"]["predictions_dir"].iloc[2]),
+                             "report.html")
     page = open(html_path, encoding="utf-8").read()
     plots = page.count("<img")
     assert plots >= 5  # history, class changes, worst classes, confused pairs, reliability

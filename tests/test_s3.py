@@ -26,6 +26,7 @@ import urllib.request
 
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -295,7 +296,10 @@ def test_nightly_eval_twice_against_the_bucket(s3, sharded, trained):
     s3.job("nightly_eval", *args)
     out = s3.job("nightly_eval", *args)
     assert "verdict:" in out
-    history = pq.read_table(io.BytesIO(s3.read("nightly/history.parquet"))).to_pandas()
+    files = sorted(k for k in s3.keys("nightly/history") if k.endswith(".parquet"))
+    assert len(files) == 2  # one file per run and set, each written once
+    history = pd.concat([pq.read_table(io.BytesIO(s3.read(f"nightly/history/{f}"))).to_pandas()
+                         for f in files]).sort_values("date", kind="stable")
     assert len(history) == 2 and history["run_id"].nunique() == 2
     assert history["verdict"].iloc[0] == "first run"
     assert history["previous_run_id"].iloc[1] == history["run_id"].iloc[0]
@@ -303,5 +307,6 @@ def test_nightly_eval_twice_against_the_bucket(s3, sharded, trained):
         assert run_dir.startswith(s3.uri("nightly", "runs"))
         rel = run_dir[len(f"s3://{BUCKET}/"):]
         assert len(_read_predictions(s3, rel)) == 9
-        assert {"_SUCCESS", "summary.json", "nightly.json", "report.html"} <= set(s3.keys(rel))
+        assert {"_SUCCESS", "summary.json"} <= set(s3.keys(rel))
+        assert {"nightly.json", "report.html"} <= set(s3.keys(rel.rsplit("/", 1)[0]))
     assert "latest.html" in s3.keys("nightly")

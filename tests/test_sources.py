@@ -109,3 +109,84 @@ def test_unknown_layout_names_what_it_looked_for(tmp_path):
     msg = str(e.value)
     for expected in ("folder", "imagenet-kaggle", "imagenet-devkit", "readme.txt"):
         assert expected in msg
+
+
+# --- the robustness sets' layouts (docs/EVALUATION.md, "The evaluation suite") -------------------
+
+def test_imagenet_v2_folders_are_class_indices_mapped_numerically(tmp_path):
+    """Folders 2, 9, 10, 100: their string order (10, 100, 2, 9) differs from their numeric order,
+    so a string sort (the dataset README's ImageFolder recipe) would give each the wrong wnid."""
+    for i in range(1000):
+        os.makedirs(tmp_path / str(i))
+    for folder in ("2", "9", "10", "100"):
+        _touch_jpeg(str(tmp_path / folder / f"{folder}_a.jpeg"))
+    src = sources.scan_source(str(tmp_path), "val")
+    wnids = sources.imagenet_wnids()
+    assert src.layout == "imagenet-v2" and len(src.classes) == 1000
+    assert [c["id"] for c in src.classes] == wnids
+    labels = {p: src.class_index[c] for p, c in src.items}
+    assert labels == {"2/2_a.jpeg": 2, "9/9_a.jpeg": 9, "10/10_a.jpeg": 10,
+                      "100/100_a.jpeg": 100}
+    assert dict(src.items)["10/10_a.jpeg"] == wnids[10]
+    assert sorted(["2", "9", "10", "100"]).index("10") == 0  # the string order the test defeats
+
+
+def test_integer_folders_that_are_not_all_of_v2_need_an_explicit_layout(tmp_path):
+    for folder in ("0", "3", "12"):
+        _touch_jpeg(str(tmp_path / folder / "x.jpeg"))
+    with pytest.raises(ValueError, match="--layout imagenet-v2.*--layout folder"):
+        sources.scan_source(str(tmp_path), "val")
+    v2 = sources.scan_source(str(tmp_path), "val", layout="imagenet-v2")
+    assert {p: v2.class_index[c] for p, c in v2.items} == {"0/x.jpeg": 0, "3/x.jpeg": 3,
+                                                           "12/x.jpeg": 12}
+    own = sources.scan_source(str(tmp_path), "val", layout="folder")
+    assert [c["id"] for c in own.classes] == ["0", "12", "3"]  # ImageFolder's string order
+    (tmp_path / "1000").mkdir()
+    _touch_jpeg(str(tmp_path / "1000" / "y.jpeg"))
+    bad = sources.scan_source(str(tmp_path), "val", layout="imagenet-v2")
+    assert bad.skipped == [{"path": "1000/y.jpeg",
+                            "reason": "folder '1000' is not an ImageNet class index 0..999"}]
+
+
+@pytest.mark.parametrize("layout", ["imagenet-r", "imagenet-a"])
+def test_imagenet_r_and_a_hold_their_200_classes(tmp_path, layout):
+    wnids = sources.subset_wnids(layout)
+    assert len(wnids) == 200 and wnids == sorted(wnids)
+    assert set(wnids) < set(sources.imagenet_wnids())
+    for w in wnids:
+        os.makedirs(tmp_path / w)
+    _touch_jpeg(str(tmp_path / wnids[0] / "a photo of it.jpg"))
+    _touch_jpeg(str(tmp_path / wnids[199] / "art_1.jpg"))
+    (tmp_path / "README.txt").write_text("the dataset's own readme")
+    src = sources.scan_source(str(tmp_path), "val")
+    assert src.layout == layout
+    assert [c["id"] for c in src.classes] == wnids
+    names = sources.imagenet_category_names()
+    assert [c["name"] for c in src.classes] == [names[w] for w in wnids]
+    assert {p: src.class_index[c] for p, c in src.items} == {
+        f"{wnids[0]}/a photo of it.jpg": 0, f"{wnids[199]}/art_1.jpg": 199}
+    assert src.skipped == [{"path": "README.txt", "reason": sources.OUTSIDE_CLASS}]
+    assert sources.is_ignorable(src.skipped[0])
+
+
+def test_r_layout_with_a_foreign_folder_skips_it_by_name(tmp_path):
+    wnids = sources.subset_wnids("imagenet-r")
+    _touch_jpeg(str(tmp_path / wnids[3] / "a.jpg"))
+    _touch_jpeg(str(tmp_path / "n99999999" / "b.jpg"))
+    src = sources.scan_source(str(tmp_path), "val", layout="imagenet-r")
+    assert len(src.classes) == 200 and src.items == [(f"{wnids[3]}/a.jpg", wnids[3])]
+    assert src.skipped == [{"path": "n99999999/b.jpg",
+                            "reason": "folder 'n99999999' is not one of the 200 imagenet-r "
+                                      "classes"}]
+
+
+def test_imagenet_sketch_is_recognised_with_its_1000_classes(tmp_path):
+    wnids = sources.imagenet_wnids()
+    for w in wnids:
+        os.makedirs(tmp_path / w)
+    _touch_jpeg(str(tmp_path / wnids[0] / "sketch_1.JPEG"))
+    _touch_jpeg(str(tmp_path / wnids[500] / "sketch_7.JPEG"))
+    src = sources.scan_source(str(tmp_path), "val")
+    assert src.layout == "imagenet-sketch" and len(src.classes) == 1000
+    assert {p: src.class_index[c] for p, c in src.items} == {
+        f"{wnids[0]}/sketch_1.JPEG": 0, f"{wnids[500]}/sketch_7.JPEG": 500}
