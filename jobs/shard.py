@@ -16,13 +16,18 @@ class ShardConfig:
     shard; a rerun redoes only missing or damaged shards. With --verify MANIFEST, recheck every
     shard against the manifest and exit 1 naming each bad one."""
     source: str = _cli.option("", "source root: ROOT/<class>/* (folder), the Kaggle ILSVRC "
-                                  "root (imagenet-kaggle), or the folder of ILSVRC2012_val_*.JPEG "
-                                  "(imagenet-devkit); local path or pyarrow URI (s3://...)")
+                                  "root (imagenet-kaggle), the folder of ILSVRC2012_val_*.JPEG "
+                                  "(imagenet-devkit), ROOT/<0..999>/*.jpeg (imagenet-v2: folders "
+                                  "are class indices), ROOT/<wnid>/* over 200 wnids "
+                                  "(imagenet-r, imagenet-a) or 1000 (imagenet-sketch); local "
+                                  "path or pyarrow URI (s3://...)")
     out: str = _cli.option("", "output folder for <split>-NNNNNN.tar and <split>.json")
     split: str = _cli.option("train", "which split this is: train shards are a seeded "
                                       "permutation, val shards are sorted by key",
                              choices=["train", "val"])
-    layout: str = _cli.option("auto", "source layout", choices=["auto", *sources.LAYOUTS])
+    layout: str = _cli.option("auto", "source layout; auto recognises the released sets by "
+                                      "their folder names (docs/EVALUATION.md)",
+                              choices=["auto", *sources.LAYOUTS])
     devkit: str = _cli.option("", "imagenet-devkit: the devkit folder; empty: looked for under "
                                   "--source")
     classes_from: str = _cli.option("", "take the class list from this manifest (shard val with "

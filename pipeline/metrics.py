@@ -104,7 +104,7 @@ def real_accuracy(df: pd.DataFrame, classes: list[dict], real: list[list[int]]) 
     Rows are matched by key (``ILSVRC2012_val_NNNNNNNN``, the file stem); an image counts as
     right when its prediction (any of its top 5) is one of its labels, compared by wnid. Images
     whose list is empty, and keys that are no val image, are left out of these figures only.
-    Returns ``real_top1``/``real_top5`` (percent, NaN when nothing is scored), their 95% Wilson
+    Returns ``real_top1``/``real_top5`` (percent, None when nothing is scored), their 95% Wilson
     intervals and ``real_samples``. ValueError when ``classes`` are not ImageNet wnids or a key's
     number lies past the end of ``real``."""
     from pipeline import sources
@@ -131,7 +131,7 @@ def real_accuracy(df: pd.DataFrame, classes: list[dict], real: list[list[int]]) 
         n += 1
         top1 += bool(guesses) and guesses[0] in right
         top5 += any(g in right for g in guesses)
-    pct = (lambda k: 100.0 * k / n) if n else (lambda k: float("nan"))  # noqa: E731
+    pct = (lambda k: 100.0 * k / n) if n else (lambda k: None)  # noqa: E731
     return {"real_samples": n, "real_top1": pct(top1), "real_top5": pct(top5),
             "real_top1_ci95": percent_interval(top1, n),
             "real_top5_ci95": percent_interval(top5, n)}
@@ -146,7 +146,10 @@ def format_table(summary: dict, worst: int = 5) -> str:
              f"{'top-5 %':<22}{summary['top5']:.3f}  (95% CI {summary['top5_ci95'][0]:.2f}"
              f"-{summary['top5_ci95'][1]:.2f})",
              f"{'ECE':<22}{summary['ece']:.4f}"]
-    if "real_samples" in summary:
+    if summary.get("real_samples") == 0:
+        lines.append(f"{'ReaL':<22}no image has ReaL labels (keys ILSVRC2012_val_NNNNNNNN "
+                     f"with a non-empty list): nothing scored")
+    elif "real_samples" in summary:
         lines.append(f"{'ReaL top-1 / top-5 %':<22}{summary['real_top1']:.3f} / "
                      f"{summary['real_top5']:.3f}  ({summary['real_samples']} images with labels)")
     worst_classes = sorted(summary["per_class"], key=lambda c: c["top1"])[:worst]

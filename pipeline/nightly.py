@@ -347,10 +347,9 @@ def history_row(run_id: str, summary: dict, predictions_dir: str,
         "top5": summary["top5"],
         "top5_ci95_lo": summary["top5_ci95"][0], "top5_ci95_hi": summary["top5_ci95"][1],
         "real_samples": summary.get("real_samples"),
-        "real_top1": _finite(summary["real_top1"]) if "real_top1" in summary else None,
-        "real_top1_ci95_lo": _finite(real[0]) if real[0] is not None else None,
-        "real_top1_ci95_hi": _finite(real[1]) if real[1] is not None else None,
-        "real_top5": _finite(summary["real_top5"]) if "real_top5" in summary else None,
+        "real_top1": _finite(summary.get("real_top1")),
+        "real_top1_ci95_lo": _finite(real[0]), "real_top1_ci95_hi": _finite(real[1]),
+        "real_top5": _finite(summary.get("real_top5")),
         "published_metric": first.metric if first else None,
         "published": first.published if first else None,
         "published_source": first.source if first else None,
@@ -368,8 +367,8 @@ def history_row(run_id: str, summary: dict, predictions_dir: str,
     }
 
 
-def _finite(x: float) -> float | None:
-    return None if x != x else x  # NaN (a refused comparison) is stored as null
+def _finite(x: float | None) -> float | None:
+    return None if x is None or x != x else x  # NaN (a refused comparison) is stored as null
 
 
 def check_baseline(history: pd.DataFrame, baseline: str) -> None:

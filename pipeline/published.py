@@ -125,8 +125,8 @@ def check(summary: dict, kind: str, name: str, table: list[Published],
             metric, n = "top1", summary["samples"]
         else:
             continue
-        if p.samples is not None and p.samples != n:
-            continue  # a part of the set: the published figure does not apply
+        if (p.samples is not None and p.samples != n) or summary.get(metric) is None:
+            continue  # a part of the set (or nothing scored): the published figure does not apply
         lo, hi = summary[f"{metric}_ci95"]
         out.append(Fidelity(p.dataset, metric, p.top1, summary[metric], lo, hi, tolerance,
                             lo - tolerance <= p.top1 <= hi + tolerance, p.source))
