@@ -80,8 +80,8 @@ HISTORY_SCHEMA = pa.schema([
     ("real_top1_ci95_lo", pa.float64()),
     ("real_top1_ci95_hi", pa.float64()),
     ("real_top5", pa.float64()),
-    ("published_metric", pa.string()),  # the fidelity check: top1 or real_top1
-    ("published", pa.float64()),
+    ("published_top1", pa.float64()),       # the published figures checked (fidelity)
+    ("published_real_top1", pa.float64()),
     ("published_source", pa.string()),
     ("fidelity", pa.string()),       # "ok", "failed", or null when no published figure applies
     ("precision", pa.string()),
@@ -334,7 +334,7 @@ def history_row(run_id: str, summary: dict, predictions_dir: str,
     prev, base = by_role.get("previous"), by_role.get("baseline")
     date = pd.Timestamp(summary["started_at"]).to_pydatetime()
     real = summary.get("real_top1_ci95", [None, None])
-    first = (fidelity or [None])[0]
+    checked = {f.metric: f for f in fidelity or []}
     return {
         "date": date, "run_id": run_id, "dataset": dataset, "dataset_kind": kind,
         "scored_over": summary.get("scored_over"), "model_id": summary["model_id"],
@@ -350,9 +350,10 @@ def history_row(run_id: str, summary: dict, predictions_dir: str,
         "real_top1": _finite(summary.get("real_top1")),
         "real_top1_ci95_lo": _finite(real[0]), "real_top1_ci95_hi": _finite(real[1]),
         "real_top5": _finite(summary.get("real_top5")),
-        "published_metric": first.metric if first else None,
-        "published": first.published if first else None,
-        "published_source": first.source if first else None,
+        "published_top1": checked["top1"].published if "top1" in checked else None,
+        "published_real_top1": (checked["real_top1"].published if "real_top1" in checked
+                                else None),
+        "published_source": "; ".join(dict.fromkeys(f.source for f in fidelity or [])) or None,
         "fidelity": None if not fidelity else ("ok" if all(f.ok for f in fidelity)
                                                else "failed"),
         "precision": summary["precision"], "wall_seconds": summary["wall_seconds"],
