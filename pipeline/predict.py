@@ -68,6 +68,10 @@ class PredictOptions:
     topk: int = _opt(5, "top-k indices and probabilities kept per image")
     max_failed_fraction: float = _opt(0.0, "exit non-zero when more than this fraction of "
                                            "samples fail to decode")
+    class_subset: str = _opt("auto", "score over the data's classes only (logits restricted to "
+                                     "them, softmax over those) when they are a strict subset "
+                                     "of the model's: auto does for ImageNet-R/-A shards, as "
+                                     "their published figures are measured", ["auto", "on", "off"])
     real_labels: str = _opt("", "ImageNet-ReaL labels (Beyer et al. 2020) for the ImageNet val "
                                 "images among the data (keys ILSVRC2012_val_NNNNNNNN): a JSON "
                                 "file of 50,000 label lists, or 'builtin' for the shipped "
@@ -88,7 +92,7 @@ class Predictor:
 
     def __init__(self, weights: str, data_classes: list[dict], precision: str = "auto",
                  use_gpu: bool | None = None, topk: int = 5, num_threads: int | None = None,
-                 actors_per_node: int = 1):
+                 actors_per_node: int = 1, restrict: bool = False):
         self.calls = 0
         if num_threads is not None:  # 0: this node's cores, shared among its predictor actors
             torch.set_num_threads(num_threads or cpu_threads(actors_per_node))
@@ -99,7 +103,7 @@ class Predictor:
         self.device = modellib.pick_device(use_gpu)
         self.dtype = modellib.resolve_precision(precision, self.device)
         self.model = net.eval().to(self.device, self.dtype, memory_format=torch.channels_last)
-        self.classes, index = scored_classes(data_classes, model_classes)
+        self.classes, index = scored_classes(data_classes, model_classes, restrict)
         self.output_index = None if index is None else torch.from_numpy(index).to(self.device)
         self.names = np.array([c["name"] for c in self.classes], dtype=object)
         self.label_map = label_map(data_classes, self.classes)
@@ -143,28 +147,33 @@ def cpu_threads(actors_per_node: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, actors_per_node))
 
 
-def scored_classes(data_classes: list[dict], model_classes: list[dict]
+SUBSET_LAYOUTS = ("imagenet-r", "imagenet-a")  # sets published as scored over their classes
+
+
+def scored_classes(data_classes: list[dict], model_classes: list[dict], restrict: bool
                    ) -> tuple[list[dict], np.ndarray | None]:
     """The classes a prediction is made over, and which model outputs they are.
 
-    When the model is an ImageNet-1k model (its classes are the 1000 wnids) and the data's class
-    ids a strict subset of them (ImageNet-R/-A's 200 classes, or any ImageNet class folder), the
-    model is scored over the data's classes only: its
-    logits restricted to them (matched by id, in the data's order), the softmax taken over those,
-    ``pred``/``topk_*`` in the data's class space. This is how the sets' own evaluation code and
-    timm's ``--valid-labels`` score them (Hendrycks et al. 2021, "The Many Faces of Robustness";
-    "Natural Adversarial Examples"). Returns (data_classes, model indices of shape [C_data]);
-    otherwise (model_classes, None): the model's own output space, e.g. for a model fine-tuned
-    on the subset itself, or one with classes the data lacks (its wrong answers stay wrong).
-    ValueError (``label_map``) when the model lacks some of the data's classes."""
-    from pipeline import sources
-
+    With ``restrict`` (``--class-subset``: by default for the ImageNet-R and ImageNet-A layouts)
+    and the data's class ids a strict subset of the model's (their 200 classes under a
+    1000-class ImageNet model), the model is scored over the data's classes only: its logits
+    restricted to them (matched by id, in the data's order), the softmax taken over those,
+    ``pred``/``topk_*`` in the data's class space. This is how those sets' own evaluation code
+    and timm's ``--valid-labels`` score them (Hendrycks et al. 2021, "The Many Faces of
+    Robustness"; "Natural Adversarial Examples"). Returns (data_classes, model indices of shape
+    [C_data]); otherwise (model_classes, None): the model's own output space. ValueError
+    (``label_map``) when the model lacks some of the data's classes."""
     label_map(data_classes, model_classes)
-    imagenet = [c["id"] for c in model_classes] == sources.imagenet_wnids()
-    if imagenet and len(data_classes) < len(model_classes):
+    if restrict and len(data_classes) < len(model_classes):
         index = {c["id"]: c["index"] for c in model_classes}
         return data_classes, np.array([index[c["id"]] for c in data_classes], dtype=np.int64)
     return model_classes, None
+
+
+def restricts(class_subset: str, layout: str) -> bool:
+    """Whether ``--class-subset`` (auto, on, off) restricts scoring to the data's classes for a
+    manifest of ``layout``: auto does for SUBSET_LAYOUTS (ImageNet-R, -A)."""
+    return class_subset == "on" or (class_subset == "auto" and layout in SUBSET_LAYOUTS)
 
 
 def label_map(data_classes: list[dict], model_classes: list[dict]) -> np.ndarray:
@@ -246,7 +255,8 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
                                "precision": opts.precision, "use_gpu": plan.use_gpu,
                                "topk": opts.topk,
                                "num_threads": None if plan.use_gpu else opts.threads,
-                               "actors_per_node": _actors_per_node(plan.actors)})
+                               "actors_per_node": _actors_per_node(plan.actors),
+                               "restrict": restricts(opts.class_subset, manifest.layout)})
     return ds, manifest
 
 
@@ -282,7 +292,8 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     if replaced:
         raise ValueError(f"weights {weights} name other classes than their head holds; "
                          f"predict with a model.pt (it carries its class list)")
-    classes_out, subset = scored_classes(manifest.classes, classes_model)
+    classes_out, subset = scored_classes(manifest.classes, classes_model,
+                                         restricts(opts.class_subset, manifest.layout))
     real = load_real_labels(opts.real_labels) if opts.real_labels else None
     if real is not None and opts.topk < 5:
         raise UsageError(f"--real-labels scores top-5 from the kept top-k: --topk {opts.topk} "

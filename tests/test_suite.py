@@ -146,15 +146,18 @@ def test_subset_scoring_matches_a_plain_torch_loop_over_the_subset_logits(suite,
     assert (logits.argmax(dim=1)[:, None] != subset[None, :]).all(dim=1).any()
 
 
-def test_a_model_with_classes_the_data_lacks_keeps_its_own_output_space():
+def test_only_subset_sets_or_an_explicit_flag_restrict_the_scoring():
     data = [{"index": 0, "id": "a", "name": "a"}, {"index": 1, "id": "b", "name": "b"}]
     model = data + [{"index": 2, "id": "zz", "name": "extra"}]
-    assert predict.scored_classes(data, model) == (model, None)
-    imagenet = sources.make_classes(WNIDS)
-    classes, index = predict.scored_classes(imagenet[10:12], imagenet)
-    assert classes == imagenet[10:12] and index.tolist() == [10, 11]
+    assert predict.scored_classes(data, model, restrict=False) == (model, None)
+    classes, index = predict.scored_classes(data, model, restrict=True)
+    assert classes == data and index.tolist() == [0, 1]
+    assert predict.scored_classes(data, data, restrict=True) == (data, None)
     with pytest.raises(ValueError, match="lack"):
-        predict.scored_classes(data, imagenet)
+        predict.scored_classes(model, data, restrict=True)
+    assert [predict.restricts("auto", layout) for layout in
+            ("imagenet-r", "imagenet-a", "imagenet-v2", "folder")] == [True, True, False, False]
+    assert predict.restricts("on", "folder") and not predict.restricts("off", "imagenet-r")
 
 
 # --- ImageNet-ReaL -------------------------------------------------------------------------------
