@@ -310,6 +310,12 @@ def test_each_run_records_one_row_per_set(suite_runs):
     assert len([f for f in files if f.endswith(".parquet")]) == 9
     # pandas reads the folder as one table, as the docs say
     assert len(pd.read_parquet(nightly.history_dir(suite_runs["history"]))) == 9
+    import duckdb
+
+    glob = os.path.join(nightly.history_dir(suite_runs["history"]), "*.parquet")
+    rows = duckdb.sql(f"select dataset, count(*) from read_parquet('{glob}', union_by_name=true) "
+                      f"group by dataset order by dataset").fetchall()
+    assert rows == [("r", 3), ("v2", 3), ("val", 3)]
     val = t[t["dataset"] == "val"]
     assert (val["real_samples"] == 8).all() and (val["real_top1"] == 100.0).all()
     assert t[t["dataset"] != "val"]["real_top1"].isna().all()
