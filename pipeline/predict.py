@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import data, faults, model as modellib, presets, publish, shards, storage
+from pipeline import lease as leaselib
 from pipeline import failures as failurelib
 from pipeline.errors import PipelineError
 from pipeline.version import code_version
@@ -217,17 +218,20 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
 
 
 def run_prediction(manifest_path: str, weights: str, out: str,
-                   opts: PredictOptions | None = None, **overrides) -> dict:
+                   opts: PredictOptions | None = None, *,
+                   lease_seconds: float = leaselib.DEFAULT_SECONDS, **overrides) -> dict:
     """Predict every image a manifest lists into ``out`` and publish it exactly once
     (``pipeline.publish``); return the published summary (contract 3 in docs/DESIGN.md).
 
     ``opts`` (default ``PredictOptions()``), with ``overrides`` (its field names) applied on
     top. Raises UsageError for a resource plan the cluster cannot give, ValueError/OSError for
     bad weights, manifests or shards (nothing published), FailedSamples after publishing when
-    more than ``max_failed_fraction`` of the samples failed to decode."""
-    import ray
-    from tqdm import tqdm
+    more than ``max_failed_fraction`` of the samples failed to decode.
 
+    Only one run writes into ``out`` at a time: the run holds ``out``'s lease
+    (``pipeline.lease``, period ``lease_seconds``, renewed every third of it) from before it
+    touches ``out`` to its end. Raises LeaseHeld (nothing done) when another live run holds it,
+    LeaseLost (nothing published) when this run's lease was taken over."""
     from pipeline import resources
 
     opts = dataclasses.replace(opts or PredictOptions(), **overrides)
@@ -235,6 +239,19 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     plan = resources.plan_prediction(resources.current_cluster(), opts.actors, opts.use_gpu,
                                      opts.cpus_per_actor, opts.decode_device)
     storage.check_writable(out)
+    run_id = publish.new_run_id()
+    # One publisher per OUT: taken before anything in OUT changes (recover included), renewed
+    # while the run lives, released at the end, also on failure (pipeline/lease.py).
+    with leaselib.Lease(out, run_id, lease_seconds) as lease:
+        return _predict_under_lease(manifest_path, weights, out, opts, plan, lease, run_id,
+                                    started, t0)
+
+
+def _predict_under_lease(manifest_path, weights, out, opts, plan, lease, run_id, started,
+                         t0) -> dict:
+    import ray
+    from tqdm import tqdm
+
     publish.recover(out)
     loaded = modellib.load_weights(weights)  # fail here, not in every actor, on bad weights
     # a model.pt knows the preset it was trained at; --resize-size/--crop-size override it
@@ -252,7 +269,6 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     ds, manifest = prediction_dataset(manifest_path, weights, plan, opts,
                                       resize_size=resize_size, crop_size=crop_size)
     k = min(opts.topk, len(classes_model))
-    run_id = publish.new_run_id()
     meta = {"model_id": loaded.model_id, "weights_sha256": loaded.sha256 or "",
             "data_manifest": manifest_path,
             "data_manifest_sha256": hashlib.sha256(storage.read_bytes(manifest_path)).hexdigest(),
@@ -287,6 +303,7 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     writer.close()
     check_coverage(manifest, manifest_path, seen, len(keys), per_shard)
     faults.point("before_publish")
+    faults.hold("before_publish")  # (tests) a run holding OUT's lease, for a second to meet
     wall = time.monotonic() - t0
     summary = _summarize(staging, classes_model, manifest, meta, failures, wall, started,
                          {"batch_size": opts.batch_size, "actors": opts.actors,
@@ -296,6 +313,7 @@ def run_prediction(manifest_path: str, weights: str, out: str,
                           "startup_seconds": (t_first - t0) if t_first else wall})
     failurelib.write(storage.join(staging, "failures.parquet"), failures)
     storage.write_text_atomic(storage.join(staging, "summary.json"), json.dumps(summary, indent=1))
+    lease.check()  # LeaseLost: another run took OUT over; publish nothing
     publish.publish(staging, out, run_id)
     if len(failures) == manifest.total_samples:  # nothing to score: no metric to report
         raise FailedSamples(f"none of the {manifest.total_samples} samples could be decoded; "

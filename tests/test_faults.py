@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -137,6 +138,53 @@ def test_a_killed_predictor_actor_still_gives_exactly_one_row_per_image(shard_se
     record("predictor actor SIGKILLed at its 3rd batch", "jobs.predict",
            "Ray restarts the actor and retries its batches: exactly one row per image (16 of "
            "16, no duplicate key)")
+
+
+def _normalized(message: str, tmp_path) -> str:
+    """An error line with what changes between runs (ids, host, pid, times, paths) named."""
+    message = message.replace(str(tmp_path) + "/", "")
+    message = re.sub(r"run \d{8}T\d{6}Z-[0-9a-f]{6}", "run RUN_ID", message)
+    message = re.sub(r"host \S+ \(pid \d+\)", "host HOST (pid PID)", message)
+    return re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "TIME", message)
+
+
+def test_two_predictions_into_one_out_give_one_publish_and_one_refusal(shard_set, tmp_path,
+                                                                       ray_local):
+    """The first job is held just before its publish (faults.hold), holding OUT's lease, while a
+    second one starts into the same --out: the second stops at once, the first publishes."""
+    from pipeline import lease
+
+    out, gate = tmp_path / "eval", tmp_path / "go"
+    args = [sys.executable, "-m", "jobs.predict", "--data", str(shard_set / "val.json"),
+            "--weights", "none", "--out", str(out), "--no-progress", "--batch-size", "8"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    first = subprocess.Popen(args, env={**env, faults.HOLD: f"before_publish:{gate}"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        _wait_for((tmp_path / "go.reached").exists, first)
+        holder = lease.read_holder(str(out))
+        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert not (out / "_SUCCESS").exists()  # the second touched nothing
+        gate.touch()
+        first_log = first.communicate(timeout=300)[0]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=60)
+    refusal = second.stderr.strip().splitlines()[-1]
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert holder.pid == first.pid and refusal.startswith("error: ") and (
+        f"is being written by run {holder.run_id} on host {holder.host} (pid {first.pid})"
+        in refusal), refusal
+    assert first.returncode == 0, first_log[-3000:]
+    assert (out / "_SUCCESS").read_text().strip() == holder.run_id  # the first one published
+    df = metrics.read_predictions(str(out))
+    assert len(df) == df["key"].nunique() == 16
+    assert not [p.name for p in out.iterdir() if p.name.startswith(("_LEASE", "_staging"))]
+    record("a second `jobs.predict` into the same --out while the first runs", "jobs.predict",
+           f"exit 1 before touching OUT: {_normalized(refusal, tmp_path)[len('error: '):]}; the "
+           f"first publishes exactly one row per image (16 of 16) and releases its lease")
 
 
 def test_shard_job_killed_after_its_first_shard_gives_the_same_shards_on_rerun(image_tree,

@@ -305,3 +305,39 @@ def test_nightly_eval_twice_against_the_bucket(s3, sharded, trained):
         assert len(_read_predictions(s3, rel)) == 9
         assert {"_SUCCESS", "summary.json", "nightly.json", "report.html"} <= set(s3.keys(rel))
     assert "latest.html" in s3.keys("nightly")
+
+
+# --- the output lease on S3: conditional writes (If-None-Match / If-Match) ---------------------
+
+def test_the_output_lease_on_s3_admits_one_run(s3_env):
+    from pipeline import lease as leaselib
+    from tests.test_lease import _race
+
+    s3 = s3_env
+    out = s3.uri("leased")
+    first = leaselib.Lease(out, "first-run", seconds=30)
+    assert isinstance(first.backend, leaselib._S3Backend)  # not the best-effort fallback
+    with first:
+        assert s3.keys("leased") == ["_LEASE"]
+        with pytest.raises(leaselib.LeaseHeld, match="run first-run on host"):
+            leaselib.Lease(out, "second-run", seconds=30).acquire()
+        # another writer overwrites the lease (a taker after a long pause): noticed, not deleted
+        storage.write_text_atomic(storage.join(out, "_LEASE"), json.dumps(
+            {"run_id": "thief", "host": "h", "pid": 1, "process": "", "started": 0,
+             "expires": time.time() + 60}))
+        with pytest.raises(leaselib.LeaseLost, match="now held by run thief"):
+            first.check()
+    assert leaselib.read_holder(out).run_id == "thief"
+    storage.delete_file(storage.join(out, "_LEASE"))
+    for state in ("empty", "expired"):  # 8 runs at once: the store admits exactly one
+        for round_ in range(4):
+            prefix = f"race-{state}-{round_}"
+            if state == "expired":
+                storage.write_text_atomic(s3.uri(prefix, "_LEASE"), json.dumps(
+                    {"run_id": "crashed", "host": "h", "pid": 1, "process": "", "started": 0,
+                     "expires": time.time() - 5}))
+            winners = _race(s3.uri(prefix))
+            assert len(winners) == 1, (state, round_, [w.run_id for w in winners])
+            assert leaselib.read_holder(s3.uri(prefix)).run_id == winners[0].run_id
+            winners[0].release()
+            assert s3.keys(prefix) == []
