@@ -308,10 +308,14 @@ class _ReadBackBackend:
 
 def _backend(out: str):
     uri = storage.join(out, LEASE_FILE)
-    fs, p = storage.resolve(uri)
-    if storage.is_local(fs):
+    if not storage.is_uri(uri):
+        return _LocalBackend(os.path.abspath(uri))
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(uri)  # the store itself, not storage's (test) wrapper
+    if storage.is_local(fs):  # file://
         return _LocalBackend(p)
-    if type(fs).__name__ == "S3FileSystem":
+    if isinstance(fs, pafs.S3FileSystem):
         try:
             return _S3Backend(fs, p)
         except ImportError:

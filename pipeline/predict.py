@@ -153,31 +153,39 @@ def _actors_per_node(actors: int) -> int:
 
 
 class _PartWriter:
-    """Streams prediction rows into part-NNNNN.parquet files with run metadata."""
+    """Collects prediction rows into part-NNNNN.parquet files with run metadata. Each part is
+    built in memory (at most ~ROWS_PER_FILE rows, tens of MB) and stored in one whole-file
+    write, which ``storage`` retries on an object store: a dropped connection costs a retry,
+    not a half-uploaded stream."""
 
     def __init__(self, folder: str, metadata: dict[str, str]):
         self.folder, self.metadata, self.index, self.writer, self.rows = folder, metadata, 0, None, 0
+        self.buffer = None
         storage.makedirs(folder)
 
     def write(self, table: pa.Table) -> None:
-        """Append ``table`` (``_to_table``'s columns) to the open part file, first opening the next
+        """Append ``table`` (``_to_table``'s columns) to the open part, first opening the next
         ``part-NNNNN.parquet`` with the run metadata in its schema. A part is closed once it
         holds ROWS_PER_FILE (100,000) rows or more, so it may exceed that by up to one table."""
         if self.writer is None:
-            fs, p = storage.resolve(storage.join(self.folder, f"part-{self.index:05d}.parquet"))
             schema = table.schema.with_metadata({k.encode(): v.encode()
                                                  for k, v in self.metadata.items()})
-            self.writer = pq.ParquetWriter(p, schema, filesystem=fs)
+            self.buffer = pa.BufferOutputStream()
+            self.writer = pq.ParquetWriter(self.buffer, schema)
         self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata))
         self.rows += len(table)
         if self.rows >= ROWS_PER_FILE:
             self.close()
 
     def close(self) -> None:
-        """Finish the open part file, if any; the next ``write`` opens a new part."""
+        """Store the open part, if any (OSError when the store keeps failing); the next
+        ``write`` opens a new part."""
         if self.writer is not None:
             self.writer.close()
-            self.writer, self.rows, self.index = None, 0, self.index + 1
+            storage.write_bytes_atomic(
+                storage.join(self.folder, f"part-{self.index:05d}.parquet"),
+                self.buffer.getvalue().to_pybytes())
+            self.writer, self.buffer, self.rows, self.index = None, None, 0, self.index + 1
 
 
 def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
@@ -275,46 +283,53 @@ def _predict_under_lease(manifest_path, weights, out, opts, plan, lease, run_id,
             "preset": json.dumps(preset.to_dict()),
             "precision": "", "code_version": code_version(), "run_id": run_id}
     staging = storage.join(out, f"_staging-{run_id}")
-    writer = _PartWriter(storage.join(staging, "predictions"), meta)
-    keys, failures, t_first, seen, first_n = set(), [], None, 0, 0
-    per_shard, ran = collections.Counter(), set()
-    with tqdm(total=manifest.total_samples, unit="img", desc="predict",
-              disable=not opts.progress) as bar:
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if t_first is None:  # steady state starts once the first batch is out
-                    t_first, first_n = time.monotonic(), len(batch["key"])
-                bad = batch["error"] != ""
-                failures += [{"key": str(key), "shard": str(s), "split": manifest.split,
-                              "error": str(e)} for key, s, e in
-                             zip(batch["key"][bad], batch["shard"][bad], batch["error"][bad])]
-                keys.update(batch["key"].tolist())
-                ran.update(batch["precision"].tolist())
-                # the Parquet metadata (written with the first part) names what the actors ran
-                meta["precision"] = "+".join(sorted(ran))
-                per_shard.update(storage.basename(u) for u in batch["shard"].tolist())
-                good = {c: v[~bad] for c, v in batch.items() if c != "precision"}
-                if len(good["key"]):
-                    writer.write(_to_table(good, k))
-                seen += len(batch["key"])
-                bar.update(len(batch["key"]))
-        except ray.exceptions.RayTaskError as e:
-            raise _read_error(e, manifest_path) from None
-    writer.close()
-    check_coverage(manifest, manifest_path, seen, len(keys), per_shard)
-    faults.point("before_publish")
-    faults.hold("before_publish")  # (tests) a run holding OUT's lease, for a second to meet
-    wall = time.monotonic() - t0
-    summary = _summarize(staging, classes_model, manifest, meta, failures, wall, started,
-                         {"batch_size": opts.batch_size, "actors": opts.actors,
-                          "use_gpu": opts.use_gpu,
-                          "steady_images_per_s": (seen - first_n) / (time.monotonic() - t_first)
-                          if t_first and seen > first_n else 0.0,
-                          "startup_seconds": (t_first - t0) if t_first else wall})
-    failurelib.write(storage.join(staging, "failures.parquet"), failures)
-    storage.write_text_atomic(storage.join(staging, "summary.json"), json.dumps(summary, indent=1))
+    try:
+        writer = _PartWriter(storage.join(staging, "predictions"), meta)
+        keys, failures, t_first, seen, first_n = set(), [], None, 0, 0
+        per_shard, ran = collections.Counter(), set()
+        with tqdm(total=manifest.total_samples, unit="img", desc="predict",
+                  disable=not opts.progress) as bar:
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    if t_first is None:  # steady state starts once the first batch is out
+                        t_first, first_n = time.monotonic(), len(batch["key"])
+                    bad = batch["error"] != ""
+                    failures += [{"key": str(key), "shard": str(s), "split": manifest.split,
+                                  "error": str(e)} for key, s, e in
+                                 zip(batch["key"][bad], batch["shard"][bad],
+                                     batch["error"][bad])]
+                    keys.update(batch["key"].tolist())
+                    ran.update(batch["precision"].tolist())
+                    # the Parquet metadata (written with the first part) names what the
+                    # actors ran
+                    meta["precision"] = "+".join(sorted(ran))
+                    per_shard.update(storage.basename(u) for u in batch["shard"].tolist())
+                    good = {c: v[~bad] for c, v in batch.items() if c != "precision"}
+                    if len(good["key"]):
+                        writer.write(_to_table(good, k))
+                    seen += len(batch["key"])
+                    bar.update(len(batch["key"]))
+            except ray.exceptions.RayTaskError as e:
+                raise _read_error(e, manifest_path) from None
+        writer.close()
+        check_coverage(manifest, manifest_path, seen, len(keys), per_shard)
+        faults.point("before_publish")
+        faults.hold("before_publish")  # (tests) a run holding OUT's lease, for a second to meet
+        wall = time.monotonic() - t0
+        steady = ((seen - first_n) / (time.monotonic() - t_first)
+                  if t_first and seen > first_n else 0.0)
+        summary = _summarize(staging, classes_model, manifest, meta, failures, wall, started,
+                             {"batch_size": opts.batch_size, "actors": opts.actors,
+                              "use_gpu": opts.use_gpu, "steady_images_per_s": steady,
+                              "startup_seconds": (t_first - t0) if t_first else wall})
+        failurelib.write(storage.join(staging, "failures.parquet"), failures)
+        storage.write_text_atomic(storage.join(staging, "summary.json"),
+                                  json.dumps(summary, indent=1))
+    except OSError as e:  # a store that kept failing after storage's retries, a full disk
+        raise PipelineError(f"writing this run's outputs into {staging} failed ({e}): nothing "
+                            f"published; the previous set in {out} is untouched") from e
     lease.check()  # LeaseLost: another run took OUT over; publish nothing
-    publish.publish(staging, out, run_id)
+    publish.publish_or_roll_back(staging, out, run_id)
     if len(failures) == manifest.total_samples:  # nothing to score: no metric to report
         raise FailedSamples(f"none of the {manifest.total_samples} samples could be decoded; "
                             f"see {storage.join(out, 'failures.parquet')}")
@@ -362,7 +377,8 @@ def _summarize(staging, classes, manifest, meta, failures, wall, started, settin
     from pipeline import metrics  # pandas: the driver only, not the predictor actors
 
     fs, p = storage.resolve(storage.join(staging, "predictions"))
-    df = pads.dataset(p, filesystem=fs, format="parquet").to_table().to_pandas()
+    df = storage.retrying(fs, f"reading {p}", lambda: pads.dataset(
+        p, filesystem=fs, format="parquet").to_table().to_pandas())
     summary = metrics.evaluate(df, classes) if len(df) else {"samples": 0}
     summary.update({"failures": len(failures), "manifest_samples": manifest.total_samples,
                     "wall_seconds": wall, "images_per_s": manifest.total_samples / wall,
