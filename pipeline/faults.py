@@ -84,6 +84,7 @@ def disarm() -> None:
 
 
 STORAGE_FAULTS = "RESNET_PIPELINE_STORAGE_FAULTS"
+_FLAKY_STATE: dict = {}
 _FLAKY_OPS = ("get_file_info", "get_file_info_selector", "create_dir", "delete_dir",
               "delete_dir_contents", "delete_file", "move", "copy_file", "open_input_stream",
               "open_input_file", "open_output_stream")
@@ -112,8 +113,11 @@ def _flaky_handler_class():
             self.rate, self.after = float(conf.get("rate", 0.1)), int(conf.get("after", 0))
             self.ops = set(conf["ops"].split("|")) if conf.get("ops") else set(_FLAKY_OPS)
             self.log = conf.get("log")
-            self.rng = random.Random(f"{conf.get('seed', 0)}-{os.getpid()}")
-            self.calls = 0
+            # one draw sequence and call count per process, not per resolved filesystem
+            key = (spec, os.getpid())
+            if key not in _FLAKY_STATE:
+                _FLAKY_STATE[key] = [random.Random(f"{conf.get('seed', 0)}-{os.getpid()}"), 0]
+            self.state = _FLAKY_STATE[key]
 
         def __reduce__(self):
             return (type(self), (self.inner, self.spec))
@@ -121,8 +125,8 @@ def _flaky_handler_class():
         def _maybe_fail(self, op: str, path) -> None:
             if op not in self.ops:
                 return
-            self.calls += 1
-            if self.calls > self.after and self.rng.random() < self.rate:
+            self.state[1] += 1
+            if self.state[1] > self.after and self.state[0].random() < self.rate:
                 line = f"injected storage fault: {op} {path} (pid {os.getpid()})"
                 if self.log:
                     fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

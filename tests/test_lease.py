@@ -165,3 +165,23 @@ def test_of_many_runs_racing_for_one_lease_exactly_one_wins(tmp_path, state):
 def test_a_lease_period_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="positive"):
         Lease(str(tmp_path), "x", seconds=0)
+
+
+def test_the_best_effort_lease_of_stores_without_conditional_writes(tmp_path, monkeypatch):
+    """The read-back fallback (GCS, S3 stores without conditional writes): one holder when runs
+    do not start within the settle time; a refusal naming it; takeover once expired."""
+    monkeypatch.setattr(leaselib, "SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(leaselib, "_backend",
+                        lambda out: leaselib._ReadBackBackend(os.path.join(out, "_LEASE")))
+    out = str(tmp_path / "out")
+    with Lease(out, "first", seconds=30) as first:
+        with pytest.raises(LeaseHeld, match="run first on host"):
+            Lease(out, "second", seconds=30).acquire()
+        first.check()
+    assert leaselib.read_holder(out) is None
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "_LEASE"), "w") as f:
+        json.dump(dict(run_id="old", host="h", pid=1, process="", started=0.0,
+                       expires=time.time() - 1), f)
+    with Lease(out, "taker", seconds=30):
+        assert leaselib.read_holder(out).run_id == "taker"
