@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline import images as imagelib, presets, shards
+from pipeline import faults, images as imagelib, presets, shards
 
 # What counts as bad data, not a bug: recorded per sample, never raised.
 DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError,
@@ -41,6 +41,7 @@ def decode_batch(batch, *, mode: str, num_classes: int, resize_size: int = prese
     near-identical to PIL's, not bit-identical: a throughput option, not the reference path);
     anything it cannot decode, and every image on a machine without a GPU, takes the PIL path.
     """
+    faults.hold("decode_batch")  # (tests) a decode task held on a node that is then lost
     size = crop_size if mode == "eval" else resize_size
     n = len(batch)
     images = np.zeros((n, 3, size, size), dtype=np.uint8)

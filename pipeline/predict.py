@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import data, faults, model as modellib, presets, publish, shards, storage
+from pipeline import lease as leaselib
 from pipeline import failures as failurelib
 from pipeline.errors import PipelineError, UsageError
 from pipeline.version import code_version
@@ -195,31 +196,39 @@ def _actors_per_node(actors: int) -> int:
 
 
 class _PartWriter:
-    """Streams prediction rows into part-NNNNN.parquet files with run metadata."""
+    """Collects prediction rows into part-NNNNN.parquet files with run metadata. Each part is
+    built in memory (at most ~ROWS_PER_FILE rows, tens of MB) and stored in one whole-file
+    write, which ``storage`` retries on an object store: a dropped connection costs a retry,
+    not a half-uploaded stream."""
 
     def __init__(self, folder: str, metadata: dict[str, str]):
         self.folder, self.metadata, self.index, self.writer, self.rows = folder, metadata, 0, None, 0
+        self.buffer = None
         storage.makedirs(folder)
 
     def write(self, table: pa.Table) -> None:
-        """Append ``table`` (``_to_table``'s columns) to the open part file, first opening the next
+        """Append ``table`` (``_to_table``'s columns) to the open part, first opening the next
         ``part-NNNNN.parquet`` with the run metadata in its schema. A part is closed once it
         holds ROWS_PER_FILE (100,000) rows or more, so it may exceed that by up to one table."""
         if self.writer is None:
-            fs, p = storage.resolve(storage.join(self.folder, f"part-{self.index:05d}.parquet"))
             schema = table.schema.with_metadata({k.encode(): v.encode()
                                                  for k, v in self.metadata.items()})
-            self.writer = pq.ParquetWriter(p, schema, filesystem=fs)
+            self.buffer = pa.BufferOutputStream()
+            self.writer = pq.ParquetWriter(self.buffer, schema)
         self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata))
         self.rows += len(table)
         if self.rows >= ROWS_PER_FILE:
             self.close()
 
     def close(self) -> None:
-        """Finish the open part file, if any; the next ``write`` opens a new part."""
+        """Store the open part, if any (OSError when the store keeps failing); the next
+        ``write`` opens a new part."""
         if self.writer is not None:
             self.writer.close()
-            self.writer, self.rows, self.index = None, 0, self.index + 1
+            storage.write_bytes_atomic(
+                storage.join(self.folder, f"part-{self.index:05d}.parquet"),
+                self.buffer.getvalue().to_pybytes())
+            self.writer, self.buffer, self.rows, self.index = None, None, 0, self.index + 1
 
 
 def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
@@ -261,17 +270,20 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
 
 
 def run_prediction(manifest_path: str, weights: str, out: str,
-                   opts: PredictOptions | None = None, **overrides) -> dict:
+                   opts: PredictOptions | None = None, *,
+                   lease_seconds: float = leaselib.DEFAULT_SECONDS, **overrides) -> dict:
     """Predict every image a manifest lists into ``out`` and publish it exactly once
     (``pipeline.publish``); return the published summary (contract 3 in docs/DESIGN.md).
 
     ``opts`` (default ``PredictOptions()``), with ``overrides`` (its field names) applied on
     top. Raises UsageError for a resource plan the cluster cannot give, ValueError/OSError for
     bad weights, manifests or shards (nothing published), FailedSamples after publishing when
-    more than ``max_failed_fraction`` of the samples failed to decode."""
-    import ray
-    from tqdm import tqdm
+    more than ``max_failed_fraction`` of the samples failed to decode.
 
+    Only one run writes into ``out`` at a time: the run holds ``out``'s lease
+    (``pipeline.lease``, period ``lease_seconds``, renewed every third of it) from before it
+    touches ``out`` to its end. Raises LeaseHeld (nothing done) when another live run holds it,
+    LeaseLost (nothing published) when this run's lease was taken over."""
     from pipeline import resources
 
     opts = dataclasses.replace(opts or PredictOptions(), **overrides)
@@ -279,6 +291,19 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     plan = resources.plan_prediction(resources.current_cluster(), opts.actors, opts.use_gpu,
                                      opts.cpus_per_actor, opts.decode_device)
     storage.check_writable(out)
+    run_id = publish.new_run_id()
+    # One publisher per OUT: taken before anything in OUT changes (recover included), renewed
+    # while the run lives, released at the end, also on failure (pipeline/lease.py).
+    with leaselib.Lease(out, run_id, lease_seconds) as lease:
+        return _predict_under_lease(manifest_path, weights, out, opts, plan, lease, run_id,
+                                    started, t0)
+
+
+def _predict_under_lease(manifest_path, weights, out, opts, plan, lease, run_id, started,
+                         t0) -> dict:
+    import ray
+    from tqdm import tqdm
+
     publish.recover(out)
     loaded = modellib.load_weights(weights)  # fail here, not in every actor, on bad weights
     # a model.pt knows the preset it was trained at; --resize-size/--crop-size override it
@@ -301,55 +326,63 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     ds, manifest = prediction_dataset(manifest_path, weights, plan, opts,
                                       resize_size=resize_size, crop_size=crop_size)
     k = min(opts.topk, len(classes_out))
-    run_id = publish.new_run_id()
     meta = {"model_id": loaded.model_id, "weights_sha256": loaded.sha256 or "",
             "data_manifest": manifest_path,
             "data_manifest_sha256": hashlib.sha256(storage.read_bytes(manifest_path)).hexdigest(),
             "preset": json.dumps(preset.to_dict()),
             "precision": "", "code_version": code_version(), "run_id": run_id}
     staging = storage.join(out, f"_staging-{run_id}")
-    writer = _PartWriter(storage.join(staging, "predictions"), meta)
-    keys, failures, t_first, seen, first_n = set(), [], None, 0, 0
-    per_shard, ran = collections.Counter(), set()
-    with tqdm(total=manifest.total_samples, unit="img", desc="predict",
-              disable=not opts.progress) as bar:
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if t_first is None:  # steady state starts once the first batch is out
-                    t_first, first_n = time.monotonic(), len(batch["key"])
-                bad = batch["error"] != ""
-                failures += [{"key": str(key), "shard": str(s), "split": manifest.split,
-                              "error": str(e)} for key, s, e in
-                             zip(batch["key"][bad], batch["shard"][bad], batch["error"][bad])]
-                keys.update(batch["key"].tolist())
-                ran.update(batch["precision"].tolist())
-                # the Parquet metadata (written with the first part) names what the actors ran
-                meta["precision"] = "+".join(sorted(ran))
-                per_shard.update(storage.basename(u) for u in batch["shard"].tolist())
-                good = {c: v[~bad] for c, v in batch.items() if c != "precision"}
-                if len(good["key"]):
-                    writer.write(_to_table(good, k))
-                seen += len(batch["key"])
-                bar.update(len(batch["key"]))
-        except ray.exceptions.RayTaskError as e:
-            raise _read_error(e, manifest_path) from None
-    writer.close()
-    check_coverage(manifest, manifest_path, seen, len(keys), per_shard)
-    faults.point("before_publish")
-    wall = time.monotonic() - t0
-    summary = _summarize(staging, classes_out, manifest, meta, failures, wall, started,
-                         {"batch_size": opts.batch_size, "actors": opts.actors,
-                          "use_gpu": opts.use_gpu,
-                          "steady_images_per_s": (seen - first_n) / (time.monotonic() - t_first)
-                          if t_first and seen > first_n else 0.0,
-                          "startup_seconds": (t_first - t0) if t_first else wall,
-                          "model_classes": len(classes_model),
-                          "scored_over": "data classes" if subset is not None else "model "
-                                                                                 "classes"},
-                         real, opts.real_labels)
-    failurelib.write(storage.join(staging, "failures.parquet"), failures)
-    storage.write_text_atomic(storage.join(staging, "summary.json"), json.dumps(summary, indent=1))
-    publish.publish(staging, out, run_id)
+    try:
+        writer = _PartWriter(storage.join(staging, "predictions"), meta)
+        keys, failures, t_first, seen, first_n = set(), [], None, 0, 0
+        per_shard, ran = collections.Counter(), set()
+        with tqdm(total=manifest.total_samples, unit="img", desc="predict",
+                  disable=not opts.progress) as bar:
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    if t_first is None:  # steady state starts once the first batch is out
+                        t_first, first_n = time.monotonic(), len(batch["key"])
+                    bad = batch["error"] != ""
+                    failures += [{"key": str(key), "shard": str(s), "split": manifest.split,
+                                  "error": str(e)} for key, s, e in
+                                 zip(batch["key"][bad], batch["shard"][bad],
+                                     batch["error"][bad])]
+                    keys.update(batch["key"].tolist())
+                    ran.update(batch["precision"].tolist())
+                    # the Parquet metadata (written with the first part) names what the
+                    # actors ran
+                    meta["precision"] = "+".join(sorted(ran))
+                    per_shard.update(storage.basename(u) for u in batch["shard"].tolist())
+                    good = {c: v[~bad] for c, v in batch.items() if c != "precision"}
+                    if len(good["key"]):
+                        writer.write(_to_table(good, k))
+                    seen += len(batch["key"])
+                    bar.update(len(batch["key"]))
+            except ray.exceptions.RayTaskError as e:
+                raise _read_error(e, manifest_path) from None
+        writer.close()
+        check_coverage(manifest, manifest_path, seen, len(keys), per_shard)
+        faults.point("before_publish")
+        faults.hold("before_publish")  # (tests) a run holding OUT's lease, for a second to meet
+        wall = time.monotonic() - t0
+        steady = ((seen - first_n) / (time.monotonic() - t_first)
+                  if t_first and seen > first_n else 0.0)
+        summary = _summarize(staging, classes_out, manifest, meta, failures, wall, started,
+                             {"batch_size": opts.batch_size, "actors": opts.actors,
+                              "use_gpu": opts.use_gpu, "steady_images_per_s": steady,
+                              "startup_seconds": (t_first - t0) if t_first else wall,
+                              "model_classes": len(classes_model),
+                              "scored_over": "data classes" if subset is not None
+                              else "model classes"},
+                             real, opts.real_labels)
+        failurelib.write(storage.join(staging, "failures.parquet"), failures)
+        storage.write_text_atomic(storage.join(staging, "summary.json"),
+                                  json.dumps(summary, indent=1))
+    except OSError as e:  # a store that kept failing after storage's retries, a full disk
+        raise PipelineError(f"writing this run's outputs into {staging} failed ({e}): nothing "
+                            f"published; the previous set in {out} is untouched") from e
+    lease.check()  # LeaseLost: another run took OUT over; publish nothing
+    publish.publish_or_roll_back(staging, out, run_id)
     if len(failures) == manifest.total_samples:  # nothing to score: no metric to report
         raise FailedSamples(f"none of the {manifest.total_samples} samples could be decoded; "
                             f"see {storage.join(out, 'failures.parquet')}")
@@ -426,7 +459,8 @@ def _summarize(staging, classes, manifest, meta, failures, wall, started, settin
     from pipeline import metrics  # pandas: the driver only, not the predictor actors
 
     fs, p = storage.resolve(storage.join(staging, "predictions"))
-    df = pads.dataset(p, filesystem=fs, format="parquet").to_table().to_pandas()
+    df = storage.retrying(fs, f"reading {p}", lambda: pads.dataset(
+        p, filesystem=fs, format="parquet").to_table().to_pandas())
     summary = metrics.evaluate(df, classes) if len(df) else {"samples": 0}
     if real is not None:
         summary.update(metrics.real_accuracy(df, classes, real), real_labels=real_source)

@@ -20,6 +20,7 @@ import time
 import uuid
 
 from pipeline import faults, storage
+from pipeline.errors import PipelineError
 
 ITEMS = ("predictions", "failures.parquet", "summary.json")
 
@@ -37,11 +38,12 @@ def _remove_stale_staging(out: str) -> None:
     import pyarrow.fs as pafs
 
     fs, p = storage.resolve(out)
-    if fs.get_file_info(p).type != pafs.FileType.Directory and storage.is_local(fs):
+    if storage.is_local(fs) and not storage.is_dir(out):
         return
-    for info in fs.get_file_info(pafs.FileSelector(p, allow_not_found=True)):
+    for info in storage.retrying(fs, f"listing {p}", fs.get_file_info,
+                                 pafs.FileSelector(p, allow_not_found=True)):
         if storage.basename(info.path).startswith("_staging-"):
-            fs.delete_dir(info.path)
+            storage.delete_dir(storage.join(out, storage.basename(info.path)))
 
 
 def recover(out: str) -> None:
@@ -105,3 +107,27 @@ def publish(staging: str, out: str, run_id: str) -> None:
     storage.write_text_atomic(storage.join(out, "_SUCCESS"), run_id + "\n")  # the switch
     storage.delete_dir(prev)
     storage.delete_dir(staging)
+
+
+def publish_or_roll_back(staging: str, out: str, run_id: str) -> None:
+    """``publish``, and when a storage error stops it part-way (after ``storage``'s retries),
+    ``recover`` at once: the previous set goes back in place, or, when only the clean-up after
+    the switch had failed, the new set stays. Raises PipelineError saying which, and, when the
+    roll-back fails too, that OUT has no _SUCCESS (readers do not trust it) until the next run
+    into OUT restores the previous set first."""
+    try:
+        publish(staging, out, run_id)
+        return
+    except OSError as e:
+        error = e
+    try:
+        recover(out)
+    except OSError as e:
+        raise PipelineError(f"publishing into {out} failed ({error}), and rolling it back failed "
+                            f"too ({e}): {out} has no _SUCCESS, so no reader trusts it; the next "
+                            f"run into {out} restores the previous set first") from error
+    success = storage.join(out, "_SUCCESS")
+    if storage.exists(success) and storage.read_text(success).strip() == run_id:
+        return  # only the clean-up after the switch had failed; recover finished it
+    raise PipelineError(f"publishing into {out} failed ({error}); rolled back: the previous set "
+                        f"is whole in {out}, nothing of run {run_id} was published") from error

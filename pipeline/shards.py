@@ -261,7 +261,7 @@ def build_shard(root: str, members: list[Member], class_index: dict[str, int],
             info = inspect_image(data, max_pixels, check)
         except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
             # Only what a retry cannot fix is skipped; a transient I/O error (an object
-            # store timing out) raises, and Ray retries the whole shard.
+            # store timing out) is retried by storage, then raises and fails the job.
             skipped.append({"path": m.path, "reason": f"unreadable: {e}"})
             continue
         except BadImage as e:

@@ -139,7 +139,8 @@ def _top_level(root: str) -> list[tuple[str, str]]:
     import pyarrow.fs as pafs
 
     fs, p = storage.resolve(root)
-    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    infos = storage.retrying(fs, f"listing {p}", fs.get_file_info,
+                             pafs.FileSelector(p, recursive=False))
     return sorted(
         (storage.basename(i.path), "dir" if i.type == pafs.FileType.Directory else "file")
         for i in infos

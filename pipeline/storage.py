@@ -9,6 +9,13 @@ Object stores (S3, GCS) have no folders: a "folder" is a key prefix. It exists w
 lies under it (or pyarrow's empty ``name/`` marker from ``makedirs``), and moving one is a
 copy of every object, then a delete: not atomic. ``move_tree`` says which it did.
 
+Every call to an object store is retried (``RETRY_DELAYS``, about 8 s in all) when it fails
+with an OSError that may be transient (a reset connection, a 5xx, a timeout) and that is safe to
+repeat: reads, listings, whole-object PUTs, server-side copies and deletes are all idempotent.
+Errors that a retry cannot fix (missing file, access denied, no such bucket) are raised at
+once. A local disk is never retried. pyarrow's own S3 client retries some AWS errors first;
+this layer also covers the ones it gives up on.
+
 Credentials and the endpoint come from the standard environment only (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``/``AWS_REGION``,
 ``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3`` for an S3-compatible store, or the usual
@@ -20,13 +27,46 @@ like Ray Data's and Ray Train's, is resolved with ``from_uri``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import stat
+import time
 import uuid
 from typing import Iterator
 
 import pyarrow.fs as pafs
+
+from pipeline import faults
+
+log = logging.getLogger(__name__)
+
+# Seconds between the attempts of an object-store call that failed with a transient error.
+RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+              NotADirectoryError)
+_PERMANENT_TEXT = ("ACCESS_DENIED", "AccessDenied", "NoSuchBucket", "not found",
+                   "does not exist", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                   "Not a directory", "is a directory")
+
+
+def retrying(fs: pafs.FileSystem, what: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, repeated after RETRY_DELAYS when ``fs`` is an object store and
+    it raises an OSError that may be transient; ``what`` names the call in the warning logged
+    for each retry. ``fn`` must be safe to repeat. Raises the last error when all attempts
+    fail, and permanent errors (missing file, access denied, ...) at once."""
+    if is_local(fs):
+        return fn(*args, **kwargs)
+    for delay in RETRY_DELAYS + (None,):
+        try:
+            return fn(*args, **kwargs)
+        except _PERMANENT:
+            raise
+        except OSError as e:
+            if delay is None or any(t in str(e) for t in _PERMANENT_TEXT):
+                raise
+            log.warning("storage: %s failed (%s); retrying in %g s", what, e, delay)
+            time.sleep(delay)
 
 
 def is_uri(path: str) -> bool:
@@ -38,7 +78,8 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """Return (filesystem, path inside it) for a local path or a URI."""
     path = str(path)
     if is_uri(path):
-        return pafs.FileSystem.from_uri(path)  # reads AWS_ENDPOINT_URL: see the module doc
+        fs, p = pafs.FileSystem.from_uri(path)  # reads AWS_ENDPOINT_URL: see the module doc
+        return faults.storage_filesystem(fs), p  # (tests) a flaky store, where armed
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
@@ -74,21 +115,29 @@ def basename(path: str) -> str:
 def exists(path: str) -> bool:
     """Whether a file or folder is at ``path`` (object store: an object, or a prefix with one)."""
     fs, p = resolve(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
+    return _info(fs, p).type != pafs.FileType.NotFound
+
+
+def _info(fs: pafs.FileSystem, p: str):
+    return retrying(fs, f"looking up {p}", fs.get_file_info, p)
+
+
+def _listing(fs: pafs.FileSystem, selector: pafs.FileSelector) -> list:
+    return retrying(fs, f"listing {selector.base_dir}", fs.get_file_info, selector)
 
 
 def is_dir(path: str) -> bool:
     """Whether ``path`` is a folder (on an object store: a prefix with objects or a ``makedirs``
     marker); False when nothing is there."""
     fs, p = resolve(path)
-    return fs.get_file_info(p).type == pafs.FileType.Directory
+    return _info(fs, p).type == pafs.FileType.Directory
 
 
 def size(path: str) -> int | None:
     """The size of the file at ``path`` in bytes; FileNotFoundError when nothing is there. A folder
     gives None (pyarrow has no size for it)."""
     fs, p = resolve(path)
-    info = fs.get_file_info(p)
+    info = _info(fs, p)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(path)
     return info.size
@@ -98,15 +147,18 @@ def makedirs(path: str) -> None:
     """Create the folder ``path`` and its parents; nothing to do when it exists (object stores get
     pyarrow's empty marker objects). OSError (FileExistsError, ...) when a file is in the way."""
     fs, p = resolve(path)
-    fs.create_dir(p, recursive=True)
+    retrying(fs, f"creating {p}", fs.create_dir, p, recursive=True)
 
 
 def read_bytes(path: str) -> bytes:
     """The whole file at ``path`` as bytes; FileNotFoundError when it is missing, OSError when it is
     a folder or cannot be read."""
     fs, p = resolve(path)
-    with fs.open_input_stream(p) as f:
-        return f.read()
+
+    def read() -> bytes:
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    return retrying(fs, f"reading {p}", read)
 
 
 def read_text(path: str) -> str:
@@ -131,8 +183,10 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         # One PUT (a multipart upload for big data): the object appears whole when the upload
         # completes, never in part. No parent "folders" to create: a key needs none, and
         # creating pyarrow's markers would cost requests per level on every write.
-        with fs.open_output_stream(p) as f:
-            f.write(data)
+        def put() -> None:
+            with fs.open_output_stream(p) as f:
+                f.write(data)
+        retrying(fs, f"writing {p}", put)  # a PUT of the whole object: safe to repeat
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -144,8 +198,15 @@ def delete_dir(path: str) -> None:
     """Delete the folder ``path`` and everything under it; nothing when it does not exist. OSError
     when ``path`` is a file."""
     fs, p = resolve(path)
-    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+    if _info(fs, p).type != pafs.FileType.NotFound:
+        retrying(fs, f"deleting {p}", _delete_dir_if_there, fs, p)
+
+
+def _delete_dir_if_there(fs: pafs.FileSystem, p: str) -> None:
+    try:
         fs.delete_dir(p)
+    except FileNotFoundError:  # a retry after an attempt that had deleted it all
+        pass
 
 
 def move_tree(src: str, dst: str) -> str:
@@ -163,23 +224,32 @@ def move_tree(src: str, dst: str) -> str:
     dst_fs, d = resolve(dst)
     if type(dst_fs) is not type(fs):
         raise ValueError(f"cannot move {src} to {dst}: not on the same filesystem")
-    info = fs.get_file_info(s)
+    info = _info(fs, s)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"cannot move {src}: it does not exist")
     if is_local(fs):
         _move_local(s, d)
         return "rename"
     if info.type == pafs.FileType.File:
-        fs.copy_file(s, d)
-        fs.delete_file(s)
+        retrying(fs, f"copying {s}", fs.copy_file, s, d)
+        retrying(fs, f"deleting {s}", _delete_file_if_there, fs, s)
         return "copy"
-    fs.create_dir(d, recursive=True)  # an empty source folder still arrives as a folder
+    retrying(fs, f"creating {d}", fs.create_dir, d, recursive=True)  # an empty folder too
     prefix = s.rstrip("/") + "/"
-    for entry in fs.get_file_info(pafs.FileSelector(s, recursive=True)):
+    for entry in _listing(fs, pafs.FileSelector(s, recursive=True)):
         if entry.type == pafs.FileType.File and entry.path.startswith(prefix):
-            fs.copy_file(entry.path, posixpath.join(d, entry.path[len(prefix):]))
-    fs.delete_dir(s)  # batched deletes of every object under the prefix, after all copies
+            target = posixpath.join(d, entry.path[len(prefix):])
+            retrying(fs, f"copying {entry.path}", fs.copy_file, entry.path, target)
+    # batched deletes of every object under the prefix, after all copies
+    retrying(fs, f"deleting {s}", _delete_dir_if_there, fs, s)
     return "copy"
+
+
+def _delete_file_if_there(fs: pafs.FileSystem, p: str) -> None:
+    try:
+        fs.delete_file(p)
+    except FileNotFoundError:  # a retry after an attempt that had deleted it
+        pass
 
 
 def _move_local(src: str, dst: str) -> None:
@@ -198,8 +268,8 @@ def delete_file(path: str) -> None:
     """Delete the file ``path``; nothing when it does not exist. OSError (IsADirectoryError on local
     disk) when ``path`` is a folder."""
     fs, p = resolve(path)
-    if fs.get_file_info(p).type != pafs.FileType.NotFound:
-        fs.delete_file(p)
+    if _info(fs, p).type != pafs.FileType.NotFound:
+        retrying(fs, f"deleting {p}", _delete_file_if_there, fs, p)
 
 
 def list_files(root: str) -> Iterator[tuple[str, int]]:
@@ -220,7 +290,7 @@ def list_tree(root: str) -> tuple[list[tuple[str, int]], list[dict]]:
         selector = pafs.FileSelector(p, recursive=True)
         prefix = p.rstrip("/") + "/"
         return [(i.path[len(prefix):] if i.path.startswith(prefix) else i.path, i.size)
-                for i in fs.get_file_info(selector) if i.type == pafs.FileType.File], []
+                for i in _listing(fs, selector) if i.type == pafs.FileType.File], []
     files, problems = [], []
 
     def rel(path: str) -> str:
@@ -258,7 +328,7 @@ def list_tree(root: str) -> tuple[list[tuple[str, int]], list[dict]]:
 def list_dir_files(root: str) -> list[str]:
     """The names of the files directly under ``root``."""
     fs, p = resolve(root)
-    return [basename(i.path) for i in fs.get_file_info(pafs.FileSelector(p))
+    return [basename(i.path) for i in _listing(fs, pafs.FileSelector(p))
             if i.type == pafs.FileType.File]
 
 
@@ -267,7 +337,7 @@ def list_dirs(root: str) -> list[str]:
     fs, p = resolve(root)
     if is_local(fs):
         return sorted(e.name for e in os.scandir(p) if e.is_dir())  # is_dir follows links
-    return sorted(basename(i.path) for i in fs.get_file_info(pafs.FileSelector(p))
+    return sorted(basename(i.path) for i in _listing(fs, pafs.FileSelector(p))
                   if i.type == pafs.FileType.Directory)
 
 
@@ -275,14 +345,17 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     """The SHA-256 hex digest of the file at ``path``, streamed in blocks of ``chunk`` bytes (by
     default 4 MiB); FileNotFoundError when it is missing."""
     fs, p = resolve(path)
-    h = hashlib.sha256()
-    with fs.open_input_stream(p) as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
+
+    def digest() -> str:  # a retry reads the whole object again
+        h = hashlib.sha256()
+        with fs.open_input_stream(p) as f:
+            while True:
+                block = f.read(chunk)
+                if not block:
+                    break
+                h.update(block)
+        return h.hexdigest()
+    return retrying(fs, f"reading {p}", digest)
 
 
 def check_writable(path: str) -> None:

@@ -158,6 +158,7 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
     worker's failed samples as [{"key", "shard", "split", "error"}])."""
     # drop_last: a 1-image tail batch breaks BatchNorm in train mode; every worker holds the same
     # number of rows (equal split), so all drop the same tail and DDP stays in lockstep.
+    faults.hold(f"train_epoch_{epoch}")  # (tests) a worker held on a node that is then lost
     net.train()
     set_backbone_frozen(model, epoch < cfg.freeze_epochs)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")

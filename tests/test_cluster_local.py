@@ -176,10 +176,12 @@ class Cluster:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    def start_node(self, name: str, args: list[str]) -> None:
+    def start_node(self, name: str, args: list[str], extra_env: dict | None = None) -> None:
+        """``ray start --block`` a node; ``extra_env`` reaches that node's processes only."""
         log = Path(self.temp_dir) / f"{name}.log"
         with open(log, "wb") as f:
-            p = subprocess.Popen([str(RAY), "start", "--block", *args], env=self.env, cwd=ROOT,
+            p = subprocess.Popen([str(RAY), "start", "--block", *args],
+                                 env={**self.env, **(extra_env or {})}, cwd=ROOT,
                                  stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True)
         self.procs.append((name, p, log))
@@ -195,6 +197,16 @@ class Cluster:
             text = log.read_text(errors="replace") if log.exists() else ""
             out.append(f"--- {name} ({log}) ---\n{text[-3000:]}")
         return "\n".join(out)
+
+    def kill_node(self, name: str) -> int:
+        """SIGKILL a node as a machine loss would: its `ray start`, raylet, object store, Ray
+        workers and agents (every descendant of its `ray start --block`); return how many."""
+        proc = next(p for n, p, _ in self.procs if n == name)
+        victims = _descendants([proc.pid])
+        for pid, st in victims.items():
+            _kill_if_same(pid, st, signal.SIGKILL)
+        proc.wait(timeout=30)
+        return len(victims)
 
     def nodes(self) -> list[dict]:
         proc = self.ray("list", "nodes", "--address", self.dashboard, "--format", "json",
@@ -229,8 +241,10 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(tmp_path: Path):
-    """Head + worker node, token auth on; stopped (ours only) on exit, whatever happened."""
+def running_cluster(tmp_path: Path, head_cpus: int = 1, worker_cpus: int = 1,
+                    worker_env: dict | None = None):
+    """Head + worker node, token auth on; stopped (ours only) on exit, whatever happened.
+    ``worker_env`` goes to the worker node's processes only (e.g. a fault armed there)."""
     from ray._private.utils import get_ray_client_dependency_error
 
     # Short path: Ray's unix sockets live under it (108-byte limit); unique, so ours only.
@@ -253,21 +267,22 @@ def running_cluster(tmp_path: Path):
     env.pop("VIRTUAL_ENV", None)
     c = Cluster(tag=tag, temp_dir=temp_dir, env=env, token=token, gcs_port=free_port(),
                 dashboard_port=free_port())
-    common = ["--num-cpus=1", f"--temp-dir={temp_dir}",
+    common = [f"--temp-dir={temp_dir}",
               "--object-store-memory=200000000", "--min-worker-port=0", "--max-worker-port=0",
               "--disable-usage-stats"]
     try:
         head = ["--head", f"--node-ip-address={HEAD_IP}", f"--port={c.gcs_port}",
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={c.dashboard_port}",
-                f"--dashboard-agent-listen-port={free_port()}", *common]
+                f"--dashboard-agent-listen-port={free_port()}", f"--num-cpus={head_cpus}",
+                *common]
         if get_ray_client_dependency_error() is None:  # else no client server is started
             head.append(f"--ray-client-server-port={free_port()}")  # not the default 10001
         c.start_node("head", head)
         c.start_node("worker", [
             f"--address={HEAD_IP}:{c.gcs_port}", f"--node-ip-address={WORKER_IP}",
-            '--resources={"node_b": 1}',
-            f"--dashboard-agent-listen-port={free_port()}", *common])
+            '--resources={"node_b": 1}', f"--num-cpus={worker_cpus}",
+            f"--dashboard-agent-listen-port={free_port()}", *common], extra_env=worker_env)
         deadline = time.monotonic() + 120
         while True:  # the dashboard answers and both nodes are registered
             try:

@@ -143,3 +143,73 @@ def test_publish_crashed_at_every_step_on_local_disk_is_rolled_back(tmp_path, mo
     old, new = _crash_every_step(str(tmp_path / "crash"), monkeypatch, local=True,
                                  nested=lambda n: True)
     assert old > 5 and new >= 2
+
+
+class FailingFS(CrashingFS):
+    """CrashingFS that fails the state changes numbered in ``window`` with an OSError (a store
+    that answers 500s for a while), not a crash: the same process goes on."""
+
+    def __init__(self, fs, counter, window):
+        super().__init__(fs, counter)
+        self._window = window
+
+    def _tick(self):
+        self._budget[0] += 1
+        if self._budget[0] - 1 in self._window:
+            raise OSError("injected: connection reset by peer")
+
+
+def _publish_with_failures(tmp_path, monkeypatch, window) -> tuple[str, dict]:
+    """publish_or_roll_back NEW over OLD on an object-store code path (local disk underneath)
+    whose state changes numbered in ``window`` fail; return ("ok" or the error, OUT's files
+    after a later recover with no failures)."""
+    from pipeline.errors import PipelineError
+
+    base = tmp_path / f"w{window.start}-{window.stop}"
+    out, staging = str(base / "out"), str(base / "out" / "_staging-new")
+    for rel, data in OLD.items():
+        storage.write_bytes_atomic(storage.join(out, rel), data)
+    for rel, data in NEW.items():
+        storage.write_bytes_atomic(storage.join(staging, rel), data)
+    counter, real_resolve = [0], storage.resolve
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0,) * 5)  # 6 attempts, no waiting
+    monkeypatch.setattr(storage, "is_local", lambda fs: False)  # copies + deletes, retried
+    monkeypatch.setattr(storage, "resolve",
+                        lambda path: (FailingFS(real_resolve(path)[0], counter, window),
+                                      real_resolve(path)[1]))
+    try:
+        publish.publish_or_roll_back(staging, out, "new")
+        outcome = "ok"
+    except PipelineError as e:
+        outcome = str(e)
+    monkeypatch.undo()
+    publish.recover(out)  # what the next run does first
+    files = {rel: storage.read_bytes(storage.join(out, rel)) for rel, _ in storage.list_files(out)
+             if not rel.startswith("_staging-")}
+    return outcome, files
+
+
+def test_a_failing_store_during_publish_is_retried_or_leaves_a_whole_set(tmp_path, monkeypatch):
+    expect_new = {**NEW, "_SUCCESS": b"new\n"}
+    steps = 0
+    while True:  # a state change that fails once is retried: the publish completes
+        outcome, files = _publish_with_failures(tmp_path, monkeypatch, range(steps, steps + 1))
+        assert outcome == "ok" and files == expect_new, (steps, outcome)
+        if steps > 40:
+            break
+        steps += 1
+    kinds = set()
+    for n in range(0, 30):  # fails 6 times in a row (past the retries) at step n, or forever
+        for window in (range(n, n + 6), range(n, 10 ** 9)):
+            outcome, files = _publish_with_failures(tmp_path, monkeypatch, window)
+            assert files in (OLD, expect_new), (window, outcome, sorted(files))
+            if outcome == "ok":  # only the clean-up after the switch had failed
+                assert files == expect_new, window
+                kinds.add("published")
+            elif "rolled back" in outcome:
+                assert files == OLD and "the previous set is whole" in outcome, outcome
+                kinds.add("rolled back")
+            else:
+                assert "rolling it back failed too" in outcome and "no _SUCCESS" in outcome
+                kinds.add("left for the next run's recover")
+    assert len(kinds) == 3, kinds  # all three outcomes happened

@@ -76,9 +76,11 @@ class S3:
         with self.fs.open_input_stream(f"{BUCKET}/{key}") as f:
             return f.read()
 
-    def job(self, name: str, *args: str, timeout: int = 300, expect: int = 0) -> str:
+    def job(self, name: str, *args: str, timeout: int = 300, expect: int = 0,
+            env: dict | None = None) -> str:
         proc = subprocess.run([sys.executable, "-m", f"jobs.{name}", *args], cwd=ROOT,
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+                              env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout)
         out = proc.stdout + proc.stderr
         assert proc.returncode == expect, f"jobs.{name} {' '.join(args)} -> {proc.returncode}\n" \
                                           f"{out[-4000:]}"
@@ -310,3 +312,96 @@ def test_nightly_eval_twice_against_the_bucket(s3, sharded, trained):
         assert {"_SUCCESS", "summary.json"} <= set(s3.keys(rel))
         assert {"nightly.json", "report.html"} <= set(s3.keys(rel.rsplit("/", 1)[0]))
     assert "latest.html" in s3.keys("nightly")
+
+
+# --- the output lease on S3: conditional writes (If-None-Match / If-Match) ---------------------
+
+def test_the_output_lease_on_s3_admits_one_run(s3_env):
+    from pipeline import lease as leaselib
+    from tests.test_lease import _race
+
+    s3 = s3_env
+    out = s3.uri("leased")
+    first = leaselib.Lease(out, "first-run", seconds=30)
+    assert isinstance(first.backend, leaselib._S3Backend)  # not the best-effort fallback
+    with first:
+        assert s3.keys("leased") == ["_LEASE"]
+        with pytest.raises(leaselib.LeaseHeld, match="run first-run on host"):
+            leaselib.Lease(out, "second-run", seconds=30).acquire()
+        # another writer overwrites the lease (a taker after a long pause): noticed, not deleted
+        storage.write_text_atomic(storage.join(out, "_LEASE"), json.dumps(
+            {"run_id": "thief", "host": "h", "pid": 1, "process": "", "started": 0,
+             "expires": time.time() + 60}))
+        with pytest.raises(leaselib.LeaseLost, match="now held by run thief"):
+            first.check()
+    assert leaselib.read_holder(out).run_id == "thief"
+    storage.delete_file(storage.join(out, "_LEASE"))
+    for state in ("empty", "expired"):  # 8 runs at once: the store admits exactly one
+        for round_ in range(4):
+            prefix = f"race-{state}-{round_}"
+            if state == "expired":
+                storage.write_text_atomic(s3.uri(prefix, "_LEASE"), json.dumps(
+                    {"run_id": "crashed", "host": "h", "pid": 1, "process": "", "started": 0,
+                     "expires": time.time() - 5}))
+            winners = _race(s3.uri(prefix))
+            assert len(winners) == 1, (state, round_, [w.run_id for w in winners])
+            assert leaselib.read_holder(s3.uri(prefix)).run_id == winners[0].run_id
+            winners[0].release()
+            assert s3.keys(prefix) == []
+
+
+# --- an object store that fails a share of its requests (faults.storage_filesystem) ------------
+
+def _faults(log, **kw) -> str:
+    return ",".join([f"{k}={v}" for k, v in kw.items()] + [f"log={log}"])
+
+
+def _published(s3, prefix: str) -> tuple[str, int]:
+    """(the run id in _SUCCESS, rows) of the set published under prefix; checks it is whole:
+    every item there, one row per image, the summary of the same run, no _previous."""
+    run_id = s3.read(f"{prefix}/_SUCCESS").decode().strip()
+    df = _read_predictions(s3, prefix)
+    assert len(df) == df["key"].nunique() == 9
+    assert json.loads(s3.read(f"{prefix}/summary.json"))["run_id"] == run_id
+    assert pq.read_table(io.BytesIO(s3.read(f"{prefix}/failures.parquet"))).num_rows == 0
+    assert not [k for k in s3.keys(prefix) if k.startswith(("_previous", "_LEASE"))]
+    return run_id, len(df)
+
+
+@pytest.mark.timeout(1500)  # three jobs, each starting its own local Ray
+def test_jobs_on_a_store_that_fails_requests_retry_or_keep_the_old_set(s3, sharded, tmp_path,
+                                                                        monkeypatch):
+    from pipeline import faults, publish
+
+    log = tmp_path / "injected.log"
+    # shard: one call in 10 fails (in the driver and in the Ray tasks): retried, same shards
+    flaky = {faults.STORAGE_FAULTS: _faults(log, rate=0.1, seed=1)}
+    s3.job("shard", "--source", s3.uri("raw", "val"), "--split", "val", "--out",
+           s3.uri("flaky-shards"), "--classes-from", s3.uri("shards", "train.json"),
+           "--samples-per-shard", "5", "--no-progress", env=flaky)
+    shard_faults = log.read_text().count("injected storage fault") if log.exists() else 0
+    assert shard_faults > 0  # the faults really happened
+    ours, clean = (json.loads(s3.read(f"{p}/val.json"))["shards"] for p in ("flaky-shards",
+                                                                             "shards"))
+    assert [r["sha256"] for r in ours] == [r["sha256"] for r in clean]
+    # predict with one call in 10 failing: retried, published whole
+    args = ["--data", storage.join(sharded, "val.json"), "--weights", "none", "--out",
+            s3.uri("flaky-eval"), "--batch-size", "8", "--no-progress"]
+    out = s3.job("predict", *args, env=flaky)
+    new_run, _ = _published(s3, "flaky-eval")
+    predict_faults = log.read_text().count("injected storage fault") - shard_faults
+    assert predict_faults > 0 and "retrying in" in out
+    # every copy after the publish's first fails (the store refuses them for good): the old
+    # set is half moved out and cannot be moved back; a clear error, nothing of the run
+    # published, and the next run's recover makes the set before it whole again
+    out = s3.job("predict", *args, expect=1,
+                 env={faults.STORAGE_FAULTS: _faults(log, rate=1.0, ops="copy_file", after=1)})
+    error = out.strip().splitlines()[-1]
+    assert error.startswith(f"error: publishing into {s3.uri('flaky-eval')} failed") and \
+        "rolling it back failed too" in error and "restores the previous set" in error, out[-3000:]
+    assert "_SUCCESS" not in s3.keys("flaky-eval")  # no reader trusts the folder meanwhile
+    for k, v in s3.env.items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    publish.recover(s3.uri("flaky-eval"))  # what the next run into --out does first
+    assert _published(s3, "flaky-eval")[0] == new_run
