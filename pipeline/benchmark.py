@@ -140,13 +140,12 @@ def eval_baseline_rate(root: str, batch_size: int, workers: int, threads: int,
 
 def plain_train_rate(files: list[str], labels: list[int], num_classes: int, crop: int,
                      batch_size: int, dtype: torch.dtype, threads: int, epochs: int = 1) -> float:
-    """Images/s of a single-process loop with the job's settings: PIL decode, the same base
-    resize, the same augmentation, SGD + autocast, channels_last."""
+    """Images/s of a single-process loop with the job's settings: PIL decode, the same
+    RandomResizedCrop + flip (``presets.train_image``), SGD + autocast, channels_last."""
     from PIL import Image
     from torchvision.models import resnet18
 
     torch.set_num_threads(threads)
-    base = presets.resize_for(crop)
     model = resnet18(num_classes=num_classes).to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -155,9 +154,9 @@ def plain_train_rate(files: list[str], labels: list[int], num_classes: int, crop
         order = np.random.default_rng(epoch).permutation(len(files))
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            imgs = torch.from_numpy(np.stack([presets.train_base_image(
-                Image.open(files[j]).convert("RGB"), base) for j in idx]))
-            x = presets.train_augment(imgs, [files[j] for j in idx], 0, epoch, crop)
+            x = torch.from_numpy(np.stack([presets.train_image(
+                Image.open(files[j]).convert("RGB"), crop, key=files[j], seed=0, epoch=epoch)
+                for j in idx]))
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 loss = loss_fn(model(presets.normalize(x)).float(), torch.tensor([labels[j] for j in idx]))
             opt.zero_grad()
