@@ -71,15 +71,57 @@ def tar_seconds(src: str, dest: str) -> float:
     return time.monotonic() - t0
 
 
-def pil_decode_rate(files: list[str]) -> float:
-    """Images/s of a plain PIL decode + eval preset loop in one process (one core)."""
+def pil_decode_rate(files: list[str]) -> tuple[float, float]:
+    """A plain PIL decode + eval preset loop over image files in this thread (one core):
+    (images/s wall, CPU-seconds per image of this thread)."""
     from PIL import Image
 
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.thread_time()
     for f in files:
         with Image.open(f) as img:
             presets.eval_image(img.convert("RGB"))
-    return len(files) / (time.monotonic() - t0)
+    cpu = time.thread_time() - c0
+    return len(files) / (time.monotonic() - t0), cpu / len(files)
+
+
+def raw_batches(manifest_path: str, batch_size: int = 64) -> list[dict]:
+    """A manifest's samples as the decode stage receives them from ``read_webdataset``: dicts of
+    equal-length object arrays (``__key__``, ``__url__``, ``cls``, the image members; None where
+    a sample lacks a member), ``batch_size`` rows each."""
+    from pipeline import shards, storage
+
+    manifest = shards.load_manifest(manifest_path)
+    rows = []
+    for path in manifest.shard_paths:
+        for key, parts in shards.read_tar_samples(storage.read_bytes(path), path):
+            rows.append({"__key__": key, "__url__": path, **parts})
+    names = sorted({k for r in rows for k in r})
+    out = []
+    for i in range(0, len(rows), batch_size):
+        part = rows[i:i + batch_size]
+        batch = {}
+        for name in names:
+            col = np.empty(len(part), dtype=object)
+            col[:] = [r.get(name) for r in part]
+            batch[name] = col
+        out.append(batch)
+    return out
+
+
+def decode_function_cpu(manifest_path: str, num_classes: int, batch_size: int = 64,
+                        repeats: int = 2) -> float:
+    """CPU-seconds per image inside the decode stage's function (``data.decode_batch``, eval
+    mode), called in this thread on the raw batches of a manifest, without Ray: the per-image
+    cost of the stage, apart from what Ray Data adds around it. Best of ``repeats`` passes."""
+    batches = raw_batches(manifest_path, batch_size)
+    n = sum(len(b["__key__"]) for b in batches)
+    best = float("inf")
+    for _ in range(repeats):
+        c0 = time.thread_time()
+        for b in batches:
+            data.decode_batch(b, mode="eval", num_classes=num_classes)
+        best = min(best, (time.thread_time() - c0) / n)
+    return best
 
 
 def stream_seconds(manifest: str, batch_size: int = 64) -> float:
@@ -97,22 +139,40 @@ def differential_rate(n_small: int, t_small: float, n_big: int, t_big: float) ->
     return (n_big - n_small) / max(t_big - t_small, 1e-9)
 
 
+CEILING_REPEATS = 5
+
+
 def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int,
-                      num_classes: int = 1000) -> float:
-    """Images/s of the model alone on pre-decoded 224x224 uint8 tensors, as the predictor runs it."""
+                      num_classes: int = 1000, repeats: int = CEILING_REPEATS,
+                      warmup: int = 3) -> float:
+    """Images/s of the model alone on pre-decoded uint8 3x224x224 batches, as the predictor
+    runs it (same dtype, channels_last, threads, batch, normalize, softmax, top-5): the best of
+    ``repeats`` timed passes of at least ``n`` images each, after ``warmup`` untimed batches
+    (oneDNN picks its kernels on the first calls). A ceiling: the fastest this model runs here."""
     from torchvision.models import resnet18
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, not {repeats}")
     torch.set_num_threads(threads)
+    torch.manual_seed(0)
     model = resnet18(num_classes=num_classes).eval().to(dtype=dtype,
                                                          memory_format=torch.channels_last)
     x = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
+
+    def step():
+        model(presets.normalize(x, dtype)).float().softmax(1).topk(min(5, num_classes))
+
+    best = 0.0
     with torch.inference_mode():
-        model(presets.normalize(x, dtype))  # warm-up: oneDNN picks its kernels here
-        t0, done = time.monotonic(), 0
-        while done < n:
-            model(presets.normalize(x, dtype)).float().softmax(1).topk(5)
-            done += batch_size
-    return done / (time.monotonic() - t0)
+        for _ in range(warmup):
+            step()
+        for _ in range(repeats):
+            t0, done = time.monotonic(), 0
+            while done < n:
+                step()
+                done += batch_size
+            best = max(best, done / (time.monotonic() - t0))
+    return best
 
 
 def eval_baseline_rate(root: str, batch_size: int, workers: int, threads: int,
