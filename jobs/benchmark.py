@@ -182,15 +182,20 @@ def _bench_shard_and_decode(work, small, big, n, r, rows) -> tuple[str, str]:
     cores = min(int(ray.cluster_resources().get("CPU", os.cpu_count())),
                 len(shards.load_manifest(manifest4)["shards"]))
     bench.stream_seconds(manifest)  # warm-up: Ray starts its data workers on the first pass
-    stream = bench.differential_rate(n, bench.stream_seconds(manifest), 4 * n,
-                                     bench.stream_seconds(manifest4))
+    (wall_n, cpu_n), (wall_4n, cpu_4n) = bench.stream_seconds(manifest), \
+        bench.stream_seconds(manifest4)
+    stream = bench.differential_rate(n, wall_n, 4 * n, wall_4n)
+    # CPU-seconds per image of the whole stage (driver and Ray processes), steady state: what
+    # the stage costs whatever else shares the machine.
+    stage_cpu = (cpu_4n - cpu_n) / (3 * n)
     pil, pil_cpu = bench.pil_decode_rate(sorted(os.path.join(dp, f) for dp, _, fs in
                                                 os.walk(small) for f in fs))
     fn_cpu = bench.decode_function_cpu(manifest, len(shards.load_manifest(manifest).classes))
     r.update(decode_img_s=stream, decode_cores=cores, pil_img_s=pil,
              decode_img_s_per_core=stream / cores, pil_cpu_ms_per_img=pil_cpu * 1e3,
              decode_fn_cpu_ms_per_img=fn_cpu * 1e3,
-             decode_stage_core_ms_per_img=cores / stream * 1e3)
+             decode_stage_core_ms_per_img=cores / stream * 1e3,
+             decode_stage_cpu_ms_per_img=stage_cpu * 1e3)
     rows.append(_row(f"decode per core (Ray Data stage on {cores} cores / {cores} vs PIL loop, "
                      f"1 core)", stream / cores, pil, "decode_per_core_vs_pil", r))
     rows.append(_row("decode function CPU per image (ratio: PIL's / the function's)",
@@ -198,6 +203,9 @@ def _bench_shard_and_decode(work, small, big, n, r, rows) -> tuple[str, str]:
                      ratio=pil_cpu / fn_cpu))
     rows.append(_row("decode stage core-time per image (cores x wall / images) vs inside the "
                      "function", cores / stream * 1e3, fn_cpu * 1e3, "decode_stage_vs_fn", r,
+                     "ms"))
+    rows.append(_row("decode stage CPU per image (driver + Ray processes) vs inside the "
+                     "function", stage_cpu * 1e3, fn_cpu * 1e3, "decode_stage_cpu_vs_fn", r,
                      "ms"))
     return manifest, manifest4
 
