@@ -39,9 +39,12 @@ class BenchmarkConfig:
     """Generate ImageNet-like JPEGs (~500x375, ~110 KB) and measure, in one run on this machine:
     evaluation (the prediction job at its defaults and in fp32, against the model alone on
     pre-decoded tensors and against an ImageFolder + DataLoader + fp32 loop), training (the Ray
-    Train job against a plain single-process loop), decoding (the Ray Data stage against a PIL
-    loop), sharding (against `tar cf`) and growth (the prediction job at N and 4N images). Prints
-    a table; --json writes the figures."""
+    Train job against a plain single-process loop), decoding per core (the Ray Data stage's
+    images/s over the cores it used, and the decode function's CPU per image, against a PIL loop
+    on one core), sharding (against `tar cf`) and growth (the prediction job at N and 4N images).
+    The model-alone ceiling is the best of 5 passes after warm-up; the run exits 1 when the job
+    beats it by more than 2%. Prints a table; --json writes the figures and targets;
+    --write-docs writes the section of docs/BENCHMARKS.md."""
     quick: bool = _cli.option(False, "small sizes (under ~3 minutes on 2 cores)")
     images: int = _cli.option(0, "N, images for the evaluation runs (0: 160, or 64 with --quick)")
     train_images: int = _cli.option(0, "images for the training runs (0: 6 batches, or 4 with "
