@@ -60,7 +60,11 @@ def _wait_for_other_jobs_actors_to_die(ray_local, class_names, timeout=120.0):
     from ray.util.state import list_actors
 
     ours, t0 = ray_local.get_runtime_context().get_job_id(), time.monotonic()
-    while alive := [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])
+    # This test's cluster by address: with none, Ray looks for *the* local instance and fails
+    # when another one (another checkout's tests) runs on the same machine.
+    address = ray_local.get_runtime_context().gcs_address
+    while alive := [a.class_name for a in list_actors(address=address,
+                                                      filters=[("state", "=", "ALIVE")])
                     if a.class_name in class_names and a.job_id != ours]:
         assert time.monotonic() - t0 < timeout, f"still alive after {timeout:.0f} s: {alive}"
         time.sleep(0.5)
