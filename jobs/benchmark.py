@@ -94,7 +94,8 @@ def check_ceilings(results: dict) -> None:
     bad = [f"{k} = {results[k]:.2f}" for k in CEILING_KEYS
            if k in results and results[k] > MAX_VS_CEILING]
     if bad:
-        raise PipelineError(f"{', '.join(bad)} exceeds {MAX_VS_CEILING}: the job ran faster than "
+        raise PipelineError(f"{', '.join(bad)} {'exceeds' if len(bad) == 1 else 'exceed'} "
+                            f"{MAX_VS_CEILING}: the job ran faster than "
                             f"its ceiling, so the ceiling was not measured as one (another load "
                             f"on the machine while it ran?); rerun on a quiet machine")
 
