@@ -76,7 +76,8 @@ def _row(name, value, base, ratio_key, results, unit="img/s", ratio=None):
 
 
 def target_met(key: str, value: float) -> bool:
-    """Whether a ratio meets its target in TARGETS (KeyError for a ratio without one)."""
+    """Whether a ratio meets its target in TARGETS (KeyError for a ratio without one); a NaN
+    ratio (not measured) never does."""
     op, target = TARGETS[key]
     return value >= target if op == ">=" else value <= target
 

@@ -55,3 +55,9 @@ def test_the_timed_decode_function_sees_what_the_ray_stage_sees(shard_set):
     assert len(direct) == m["total_samples"] and sorted(direct) == sorted(staged)
     assert all(np.array_equal(direct[k], staged[k]) for k in staged)
     assert bench.decode_function_cpu(manifest, 4, batch_size=3, repeats=1) > 0
+
+
+def test_a_differential_rate_the_noise_swamped_is_not_a_figure():
+    assert bench.differential_rate(10, 2.0, 40, 5.0) == 10.0
+    assert np.isnan(bench.differential_rate(10, 2.0, 40, 1.9))
+    assert not benchmark.target_met("shard_vs_tar", float("nan"))
