@@ -27,7 +27,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m jobs.benchmark $(ARGS)
+	$(PY) -m jobs.benchmark --write-docs $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

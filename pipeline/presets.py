@@ -4,9 +4,11 @@ Eval is exactly torchvision's ``ResNet18_Weights.DEFAULT.transforms()``: shorter
 (bilinear, antialiased), centre crop 224, then (on the device) /255 and ImageNet mean/std.
 The Ray Data stage emits uint8 CHW; ``normalize`` runs inside the model step.
 
-Train: the data stage emits a ``base_size`` square (shorter side resized, centre crop); the
-worker then applies RandomResizedCrop + horizontal flip with parameters drawn from
-(seed, epoch, key), so every epoch gets fresh augmentation that is reproducible.
+Train: the data stage draws torchvision's RandomResizedCrop (scale (min_scale, 1), ratio
+(3/4, 4/3)) from the *whole* decoded image, resamples only that region, once, to the crop size
+(bilinear, antialiased), and flips it horizontally with probability 1/2 (``train_image``). The
+draw comes from (seed, epoch, key) (``sample_seed``), so every epoch gets fresh augmentation that
+is reproducible; the worker receives finished crops.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 # No torch at import time: the decode workers need only PIL and numpy, and importing torch and
-# torchvision costs each of them seconds and ~300 MB. normalize and train_augment import it.
+# torchvision costs each of them seconds and ~300 MB. normalize imports it.
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -101,11 +103,6 @@ def eval_image(img: Image.Image, resize_size: int = RESIZE_SIZE,
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def train_base_image(img: Image.Image, base_size: int) -> np.ndarray:
-    """RGB PIL image -> uint8 3xSxS square the worker crops from (shorter side to S, centre)."""
-    return eval_image(img, base_size, base_size)
-
-
 def normalize(images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """uint8 NCHW (any device) -> normalized float NCHW in channels_last, as torchvision does."""
     import torch
@@ -148,22 +145,26 @@ def random_resized_crop_params(height: int, width: int, rng: np.random.Generator
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_augment(images: torch.Tensor, keys, seed: int, epoch: int,
-                  crop_size: int, min_scale: float = 0.08) -> torch.Tensor:
-    """uint8 NCHW base squares -> uint8 N x 3 x crop x crop, RandomResizedCrop + flip per sample."""
-    import torch
-    import torch.nn.functional as nnf
+def train_crop_params(key: str, seed: int, epoch: int, height: int, width: int,
+                      min_scale: float = 0.08) -> tuple[int, int, int, int, bool]:
+    """The augmentation of one sample in one epoch, drawn from the whole ``height`` x ``width``
+    image: (top, left, h, w) of torchvision's RandomResizedCrop (scale (``min_scale``, 1), ratio
+    (3/4, 4/3)) and whether to flip horizontally, from ``sample_seed(seed, epoch, key)``: the
+    same in every process."""
+    rng = np.random.default_rng(sample_seed(seed, epoch, str(key)))
+    top, left, h, w = random_resized_crop_params(height, width, rng, (min_scale, 1.0))
+    return top, left, h, w, bool(rng.random() < 0.5)
 
-    out = torch.empty((len(images), 3, crop_size, crop_size), dtype=torch.uint8,
-                      device=images.device)
-    _, _, height, width = images.shape
-    for i, key in enumerate(keys):
-        rng = np.random.default_rng(sample_seed(seed, epoch, str(key)))
-        top, left, h, w = random_resized_crop_params(height, width, rng, (min_scale, 1.0))
-        crop = images[i:i + 1, :, top:top + h, left:left + w].float()
-        crop = nnf.interpolate(crop, size=(crop_size, crop_size), mode="bilinear",
-                               align_corners=False, antialias=True)
-        if rng.random() < 0.5:
-            crop = crop.flip(-1)
-        out[i] = crop[0].round_().clamp_(0, 255).to(torch.uint8)
-    return out
+
+def train_image(img: Image.Image, crop_size: int, *, key: str, seed: int, epoch: int,
+                min_scale: float = 0.08) -> np.ndarray:
+    """RGB PIL image (any size) -> uint8 3 x crop_size x crop_size: RandomResizedCrop drawn from
+    the whole image (``train_crop_params``), only that region resampled to the crop (bilinear,
+    antialiased, as torchvision's ``resized_crop`` on a PIL image), then the horizontal flip.
+    Pixel-identical to torchvision's ``F.resized_crop`` + ``F.hflip`` with the same parameters
+    (the tests compare the two)."""
+    top, left, h, w, flip = train_crop_params(key, seed, epoch, img.height, img.width, min_scale)
+    img = img.crop((left, top, left + w, top + h)).resize((crop_size, crop_size), Image.BILINEAR)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)

@@ -1,7 +1,7 @@
 """Fine-tuning ResNet-18 with Ray Train V2 (TorchTrainer): the per-worker loop and the trainer.
 
 Each epoch: train over this worker's share of the train split (RandomResizedCrop + flip drawn from
-(seed, epoch, key)), validate over this worker's share of the val split (every val image exactly
+(seed, epoch, key) over the whole image, in the decode stage: ``data.decode_batch``), validate over this worker's share of the val split (every val image exactly
 once across workers, counts summed with all_reduce), then report metrics and, from rank 0, a
 checkpoint holding model, optimizer, scheduler, scaler, epoch and config. A rerun with the same
 storage_path and name resumes from the last checkpoint; a failed worker restarts the group from it.
@@ -172,9 +172,8 @@ def train_one_epoch(net, model, it, optimizer, scheduler, scaler, cfg, epoch, de
             local_shuffle_seed=(cfg.seed * 1000 + epoch) if buffer else None)):
         faults.kill_once("train_step", epoch=epoch, step=step, rank=rank)
         ok = torch.from_numpy(batch["error"] == "").to(device)
+        # already cropped and flipped in the decode stage, from (seed, epoch, key)
         images = torch.from_numpy(batch["image"]).to(device, non_blocking=True)
-        images = presets.train_augment(images, batch["key"], cfg.seed, epoch, cfg.crop_size,
-                                       cfg.min_crop_scale)
         labels = torch.from_numpy(np.maximum(batch["label"], 0)).to(device)
         loss, logits = train_step(net, images, labels, ok, optimizer, scaler, loss_fn,
                                   cfg.amp_dtype)
@@ -544,10 +543,12 @@ def fit(run: RunPlan, *, max_failures: int = 1, num_to_keep: int = 2,
     from pipeline import data
 
     cfg, plan = run.loop_config, run.resources
+    first_epoch = resume_epoch(run.storage_path, run.name)
     train_ds, _ = data.read_decoded(
         run.train_manifest, mode="train", crop_size=cfg.crop_size,
         batch_size=cfg.batch_size, concurrency=decode_concurrency, num_cpus=plan.decode_cpus,
-        shuffle_seed=shuffle_seed(cfg.seed, resume_epoch(run.storage_path, run.name)))
+        shuffle_seed=shuffle_seed(cfg.seed, first_epoch), augment_seed=cfg.seed,
+        first_epoch=first_epoch, min_crop_scale=cfg.min_crop_scale)
     val_ds, _ = data.read_decoded(
         run.val_manifest, mode="eval", crop_size=cfg.crop_size, batch_size=cfg.batch_size,
         concurrency=decode_concurrency, num_cpus=plan.decode_cpus)

@@ -105,13 +105,94 @@ def test_bad_members_and_labels_are_recorded_not_raised():
     assert out["error"][2] == "" and out["image"][2].any()
 
 
-def test_train_augment_is_reproducible_per_seed_epoch_and_key():
-    imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (2, 3, 64, 64),
-                                                                 dtype=np.uint8))
-    a = presets.train_augment(imgs, ["k1", "k2"], seed=0, epoch=1, crop_size=32)
-    b = presets.train_augment(imgs, ["k1", "k2"], seed=0, epoch=1, crop_size=32)
-    c = presets.train_augment(imgs, ["k1", "k2"], seed=0, epoch=2, crop_size=32)
-    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (2, 3, 32, 32)
+def _raw_batch(images: dict, label: int = 0):
+    """A raw batch as read_webdataset hands it to the decode stage: {key: PIL image} as JPEGs
+    (quality 95) in the numpy batch format."""
+    jpgs = []
+    for img in images.values():
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=95)
+        jpgs.append(buf.getvalue())
+    n = len(images)
+    return {"__key__": np.array(list(images), dtype=object),
+            "__url__": np.full(n, "s.tar", dtype=object),
+            "jpg": np.array(jpgs + [None], dtype=object)[:n],
+            "cls": np.full(n, str(label).encode(), dtype=object)}
+
+
+def test_train_crop_is_torchvisions_resized_crop_and_flip_on_the_whole_image():
+    from torchvision.transforms.v2 import functional as TF
+
+    img = photo_like(np.random.default_rng(1), 300, 120)  # wide: 2.5:1
+    flips = set()
+    for key in (f"k{i}" for i in range(12)):
+        top, left, h, w, flip = presets.train_crop_params(key, 3, 1, 120, 300, 0.08)
+        ref = TF.resized_crop(img, top, left, h, w, [48, 48],
+                              TF.InterpolationMode.BILINEAR, antialias=True)
+        ref = np.asarray(TF.hflip(ref) if flip else ref).transpose(2, 0, 1)
+        ours = presets.train_image(img, 48, key=key, seed=3, epoch=1)
+        assert ours.shape == (3, 48, 48) and ours.dtype == np.uint8
+        assert np.array_equal(ours, ref), key
+        flips.add(flip)
+    assert flips == {True, False}
+
+
+def test_train_crops_reach_an_object_outside_the_centre_square():
+    """A 320x80 image whose only object, a red 24x24 square, sits at the far left: the centre
+    square (x 120..200) never shows it; crops drawn from the whole image do, some of them whole."""
+    img = np.full((80, 320, 3), 128, dtype=np.uint8)
+    img[28:52, 4:28] = (230, 20, 20)
+    keys = [f"img{i}" for i in range(400)]
+    out = data.decode_batch(_raw_batch({k: Image.fromarray(img) for k in keys}), mode="train",
+                            num_classes=1, crop_size=32, seed=0, epoch=0)
+    assert out["image"].shape == (400, 3, 32, 32) and list(out["error"]) == [""] * 400
+    r, g = out["image"][:, 0].astype(int), out["image"][:, 1].astype(int)
+    red = ((r - g) > 80).any(axis=(1, 2))
+    assert red.sum() >= 20, red.sum()  # the object is seen...
+    whole = [k for k in keys if _contains(presets.train_crop_params(k, 0, 0, 80, 320),
+                                          (28, 4, 24, 24))]
+    assert len(whole) >= 3, len(whole)  # ...and some crops hold all of it
+    assert all(red[keys.index(k)] for k in whole)
+    lefts = [presets.train_crop_params(k, 0, 0, 80, 320)[1] for k in keys]
+    assert min(lefts) < 20 and max(lefts) > 200  # crops come from the whole width
+
+
+def _contains(params, box) -> bool:
+    top, left, h, w, _ = params
+    bt, bl, bh, bw = box
+    return top <= bt and left <= bl and top + h >= bt + bh and left + w >= bl + bw
+
+
+def test_train_crops_are_reproducible_per_seed_epoch_and_key():
+    rng = np.random.default_rng(0)
+    batch = _raw_batch({f"k{i}": photo_like(rng, 200, 90) for i in range(4)})
+
+    def crops(**kw):
+        return data.decode_batch(batch, mode="train", num_classes=1, crop_size=32, **kw)["image"]
+
+    a = crops(seed=0, epoch=1)
+    assert np.array_equal(a, crops(seed=0, epoch=1))
+    assert not np.array_equal(a, crops(seed=0, epoch=2))
+    assert not np.array_equal(a, crops(seed=1, epoch=1))
+    # a key's crop does not depend on which batch or position it arrives in
+    one = data.decode_batch({k: v[2:3] for k, v in batch.items()}, mode="train", num_classes=1,
+                            crop_size=32, seed=0, epoch=1)["image"]
+    assert np.array_equal(one[0], a[2])
+
+
+def test_each_pass_over_a_train_dataset_is_the_next_epochs_draw(shard_set):
+    """Ray Data counts the executions of a dataset; the decode stage draws epoch
+    first_epoch + that count, so pass 2 of a run equals pass 1 of a run resumed at epoch 1."""
+    def passes(first_epoch: int, n: int) -> list[dict]:
+        ds, _ = data.read_decoded(str(shard_set / "train.json"), mode="train", crop_size=16,
+                                  batch_size=4, augment_seed=7, first_epoch=first_epoch)
+        return [{r["key"]: r["image"] for r in ds.take_all()} for _ in range(n)]
+
+    e0, e1 = passes(0, 2)
+    (resumed,) = passes(1, 1)
+    assert sorted(e0) == sorted(e1) == sorted(resumed) and len(e0) == 32
+    assert all(np.array_equal(e1[k], resumed[k]) for k in e0)
+    assert sum(np.array_equal(e0[k], e1[k]) for k in e0) == 0
 
 
 def test_gpu_decode_option_falls_back_to_the_reference_path_without_a_gpu(photo_shards):

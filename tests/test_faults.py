@@ -61,7 +61,9 @@ def _wait_for_other_jobs_actors_to_die(ray_local, class_names, timeout=120.0):
     from ray.util.state import list_actors
 
     ours, t0 = ray_local.get_runtime_context().get_job_id(), time.monotonic()
-    address = ray_local.get_runtime_context().gcs_address  # others may run Ray on this machine
+    # This test's cluster by address: with none, Ray looks for *the* local instance and fails
+    # when another one (another checkout's tests) runs on the same machine.
+    address = ray_local.get_runtime_context().gcs_address
     while alive := [a.class_name for a in list_actors(address=address,
                                                       filters=[("state", "=", "ALIVE")])
                     if a.class_name in class_names and a.job_id != ours]:

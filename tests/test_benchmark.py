@@ -1,0 +1,63 @@
+"""The benchmark harness's own rules: ceilings it refuses, the docs section it writes, and the
+decode function it times being the stage's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jobs import benchmark
+from pipeline import benchmark as bench, data
+from pipeline.errors import PipelineError
+
+
+def test_a_job_faster_than_its_ceiling_fails_loudly():
+    benchmark.check_ceilings({"eval_vs_ceiling": 1.02, "eval_fp32_vs_ceiling_fp32": 0.7})
+    with pytest.raises(PipelineError, match=r"eval_fp32_vs_ceiling_fp32 = 1.10 exceeds 1.02"):
+        benchmark.check_ceilings({"eval_vs_ceiling": 0.95, "eval_fp32_vs_ceiling_fp32": 1.1})
+
+
+def test_targets_are_judged_in_their_direction():
+    summary = benchmark.target_summary({"decode_per_core_vs_pil": 0.79, "eval_mem_ratio_4x": 1.2,
+                                        "unrelated": 3.0})
+    assert summary == {
+        "decode_per_core_vs_pil": {"op": ">=", "target": 0.8, "value": 0.79, "met": False},
+        "eval_mem_ratio_4x": {"op": "<=", "target": 1.25, "value": 1.2, "met": True}}
+
+
+def test_the_docs_section_is_replaced_between_the_markers_only(tmp_path):
+    doc = tmp_path / "B.md"
+    doc.write_text(f"intro\n{benchmark.DOCS_BEGIN}\nold table\n{benchmark.DOCS_END}\nafter\n")
+    benchmark.write_docs_section(str(doc), "new table")
+    assert doc.read_text() == (f"intro\n{benchmark.DOCS_BEGIN}\nnew table\n"
+                               f"{benchmark.DOCS_END}\nafter\n")
+    doc.write_text("no markers here\n")
+    with pytest.raises(ValueError, match="B.md needs exactly one"):
+        benchmark.write_docs_section(str(doc), "x")
+    assert doc.read_text() == "no markers here\n"
+
+
+def test_the_repositorys_benchmark_doc_has_one_harness_section():
+    text = open(benchmark.DOCS).read()
+    assert text.count(benchmark.DOCS_BEGIN) == text.count(benchmark.DOCS_END) == 1
+
+
+def test_the_timed_decode_function_sees_what_the_ray_stage_sees(shard_set):
+    manifest = str(shard_set / "val.json")
+    batches = bench.raw_batches(manifest, batch_size=3)
+    direct = {}
+    for b in batches:
+        out = data.decode_batch(b, mode="eval", num_classes=4)
+        assert list(out["error"]) == [""] * len(out["key"])
+        direct.update(zip(out["key"], out["image"]))
+    ds, m = data.read_decoded(manifest, batch_size=4)
+    staged = {r["key"]: r["image"] for r in ds.take_all()}
+    assert len(direct) == m["total_samples"] and sorted(direct) == sorted(staged)
+    assert all(np.array_equal(direct[k], staged[k]) for k in staged)
+    assert bench.decode_function_cpu(manifest, 4, batch_size=3, repeats=1) > 0
+
+
+def test_a_differential_rate_the_noise_swamped_is_not_a_figure():
+    assert bench.differential_rate(10, 2.0, 40, 5.0) == 10.0
+    assert np.isnan(bench.differential_rate(10, 2.0, 40, 1.9))
+    assert not benchmark.target_met("shard_vs_tar", float("nan"))
