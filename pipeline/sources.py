@@ -121,7 +121,8 @@ def _recognise_class_folders(root: str, dirs: set[str]) -> str:
 def scan_source(root: str, split: str, layout: str = "auto", devkit: str | None = None) -> Source:
     """List the labelled images of one split of ``root`` in the given (or detected) layout."""
     if layout == "auto":
-        layout = detect_layout(root, split)
+        # a devkit named apart from the source (unpacked beside it) says what the source is
+        layout = "imagenet-devkit" if devkit and split == "val" else detect_layout(root, split)
     if layout == "folder":
         return _scan_folder(root, split)
     if layout == "imagenet-kaggle":

@@ -102,6 +102,20 @@ def test_devkit_ground_truth_maps_to_sorted_wnid_indices(tmp_path):
                             "reason": "ground-truth line with no image"}]
 
 
+def test_a_devkit_unpacked_beside_the_images_is_found_with_auto_layout(tmp_path):
+    """--devkit DIR outside the source (as the two archives unpack) with --layout auto."""
+    id_to_wnid = dict(zip(range(1, 1001), sources.imagenet_wnids()))
+    devkit = tmp_path / "ILSVRC2012_devkit_t12"
+    write_meta_mat(str(devkit / "data/meta.mat"), id_to_wnid)
+    (devkit / "data/ILSVRC2012_validation_ground_truth.txt").write_text("3\n1\n")
+    images = tmp_path / "val"
+    for n in (1, 2):
+        _touch_jpeg(str(images / f"ILSVRC2012_val_{n:08d}.JPEG"), seed=n)
+    src = sources.scan_source(str(images), "val", devkit=str(devkit))
+    assert src.layout == "imagenet-devkit"
+    assert [src.class_index[c] for _, c in sorted(src.items)] == [2, 0]
+
+
 def test_unknown_layout_names_what_it_looked_for(tmp_path):
     (tmp_path / "readme.txt").write_text("x")
     with pytest.raises(ValueError) as e:
