@@ -61,7 +61,8 @@ def parse(cls, argv=None, job: str = ""):
         kw = {"help": meta.get("help", ""), "dest": f.name}
         if meta.get("repeat"):
             parser.add_argument(flag, action="append", metavar=meta["repeat"], type=str,
-                                required=bool(meta.get("required")), default=None, **kw)
+                                required=bool(meta.get("required")), default=argparse.SUPPRESS,
+                                **kw)
             continue
         typ = f.type if isinstance(f.type, str) else f.type.__name__
         if typ == "bool":
@@ -69,7 +70,8 @@ def parse(cls, argv=None, job: str = ""):
                                 **kw)
             continue
         if meta.get("required"):
-            kw["required"] = True
+            kw["required"] = True  # no "(default: ...)" in --help for a flag one must give
+            kw["default"] = argparse.SUPPRESS
         else:
             kw["default"] = f.default
         parser.add_argument(flag, type=TYPES[typ], choices=meta.get("choices"), **kw)
@@ -80,7 +82,7 @@ def parse(cls, argv=None, job: str = ""):
                          f"not {value:g}")
     for f in dataclasses.fields(cls):
         if f.metadata.get("positional") or f.metadata.get("repeat"):
-            args[f.name] = tuple(args[f.name] or ())
+            args[f.name] = tuple(args.get(f.name) or ())
     return cls(**args)
 
 

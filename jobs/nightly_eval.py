@@ -22,7 +22,7 @@ class NightlyConfig(predict.PredictOptions):
     set) into the run folder. A change is significant only if p < --alpha AND the top-1 change
     exceeds --min-effect percentage points. Exit codes, for the worst set: 0 nothing regressed
     (also the first run), 1 a set failed (e.g. more decode failures than --max-failed-fraction;
-    it is not recorded in the history), 2 bad arguments (e.g. an unknown --baseline), 3
+    it is not recorded in the history), 2 bad arguments (a missing manifest, weights or labels file, an unknown --baseline), 3
     significant top-1 regression, 4 not comparable: the previous or baseline run used a different
     data manifest (sha256 differs), 5 pipeline fidelity: a published accuracy lies outside the
     measured 95% interval widened by --fidelity-tolerance. Severity: 5 > 3 > 1 > 4 > 0."""
@@ -78,8 +78,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return nightly.EXIT_USAGE
     try:
-        nightly.parse_sets(cfg.data, cfg.real_labels)
-    except nightly.SuiteError as e:
+        nightly.check_inputs(nightly.parse_sets(cfg.data, cfg.real_labels), cfg.weights)
+        if cfg.published:
+            published.load_table(cfg.published)
+    except (nightly.SuiteError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return nightly.EXIT_USAGE
     _cli.setup_logging()

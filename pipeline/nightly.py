@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 import pyarrow as pa
@@ -66,6 +66,7 @@ HISTORY_SCHEMA = pa.schema([
     ("weights_sha256", pa.string()),
     ("data_manifest", pa.string()),
     ("data_manifest_sha256", pa.string()),
+    ("data_fingerprint", pa.string()),  # shards.data_fingerprint: the data, wherever it lives
     ("code_version", pa.string()),
     ("samples", pa.int64()),
     ("failures", pa.int64()),
@@ -164,9 +165,19 @@ def compare_correctness(reference: pd.Series, current: pd.Series, alpha: float,
                       ref_top1, cur_top1, delta, lost, gained, p)
 
 
+def same_data(current: dict, reference: dict) -> bool:
+    """Whether two runs scored the same data: the same ``data_fingerprint`` (the shards' sha256,
+    the classes and the split, wherever the files live) where both runs recorded one, else the
+    same manifest sha256 (rows written before the fingerprint existed)."""
+    a, b = current.get("data_fingerprint"), reference.get("data_fingerprint")
+    if a and b and isinstance(b, str):
+        return a == b
+    return current["data_manifest_sha256"] == reference["data_manifest_sha256"]
+
+
 def comparability_problem(current: dict, reference: dict) -> str:
     """Why two runs cannot be compared image by image ('' when they can)."""
-    if current["data_manifest_sha256"] == reference["data_manifest_sha256"]:
+    if same_data(current, reference):
         return ""
     return (f"different data manifests: this run {current['run_id']} used "
             f"{current['data_manifest']} (sha256 {current['data_manifest_sha256']}), "
@@ -247,6 +258,28 @@ def parse_sets(data: list[str] | tuple[str, ...], real_labels=()) -> list[EvalSe
                              f"{', '.join(sets)})")
         sets[name] = EvalSet(name, sets[name].manifest, path)
     return list(sets.values())
+
+
+def check_inputs(sets: list[EvalSet], weights: str) -> None:
+    """The files a run names, checked before anything starts (``jobs.nightly_eval`` exits 2):
+    every set's manifest exists, ``weights`` is DEFAULT, IMAGENET1K_V1, none or an existing
+    file, and every ``--real-labels`` file loads. SuiteError naming the flag and the path."""
+    from pipeline import predict
+
+    for s in sets:
+        if not storage.exists(s.manifest):
+            raise SuiteError(f"--data {s.name}={s.manifest}: no such manifest")
+        if s.real_labels and s.real_labels != "builtin" and not storage.exists(s.real_labels):
+            raise SuiteError(f"--real-labels {s.name}={s.real_labels}: no such file")
+        if s.real_labels:
+            try:
+                predict.load_real_labels(s.real_labels)
+            except (OSError, ValueError) as e:
+                raise SuiteError(f"--real-labels {s.name}={s.real_labels}: "
+                                 f"{str(e).splitlines()[0]}") from None
+    if weights.upper() not in ("DEFAULT", "IMAGENET1K_V1", "NONE") and not storage.exists(weights):
+        raise SuiteError(f"--weights {weights}: not DEFAULT, IMAGENET1K_V1, none, nor an "
+                         f"existing file")
 
 
 # --- the history: one file per set per run, never rewritten ------------------------------------
@@ -341,6 +374,7 @@ def history_row(run_id: str, summary: dict, predictions_dir: str,
         "weights_sha256": summary["weights_sha256"],
         "data_manifest": summary["data_manifest"],
         "data_manifest_sha256": summary["data_manifest_sha256"],
+        "data_fingerprint": summary.get("data_fingerprint"),
         "code_version": summary["code_version"], "samples": summary["samples"],
         "failures": summary["failures"], "top1": summary["top1"],
         "top1_ci95_lo": summary["top1_ci95"][0], "top1_ci95_hi": summary["top1_ci95"][1],
@@ -380,17 +414,22 @@ def check_baseline(history: pd.DataFrame, baseline: str) -> None:
                                f"(latest run ids: {known})")
 
 
-def references(history: pd.DataFrame, baseline: str, dataset: str | None = None
-               ) -> list[tuple[str, dict | None]]:
+def references(history: pd.DataFrame, baseline: str, dataset: str | None = None,
+               current: dict | None = None) -> list[tuple[str, dict | None]]:
     """(role, history row) of the set's previous run and of the pinned baseline, if any; the
     baseline's row is None when that run did not evaluate this set. ``dataset`` None: all rows
-    (a history of one set)."""
+    (a history of one set). With ``current`` (this run's summary), the previous run is the
+    latest one over the same data (``same_data``), so one night on other data does not make the
+    next night not comparable too; when no earlier run used this data, it is the latest run
+    (and the comparison says why it cannot be made)."""
     if dataset is not None:
         check_baseline(history, baseline)
         history = history[history["dataset"] == dataset]
     refs: list[tuple[str, dict | None]] = []
     if len(history):
-        refs.append(("previous", history.iloc[-1].to_dict()))
+        rows = [r for r in history.to_dict("records")]
+        same = [r for r in rows if current is not None and same_data(current, r)]
+        refs.append(("previous", (same or rows)[-1]))
     if baseline:
         rows = history[history["run_id"] == baseline]
         if rows.empty and dataset is None:
@@ -427,10 +466,24 @@ def read_summary(predictions_dir: str) -> dict:
     return json.loads(storage.read_text(storage.join(predictions_dir, "summary.json")))
 
 
+def _strict(obj):
+    """``obj`` with every NaN float as None, so that the JSON is strict (JavaScript, jq, any
+    parser): a refused comparison has no p-value, not a NaN one."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def write_run_record(run_dir: str, record: dict) -> None:
-    """nightly.json: the resolved config, the comparisons and the verdict, next to the run."""
+    """nightly.json: the resolved config, the comparisons and the verdict, next to the run
+    (strict JSON: no NaN)."""
     storage.write_text_atomic(storage.join(run_dir, "nightly.json"),
-                              json.dumps(record, indent=1, default=str))
+                              json.dumps(_strict(record), indent=1, default=str,
+                                         allow_nan=False))
 
 
 def comparison_dicts(comparisons: list[Comparison]) -> list[dict]:
@@ -464,6 +517,7 @@ class SetResult:
     fidelity: list
     verdict: str
     error: str = ""
+    notes: list = field(default_factory=list)  # lines for the terminal and the report
 
 
 @dataclass(frozen=True)
@@ -533,21 +587,26 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
             continue
         current = load_correctness(out)
         meta = {**summary, "run_id": run_id, "dataset": s.name}
+        refs = references(old, baseline, s.name, meta)
+        notes = [f"baseline run {baseline} did not evaluate set {s.name!r}: compared with its "
+                 f"previous run only" for role, ref in refs if ref is None]
         comparisons = [compare_with(role, ref, meta, current, alpha, min_effect, baseline)
-                       for role, ref in references(old, baseline, s.name)]
+                       for role, ref in refs if ref is not None]
         fidelity = published.check(summary, kind, s.name, table, fidelity_tolerance)
         verdict = worst([c.outcome for c in comparisons]
                         + [FIDELITY for f in fidelity if not f.ok])
         append_history(history, history_row(run_id, summary, out, comparisons, verdict, alpha,
                                             min_effect, s.name, kind, fidelity))
-        results.append(SetResult(s.name, kind, out, summary, comparisons, fidelity, verdict))
+        results.append(SetResult(s.name, kind, out, summary, comparisons, fidelity, verdict,
+                                 notes=notes))
     verdict = worst(r.verdict for r in results)
     write_run_record(run_dir, {
         "run_id": run_id, "verdict": verdict, "exit_code": exit_code(verdict),
         "alpha": alpha, "min_effect": min_effect, "fidelity_tolerance": fidelity_tolerance,
         "sets": [{"name": r.name, "kind": r.kind, "predictions_dir": r.run_dir,
                   "prediction_run_id": (r.summary or {}).get("run_id"), "verdict": r.verdict,
-                  "error": r.error, "comparisons": comparison_dicts(r.comparisons),
+                  "error": r.error, "notes": r.notes,
+                  "comparisons": comparison_dicts(r.comparisons),
                   "fidelity": [asdict(f) for f in r.fidelity]} for r in results],
         "config": config})
     md, page = _write_reports(run_id, run_dir, history, results, verdict, alpha, min_effect,
@@ -595,7 +654,7 @@ def format_result(result: NightlyResult, alpha: float, min_effect: float) -> str
         lines.append(metrics.format_table(r.summary))
         lines += [describe(c, alpha, min_effect) for c in r.comparisons] or [
             "no earlier run to compare with"]
-        lines += [f.describe() for f in r.fidelity]
+        lines += [f.describe() for f in r.fidelity] + r.notes
     lines += [f"run {result.run_id}",
               f"verdict: {result.verdict} (exit {result.exit_code}); significance rule: "
               f"McNemar exact p < alpha={alpha:g} AND |top-1 change| > min-effect="

@@ -329,6 +329,7 @@ def _predict_under_lease(manifest_path, weights, out, opts, plan, lease, run_id,
     meta = {"model_id": loaded.model_id, "weights_sha256": loaded.sha256 or "",
             "data_manifest": manifest_path,
             "data_manifest_sha256": hashlib.sha256(storage.read_bytes(manifest_path)).hexdigest(),
+            "data_fingerprint": shards.data_fingerprint(manifest),
             "preset": json.dumps(preset.to_dict()),
             "precision": "", "code_version": code_version(), "run_id": run_id}
     staging = storage.join(out, f"_staging-{run_id}")

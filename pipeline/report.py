@@ -187,7 +187,7 @@ def changes_section(summary: dict, reference: dict | None, reference_run_id: str
     title = "Classes that changed most since the last run"
     if reference is None:
         return Section(title, "No previous run, or it used different data (see Comparisons).")
-    changes = class_changes(summary, reference, n)
+    changes = [c for c in class_changes(summary, reference, n) if c["delta"]]
     rows = [[c["name"], c["id"], f"{c['before']:.1f}", f"{c['after']:.1f}", f"{c['delta']:+.1f}"]
             for c in changes]
     png = None
@@ -273,10 +273,11 @@ def suite_section(run_id: str, results: list, verdict: str, alpha: float,
                      f"{s['top5']:.2f} ({_ci(*s['top5_ci95'])})",
                      _pct(s.get("real_top1")), s.get("scored_over", ""), delta, p, pub,
                      r.verdict])
+    notes = " ".join(n + "." for r in results for n in getattr(r, "notes", []))
     text = (f"Run {run_id}. Verdict: **{verdict}** (the worst of its sets). A change is "
             f"significant only if McNemar's exact p < alpha = {alpha:g} AND the top-1 change "
             f"exceeds min-effect = {min_effect:g} percentage points, each set against its own "
-            f"previous run.")
+            f"previous run over the same data." + (" " + notes if notes else ""))
     return Section("All sets", text,
                    ["set", "kind", "images", "top-1 % (95% CI)", "top-5 % (95% CI)",
                     "ReaL top-1 %", "scored over", "change vs previous pp", "p", "published %",

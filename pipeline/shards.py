@@ -419,6 +419,18 @@ class Manifest:
         return shard_paths(self.path, self)
 
 
+def data_fingerprint(manifest: Manifest) -> str:
+    """SHA-256 over what a manifest's data is: its split, its class ids in index order and each
+    shard's sha256 and sample count, in order. Not over where the source or the shards live: the
+    same images sharded from a moved source folder, or a copied shard folder, give the same
+    fingerprint (the manifest file's own sha256 differs)."""
+    import hashlib
+
+    body = {"split": manifest.split, "classes": [c["id"] for c in manifest.classes],
+            "shards": [[s.sha256, s.samples] for s in manifest.shards]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def load_manifest(path: str) -> Manifest:
     """Read a manifest; raise FileNotFoundError for a missing file and ValueError, naming the
     file, for one that is malformed, of another format or version, or lists no samples."""

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import html
 import io
+import json
 import math
 import os
 import re
@@ -207,6 +208,13 @@ def test_different_manifests_are_refused(nightly_runs):
     for manifest, sha in zip(t["data_manifest"].iloc[2:], t["data_manifest_sha256"].iloc[2:]):
         assert manifest in err and sha in err
     assert "verdict: not comparable (exit 4)" in out
+    run_dir = os.path.dirname(t["predictions_dir"].iloc[3])
+
+    def refuse(name):
+        raise ValueError(f"{name} in nightly.json")
+
+    record = json.loads(open(os.path.join(run_dir, "nightly.json")).read(), parse_constant=refuse)
+    assert record["sets"][0]["comparisons"][0]["p_value"] is None  # strict JSON: no NaN
 
 
 def test_unknown_baseline_fails_before_predicting(nightly_runs, weights):

@@ -436,3 +436,48 @@ def test_a_legacy_history_parquet_is_migrated_without_losing_rows(tmp_path):
     assert len(nightly.read_history(str(history))) == 2  # read again: not migrated twice
     refs = nightly.references(t, "", "val")
     assert refs[0][1]["run_id"] == "r2"
+
+
+# --- what a newcomer hit: bad paths, moved sources, one off night, strict JSON --------------------
+
+def test_missing_files_exit_2_before_anything_starts(suite, capsys):
+    base = ["--history", "/nonexistent/h"]
+    cases = [(["--data", "/nope/val.json", "--weights", "none"], "--data val=/nope/val.json: no such"),
+             (["--data", f"v2={suite['v2']}", "--weights", "/nope.pt"], "--weights /nope.pt"),
+             (["--data", f"v2={suite['v2']}", "--weights", "none", "--real-labels", "/nope.json"],
+              "--real-labels v2=/nope.json: no such file")]
+    for argv, message in cases:
+        assert nightly_eval.main(argv + base) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        nightly_eval.main(["--help"])
+    assert "(default: None)" not in capsys.readouterr().out
+
+
+def test_the_same_images_sharded_from_a_moved_folder_are_the_same_data(suite, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved-r"
+    shutil.copytree(suite["r_src"], moved)
+    again = shards.load_manifest(_shard(str(moved), str(tmp_path / "shards")))
+    first = shards.load_manifest(suite["r"])
+    assert open(suite["r"], "rb").read() != open(again.path, "rb").read()  # "source" differs
+    assert shards.data_fingerprint(again) == shards.data_fingerprint(first)
+    row = {"data_manifest_sha256": "a", "data_fingerprint": shards.data_fingerprint(first)}
+    assert nightly.same_data({"data_manifest_sha256": "b",
+                              "data_fingerprint": shards.data_fingerprint(again)}, row)
+    assert not nightly.same_data({"data_manifest_sha256": "a", "data_fingerprint": "other"}, row)
+    assert nightly.same_data({"data_manifest_sha256": "a", "data_fingerprint": "x"},
+                             {"data_manifest_sha256": "a", "data_fingerprint": float("nan")})
+
+
+def test_one_night_on_other_data_does_not_make_the_next_not_comparable():
+    rows = pd.DataFrame([
+        {"run_id": "r1", "dataset": "val", "data_manifest_sha256": "m", "data_fingerprint": "A"},
+        {"run_id": "r2", "dataset": "val", "data_manifest_sha256": "n", "data_fingerprint": "B"},
+        {"run_id": "r3", "dataset": "v2", "data_manifest_sha256": "o", "data_fingerprint": "C"}])
+    current = {"data_manifest_sha256": "m", "data_fingerprint": "A"}
+    assert nightly.references(rows, "", "val", current)[0][1]["run_id"] == "r1"
+    other = {"data_manifest_sha256": "z", "data_fingerprint": "Z"}  # new data: the latest, refused
+    assert nightly.references(rows, "", "val", other)[0][1]["run_id"] == "r2"
+    assert nightly.references(rows, "r3", "val", current)[1] == ("baseline", None)
