@@ -77,6 +77,9 @@ def main(argv=None) -> int:
         _cli.fail("--source and --out are required (or --verify MANIFEST)")
     _cli.init_ray()
     source = sources.scan_source(cfg.source, cfg.split, cfg.layout, cfg.devkit or None)
+    hint = sources.layout_hint(source) if cfg.layout == "auto" else ""
+    if hint:
+        print(f"note: {hint}", file=sys.stderr)
     if cfg.classes_from:
         source = sources.with_classes(source, shards.load_manifest(cfg.classes_from).classes)
     m = shards.write_shards(source, cfg.out, cfg.samples_per_shard, cfg.seed, cfg.max_pixels,

@@ -95,6 +95,22 @@ def detect_layout(root: str, split: str) -> str:
     )
 
 
+def layout_hint(source: Source) -> str:
+    """For a ``folder`` source whose class ids are all ImageNet-R (or -A) wnids but not all 200
+    of them (a partial copy, which ``--layout auto`` does not take for the set): a line naming the
+    layout to pass; '' otherwise."""
+    ids = {c["id"] for c in source.classes}
+    if source.layout != "folder" or not ids:
+        return ""
+    fits = [layout for layout in ("imagenet-r", "imagenet-a") if ids <= set(subset_wnids(layout))]
+    if not fits:
+        return ""
+    return (f"the {len(ids)} class folders are all {' and '.join(fits)} classes: if this is (a "
+            f"part of) that set, shard it with --layout {fits[0]} (its 200 classes, and an "
+            f"ImageNet model scored over them); as it is, it is an ordinary folder of "
+            f"{len(ids)} classes")
+
+
 def _recognise_class_folders(root: str, dirs: set[str]) -> str:
     """The layout of ROOT/<class>/...: a released robustness set when the folder names are exactly
     its classes, else ``folder``. Integer folder names that are not exactly ImageNet-V2's 0..999

@@ -204,3 +204,14 @@ def test_imagenet_sketch_is_recognised_with_its_1000_classes(tmp_path):
     assert src.layout == "imagenet-sketch" and len(src.classes) == 1000
     assert {p: src.class_index[c] for p, c in src.items} == {
         f"{wnids[0]}/sketch_1.JPEG": 0, f"{wnids[500]}/sketch_7.JPEG": 500}
+
+
+def test_a_partial_imagenet_r_copy_stays_a_folder_with_a_hint(tmp_path):
+    wnids = sources.subset_wnids("imagenet-r")
+    for w in wnids[:7]:
+        _touch_jpeg(str(tmp_path / w / "a.jpg"))
+    src = sources.scan_source(str(tmp_path), "val")
+    assert src.layout == "folder" and len(src.classes) == 7
+    assert "--layout imagenet-r" in sources.layout_hint(src)
+    r = sources.scan_source(str(tmp_path), "val", layout="imagenet-r")
+    assert sources.layout_hint(r) == "" and len(r.classes) == 200
