@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m jobs.demo $(ARGS)
 
-# The default suite (~5 min on 2 cores); the slow tests (Ray Train runs, fault injection, the
-# two-node cluster, S3 against moto: ~10 min) run in CI after it.
+# The default suite (~4 min on 2 cores); the slow tests (Ray Train runs, fault injection, the
+# two-node cluster with node loss, S3 against moto: ~17 min) run in CI after it.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
