@@ -109,12 +109,12 @@ def real_accuracy(df: pd.DataFrame, classes: list[dict], real: list[list[int]]) 
     number lies past the end of ``real``."""
     from pipeline import sources
 
-    wnids = sources.imagenet_wnids()
+    position = {w: i for i, w in enumerate(sources.imagenet_wnids())}
     ids = [c["id"] for c in classes]
-    if not set(ids) <= set(wnids):
+    if not set(ids) <= position.keys():
         raise ValueError(f"ReaL labels are ImageNet classes, but the model's classes are not "
-                         f"ImageNet wnids (e.g. {[i for i in ids if i not in set(wnids)][:3]})")
-    to_real = np.array([wnids.index(i) for i in ids], dtype=np.int64)
+                         f"ImageNet wnids (e.g. {[i for i in ids if i not in position][:3]})")
+    to_real = np.array([position[i] for i in ids], dtype=np.int64)
     top1 = top5 = n = 0
     for key, topk in zip(df["key"], df["topk_index"]):
         m = REAL_KEY.search(str(key))

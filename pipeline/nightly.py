@@ -292,12 +292,6 @@ def history_dir(history: str) -> str:
     return storage.join(history, "history")
 
 
-def history_path(history: str) -> str:
-    """The history as one readable path: the folder ``HISTORY/history`` (pandas and pyarrow read
-    it as one table)."""
-    return history_dir(history)
-
-
 def _table_bytes(table: pa.Table) -> bytes:
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
@@ -414,27 +408,22 @@ def check_baseline(history: pd.DataFrame, baseline: str) -> None:
                                f"(latest run ids: {known})")
 
 
-def references(history: pd.DataFrame, baseline: str, dataset: str | None = None,
+def references(history: pd.DataFrame, baseline: str, dataset: str,
                current: dict | None = None) -> list[tuple[str, dict | None]]:
-    """(role, history row) of the set's previous run and of the pinned baseline, if any; the
-    baseline's row is None when that run did not evaluate this set. ``dataset`` None: all rows
-    (a history of one set). With ``current`` (this run's summary), the previous run is the
-    latest one over the same data (``same_data``), so one night on other data does not make the
-    next night not comparable too; when no earlier run used this data, it is the latest run
-    (and the comparison says why it cannot be made)."""
-    if dataset is not None:
-        check_baseline(history, baseline)
-        history = history[history["dataset"] == dataset]
+    """(role, history row) of set ``dataset``'s previous run and of the pinned baseline run, if
+    any (``check_baseline`` has vetted its id); the baseline's row is None when that run did not
+    evaluate this set. With ``current`` (this run's summary), the previous run is the latest one
+    over the same data (``same_data``), so one night on other data does not make the next night
+    not comparable too; when no earlier run used this data, it is the latest run (and the
+    comparison says why it cannot be made)."""
+    rows = history[history["dataset"] == dataset].to_dict("records")
     refs: list[tuple[str, dict | None]] = []
-    if len(history):
-        rows = [r for r in history.to_dict("records")]
+    if rows:
         same = [r for r in rows if current is not None and same_data(current, r)]
         refs.append(("previous", (same or rows)[-1]))
     if baseline:
-        rows = history[history["run_id"] == baseline]
-        if rows.empty and dataset is None:
-            check_baseline(history, baseline)
-        refs.append(("baseline", rows.iloc[-1].to_dict() if len(rows) else None))
+        pinned = [r for r in rows if r["run_id"] == baseline]
+        refs.append(("baseline", pinned[-1] if pinned else None))
     return refs
 
 
@@ -445,14 +434,9 @@ def load_correctness(predictions_dir: str) -> pd.Series:
     return df.set_index("key")["top1_correct"].astype(bool)
 
 
-def compare_with(role: str, ref: dict | None, current_meta: dict, current: pd.Series,
-                 alpha: float, min_effect: float, baseline: str = "") -> Comparison:
-    """Compare this run with one history row, refusing runs over different data (and a pinned
-    baseline run that did not evaluate this set: ``ref`` None)."""
-    if ref is None:
-        return Comparison(role, baseline, NOT_COMPARABLE,
-                          reason=f"run {baseline} did not evaluate set "
-                                 f"{current_meta.get('dataset', '')!r}")
+def compare_with(role: str, ref: dict, current_meta: dict, current: pd.Series,
+                 alpha: float, min_effect: float) -> Comparison:
+    """Compare this run with one history row, refusing runs over different data."""
     problem = comparability_problem(current_meta, ref)
     if problem:
         return Comparison(role, ref["run_id"], NOT_COMPARABLE, reason=problem)
@@ -572,7 +556,7 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
     manifests = {s.name: shards.load_manifest(s.manifest) for s in sets}  # fail before predicting
     run_id = new_run_id()
     run_dir = storage.join(history, "runs", run_id)
-    results = []
+    results, rows = [], []
     for s in sets:
         out = storage.join(run_dir, s.name)
         kind = published.dataset_kind(manifests[s.name])
@@ -590,13 +574,14 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
         refs = references(old, baseline, s.name, meta)
         notes = [f"baseline run {baseline} did not evaluate set {s.name!r}: compared with its "
                  f"previous run only" for role, ref in refs if ref is None]
-        comparisons = [compare_with(role, ref, meta, current, alpha, min_effect, baseline)
+        comparisons = [compare_with(role, ref, meta, current, alpha, min_effect)
                        for role, ref in refs if ref is not None]
         fidelity = published.check(summary, kind, s.name, table, fidelity_tolerance)
         verdict = worst([c.outcome for c in comparisons]
                         + [FIDELITY for f in fidelity if not f.ok])
-        append_history(history, history_row(run_id, summary, out, comparisons, verdict, alpha,
-                                            min_effect, s.name, kind, fidelity))
+        rows.append(history_row(run_id, summary, out, comparisons, verdict, alpha, min_effect,
+                                s.name, kind, fidelity))
+        append_history(history, rows[-1])
         results.append(SetResult(s.name, kind, out, summary, comparisons, fidelity, verdict,
                                  notes=notes))
     verdict = worst(r.verdict for r in results)
@@ -609,16 +594,18 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
                   "comparisons": comparison_dicts(r.comparisons),
                   "fidelity": [asdict(f) for f in r.fidelity]} for r in results],
         "config": config})
-    md, page = _write_reports(run_id, run_dir, history, results, verdict, alpha, min_effect,
-                              latest, top_n)
+    # the history as this run knows it: what it read, and its own rows (no second read)
+    table = pd.concat([old, pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA).to_pandas()],
+                      ignore_index=True) if rows else old
+    md, page = _write_reports(run_id, run_dir, history, table, results, verdict, alpha,
+                              min_effect, latest, top_n)
     return NightlyResult(run_id, run_dir, results, verdict, exit_code(verdict), md, page)
 
 
-def _write_reports(run_id, run_dir, history, results, verdict, alpha, min_effect, latest,
+def _write_reports(run_id, run_dir, history, table, results, verdict, alpha, min_effect, latest,
                    top_n) -> tuple[str, str]:
     from pipeline import report
 
-    table = read_history(history)
     sections = [report.suite_section(run_id, results, verdict, alpha, min_effect)]
     for r in results:
         if r.summary is None:

@@ -434,7 +434,7 @@ def test_a_legacy_history_parquet_is_migrated_without_losing_rows(tmp_path):
     assert not (history / "history.parquet").exists()
     assert (history / "history.parquet.migrated").exists()
     assert len(nightly.read_history(str(history))) == 2  # read again: not migrated twice
-    refs = nightly.references(t, "", "val")
+    refs = nightly.references(t, "", "val", {"data_manifest_sha256": "x"})
     assert refs[0][1]["run_id"] == "r2"
 
 
