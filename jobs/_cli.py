@@ -106,9 +106,9 @@ def init_ray(num_cpus: int | None = None):
         ray.init(log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, log_to_driver=True)
-    from ray.data import DataContext
+    from pipeline import data
 
-    DataContext.get_current().enable_progress_bars = False
+    data.configure_context()
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -22,6 +22,27 @@ DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageErro
                Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
+def configure_context(ctx=None) -> None:
+    """The Ray Data settings every job and test runs with, on the driver's ``DataContext``
+    (``ctx``, default the current one), before its datasets are built.
+
+    - No progress bars: jobs log their own progress lines; bars garble ``ray job logs``.
+    - No per-operator resource reservation (``op_resource_reservation_enabled``). With Ray's
+      default (half the cluster reserved, split between the operators), the fused read+decode
+      operator ran one task at a time on a 2-CPU cluster for most of a pass: measured
+      2026-11-29, 640 generated images in 32 shards, 1.0 of 2 tasks running on average, 440
+      images/s against 730 with the reservation off, at the same CPU per image. The jobs size
+      their operators themselves (``resources.plan_prediction``, ``plan_training``: predictor
+      actors and training workers hold their CPUs from the start), so the reservation only
+      idled cores.
+    """
+    from ray.data import DataContext
+
+    ctx = ctx or DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.op_resource_reservation_enabled = False
+
+
 def decode_image(data: bytes, max_pixels: int = shards.DEFAULT_MAX_PIXELS) -> Image.Image:
     """Bytes -> RGB PIL image (``imagelib.decode_rgb``: the one opener with the pixel limit)."""
     return imagelib.decode_rgb(data, max_pixels)

@@ -13,16 +13,15 @@ from pipeline.synthetic import photo_like  # noqa: F401  (re-exported for the te
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     import ray
-    from ray.data import DataContext
 
-    from pipeline import faults
+    from pipeline import data, faults
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # Ray's workers inherit this, so faults.arm() in a test reaches them (pipeline/faults.py)
     os.environ.setdefault(faults.FAULT_FILE, str(tmp_path_factory.mktemp("faults") / "armed"))
     if not ray.is_initialized():
         ray.init(num_cpus=2, log_to_driver=False)
-    DataContext.get_current().enable_progress_bars = False
+    data.configure_context()
     yield ray
     ray.shutdown()
 
