@@ -24,7 +24,6 @@ path raises with its traceback: a failure here is a finding, not something to su
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import datetime
 import io
 import dataclasses
@@ -202,12 +201,13 @@ def cpu_decode_rate(pool, jpegs: list[bytes], cores: int, sz: Sizes) -> float:
 
 def model_rates(sz: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
     """Images/s of ResNet-18's forward pass alone on a normalised batch already on the device,
-    in the predictor's precision and in fp32 (both channels_last)."""
+    in the predictor's precision and in fp32 (both as the predictor runs them:
+    ``model.for_inference``, BatchNorm folded, channels_last)."""
     torch.manual_seed(0)
     x = torch.randint(0, 256, (sz.batch, 3, CROP, CROP), dtype=torch.uint8, device=device)
     out = {}
     for key, dt in (("model_img_s", dtype), ("model_fp32_img_s", torch.float32)):
-        net = resnet18(num_classes=1000).eval().to(device, dt, memory_format=torch.channels_last)
+        net = modellib.for_inference(resnet18(num_classes=1000), device, dt)
         inp = presets.normalize(x, dt)
         with torch.inference_mode():
             out[key] = best_rate(lambda: net(inp), sz.batch, sz, device)
@@ -334,7 +334,7 @@ def model_equivalence(net_fp32: nn.Module, pil: torch.Tensor, dtype,
                       batch: int) -> tuple[dict, nn.Module]:
     """GPU model in the predictor's precision vs the same weights in fp32 on the CPU; returns
     the figures and the GPU model (row 5b reuses it)."""
-    gpu = copy.deepcopy(net_fp32).to("cuda", dtype, memory_format=torch.channels_last)
+    gpu = modellib.for_inference(net_fp32, "cuda", dtype)  # as the predictor runs it
     p_gpu = probs(gpu, pil, "cuda", dtype, batch)
     p_cpu = probs(net_fp32, pil, "cpu", torch.float32, batch)
     return {"equiv_top1_agree_pct": 100.0 * float((p_gpu.argmax(1) == p_cpu.argmax(1))

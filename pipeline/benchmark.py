@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline import data, presets
+from pipeline import data, model as modellib, presets
 
 
 class PeakMemory:
@@ -166,7 +166,8 @@ def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int,
                       num_classes: int = 1000, repeats: int = CEILING_REPEATS,
                       warmup: int = 3) -> float:
     """Images/s of the model alone on pre-decoded uint8 3x224x224 batches, as the predictor
-    runs it (same dtype, channels_last, threads, batch, normalize, softmax, top-5): the best of
+    runs it (``model.for_inference``: BatchNorm folded, same dtype, channels_last; threads,
+    batch, normalize, softmax, top-5): the best of
     ``repeats`` timed passes of at least ``n`` images each, after ``warmup`` untimed batches
     (oneDNN picks its kernels on the first calls). A ceiling: the fastest this model runs here."""
     from torchvision.models import resnet18
@@ -175,8 +176,7 @@ def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int,
         raise ValueError(f"repeats must be at least 1, not {repeats}")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = resnet18(num_classes=num_classes).eval().to(dtype=dtype,
-                                                         memory_format=torch.channels_last)
+    model = modellib.for_inference(resnet18(num_classes=num_classes), "cpu", dtype)
     x = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
 
     def step():

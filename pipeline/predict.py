@@ -89,11 +89,15 @@ class PredictOptions:
 
 
 class Predictor:
-    """Loads the model once per actor; maps a decoded batch to per-image predictions."""
+    """Loads the model once per actor; maps a decoded batch to per-image predictions.
+
+    ``warmup`` (batch size, crop size): one forward pass on zeros of that shape in the
+    constructor, so the kernel selection of the first call happens while the actor starts."""
 
     def __init__(self, weights: str, data_classes: list[dict], precision: str = "auto",
                  use_gpu: bool | None = None, topk: int = 5, num_threads: int | None = None,
-                 actors_per_node: int = 1, restrict: bool = False):
+                 actors_per_node: int = 1, restrict: bool = False,
+                 warmup: tuple[int, int] | None = None):
         self.calls = 0
         if num_threads is not None:  # 0: this node's cores, shared among its predictor actors
             torch.set_num_threads(num_threads or cpu_threads(actors_per_node))
@@ -103,12 +107,17 @@ class Predictor:
                                                      None if loaded.classes else data_classes)
         self.device = modellib.pick_device(use_gpu)
         self.dtype = modellib.resolve_precision(precision, self.device)
-        self.model = net.eval().to(self.device, self.dtype, memory_format=torch.channels_last)
+        self.model = modellib.for_inference(net, self.device, self.dtype)  # BatchNorm folded
         self.classes, index = scored_classes(data_classes, model_classes, restrict)
         self.output_index = None if index is None else torch.from_numpy(index).to(self.device)
         self.names = np.array([c["name"] for c in self.classes], dtype=object)
         self.label_map = label_map(data_classes, self.classes)
         self.topk = min(topk, len(self.classes))
+        if warmup:  # (batch, crop): oneDNN/cuDNN pick their kernels per shape on the first call
+            b, c = warmup
+            with torch.inference_mode():
+                self.model(presets.normalize(torch.zeros((b, 3, c, c), dtype=torch.uint8,
+                                                         device=self.device), self.dtype))
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -265,7 +274,10 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
                                "topk": opts.topk,
                                "num_threads": None if plan.use_gpu else opts.threads,
                                "actors_per_node": _actors_per_node(plan.actors),
-                               "restrict": restricts(opts.class_subset, manifest.layout)})
+                               "restrict": restricts(opts.class_subset, manifest.layout),
+                               # the first batch's kernel selection (~1 s in bf16 on a CPU)
+                               # done while the actor starts, not on the data's first batch
+                               "warmup": (opts.batch_size, crop_size)})
     return ds, manifest
 
 

@@ -72,3 +72,23 @@ def test_missing_weights_and_offline_default_fail_clearly(tmp_path, monkeypatch)
                         lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
     with pytest.raises(RuntimeError, match="resnet18-f37072fd.pth"):
         modellib.load_weights("DEFAULT")
+
+
+def test_for_inference_folds_batchnorm_and_predicts_the_same():
+    torch.manual_seed(0)
+    net = resnet18(num_classes=10).train()
+    with torch.no_grad():  # BatchNorm statistics away from (0, 1), or folding changes nothing
+        for _ in range(2):
+            net(torch.randn(4, 3, 64, 64) * 3 + 1)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = modellib.for_inference(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 20  # untouched
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    x = torch.randn(6, 3, 64, 64)
+    with torch.inference_mode():
+        ref, out = net(x), folded(x.contiguous(memory_format=torch.channels_last))
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+        bf16 = modellib.for_inference(net, dtype=torch.bfloat16)(x.bfloat16()).float()
+    assert torch.equal(bf16.argmax(1), ref.argmax(1))
