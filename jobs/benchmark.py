@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -32,6 +33,7 @@ DOCS_BEGIN, DOCS_END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
 
 
 MIN_TRAIN_STEPS = 3
+DECODE_REPEATS = 2  # the decode rows: the best of this many passes, stage and PIL loop alike
 
 
 @dataclass(frozen=True)
@@ -193,14 +195,19 @@ def _bench_shard_and_decode(work, small, big, n, r, rows) -> tuple[str, str]:
     cores = min(int(ray.cluster_resources().get("CPU", os.cpu_count())),
                 len(shards.load_manifest(manifest4)["shards"]))
     bench.stream_seconds(manifest)  # warm-up: Ray starts its data workers on the first pass
-    (wall_n, cpu_n), (wall_4n, cpu_4n) = bench.stream_seconds(manifest), \
-        bench.stream_seconds(manifest4)
-    stream = bench.differential_rate(n, wall_n, 4 * n, wall_4n)
+    # The better of two N / 4N pairs, as the PIL loop is the best of its passes: each pass is a
+    # second or two, and one pass of either read 15% apart from the next on a quiet machine.
+    pairs = [(bench.stream_seconds(manifest), bench.stream_seconds(manifest4))
+             for _ in range(DECODE_REPEATS)]
+    stream, (wall_n, cpu_n), (wall_4n, cpu_4n) = max(
+        ((bench.differential_rate(n, a[0], 4 * n, b[0]), a, b) for a, b in pairs),
+        key=lambda t: -1.0 if math.isnan(t[0]) else t[0])  # NaN: that pair measured nothing
     # CPU-seconds per image of the whole stage (driver and Ray processes), steady state: what
     # the stage costs whatever else shares the machine.
     stage_cpu = (cpu_4n - cpu_n) / (3 * n)
-    pil, pil_cpu = bench.pil_decode_rate(sorted(os.path.join(dp, f) for dp, _, fs in
-                                                os.walk(small) for f in fs))
+    pil, pil_cpu = max(bench.pil_decode_rate(sorted(os.path.join(dp, f) for dp, _, fs in
+                                                    os.walk(small) for f in fs))
+                       for _ in range(DECODE_REPEATS))
     fn_cpu = bench.decode_function_cpu(manifest, len(shards.load_manifest(manifest).classes))
     r.update(decode_img_s=stream, decode_cores=cores, pil_img_s=pil,
              decode_img_s_per_core=stream / cores, pil_cpu_ms_per_img=pil_cpu * 1e3,
