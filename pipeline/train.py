@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -371,11 +372,14 @@ def train_loop_per_worker(config: dict) -> None:
                         if failurelib.over_limit(len(failures), attempted, allowed) else "")
         history.append(m)
         if rank == 0:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {m['train_loss']:.3f} "
-                  f"top-1 {m['train_top1']:.1f}% | val top-1 {m['val_top1']:.1f}% top-5 "
-                  f"{m['val_top5']:.1f}% ({m['val_images']} images) | "
-                  f"{m['train_images_per_s']:.0f} train images/s"
-                  + (f" | {len(failures)} failed to decode" if failures else ""), flush=True)
+            # A log record, not print: Ray Train patches print in its workers to log the line
+            # and also prints it when sys.stdout is not sys.__stdout__: every line came twice.
+            logging.getLogger(__name__).info(
+                f"epoch {epoch + 1}/{cfg.epochs}: train loss {m['train_loss']:.3f} "
+                f"top-1 {m['train_top1']:.1f}% | val top-1 {m['val_top1']:.1f}% top-5 "
+                f"{m['val_top5']:.1f}% ({m['val_images']} images) | "
+                f"{m['train_images_per_s']:.0f} train images/s"
+                + (f" | {len(failures)} failed to decode" if failures else ""))
         _report(m, history, failures, model, optimizer, scheduler, scaler, epoch, cfg, rank)
         if m["stopped"]:
             break
