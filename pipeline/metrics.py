@@ -137,6 +137,12 @@ def real_accuracy(df: pd.DataFrame, classes: list[dict], real: list[list[int]]) 
             "real_top5_ci95": percent_interval(top5, n)}
 
 
+def _few_classes(summary: dict) -> str:
+    """The note for a top-5 line over 5 classes or fewer (every class is in every top-5)."""
+    n = len(summary.get("classes") or [])
+    return f"  [{n} classes: every image's top-5 holds every class]" if 0 < n <= 5 else ""
+
+
 def format_table(summary: dict, worst: int = 5) -> str:
     """A short text table of a summary for the terminal."""
     lines = [f"{'samples':<22}{summary['samples']}",
@@ -144,7 +150,7 @@ def format_table(summary: dict, worst: int = 5) -> str:
              f"{'top-1 %':<22}{summary['top1']:.3f}  (95% CI {summary['top1_ci95'][0]:.2f}"
              f"-{summary['top1_ci95'][1]:.2f})",
              f"{'top-5 %':<22}{summary['top5']:.3f}  (95% CI {summary['top5_ci95'][0]:.2f}"
-             f"-{summary['top5_ci95'][1]:.2f})",
+             f"-{summary['top5_ci95'][1]:.2f})" + _few_classes(summary),
              f"{'ECE':<22}{summary['ece']:.4f}"]
     if summary.get("real_samples") == 0:
         lines.append(f"{'ReaL':<22}no image has ReaL labels (keys ILSVRC2012_val_NNNNNNNN "

@@ -98,3 +98,13 @@ def test_history_plot_draws_a_run_with_no_interval():
                       "top5": [100.0, 100.0], "top5_ci95_lo": [90.0, 90.0],
                       "top5_ci95_hi": [100.0, 100.0], "verdict": ["first run", "x"]})
     assert report.plot_history(h)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_terminal_table_says_when_top5_holds_every_class():
+    labels, preds = CASES["all wrong (top-1 0%, top-5 100%: 4 classes)"]
+    summary = metrics.evaluate(_frame(labels, preds, len(CLASSES)), CLASSES)
+    assert "4 classes: every image's top-5 holds every class" in \
+        metrics.format_table(dict(summary, classes=CLASSES))
+    many = [{"index": i, "id": f"n{i:08d}", "name": f"c{i}"} for i in range(6)]
+    summary = metrics.evaluate(_frame(labels, preds, len(many)), many)
+    assert "every class" not in metrics.format_table(dict(summary, classes=many))
