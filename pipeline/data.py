@@ -22,9 +22,9 @@ DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageErro
                Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
-def configure_context(ctx=None) -> None:
-    """The Ray Data settings every job and test runs with, on the driver's ``DataContext``
-    (``ctx``, default the current one), before its datasets are built.
+def configure_context() -> None:
+    """The Ray Data settings every job and test runs with, on the driver's current
+    ``DataContext``, before its datasets are built.
 
     - No progress bars: jobs log their own progress lines; bars garble ``ray job logs``.
     - No per-operator resource reservation (``op_resource_reservation_enabled``). With Ray's
@@ -38,7 +38,7 @@ def configure_context(ctx=None) -> None:
     """
     from ray.data import DataContext
 
-    ctx = ctx or DataContext.get_current()
+    ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.op_resource_reservation_enabled = False
 

@@ -254,3 +254,14 @@ def test_resume_epoch_follows_ray_trains_checkpoint_snapshot(tmp_path):
     (tmp_path / "run" / train.SNAPSHOT_FILE).write_text(json.dumps({"other": "format"}))
     with pytest.raises(ValueError, match="cannot be read"):
         train.resume_epoch(str(tmp_path), "run")
+
+
+def test_jobs_run_ray_data_without_its_operator_reservation(ray_local):
+    # With the reservation on, the fused read+decode stage ran one task at a time on 2 CPUs
+    # (docs/BENCHMARKS.md); every job's init_ray and this fixture call configure_context.
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.op_resource_reservation_enabled, ctx.enable_progress_bars = True, True
+    data.configure_context()
+    assert ctx.op_resource_reservation_enabled is False and ctx.enable_progress_bars is False

@@ -243,7 +243,8 @@ def _checkpoint_epochs(s3) -> dict[str, int]:
 
 def test_finetune_checkpoints_to_the_bucket_and_resumes(s3, trained):
     first, first_ckpts, second = trained
-    assert "epoch 1/1" in first and json.loads(_last_json(first))["epoch"] == 0
+    # once: Ray Train's print patch used to print each epoch line twice
+    assert first.count("epoch 1/1:") == 1 and json.loads(_last_json(first))["epoch"] == 0
     assert sorted(first_ckpts.values()) == [0]
     # the rerun resumed from the S3 checkpoint: it trained epoch 2 only
     assert "epoch 2/2" in second and "epoch 1/2" not in second
