@@ -9,7 +9,8 @@ What it measures, on generated ImageNet-like JPEGs (~500x375, ~110 KB, a few gra
 3. decoding: the project's CPU path (``data.decode_image`` + ``presets.eval_image``) in a
    process pool over every core, against nvJPEG (batched ``torchvision.io.decode_jpeg``) plus
    the same eval preset on the GPU, and how many images nvJPEG could not decode;
-4. one fine-tuning step (``pipeline.train.train_step``: bf16 autocast, SGD with nesterov);
+4. one fine-tuning step (``pipeline.train_worker.train_step`` on ``build_state``'s model and
+   optimizer, jobs.finetune's recipe: bf16 autocast, SGD with nesterov);
 5. equivalence: the GPU bf16 model against the CPU fp32 model (same weights), and nvJPEG +
    GPU preset inputs against PIL + ``presets.eval_image`` inputs.
 
@@ -41,8 +42,9 @@ from torch import nn
 from torchvision.models import resnet18
 
 from jobs import _cli
-from pipeline import data, model as modellib, presets, synthetic, train
-from pipeline.predict import Predictor
+from pipeline import data, machine, model as modellib, presets, synthetic, train_worker
+from pipeline.predict import Predictor, PredictorSpec
+from pipeline.errors import InputError
 
 NOT_MEASURED = "no CUDA device: not measured"
 NIGHTLY_IMAGES, NIGHTLY_NODES = 50_000, 8
@@ -228,7 +230,8 @@ def predictor_batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 def predictor_rate(sz: Sizes, device: torch.device, weights: str) -> tuple[float, str]:
     """Images/s of pipeline.predict.Predictor called on host-memory uint8 batches, and its
     precision."""
-    pred = Predictor(weights, modellib.imagenet_classes(), use_gpu=device.type == "cuda")
+    pred = Predictor(PredictorSpec(weights, modellib.imagenet_classes(),
+                                   use_gpu=device.type == "cuda"))
     batch = predictor_batch(sz.batch)
     out = pred(batch)
     if len(out["pred"]) != sz.batch or (out["pred"] < 0).any():
@@ -239,19 +242,24 @@ def predictor_rate(sz: Sizes, device: torch.device, weights: str) -> tuple[float
 
 
 def train_rate(sz: Sizes, device: torch.device, amp_dtype: torch.dtype) -> float:
-    """Images/s of pipeline.train.train_step with the fine-tuning job's optimizer and loss."""
-    torch.manual_seed(0)
-    net = resnet18(num_classes=1000).to(device, memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(train.param_groups(net, 0.1, 0.1, 1e-4), lr=0.1, momentum=0.9,
-                          nesterov=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # bf16: none
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1, reduction="none")
+    """Images/s of ``train_worker.train_step`` on the state ``train_worker.build_state`` gives
+    jobs.finetune's default recipe (random init, 1000 classes, batch ``sz.batch``, one worker)."""
+    from jobs import finetune
+
+    cfg = dataclasses.replace(
+        finetune.loop_config(finetune.FinetuneConfig(train="-", val="-", weights="none",
+                                                     batch_size=sz.batch)),
+        classes=tuple(modellib.imagenet_classes()), num_classes=1000,
+        train_samples=100 * sz.batch, world_size=1, amp_dtype=amp_dtype)
+    state = train_worker.build_state(cfg, device)
+    state.model.train()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
     images = torch.randint(0, 256, (sz.batch, 3, CROP, CROP), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 1000, (sz.batch,), device=device)
     ok = torch.ones(sz.batch, dtype=torch.bool, device=device)
 
     def step():
-        return train.train_step(net, images, labels, ok, opt, scaler, loss_fn, amp_dtype)
+        return train_worker.train_step(state, images, labels, ok, loss_fn, amp_dtype)
     rate = best_rate(step, sz.batch, sz, device)
     loss, _ = step()
     if not torch.isfinite(loss):
@@ -318,7 +326,7 @@ def reference_net(weights: str) -> nn.Module:
     net, _, replaced = modellib.build_model(modellib.load_weights(weights),
                                             modellib.imagenet_classes())
     if replaced:
-        raise ValueError(f"weights {weights} are not a 1000-class ImageNet model")
+        raise InputError(f"weights {weights} are not a 1000-class ImageNet model")
     return net.eval()
 
 
@@ -375,7 +383,7 @@ def measure(cfg: GpuCheckConfig) -> dict:
          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
          "cores": cores, "quick": cfg.quick, "batch_size": sz.batch, "images": sz.images,
          "repeats": sz.repeats, "equiv_images": sz.equiv_images, "weights": cfg.weights,
-         "precision": modellib.precision_name(dtype)}
+         "precision": modellib.precision_name(dtype), "machine": machine.summary()}
     with decode_pool(cores) as pool:  # CPU work first, before the GPU rows keep a core busy
         jpegs = make_jpegs(pool, sz.images)
         r["cpu_decode_img_s"] = cpu_decode_rate(pool, jpegs, cores, sz)
@@ -450,7 +458,7 @@ def table(r: dict) -> str:
          _rate(r["nvjpeg_img_s"]),
          f"{r['nvjpeg_img_s'] / r['cpu_decode_img_s']:.1f}x CPU decode; {r['nvjpeg_failed']} "
          f"of {r['images']} not decodable" if gpu else ""),
-        (ROW_TRAIN, f"train.train_step, batch {b}, {r['precision']} autocast, SGD nesterov",
+        (ROW_TRAIN, f"train_worker.train_step, batch {b}, {r['precision']} autocast, SGD nesterov",
          _rate(r["train_img_s"]), ""),
         (ROW_EQUIV_MODEL, f"same weights, {r['equiv_images']} images",
          f"top-1 agreement {r['equiv_top1_agree_pct']:.1f}%" if gpu else NOT_MEASURED,
@@ -463,7 +471,8 @@ def table(r: dict) -> str:
     ]
     lines = [f"GPU check on {r['device']}, {r['date']}, torch {r['torch']}, torchvision "
              f"{r['torchvision']}, {cores} CPU cores, weights {r['weights']}"
-             f"{' (--quick: tiny sizes, not comparable)' if r['quick'] else ''}", "",
+             f"{' (--quick: tiny sizes, not comparable)' if r['quick'] else ''}",
+             f"CPU: {machine.describe(r['machine'])}", "",
              "| # | measurement | what | result | compared with |", "|---|---|---|---|---|"]
     lines += [f"| {i} | {name} | {what} | {res} | {cmp} |"
               for i, (name, what, res, cmp) in zip(("1", "2", "3a", "3b", "4", "5a", "5b"), rows)]

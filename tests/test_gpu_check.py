@@ -132,13 +132,15 @@ def test_nightly_estimate_takes_the_slower_of_decode_and_predictor():
 def test_best_rate_times_the_calls_and_keeps_the_best_repeat():
     import torch
 
-    delays = iter([0.0, 0.05, 0.05, 0.02, 0.02])  # warm-up, then two repeats of two calls
+    # warm-up, then two repeats of two calls; sleeps long enough that a busy 2-core machine's
+    # oversleep (a few ms) cannot blur the two repeats (0.4 s and 0.1 s)
+    delays = iter([0.0, 0.2, 0.2, 0.05, 0.05])
 
     def fn():
         time.sleep(next(delays))
     sz = gpu_check.Sizes(batch=4, images=0, equiv_images=0, repeats=2, calls=2, warmup=1)
     rate = gpu_check.best_rate(fn, 4, sz, torch.device("cpu"))
-    assert 8 / 0.06 < rate <= 8 / 0.04  # the faster repeat (2 x 0.02 s), not the mean
+    assert 8 / 0.2 < rate <= 8 / 0.1  # the faster repeat (2 x 0.05 s), not the mean (8 / 0.25)
 
 
 def test_a_broken_jpeg_raises_in_the_decode_worker():

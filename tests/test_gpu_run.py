@@ -1,0 +1,81 @@
+"""The prepared GPU run's pieces that need no GPU and no Ray: the table a run prints and writes
+into docs/BENCHMARKS.md, the image generator, and the bundle script's usage. The whole run was
+rehearsed on the CPU with --quick (docs/BENCHMARKS.md, "The GPU run"); it takes minutes on 2 cores,
+too long for the suites."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from bench import gpu_run
+from jobs import benchmark
+from pipeline import machine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _record(**kw) -> dict:
+    base = {"date": "2026-12-04 23:10 UTC", "command": "python -m bench.gpu_run /tmp/gr",
+            "quick": False, "images": 20000, "train_crop": 224, "cores": 16, "gpus": 1,
+            "gpu": "NVIDIA H200", "torch": "2.11.0", "ray": "2.60.0",
+            "generate_s": 31.0, "machine": machine.summary(), "steps": []}
+    base.update(kw)
+    return base
+
+
+def test_the_table_has_a_row_per_step_with_its_figures_and_names_a_failure():
+    steps = [
+        {"step": "predict", "exit": 0, "expected_exit": 0, "ok": True, "wall_s": 21.0,
+         "samples": 20000, "images_per_s": 1200.0, "steady_images_per_s": 5100.0,
+         "startup_seconds": 12.0, "wall_seconds": 16.0, "precision": "bf16", "failures": 0},
+        {"step": "finetune", "exit": 1, "expected_exit": 0, "ok": False, "wall_s": 80.0,
+         "epochs": [{"epoch": 0, "train_images_per_s": 2000.0,
+                     "train_steady_images_per_s": 3100.0, "train_first_step_seconds": 2.0,
+                     "val_top1": 10.5, "precision": "bf16"}]},
+        {"step": "nightly-2", "exit": 0, "expected_exit": 0, "ok": True, "wall_s": 30.0,
+         "verdict": "no significant change (exit 0)"},
+    ]
+    text = gpu_run.table(_record(steps=steps))
+    lines = text.splitlines()
+    assert lines[0].startswith("GPU run 2026-12-04 23:10 UTC on NVIDIA H200 (1 GPU), CPU ")
+    assert machine.describe() in lines[0] and "`python -m bench.gpu_run /tmp/gr`" in lines[0]
+    rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| step")]
+    assert [r.split(" | ")[0] for r in rows] == ["| predict", "| finetune", "| nightly-2"]
+    assert "5,100.0 img/s steady" in rows[0] and "bf16" in rows[0]
+    assert "| **1** (expected 0) |" in rows[1] and "3,100.0 img/s steady" in rows[1]
+    assert "verdict: no significant change (exit 0)" in rows[2]
+
+
+def test_the_table_goes_between_the_gpu_run_markers_only(tmp_path):
+    doc = tmp_path / "B.md"
+    doc.write_text("intro\n<!-- benchmark:begin -->\nCPU\n<!-- benchmark:end -->\nmiddle\n"
+                   "<!-- gpu-run:begin -->\nold\n<!-- gpu-run:end -->\nend\n")
+    benchmark.write_docs_section(str(doc), "NEW TABLE", gpu_run.DOCS_MARKER)
+    assert doc.read_text() == ("intro\n<!-- benchmark:begin -->\nCPU\n<!-- benchmark:end -->\n"
+                               "middle\n<!-- gpu-run:begin -->\nNEW TABLE\n<!-- gpu-run:end -->"
+                               "\nend\n")
+    text = open(gpu_run.DOCS, encoding="utf-8").read()
+    assert text.count("<!-- gpu-run:begin -->") == text.count("<!-- gpu-run:end -->") == 1
+
+
+def test_the_generator_writes_reproducible_imagenet_sized_jpegs_in_every_class(tmp_path):
+    from PIL import Image
+
+    assert gpu_run.generate(str(tmp_path / "a"), 12, cores=1) > 0
+    gpu_run.generate(str(tmp_path / "b"), 12, cores=1)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
+    assert len(files) == 12 and len({f.parent for f in files}) == gpu_run.NUM_CLASSES
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+        with Image.open(tmp_path / "a" / f) as img:
+            assert img.format == "JPEG" and 300 <= min(img.size) and max(img.size) < 560
+
+
+def test_the_bundle_script_says_how_it_is_used_and_refuses_a_missing_bundle(tmp_path):
+    script = os.path.join(ROOT, "bench", "gpu_bundle.sh")
+    usage = subprocess.run([script], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2 and "bench/gpu_bundle.sh build" in usage.stdout
+    missing = subprocess.run([script, "install", str(tmp_path / "none"), str(tmp_path / "s")],
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "no bundle in" in missing.stderr
