@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from pipeline.errors import PipelineError, UsageError
+from pipeline.errors import USER_ERRORS, UsageError
 
 
 def option(default: Any, help: str, choices=None, required: bool = False):  # noqa: A002
@@ -120,15 +120,11 @@ def dump(obj) -> str:
     return json.dumps(obj, indent=1, default=str)
 
 
-# Bad input, missing files and runs that cannot go on: one clear line, exit 1 (2 for settings
-# that cannot work). Programming errors (RuntimeError from torch, TypeError, ...) keep their
-# traceback: see pipeline/errors.py.
-USER_ERRORS = (PipelineError, ValueError, OSError)
-
-
 def reports_errors(main):
-    """Decorator for a job's main(): user errors become `error: ...` on stderr and exit 1, a
-    UsageError exit 2; RESNET_PIPELINE_DEBUG=1 re-raises them with their traceback."""
+    """Decorator for a job's main(): user errors (``errors.USER_ERRORS``: the project's own
+    types and OSError) become `error: ...` on stderr and exit 1, a UsageError exit 2;
+    RESNET_PIPELINE_DEBUG=1 re-raises them with their traceback. Anything else, a ValueError
+    from numpy or torch included, keeps its traceback: a bug."""
     import functools
 
     @functools.wraps(main)

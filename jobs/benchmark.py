@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from jobs import _cli, finetune, predict as predict_job
-from pipeline import benchmark as bench, model as modellib, shards, sources, synthetic
+from pipeline import benchmark as bench, docsection, machine, model as modellib, shards, sources
+from pipeline import synthetic
 from pipeline import predict as predict_lib
 from pipeline.errors import PipelineError, UsageError
 
@@ -29,7 +30,7 @@ TARGETS = {"decode_per_core_vs_pil": (">=", 0.8), "decode_fn_vs_pil": (">=", 0.9
 CEILING_KEYS = ("eval_vs_ceiling", "eval_fp32_vs_ceiling_fp32")
 MAX_VS_CEILING = 1.02
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "BENCHMARKS.md")
-DOCS_BEGIN, DOCS_END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+DOCS_BEGIN, DOCS_END = docsection.markers("benchmark")
 
 
 MIN_TRAIN_STEPS = 3
@@ -110,20 +111,10 @@ def render_docs_section(header: str, rows: list[str], notes: str) -> str:
                       "|---|---|---|---|---|", *rows, "", notes])
 
 
-def write_docs_section(path: str, section: str) -> None:
-    """Replace what lies between DOCS_BEGIN and DOCS_END in the Markdown file ``path`` with
-    ``section``; ValueError naming the file when it lacks either marker (or has them twice)."""
-    text = open(path, encoding="utf-8").read()
-    if text.count(DOCS_BEGIN) != 1 or text.count(DOCS_END) != 1 or \
-            text.index(DOCS_BEGIN) > text.index(DOCS_END):
-        raise ValueError(f"{path} needs exactly one {DOCS_BEGIN} followed by one {DOCS_END} "
-                         f"for the benchmark to write its section between them")
-    head, rest = text.split(DOCS_BEGIN)
-    _, tail = rest.split(DOCS_END)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(f"{head}{DOCS_BEGIN}\n{section}\n{DOCS_END}{tail}")
-    os.replace(tmp, path)
+def write_docs_section(path: str, section: str, name: str = "benchmark") -> None:
+    """Write ``section`` between section ``name``'s markers (by default DOCS_BEGIN and DOCS_END)
+    in the Markdown file ``path``: ``docsection.write``, which says what it raises."""
+    docsection.write(path, name, section)
 
 
 def train_images(cfg: BenchmarkConfig) -> int:
@@ -164,10 +155,8 @@ def run(cfg: BenchmarkConfig, work: str) -> tuple[dict, list[str]]:
     train_src = os.path.join(work, "train")
     _copy_subset(files[:n_train], src, train_src, big)
     _bench_train(cfg, work, train_src, dtype, r, rows)
-    r["machine"] = {"cores": os.cpu_count(), "cpu": _cpu_name(),
-                    "torch_threads": torch.get_num_threads(),
+    r["machine"] = {**machine.summary(), "torch_threads": torch.get_num_threads(),
                     "precision": modellib.precision_name(dtype),
-                    "python": platform.python_version(), "torch": torch.__version__,
                     "images": n, "train_images": n_train}
     return r, rows
 
@@ -211,7 +200,7 @@ def _bench_decode(work, small, big, huge, manifest, n, r, rows) -> None:
     m4, m16 = os.path.join(d4, "val.json"), os.path.join(d16, "val.json")
     # The cores the stage may use: Ray's CPUs (one decode task each), at most one per shard.
     cores = min(int(ray.cluster_resources().get("CPU", os.cpu_count())),
-                len(shards.load_manifest(m16)["shards"]))
+                len(shards.load_manifest(m16).shards))
     bench.stream_seconds(m4)  # warm-up: Ray starts its data workers on the first pass
     # The better of two 4N / 16N pairs, as the PIL loop is the best of its passes: one pass of
     # either read 15% apart from the next on a quiet machine.
@@ -329,11 +318,12 @@ def _bench_train(cfg, work, train_src, dtype, r, rows) -> None:
     # reporting cost, not gloo on one machine). Steady state, like the plain loop: from the end
     # of each epoch's first step; the first step's wait is reported apart.
     cores = os.cpu_count()
-    out = finetune.run(finetune.FinetuneConfig(
+    job = finetune.FinetuneConfig(
         train=os.path.join(work, "st", "train.json"), val=os.path.join(work, "st", "val.json"),
         weights="none", epochs=3, num_workers=1, cpus_per_worker=max(1, cores - 1), threads=cores,
         storage_path=os.path.join(work, "runs"), name="bench", batch_size=cfg.batch_size,
-        crop_size=cfg.train_crop, shuffle_buffer=64))
+        crop_size=cfg.train_crop, shuffle_buffer=64)
+    out = finetune.run(job)
     steady = [h["train_steady_images_per_s"] for h in out["history"][1:]]  # epoch 1: warm-up
     train_img_s = sum(steady) / len(steady)
     if not train_img_s > 0:
@@ -342,24 +332,16 @@ def _bench_train(cfg, work, train_src, dtype, r, rows) -> None:
     files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(train_src) for f in fs)
     classes = sorted({os.path.basename(os.path.dirname(f)) for f in files})
     labels = [classes.index(os.path.basename(os.path.dirname(f))) for f in files]
-    plain = bench.plain_train_rate(files, labels, len(classes), cfg.train_crop, cfg.batch_size,
-                                   dtype, cores, epochs=2)
+    loop = dataclasses.replace(  # the job's recipe, resolved as its one worker resolves it
+        finetune.loop_config(job), classes=tuple(tm["classes"]), num_classes=len(classes),
+        train_samples=len(files), world_size=1, amp_dtype=dtype)
+    plain = bench.plain_train_rate(files, labels, loop, cores, epochs=2)
     r.update(train_img_s=train_img_s, train_plain_img_s=plain,
              train_epoch_img_s=out["history"][-1]["train_images_per_s"],
              train_first_step_s=out["history"][-1]["train_first_step_seconds"])
     rows.append(_row(f"train (Ray Train, 1 worker x {cores} threads vs 1 process, batch "
                      f"{cfg.batch_size}), crop {cfg.train_crop}",
                      train_img_s, plain, "train_vs_plain", r))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def command_line(argv) -> str:
@@ -386,8 +368,8 @@ def main(argv=None) -> int:
              date_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              wall_s=time.monotonic() - t0, command=command_line(argv))
     results["targets"] = target_summary(results)
-    header = (f"Measured {m['date_utc']} on {m['cores']} cores ({m['cpu']}; torch "
-              f"{m['torch']}, {m['precision']}), `{m['command']}`, {m['wall_s']:.0f} s, "
+    header = (f"Measured {m['date_utc']} on {machine.describe(m)} (torch {m['torch']}, "
+              f"{m['precision']}), `{m['command']}`, {m['wall_s']:.0f} s, "
               f"N = {m['images']} images (evaluation: {4 * m['images']} and "
               f"{16 * m['images']}); 1-minute load average {m['load_avg_1min_start']:.1f} "
               f"at the start and {m['load_avg_1min_end']:.1f} at the end (a load above the core "

@@ -23,7 +23,7 @@ class EvaluateConfig:
 def main(argv=None) -> int:
     cfg = _cli.parse(EvaluateConfig, argv, "evaluate")
     summary_path = storage.join(cfg.out, "summary.json")
-    old = json.loads(storage.read_text(summary_path)) if storage.exists(summary_path) else {}
+    old = storage.read_json(summary_path) if storage.exists(summary_path) else {}
     df = metrics.read_predictions(cfg.out)
     classes = old.get("classes") or _classes(df)
     new = metrics.evaluate(df, classes)

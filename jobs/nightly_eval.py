@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import nightly, predict, published
+from pipeline import nightly, predict, regression
 
 
 @dataclass(frozen=True)
@@ -59,44 +59,45 @@ class NightlyConfig(predict.PredictOptions):
     progress: bool = _cli.option(False, "show a progress bar (off: cron logs stay readable)")
 
 
-def run(cfg: NightlyConfig) -> nightly.NightlyResult:
+@dataclass(frozen=True)
+class Checked:
+    """What the flags resolve to before Ray starts: the sets, the published figures to check
+    (torchvision's and --published's) and the regression rule."""
+    sets: list
+    published_table: list
+    rule: regression.RegressionRule
+
+
+def check(cfg: NightlyConfig) -> Checked:
+    """Every setting and file that can be checked without Ray, each once: UsageError (exit 2)
+    for values that cannot work, SuiteError (exit 2) for sets or files that are not there."""
+    rule = regression.RegressionRule(cfg.alpha, cfg.min_effect, cfg.fidelity_tolerance)
     sets = nightly.parse_sets(cfg.data, cfg.real_labels)
-    table = published.BUILTIN + (published.load_table(cfg.published) if cfg.published else [])
+    return Checked(sets, nightly.check_inputs(sets, cfg.weights, cfg.published), rule)
+
+
+def run(cfg: NightlyConfig, checked: Checked) -> nightly.NightlyResult:
+    """``nightly.run_nightly`` over the checked suite (on the Ray cluster the job joined)."""
     opts = dataclasses.replace(predict.PredictOptions.of(cfg), real_labels="")
     return nightly.run_nightly(
-        sets, cfg.weights, cfg.history, baseline=cfg.baseline, alpha=cfg.alpha,
-        min_effect=cfg.min_effect, latest=cfg.latest, top_n=cfg.top_n, config=_cli.to_dict(cfg),
-        predict_options=opts, published_table=table,
-        fidelity_tolerance=cfg.fidelity_tolerance)
+        checked.sets, cfg.weights, cfg.history, baseline=cfg.baseline, rule=checked.rule,
+        latest=cfg.latest, top_n=cfg.top_n, config=_cli.to_dict(cfg), predict_options=opts,
+        published_table=checked.published_table)
 
 
 @_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(NightlyConfig, argv, "nightly_eval")
-    if not 0 < cfg.alpha <= 1 or cfg.min_effect < 0 or cfg.fidelity_tolerance < 0:
-        print("error: --alpha must be in (0, 1], --min-effect and --fidelity-tolerance >= 0",
-              file=sys.stderr)
-        return nightly.EXIT_USAGE
-    try:
-        nightly.check_inputs(nightly.parse_sets(cfg.data, cfg.real_labels), cfg.weights)
-        if cfg.published:
-            published.load_table(cfg.published)
-    except (nightly.SuiteError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return nightly.EXIT_USAGE
+    checked = check(cfg)  # exit 2 before Ray starts
     _cli.setup_logging()
     _cli.init_ray()
-    try:
-        result = run(cfg)
-    except nightly.BaselineNotFound as e:
-        print(f"error: {e}", file=sys.stderr)
-        return nightly.EXIT_USAGE
-    print(nightly.format_result(result, cfg.alpha, cfg.min_effect))
+    result = run(cfg, checked)  # an unknown --baseline: exit 2 before predicting
+    print(nightly.format_result(result, checked.rule))
     for r in result.sets:
         if r.error:
             print(f"error: set {r.name}: {r.error}", file=sys.stderr)
         for c in r.comparisons:
-            if c.outcome == nightly.NOT_COMPARABLE:
+            if c.outcome == regression.NOT_COMPARABLE:
                 print(f"error: set {r.name}: refusing to compare with {c.role} run "
                       f"{c.reference_run_id}: {c.reason}", file=sys.stderr)
         for f in r.fidelity:

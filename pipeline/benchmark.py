@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline import data, model as modellib, presets
+from pipeline.errors import InputError
 
 
 class PeakMemory:
@@ -111,7 +112,7 @@ def raw_batches(manifest_path: str, batch_size: int = 64) -> list[dict]:
 def decode_function_cpu(manifest_path: str, num_classes: int, batch_size: int = 64,
                         repeats: int = 2) -> float:
     """CPU-seconds per image inside the decode stage's function (``data.decode_batch``, eval
-    mode), called in this thread on the raw batches of a manifest, without Ray: the per-image
+    transform), called in this thread on the raw batches of a manifest, without Ray: the per-image
     cost of the stage, apart from what Ray Data adds around it. Best of ``repeats`` passes."""
     batches = raw_batches(manifest_path, batch_size)
     n = sum(len(b["__key__"]) for b in batches)
@@ -119,7 +120,7 @@ def decode_function_cpu(manifest_path: str, num_classes: int, batch_size: int = 
     for _ in range(repeats):
         c0 = time.thread_time()
         for b in batches:
-            data.decode_batch(b, mode="eval", num_classes=num_classes)
+            data.decode_batch(b, presets.EvalTransform(), num_classes=num_classes)
         best = min(best, (time.thread_time() - c0) / n)
     return best
 
@@ -143,7 +144,7 @@ def stream_seconds(manifest: str, batch_size: int = 64) -> tuple[float, float]:
     """One full pass of the Ray Data decode stage over a manifest: (wall seconds, CPU-seconds
     of the driver and every Ray process it started, ``family_cpu_seconds``)."""
     t0, c0 = time.monotonic(), family_cpu_seconds()
-    ds, _ = data.read_decoded(manifest, batch_size=batch_size)
+    ds, _ = data.read_decoded(manifest, presets.EvalTransform(), data.ReadPlan(batch_size))
     for _ in ds.iter_batches(batch_size=None, batch_format="numpy"):
         pass
     return time.monotonic() - t0, family_cpu_seconds() - c0
@@ -173,7 +174,7 @@ def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int,
     from torchvision.models import resnet18
 
     if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, not {repeats}")
+        raise InputError(f"repeats must be at least 1, not {repeats}")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = modellib.for_inference(resnet18(num_classes=num_classes), "cpu", dtype)
@@ -218,30 +219,32 @@ def eval_baseline_rate(root: str, batch_size: int, workers: int, threads: int,
     return n / (time.monotonic() - t0)
 
 
-def plain_train_rate(files: list[str], labels: list[int], num_classes: int, crop: int,
-                     batch_size: int, dtype: torch.dtype, threads: int, epochs: int = 1) -> float:
-    """Images/s of a single-process loop with the job's settings: PIL decode, the same
-    RandomResizedCrop + flip (``presets.train_image``), SGD + autocast, channels_last."""
+def plain_train_rate(files: list[str], labels: list[int], cfg, threads: int,
+                     epochs: int = 1) -> float:
+    """Images/s of a single-process loop with the job's settings and without Ray: PIL decode,
+    the same RandomResizedCrop + flip (``presets.TrainTransform``), the job's model, optimizer
+    and schedule (``train_worker.build_state`` from ``cfg``, a resolved ``LoopConfig`` with
+    ``amp_dtype`` set) and its step (``train_worker.train_step``)."""
     from PIL import Image
-    from torchvision.models import resnet18
+
+    from pipeline import train_worker
 
     torch.set_num_threads(threads)
-    model = resnet18(num_classes=num_classes).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    state = train_worker.build_state(cfg, torch.device("cpu"))
+    state.model.train()
+    transform = presets.TrainTransform(cfg.crop_size, seed=0, min_scale=cfg.min_crop_scale)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
     n, t0 = 0, None
     for epoch in range(epochs):
         order = np.random.default_rng(epoch).permutation(len(files))
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            x = torch.from_numpy(np.stack([presets.train_image(
-                Image.open(files[j]).convert("RGB"), crop, key=files[j], seed=0, epoch=epoch)
-                for j in idx]))
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                loss = loss_fn(model(presets.normalize(x)).float(), torch.tensor([labels[j] for j in idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            x = torch.from_numpy(np.stack([transform(Image.open(files[j]).convert("RGB"),
+                                                     files[j], epoch) for j in idx]))
+            train_worker.train_step(state, x, torch.tensor([labels[j] for j in idx]),
+                                    torch.ones(len(idx), dtype=torch.bool), loss_fn,
+                                    cfg.amp_dtype)
+            state.scheduler.step()
             if t0 is None:
                 t0 = time.monotonic()
             else:

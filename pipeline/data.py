@@ -11,15 +11,16 @@ Rows: ``key`` str, ``label`` int64, ``image`` uint8 3xHxW, ``error`` str ("" whe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from pipeline import faults, images as imagelib, presets, shards
+from pipeline import faults, images as imagelib, presets, ray_compat, shards
 
-# What counts as bad data, not a bug: recorded per sample, never raised.
-DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError,
-               Image.DecompressionBombError, Image.DecompressionBombWarning)
+# What counts as bad data, not a bug: recorded per sample, never raised (``images.DECODE_ERRORS``,
+# the one list; UnidentifiedImageError is an OSError).
+DATA_ERRORS = imagelib.DECODE_ERRORS
 
 
 def configure_context() -> None:
@@ -63,64 +64,49 @@ def _columns(batch) -> tuple[int, dict]:
     return (len(next(iter(cols.values()))) if cols else 0), cols
 
 
-def _epoch() -> int:
-    """How many times Ray Data has executed this dataset before (0 outside Ray Data): the epoch
-    of a dataset that is iterated once per epoch. Ray keeps the count in the DataContext it hands
-    each task (a private field, also what reseeds ``FileShuffleConfig``)."""
-    try:
-        from ray.data import DataContext
-    except ImportError:
-        return 0
-    return int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
+Transform = presets.EvalTransform | presets.TrainTransform  # what decode_batch applies
 
 
-def decode_batch(batch, *, mode: str, num_classes: int, resize_size: int = presets.RESIZE_SIZE,
-                 crop_size: int = presets.CROP_SIZE, max_pixels: int = shards.DEFAULT_MAX_PIXELS,
-                 device: str = "cpu", seed: int = 0, epoch: int | None = None,
-                 epoch_offset: int = 0, min_crop_scale: float = 0.08) -> dict[str, np.ndarray]:
-    """Raw WebDataset rows -> decoded rows (contract 2); ``mode`` is "eval" or "train".
+def decode_batch(batch, transform: Transform, *, num_classes: int,
+                 max_pixels: int = shards.DEFAULT_MAX_PIXELS, device: str = "cpu",
+                 epoch: int | None = None) -> dict[str, np.ndarray]:
+    """Raw WebDataset rows -> decoded rows (contract 2), each image through ``transform``.
 
     ``batch``: Ray Data's numpy format (a dict of equal-length arrays: ``__key__``,
     ``__url__``, ``cls`` and the image member as bytes, None where a row lacks a column) or a
-    pandas DataFrame of the same columns. Returns ``key`` (object, N), ``label`` (int64 N, -1
-    when unknown), ``image`` (uint8 N x 3 x crop_size x crop_size), ``error`` (object N, "" when
-    decoded) and ``shard`` (object N).
+    pandas DataFrame of the same columns. ``transform``: a ``presets.EvalTransform`` (the eval
+    preset) or ``presets.TrainTransform`` (RandomResizedCrop + flip from (seed, epoch, key)),
+    called with each decoded image, its key and the epoch: ``epoch`` when given, else what the
+    transform makes of Ray Data's execution count of this dataset
+    (``ray_compat.execution_count``). Returns ``key`` (object, N), ``label`` (int64 N, -1 when
+    unknown), ``image`` (uint8 N x 3 x crop x crop), ``error`` (object N, "" when decoded) and
+    ``shard`` (object N).
 
-    eval: the eval preset (``presets.eval_image``: shorter side to ``resize_size``, centre crop).
-    train: RandomResizedCrop + flip drawn from the whole image per (``seed``, epoch, key)
-    (``presets.train_image``); the epoch is ``epoch`` when given, else ``epoch_offset`` plus the
-    number of times Ray Data has already executed this dataset (``_epoch``).
-    ``device="cuda"`` (eval) decodes the batch's JPEGs with nvJPEG where a GPU is present
-    (pixels near-identical to PIL's, not bit-identical: a throughput option, not the reference
-    path); anything it cannot decode, and every image on a machine without a GPU, takes the PIL
-    path. Programming errors (TypeError, ...) raise; bad data is recorded in ``error``.
+    ``device="cuda"`` decodes the batch's JPEGs with nvJPEG where a GPU is present and applies
+    the transform to the GPU tensor (``transform.on_tensor``: pixels near-identical to PIL's,
+    not bit-identical: a throughput option, not the reference path); anything it cannot decode,
+    and every image on a machine without a GPU, takes the PIL path. Programming errors
+    (TypeError, ...) raise; bad data is recorded in ``error``.
     """
     faults.hold("decode_batch")  # (tests) a decode task held on a node that is then lost
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be 'eval' or 'train', not {mode!r}")
     n, cols = _columns(batch)
-    images = np.zeros((n, 3, crop_size, crop_size), dtype=np.uint8)
+    crop = transform.crop_size
+    images = np.zeros((n, 3, crop, crop), dtype=np.uint8)
     labels = np.full(n, -1, dtype=np.int64)
     errors = np.full(n, "", dtype=object)
     names = list(cols)
     rows = [dict(zip(names, values)) for values in zip(*cols.values())]
-    if mode == "train" and epoch is None:
-        epoch = epoch_offset + _epoch()
-    done = _gpu_decode(rows, images, num_classes, mode, resize_size, crop_size, max_pixels) \
-        if device == "cuda" and mode == "eval" else set()
+    if epoch is None:
+        epoch = transform.epoch(ray_compat.execution_count)  # only a train transform asks
+    done = _gpu_decode(rows, images, transform, epoch, num_classes, max_pixels) \
+        if device == "cuda" else set()
     for i, row in enumerate(rows):
         if i in done:
             labels[i] = int(row["cls"])
             continue
         try:
             data, labels[i] = _sample_image(row, num_classes)
-            img = decode_image(data, max_pixels)
-            if mode == "eval":
-                images[i] = presets.eval_image(img, resize_size, crop_size)
-            else:
-                images[i] = presets.train_image(img, crop_size, key=str(row["__key__"]),
-                                                seed=seed, epoch=epoch,
-                                                min_scale=min_crop_scale)
+            images[i] = transform(decode_image(data, max_pixels), str(row["__key__"]), epoch)
         except DATA_ERRORS as e:
             errors[i] = f"{type(e).__name__}: {e}"
     return {"key": np.array([str(r["__key__"]) for r in rows], dtype=object),
@@ -148,14 +134,15 @@ def _within_limit(data: bytes, max_pixels: int) -> bool:
         return False
 
 
-def _gpu_decode(rows, images, num_classes, mode, resize_size, crop_size, max_pixels) -> set[int]:
-    """Decode the well-formed JPEG rows on the GPU into ``images``; return their indices."""
+def _gpu_decode(rows, images, transform: Transform, epoch: int, num_classes: int,
+                max_pixels: int) -> set[int]:
+    """Decode the well-formed JPEG rows with nvJPEG, transform them on the GPU
+    (``transform.on_tensor``) into ``images``; return their indices (none without a GPU)."""
     import torch
 
     if not torch.cuda.is_available():
         return set()
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import functional as TF
 
     todo = []
     for i, row in enumerate(rows):
@@ -171,52 +158,55 @@ def _gpu_decode(rows, images, num_classes, mode, resize_size, crop_size, max_pix
             img = decode_jpeg(raw, mode=ImageReadMode.RGB, device="cuda")
         except RuntimeError:
             continue  # CMYK, progressive corner cases, damage: PIL decides
-        img = TF.resize(img, [resize_size], antialias=True)
-        img = TF.center_crop(img, [crop_size])
-        images[i] = img.cpu().numpy()
+        images[i] = transform.on_tensor(img, str(rows[i]["__key__"]), epoch).cpu().numpy()
         done.add(i)
     return done
 
 
-def read_decoded(manifest_path: str, *, mode: str = "eval", resize_size: int | None = None,
-                 crop_size: int = presets.CROP_SIZE, batch_size: int = 64,
-                 concurrency: int | None = None, shuffle_seed: int | None = None,
-                 num_cpus: float = 1.0, decode_device: str = "cpu", num_gpus: float = 0.0,
-                 augment_seed: int = 0, first_epoch: int = 0, min_crop_scale: float = 0.08):
-    """A Ray Dataset of decoded batches (contract 2: uint8 3 x crop_size x crop_size images) for
-    the shards a manifest lists, and the manifest.
+@dataclass(frozen=True)
+class ReadPlan:
+    """How the fused read + decode stage runs: ``batch_size`` rows per decoded batch; each task
+    reserves ``num_cpus`` (and ``num_gpus`` where ``device`` is "cuda": nvJPEG); at most
+    ``concurrency`` tasks at once (None: Ray Data decides); ``shuffle_seed`` (train) shuffles
+    the shard order afresh, reproducibly, on each execution (None: manifest order)."""
+    batch_size: int = 64
+    num_cpus: float = 1.0
+    concurrency: int | None = None
+    device: str = "cpu"
+    num_gpus: float = 0.0
+    shuffle_seed: int | None = None
 
-    ``shuffle_seed`` (train) shuffles the shard order afresh, reproducibly, on each execution.
+
+def read_decoded(manifest_path: str, transform: Transform, plan: ReadPlan = ReadPlan()):
+    """A Ray Dataset of decoded batches (contract 2: uint8 3 x crop x crop images, through
+    ``transform``) for the shards a manifest lists, laid out as ``plan`` says; and the manifest.
+
     Ray counts executions from 0 in each new run, so a resumed run must fold its resume point
-    into the seed (``train.shuffle_seed``) or it replays epoch 0's order.
-    ``mode="train"`` crops each image as ``decode_batch`` says, drawn from (``augment_seed``,
-    ``first_epoch`` + the execution count, key): iterate the dataset once per epoch, and pass a
-    resumed run's first epoch as ``first_epoch``.
+    into ``plan.shuffle_seed`` (``train.shuffle_seed``) or it replays epoch 0's order, and give
+    a ``presets.TrainTransform`` its first epoch as ``epoch_offset``; iterate a train dataset
+    once per epoch.
     """
     import ray
-    from ray.data import FileShuffleConfig
+    from ray.data import FileShuffleConfig, TaskPoolStrategy
 
     manifest = shards.load_manifest(manifest_path)
     paths = manifest.shard_paths
     shuffle = None
-    if shuffle_seed is not None:
-        shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    if plan.shuffle_seed is not None:
+        shuffle = FileShuffleConfig(seed=plan.shuffle_seed, reseed_after_execution=True)
     # Read tasks reserve what the decode tasks reserve (Ray's default is one CPU each): the
     # two then fuse, and a plan that left the data stage a fraction of a CPU cannot wait
     # forever on a read task (resources.py).
     ds = ray.data.read_webdataset(paths, decoder=None, shuffle=shuffle,
-                                  override_num_blocks=len(paths), num_cpus=num_cpus)
-    if resize_size is None:
-        resize_size = presets.resize_for(crop_size)
+                                  override_num_blocks=len(paths), num_cpus=plan.num_cpus)
     # Whole read blocks into the decode function, which yields batch_size rows at a time: Ray
     # Data then fuses read and decode into one task (measured on 2 cores: 0.2-0.4 ms less CPU per
     # image, of ~3.2, than read tasks handing 64-row pandas batches to separate decode tasks).
     ds = ds.map_batches(
-        decode_blocks, batch_format="numpy", batch_size=None, concurrency=concurrency,
-        num_cpus=num_cpus, num_gpus=num_gpus if decode_device == "cuda" else 0.0,
-        fn_kwargs={"batch_size": batch_size, "mode": mode, "num_classes": len(manifest.classes),
-                   "device": decode_device,
-                   "resize_size": resize_size, "crop_size": crop_size,
-                   "max_pixels": manifest.max_pixels, "seed": augment_seed,
-                   "epoch_offset": first_epoch, "min_crop_scale": min_crop_scale})
+        decode_blocks, batch_format="numpy", batch_size=None,
+        compute=TaskPoolStrategy(size=plan.concurrency),
+        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus if plan.device == "cuda" else 0.0,
+        fn_kwargs={"batch_size": plan.batch_size, "transform": transform,
+                   "num_classes": len(manifest.classes), "device": plan.device,
+                   "max_pixels": manifest.max_pixels})
     return ds, manifest

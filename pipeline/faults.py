@@ -5,9 +5,11 @@ Two kinds of point, both inert unless a test arms them:
 * ``point(name)``: with ``RESNET_PIPELINE_FAULT=<name>`` in the environment, the process ends
   there with exit status 17, as a crash would (no cleanup, no atexit). For a job's own process
   (the driver): the tests start it as a subprocess with that variable.
-* ``hold(name)``: with ``RESNET_PIPELINE_HOLD=<name>:<path>``, the process creates
+* ``hold(name)``: with ``RESNET_PIPELINE_HOLD=<name>:<path>``, or armed in the fault file
+  (``arm_hold``, for the Ray workers of a cluster already running), the process creates
   ``<path>.reached`` there and waits until ``<path>`` exists: a test holds a job at a known
-  point (a run holding its output's lease) while it starts another.
+  point (a run holding its output's lease, Train workers after a checkpoint) while it starts
+  another or kills something.
 * ``storage_filesystem(fs)``: with ``RESNET_PIPELINE_STORAGE_FAULTS=rate=R,seed=S[,ops=A|B]
   [,after=N][,log=PATH]``, every object-store filesystem ``storage.resolve`` hands out fails a
   share R of its calls (of the methods named in ``ops``; all of them by default; only after
@@ -44,15 +46,29 @@ HOLD = "RESNET_PIPELINE_HOLD"
 
 def hold(name: str, timeout: float = 600.0) -> None:
     """Wait here (polling every 0.1 s, at most ``timeout`` seconds) while RESNET_PIPELINE_HOLD
-    names ``name``: create ``<path>.reached``, then return once ``<path>`` exists."""
+    names ``name``, or ``arm_hold`` armed it: create ``<path>.reached``, then return once
+    ``<path>`` exists."""
     spec = os.environ.get(HOLD, "")
-    if not spec.startswith(name + ":"):
+    path = spec[len(name) + 1:] if spec.startswith(name + ":") else _armed_hold(name)
+    if not path:
         return
-    path = spec[len(name) + 1:]
     open(path + ".reached", "w").close()
     deadline = time.monotonic() + timeout
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def _armed_hold(name: str) -> str:
+    """The gate path ``arm_hold`` armed for ``name`` in the fault file, or ""."""
+    path = os.environ.get(FAULT_FILE)
+    if not path or not os.path.exists(path):
+        return ""
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except (OSError, ValueError):  # being rewritten by the test: not armed yet
+        return ""
+    return str(spec.get("gate", "")) if spec.get("hold") == name else ""
 
 
 def kill_once(name: str, **where) -> None:
@@ -74,6 +90,13 @@ def arm(name: str, marker: str, **where) -> None:
     """(Tests) Arm ``kill_once(name, **where)``; ``marker`` is created when it fires."""
     with open(os.environ[FAULT_FILE], "w") as f:
         json.dump({"point": name, "marker": marker, **where}, f)
+
+
+def arm_hold(name: str, gate: str) -> None:
+    """(Tests) Arm ``hold(name)`` with gate ``gate`` for every process of the cluster whose
+    environment names the fault file (instead of any ``kill_once`` fault)."""
+    with open(os.environ[FAULT_FILE], "w") as f:
+        json.dump({"hold": name, "gate": gate}, f)
 
 
 def disarm() -> None:

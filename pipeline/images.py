@@ -18,6 +18,8 @@ import warnings
 
 from PIL import Image
 
+from pipeline.errors import InputError
+
 # Real format (PIL's name) -> member extension in a shard. MPO (a JPEG followed by more JPEG
 # frames) is stored as jpg: decoders read its first frame. PPM is PIL's name for every Netpbm
 # file (.pbm, .pgm, .ppm).
@@ -29,7 +31,13 @@ JPEG_FORMATS = ("JPEG", "MPO")
 DEFAULT_MAX_PIXELS = 89_478_485
 
 
-class TooManyPixels(ValueError):
+# What counts as bad image data, not a bug, wherever images are opened (the shard job's checks,
+# the decode stage, jobs.classify): PIL raises these for damaged, truncated or unknown files.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+                 Image.DecompressionBombWarning)
+
+
+class TooManyPixels(InputError):
     """An image over the pixel limit (a possible decompression bomb)."""
 
 

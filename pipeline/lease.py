@@ -43,7 +43,7 @@ import time
 import uuid
 
 from pipeline import storage
-from pipeline.errors import PipelineError
+from pipeline.errors import InputError, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +194,7 @@ class _LocalBackend:
         gens = self._gens()
         if not gens or gens[-1] != gen:
             return None
-        tmp = f"{self.path}.new-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._name(gen))
+        storage.write_bytes_atomic(self._name(gen), body)  # a hidden temporary file, renamed
         return gen, body
 
     def delete(self, token) -> None:
@@ -338,7 +333,7 @@ class Lease:
 
     def __init__(self, out: str, run_id: str, seconds: float = DEFAULT_SECONDS):
         if seconds <= 0:
-            raise ValueError(f"a lease period must be positive, not {seconds} s")
+            raise InputError(f"a lease period must be positive, not {seconds} s")
         self.out, self.run_id, self.seconds = out, run_id, float(seconds)
         self.backend = _backend(out)
         self.started = time.time()

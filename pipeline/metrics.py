@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import storage
+from pipeline.errors import InputError
 
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -68,7 +69,7 @@ def evaluate(df: pd.DataFrame, classes: list[dict], top_pairs: int = 10) -> dict
     df = df[df["label"] >= 0]
     n = len(df)
     if n == 0:
-        raise ValueError("no labelled predictions to evaluate")
+        raise InputError("no labelled predictions to evaluate")
     top1 = df["top1_correct"].astype(bool).to_numpy()
     top5 = df["top5_correct"].astype(bool).to_numpy()
     names = {c["index"]: c["name"] for c in classes}
@@ -105,14 +106,14 @@ def real_accuracy(df: pd.DataFrame, classes: list[dict], real: list[list[int]]) 
     right when its prediction (any of its top 5) is one of its labels, compared by wnid. Images
     whose list is empty, and keys that are no val image, are left out of these figures only.
     Returns ``real_top1``/``real_top5`` (percent, None when nothing is scored), their 95% Wilson
-    intervals and ``real_samples``. ValueError when ``classes`` are not ImageNet wnids or a key's
+    intervals and ``real_samples``. InputError when ``classes`` are not ImageNet wnids or a key's
     number lies past the end of ``real``."""
     from pipeline import sources
 
     position = {w: i for i, w in enumerate(sources.imagenet_wnids())}
     ids = [c["id"] for c in classes]
     if not set(ids) <= position.keys():
-        raise ValueError(f"ReaL labels are ImageNet classes, but the model's classes are not "
+        raise InputError(f"ReaL labels are ImageNet classes, but the model's classes are not "
                          f"ImageNet wnids (e.g. {[i for i in ids if i not in position][:3]})")
     to_real = np.array([position[i] for i in ids], dtype=np.int64)
     top1 = top5 = n = 0
@@ -122,7 +123,7 @@ def real_accuracy(df: pd.DataFrame, classes: list[dict], real: list[list[int]]) 
             continue
         number = int(m.group(1))
         if not 1 <= number <= len(real):
-            raise ValueError(f"image {key}: ReaL labels hold {len(real)} entries, not "
+            raise InputError(f"image {key}: ReaL labels hold {len(real)} entries, not "
                              f"{number}")
         right = set(real[number - 1])
         if not right:

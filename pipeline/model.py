@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
 from pipeline import presets, sources, storage
-from pipeline.errors import PipelineError
+from pipeline.errors import InputError, PipelineError
 
 TORCHVISION_WEIGHTS = {"DEFAULT": ResNet18_Weights.DEFAULT,
                        "IMAGENET1K_V1": ResNet18_Weights.IMAGENET1K_V1}
@@ -48,13 +48,6 @@ class LoadedWeights:
     config: dict | None = None
     source: str = ""
 
-    def __getitem__(self, key: str):
-        """Mapping access for callers written when this was a dict (``extra`` holds the
-        preset and the training config)."""
-        if key == "extra":
-            return {k: v for k, v in (("preset", self.preset), ("config", self.config)) if v}
-        return getattr(self, key)
-
     @property
     def eval_preset(self) -> presets.Preset:
         """The ``presets.Preset`` these weights were trained at; torchvision's (resize 256, crop 224
@@ -66,7 +59,7 @@ def load_weights(spec: str) -> LoadedWeights:
     """Resolve ``spec``: DEFAULT/IMAGENET1K_V1 (torchvision's, from the hub cache or
     downloaded), ``none`` (random init) or a file (this project's model.pt or a bare
     state_dict), loaded with ``torch.load(weights_only=True)``. Raises FileNotFoundError for a
-    spec that is none of these, ValueError for a file that cannot be loaded safely or is neither
+    spec that is none of these, InputError for a file that cannot be loaded safely or is neither
     format, PipelineError when torchvision's weights cannot be had (offline)."""
     if spec.lower() == "none":
         return LoadedWeights(None, None, "resnet18-random-init", source=spec)
@@ -79,7 +72,7 @@ def load_weights(spec: str) -> LoadedWeights:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled code: that is the point
-        raise ValueError(f"weights file {spec} cannot be loaded safely "
+        raise InputError(f"weights file {spec} cannot be loaded safely "
                          f"(torch.load weights_only=True): {str(e).splitlines()[0]}") from None
     sha = hashlib.sha256(data).hexdigest()
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
@@ -90,7 +83,7 @@ def load_weights(spec: str) -> LoadedWeights:
         fc = obj.get("fc.weight")
         classes = imagenet_classes() if fc is not None and fc.shape[0] == 1000 else None
         return LoadedWeights(obj, classes, os.path.basename(spec), sha, source=spec)
-    raise ValueError(f"weights file {spec} is neither a state_dict nor a {MODEL_FORMAT} file")
+    raise InputError(f"weights file {spec} is neither a state_dict nor a {MODEL_FORMAT} file")
 
 
 def _load_torchvision(spec: str) -> LoadedWeights:
@@ -122,13 +115,13 @@ def build_model(weights: LoadedWeights, classes: list[dict] | None
             [{"index": i, "id": str(i), "name": str(i)} for i in range(n)]
     target = classes or w_classes
     if target is None:
-        raise ValueError("random-init weights need the data's class list")
+        raise InputError("random-init weights need the data's class list")
     model = resnet18(num_classes=len(w_classes) if state is not None else len(target))
     if state is not None:
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"weights {weights.source or weights.model_id} do not fit "
+            raise InputError(f"weights {weights.source or weights.model_id} do not fit "
                              f"ResNet-18 with "
                              f"{len(w_classes)} classes: {str(e).splitlines()[-1].strip()}") from None
     replaced = state is not None and [c["id"] for c in target] != [c["id"] for c in w_classes]
@@ -184,13 +177,15 @@ def pick_device(use_gpu: bool | None = None) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """The autocast dtype for ``precision`` ("auto", "fp32", "bf16", "fp16") on ``device``.
-    auto: bf16 where the hardware runs it natively (CUDA with bf16, oneDNN CPUs with bf16),
-    fp16 on CUDA GPUs without bf16, fp32 otherwise. Raises KeyError for another name."""
+    auto: bf16 where the hardware runs it natively (CUDA with bf16, oneDNN CPUs with bf16:
+    AVX-512 bf16 or AMX; ``machine.native_cpu_bf16``, which RESNET_PIPELINE_CPU_BF16=0 turns
+    off), fp16 on CUDA GPUs without bf16, fp32 otherwise. Raises KeyError for another name."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if torch.backends.mkldnn.is_available() and \
-            torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        from pipeline import machine
+
+        return torch.bfloat16 if machine.native_cpu_bf16() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

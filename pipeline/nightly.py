@@ -1,128 +1,39 @@
-"""Nightly evaluation over a suite of sets: predict, record, test for regressions and drift.
+"""Nightly evaluation over a suite of sets: predict each set, compare, record, check, report.
+The suite and the run live here; the statistics (McNemar, verdicts, exit codes, the regression
+rule) in ``pipeline.regression``; the history rows in ``pipeline.history``.
 
 Layout under a history folder (local or a URI):
 
-    HISTORY/history/<run_id>--<set>.parquet  one row (HISTORY_SCHEMA) per set per run, each
-                                     written once and never rewritten: two runs at once both
-                                     land. Read the folder as one table (``read_history``,
-                                     pandas ``read_parquet("HISTORY/history")``, DuckDB
-                                     ``read_parquet('HISTORY/history/*.parquet', union_by_name=true)``)
+    HISTORY/history/<run_id>--<set>.parquet  one row per set per run (``pipeline.history``)
     HISTORY/runs/<run_id>/<set>/     a normal prediction folder (jobs.predict --out layout) per set
     HISTORY/runs/<run_id>/           nightly.json, report.md and report.html for the whole run
     HISTORY/latest.html              a copy of the newest report
 
-A history.parquet from before (one rewritten table) is moved into HISTORY/history/ on first use,
-rows unchanged (``migrate_history``).
-
-Each set of a run is compared with that set's previous run (its last history row) and, when one
-is pinned, with a baseline run. The comparison is paired: per-image top-1 correctness joined on the image key,
-tested with McNemar's exact test (a two-sided binomial test on the discordant pairs). A change
-counts as significant only when p < alpha AND the top-1 change exceeds ``min_effect``
-percentage points: with ImageNet's 50,000 images tiny drops reach significance, and with a
-handful of images large drops do not, so either condition alone would mislead.
+Each set of a run is compared with that set's previous run (its last history row over the same
+data) and, when one is pinned, with a baseline run, image by image (``regression``).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
-from scipy.stats import binomtest
 
 from pipeline import metrics, storage
-from pipeline.errors import PipelineError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REGRESSION, EXIT_NOT_COMPARABLE = 0, 1, 2, 3, 4
-EXIT_FIDELITY = 5
-
-FIRST_RUN = "first run"
-NO_CHANGE = "no significant change"
-IMPROVEMENT = "significant improvement"
-REGRESSION = "significant regression"
-NOT_COMPARABLE = "not comparable"
-FAILED = "failed"
-FIDELITY = "pipeline fidelity failure"
-# The overall verdict is the most severe outcome of the comparisons, over every set. A measured
-# regression outranks a refused comparison and a set that failed: it is the alarm the nightly
-# job exists to raise. A published accuracy outside the measured interval outranks everything:
-# the pipeline itself is off, so no figure of the run can be trusted.
-SEVERITY = [FIRST_RUN, NO_CHANGE, IMPROVEMENT, NOT_COMPARABLE, FAILED, REGRESSION, FIDELITY]
-EXIT_CODES = {FIRST_RUN: EXIT_OK, NO_CHANGE: EXIT_OK, IMPROVEMENT: EXIT_OK,
-              NOT_COMPARABLE: EXIT_NOT_COMPARABLE, FAILED: EXIT_FAILED,
-              REGRESSION: EXIT_REGRESSION, FIDELITY: EXIT_FIDELITY}
-
-HISTORY_SCHEMA = pa.schema([
-    ("date", pa.timestamp("ms", tz="UTC")),  # Parquet has no seconds unit
-    ("run_id", pa.string()),
-    ("dataset", pa.string()),        # the set's NAME (--data NAME=MANIFEST)
-    ("dataset_kind", pa.string()),   # imagenet-val, imagenet-v2, -r, -a, -sketch or ''
-    ("scored_over", pa.string()),    # "model classes", or "data classes" for a subset set
-    ("model_id", pa.string()),
-    ("weights_sha256", pa.string()),
-    ("data_manifest", pa.string()),
-    ("data_manifest_sha256", pa.string()),
-    ("data_fingerprint", pa.string()),  # shards.data_fingerprint: the data, wherever it lives
-    ("code_version", pa.string()),
-    ("samples", pa.int64()),
-    ("failures", pa.int64()),
-    ("top1", pa.float64()),
-    ("top1_ci95_lo", pa.float64()),
-    ("top1_ci95_hi", pa.float64()),
-    ("top5", pa.float64()),
-    ("top5_ci95_lo", pa.float64()),
-    ("top5_ci95_hi", pa.float64()),
-    ("real_samples", pa.int64()),    # ImageNet-ReaL: images with a non-empty label list
-    ("real_top1", pa.float64()),
-    ("real_top1_ci95_lo", pa.float64()),
-    ("real_top1_ci95_hi", pa.float64()),
-    ("real_top5", pa.float64()),
-    ("published_top1", pa.float64()),       # the published figures checked (fidelity)
-    ("published_real_top1", pa.float64()),
-    ("published_source", pa.string()),
-    ("fidelity", pa.string()),       # "ok", "failed", or null when no published figure applies
-    ("precision", pa.string()),
-    ("wall_seconds", pa.float64()),
-    ("images_per_s", pa.float64()),
-    ("predictions_dir", pa.string()),
-    ("previous_run_id", pa.string()),
-    ("top1_delta_vs_previous", pa.float64()),
-    ("p_vs_previous", pa.float64()),
-    ("baseline_run_id", pa.string()),
-    ("top1_delta_vs_baseline", pa.float64()),
-    ("p_vs_baseline", pa.float64()),
-    ("alpha", pa.float64()),
-    ("min_effect", pa.float64()),
-    ("verdict", pa.string()),
-])
+from pipeline.errors import USER_ERRORS, UsageError
+from pipeline.history import (HISTORY_SCHEMA, append_history, check_baseline, history_row,
+                              read_history, references)
+from pipeline.regression import (FAILED, FIDELITY, NOT_COMPARABLE, Comparison, RegressionRule,
+                                 comparability_problem, compare_correctness, comparison_dicts,
+                                 describe, exit_code, worst)
 
 
-class BaselineNotFound(ValueError):
-    """--baseline names a run id that the history table does not hold."""
-
-
-class SuiteError(ValueError):
-    """A --data / --real-labels argument that names no set, or a set twice."""
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """This run against one reference run. Percentages are over the paired images only."""
-    role: str                      # "previous" or "baseline"
-    reference_run_id: str
-    outcome: str                   # NO_CHANGE, IMPROVEMENT, REGRESSION or NOT_COMPARABLE
-    paired: int = 0
-    reference_top1: float = float("nan")
-    top1: float = float("nan")
-    delta_pp: float = float("nan")  # this run minus the reference, percentage points
-    lost: int = 0                  # b: right in the reference, wrong now
-    gained: int = 0                # c: wrong in the reference, right now
-    p_value: float = float("nan")
-    reason: str = ""               # why a comparison was refused
+class SuiteError(UsageError):
+    """A --data / --real-labels / --weights argument that names no set, a set twice, or a file
+    that is not there (exit 2, before anything starts)."""
 
 
 def new_run_id() -> str:
@@ -130,77 +41,6 @@ def new_run_id() -> str:
     from pipeline import publish
 
     return publish.new_run_id()
-
-
-def mcnemar_exact(lost: int, gained: int) -> float:
-    """Two-sided exact McNemar p-value: binomial test of b against b + c at p = 1/2."""
-    if lost + gained == 0:
-        return 1.0  # no discordant pair: no evidence of any change
-    return float(binomtest(lost, lost + gained, 0.5, alternative="two-sided").pvalue)
-
-
-def classify(p_value: float, delta_pp: float, alpha: float, min_effect: float) -> str:
-    """Significant only when p < alpha AND |top-1 change| > min_effect percentage points."""
-    if p_value < alpha and abs(delta_pp) > min_effect:
-        return REGRESSION if delta_pp < 0 else IMPROVEMENT
-    return NO_CHANGE
-
-
-def compare_correctness(reference: pd.Series, current: pd.Series, alpha: float,
-                        min_effect: float, role: str = "previous",
-                        reference_run_id: str = "") -> Comparison:
-    """Paired comparison of two boolean top-1 correctness series indexed by image key."""
-    both = pd.concat([reference.rename("ref"), current.rename("cur")], axis=1,
-                     join="inner").astype(bool)
-    n = len(both)
-    if n == 0:
-        return Comparison(role, reference_run_id, NOT_COMPARABLE,
-                          reason="the two runs share no image key")
-    lost = int((both["ref"] & ~both["cur"]).sum())
-    gained = int((~both["ref"] & both["cur"]).sum())
-    ref_top1, cur_top1 = 100.0 * both["ref"].mean(), 100.0 * both["cur"].mean()
-    p = mcnemar_exact(lost, gained)
-    delta = cur_top1 - ref_top1
-    return Comparison(role, reference_run_id, classify(p, delta, alpha, min_effect), n,
-                      ref_top1, cur_top1, delta, lost, gained, p)
-
-
-def same_data(current: dict, reference: dict) -> bool:
-    """Whether two runs scored the same data: the same ``data_fingerprint`` (the shards' sha256,
-    the classes and the split, wherever the files live) where both runs recorded one, else the
-    same manifest sha256 (rows written before the fingerprint existed)."""
-    a, b = current.get("data_fingerprint"), reference.get("data_fingerprint")
-    if a and b and isinstance(b, str):
-        return a == b
-    return current["data_manifest_sha256"] == reference["data_manifest_sha256"]
-
-
-def comparability_problem(current: dict, reference: dict) -> str:
-    """Why two runs cannot be compared image by image ('' when they can)."""
-    if same_data(current, reference):
-        return ""
-    return (f"different data manifests: this run {current['run_id']} used "
-            f"{current['data_manifest']} (sha256 {current['data_manifest_sha256']}), "
-            f"run {reference['run_id']} used {reference['data_manifest']} "
-            f"(sha256 {reference['data_manifest_sha256']}). A paired per-image test needs the "
-            f"same images; pin a --baseline run over this manifest, or evaluate on the old one")
-
-
-def overall_verdict(comparisons: list[Comparison]) -> str:
-    """The most severe outcome; FIRST_RUN when there was nothing to compare with."""
-    return worst([c.outcome for c in comparisons])
-
-
-def worst(verdicts) -> str:
-    """The most severe of ``verdicts`` (SEVERITY order); FIRST_RUN when there are none."""
-    return max(verdicts, key=SEVERITY.index, default=FIRST_RUN)
-
-
-def exit_code(verdict: str) -> int:
-    """The process exit status for an overall verdict (EXIT_CODES: 0 for a first run, no change or
-    an improvement, 1 when a set failed, 3 for a regression, 4 when not comparable, 5 for a
-    pipeline fidelity failure); KeyError for an unknown verdict."""
-    return EXIT_CODES[verdict]
 
 
 # --- the evaluation suite ----------------------------------------------------------------------
@@ -260,11 +100,13 @@ def parse_sets(data: list[str] | tuple[str, ...], real_labels=()) -> list[EvalSe
     return list(sets.values())
 
 
-def check_inputs(sets: list[EvalSet], weights: str) -> None:
+def check_inputs(sets: list[EvalSet], weights: str, published_file: str = "") -> list:
     """The files a run names, checked before anything starts (``jobs.nightly_eval`` exits 2):
     every set's manifest exists, ``weights`` is DEFAULT, IMAGENET1K_V1, none or an existing
-    file, and every ``--real-labels`` file loads. SuiteError naming the flag and the path."""
-    from pipeline import predict
+    file, every ``--real-labels`` file loads, and so does ``published_file`` (``--published``,
+    '' for none). Returns the published figures to check (``published.BUILTIN`` and the
+    file's); SuiteError naming the flag and the path."""
+    from pipeline import predict, published
 
     for s in sets:
         if not storage.exists(s.manifest):
@@ -280,152 +122,14 @@ def check_inputs(sets: list[EvalSet], weights: str) -> None:
     if weights.upper() not in ("DEFAULT", "IMAGENET1K_V1", "NONE") and not storage.exists(weights):
         raise SuiteError(f"--weights {weights}: not DEFAULT, IMAGENET1K_V1, none, nor an "
                          f"existing file")
-
-
-# --- the history: one file per set per run, never rewritten ------------------------------------
-
-LEGACY_HISTORY = "history.parquet"  # the single rewritten table of earlier versions
-
-
-def history_dir(history: str) -> str:
-    """Where the history rows live: ``HISTORY/history/`` (a local path or a URI)."""
-    return storage.join(history, "history")
-
-
-def _table_bytes(table: pa.Table) -> bytes:
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    return buf.getvalue().to_pybytes()
-
-
-def migrate_history(history: str) -> bool:
-    """Move an earlier version's ``HISTORY/history.parquet`` into ``HISTORY/history/`` as one file
-    (``legacy-history.parquet``; each row gets ``dataset`` = its manifest's file stem, as a bare
-    ``--data MANIFEST`` is named now) and rename the old file to ``history.parquet.migrated``.
-    Safe to run by two jobs at once: both write the same bytes. Returns whether it migrated."""
-    legacy = storage.join(history, LEGACY_HISTORY)
-    if not storage.exists(legacy):
-        return False
-    old = pq.read_table(io.BytesIO(storage.read_bytes(legacy))).to_pandas()
-    if "dataset" not in old.columns:
-        old["dataset"] = [storage.basename(m).rsplit(".", 1)[0] for m in old["data_manifest"]]
-    rows = old.reindex(columns=HISTORY_SCHEMA.names).to_dict("records")
-    rows = [{k: (None if v is pd.NaT or (isinstance(v, float) and v != v) else v)
-             for k, v in r.items()} for r in rows]
-    table = pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
-    storage.write_bytes_atomic(storage.join(history_dir(history), "legacy-history.parquet"),
-                               _table_bytes(table))
     try:
-        storage.write_bytes_atomic(legacy + ".migrated", storage.read_bytes(legacy))
-        storage.delete_file(legacy)
-    except FileNotFoundError:
-        pass  # another run migrated it at the same time
-    return True
+        return published.BUILTIN + (published.load_table(published_file) if published_file
+                                    else [])
+    except USER_ERRORS as e:
+        raise SuiteError(str(e).splitlines()[0]) from None
 
 
-def read_history(history: str) -> pd.DataFrame:
-    """Every history row, oldest first (by date, then run id and set name); empty, with the
-    schema's columns, before the first run. Migrates a legacy history.parquet first."""
-    import pyarrow.dataset as pads
-
-    migrate_history(history)
-    folder = history_dir(history)
-    if not storage.exists(folder):
-        return HISTORY_SCHEMA.empty_table().to_pandas()
-    fs, p = storage.resolve(folder)
-    # the schema is given: files written before a column was added read it as null
-    table = pads.dataset(p, filesystem=fs, format="parquet", schema=HISTORY_SCHEMA).to_table()
-    df = table.to_pandas()
-    return df.sort_values(["date", "run_id", "dataset"], kind="stable").reset_index(drop=True)
-
-
-def append_history(history: str, row: dict) -> str:
-    """Record one row as its own file, ``HISTORY/history/<run_id>--<dataset>.parquet``, written
-    once (no read-modify-write: concurrent runs cannot lose each other's rows). Returns the
-    path. ValueError when that file exists already (a run id and set recorded twice)."""
-    path = storage.join(history_dir(history), f"{row['run_id']}--{row['dataset']}.parquet")
-    if storage.exists(path):
-        raise ValueError(f"{path} exists: run {row['run_id']} already recorded set "
-                         f"{row['dataset']}")
-    storage.write_bytes_atomic(path, _table_bytes(pa.Table.from_pylist([row],
-                                                                       schema=HISTORY_SCHEMA)))
-    return path
-
-
-def history_row(run_id: str, summary: dict, predictions_dir: str,
-                comparisons: list[Comparison], verdict: str, alpha: float,
-                min_effect: float, dataset: str = "", kind: str = "",
-                fidelity: list | None = None) -> dict:
-    """One history row from a set's summary.json, its comparisons and fidelity checks."""
-    by_role = {c.role: c for c in comparisons}
-    prev, base = by_role.get("previous"), by_role.get("baseline")
-    date = pd.Timestamp(summary["started_at"]).to_pydatetime()
-    real = summary.get("real_top1_ci95", [None, None])
-    checked = {f.metric: f for f in fidelity or []}
-    return {
-        "date": date, "run_id": run_id, "dataset": dataset, "dataset_kind": kind,
-        "scored_over": summary.get("scored_over"), "model_id": summary["model_id"],
-        "weights_sha256": summary["weights_sha256"],
-        "data_manifest": summary["data_manifest"],
-        "data_manifest_sha256": summary["data_manifest_sha256"],
-        "data_fingerprint": summary.get("data_fingerprint"),
-        "code_version": summary["code_version"], "samples": summary["samples"],
-        "failures": summary["failures"], "top1": summary["top1"],
-        "top1_ci95_lo": summary["top1_ci95"][0], "top1_ci95_hi": summary["top1_ci95"][1],
-        "top5": summary["top5"],
-        "top5_ci95_lo": summary["top5_ci95"][0], "top5_ci95_hi": summary["top5_ci95"][1],
-        "real_samples": summary.get("real_samples"),
-        "real_top1": _finite(summary.get("real_top1")),
-        "real_top1_ci95_lo": _finite(real[0]), "real_top1_ci95_hi": _finite(real[1]),
-        "real_top5": _finite(summary.get("real_top5")),
-        "published_top1": checked["top1"].published if "top1" in checked else None,
-        "published_real_top1": (checked["real_top1"].published if "real_top1" in checked
-                                else None),
-        "published_source": "; ".join(dict.fromkeys(f.source for f in fidelity or [])) or None,
-        "fidelity": None if not fidelity else ("ok" if all(f.ok for f in fidelity)
-                                               else "failed"),
-        "precision": summary["precision"], "wall_seconds": summary["wall_seconds"],
-        "images_per_s": summary["images_per_s"], "predictions_dir": predictions_dir,
-        "previous_run_id": prev.reference_run_id if prev else None,
-        "top1_delta_vs_previous": _finite(prev.delta_pp) if prev else None,
-        "p_vs_previous": _finite(prev.p_value) if prev else None,
-        "baseline_run_id": base.reference_run_id if base else None,
-        "top1_delta_vs_baseline": _finite(base.delta_pp) if base else None,
-        "p_vs_baseline": _finite(base.p_value) if base else None,
-        "alpha": alpha, "min_effect": min_effect, "verdict": verdict,
-    }
-
-
-def _finite(x: float | None) -> float | None:
-    return None if x is None or x != x else x  # NaN (a refused comparison) is stored as null
-
-
-def check_baseline(history: pd.DataFrame, baseline: str) -> None:
-    """BaselineNotFound when ``baseline`` is set and no history row has that run id."""
-    if baseline and not (history["run_id"] == baseline).any():
-        known = ", ".join(dict.fromkeys(history["run_id"].tail(10))) or "none yet"
-        raise BaselineNotFound(f"--baseline {baseline} is not in the history table "
-                               f"(latest run ids: {known})")
-
-
-def references(history: pd.DataFrame, baseline: str, dataset: str,
-               current: dict | None = None) -> list[tuple[str, dict | None]]:
-    """(role, history row) of set ``dataset``'s previous run and of the pinned baseline run, if
-    any (``check_baseline`` has vetted its id); the baseline's row is None when that run did not
-    evaluate this set. With ``current`` (this run's summary), the previous run is the latest one
-    over the same data (``same_data``), so one night on other data does not make the next night
-    not comparable too; when no earlier run used this data, it is the latest run (and the
-    comparison says why it cannot be made)."""
-    rows = history[history["dataset"] == dataset].to_dict("records")
-    refs: list[tuple[str, dict | None]] = []
-    if rows:
-        same = [r for r in rows if current is not None and same_data(current, r)]
-        refs.append(("previous", (same or rows)[-1]))
-    if baseline:
-        pinned = [r for r in rows if r["run_id"] == baseline]
-        refs.append(("baseline", pinned[-1] if pinned else None))
-    return refs
-
+# --- comparing a set's run with the history -----------------------------------------------
 
 def load_correctness(predictions_dir: str) -> pd.Series:
     """Per-image top-1 correctness of a published prediction folder, indexed by key."""
@@ -435,19 +139,19 @@ def load_correctness(predictions_dir: str) -> pd.Series:
 
 
 def compare_with(role: str, ref: dict, current_meta: dict, current: pd.Series,
-                 alpha: float, min_effect: float) -> Comparison:
+                 rule: RegressionRule) -> Comparison:
     """Compare this run with one history row, refusing runs over different data."""
     problem = comparability_problem(current_meta, ref)
     if problem:
         return Comparison(role, ref["run_id"], NOT_COMPARABLE, reason=problem)
-    return compare_correctness(load_correctness(ref["predictions_dir"]), current, alpha,
-                               min_effect, role, ref["run_id"])
+    return compare_correctness(load_correctness(ref["predictions_dir"]), current, rule, role,
+                               ref["run_id"])
 
 
 def read_summary(predictions_dir: str) -> dict:
     """A prediction folder's summary.json as a dict (``run_prediction``'s summary), read whether or
-    not the folder holds _SUCCESS. FileNotFoundError when it is missing, ValueError for bad JSON."""
-    return json.loads(storage.read_text(storage.join(predictions_dir, "summary.json")))
+    not the folder holds _SUCCESS. FileNotFoundError when it is missing, InputError for bad JSON."""
+    return storage.read_json(storage.join(predictions_dir, "summary.json"))
 
 
 def _strict(obj):
@@ -468,22 +172,6 @@ def write_run_record(run_dir: str, record: dict) -> None:
     storage.write_text_atomic(storage.join(run_dir, "nightly.json"),
                               json.dumps(_strict(record), indent=1, default=str,
                                          allow_nan=False))
-
-
-def comparison_dicts(comparisons: list[Comparison]) -> list[dict]:
-    """The comparisons as plain dicts (``dataclasses.asdict``; NaN where a figure was not measured),
-    for nightly.json and the report."""
-    return [asdict(c) for c in comparisons]
-
-
-def describe(c: Comparison, alpha: float, min_effect: float) -> str:
-    """One line per comparison for the terminal."""
-    if c.outcome == NOT_COMPARABLE:
-        return f"vs {c.role} run {c.reference_run_id}: NOT COMPARABLE: {c.reason}"
-    return (f"vs {c.role} run {c.reference_run_id}: top-1 {c.reference_top1:.2f}% -> "
-            f"{c.top1:.2f}% ({c.delta_pp:+.2f} pp over {c.paired} paired images; "
-            f"lost {c.lost}, gained {c.gained}; McNemar exact p={c.p_value:.3g}): "
-            f"{c.outcome} (rule: p < {alpha:g} and |change| > {min_effect:g} pp)")
 
 
 # --- the whole nightly run ---------------------------------------------------------------------
@@ -528,25 +216,25 @@ class NightlyResult:
 
 
 def run_nightly(data, weights: str, history: str, *, baseline: str = "",
-                alpha: float = 0.01, min_effect: float = 0.5, latest: bool = True,
-                top_n: int = 10, config: dict | None = None, predict_options=None,
-                published_table: list | None = None,
-                fidelity_tolerance: float = 0.05) -> NightlyResult:
+                rule: RegressionRule = RegressionRule(), latest: bool = True, top_n: int = 10,
+                config: dict | None = None, predict_options=None,
+                published_table: list | None = None) -> NightlyResult:
     """Predict each set into HISTORY/runs/<run_id>/<set>, compare, record, check, report.
 
     ``data``: a manifest path (one set, named after the file) or a list of ``EvalSet``.
     ``predict_options`` (a ``predict.PredictOptions``; default: its defaults) go to
     ``pipeline.predict.run_prediction`` unchanged but for each set's ``real_labels``;
     ``published_table`` (default ``published.BUILTIN``) holds the published figures checked,
-    each within the measured 95% interval widened by ``fidelity_tolerance`` percentage points.
+    each within the measured 95% interval widened by ``rule.fidelity_tolerance`` percentage
+    points; ``rule`` also says when a change is significant (``regression.RegressionRule``).
     ``config`` (the job's resolved config) is recorded in nightly.json. Raises
-    BaselineNotFound (before predicting) and what ``run_prediction`` raises for resources;
+    ``history.BaselineNotFound`` (before predicting) and what ``run_prediction`` raises for
+    resources;
     a set whose data or weights fail is recorded as failed and the others still run.
     """
     import dataclasses
 
     from pipeline import predict, published, shards
-    from pipeline.errors import UsageError
 
     sets = parse_sets([data]) if isinstance(data, str) else list(data)
     table = published.BUILTIN if published_table is None else published_table
@@ -565,7 +253,7 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
                                              dataclasses.replace(opts, real_labels=s.real_labels))
         except UsageError:
             raise
-        except (PipelineError, ValueError, OSError) as e:  # FailedSamples too: not recorded
+        except USER_ERRORS as e:  # FailedSamples too: not recorded (a bug still raises)
             results.append(SetResult(s.name, kind, out, None, [], [], FAILED,
                                      str(e).strip().splitlines()[0]))
             continue
@@ -574,20 +262,20 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
         refs = references(old, baseline, s.name, meta)
         notes = [f"baseline run {baseline} did not evaluate set {s.name!r}: compared with its "
                  f"previous run only" for role, ref in refs if ref is None]
-        comparisons = [compare_with(role, ref, meta, current, alpha, min_effect)
+        comparisons = [compare_with(role, ref, meta, current, rule)
                        for role, ref in refs if ref is not None]
-        fidelity = published.check(summary, kind, s.name, table, fidelity_tolerance)
+        fidelity = published.check(summary, kind, s.name, table, rule.fidelity_tolerance)
         verdict = worst([c.outcome for c in comparisons]
                         + [FIDELITY for f in fidelity if not f.ok])
-        rows.append(history_row(run_id, summary, out, comparisons, verdict, alpha, min_effect,
-                                s.name, kind, fidelity))
+        rows.append(history_row(run_id, summary, out, comparisons, verdict, rule, s.name, kind,
+                                fidelity))
         append_history(history, rows[-1])
         results.append(SetResult(s.name, kind, out, summary, comparisons, fidelity, verdict,
                                  notes=notes))
     verdict = worst(r.verdict for r in results)
     write_run_record(run_dir, {
         "run_id": run_id, "verdict": verdict, "exit_code": exit_code(verdict),
-        "alpha": alpha, "min_effect": min_effect, "fidelity_tolerance": fidelity_tolerance,
+        **asdict(rule),  # alpha, min_effect, fidelity_tolerance
         "sets": [{"name": r.name, "kind": r.kind, "predictions_dir": r.run_dir,
                   "prediction_run_id": (r.summary or {}).get("run_id"), "verdict": r.verdict,
                   "error": r.error, "notes": r.notes,
@@ -597,16 +285,18 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
     # the history as this run knows it: what it read, and its own rows (no second read)
     table = pd.concat([old, pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA).to_pandas()],
                       ignore_index=True) if rows else old
-    md, page = _write_reports(run_id, run_dir, history, table, results, verdict, alpha,
-                              min_effect, latest, top_n)
+    md, page = _write_reports(run_id, run_dir, table, results, verdict, rule,
+                              storage.join(history, "latest.html") if latest else None, top_n)
     return NightlyResult(run_id, run_dir, results, verdict, exit_code(verdict), md, page)
 
 
-def _write_reports(run_id, run_dir, history, table, results, verdict, alpha, min_effect, latest,
-                   top_n) -> tuple[str, str]:
+def _write_reports(run_id: str, run_dir: str, table: pd.DataFrame, results: list[SetResult],
+                   verdict: str, rule: RegressionRule, latest: str | None,
+                   top_n: int) -> tuple[str, str]:
+    """report.md and report.html of the run (and a copy of the page at ``latest``)."""
     from pipeline import report
 
-    sections = [report.suite_section(run_id, results, verdict, alpha, min_effect)]
+    sections = [report.suite_section(run_id, results, verdict, rule)]
     for r in results:
         if r.summary is None:
             sections.append(report.Section(f"{r.name}: failed", r.error))
@@ -620,16 +310,14 @@ def _write_reports(run_id, run_dir, history, table, results, verdict, alpha, min
                          & (table["dataset"] == r.name)]
             prev_summary = read_summary(rows["predictions_dir"].iloc[-1])
         own = table[table["dataset"] == r.name]
-        sections += report.build_sections(run_id, r.summary, own, comparison_dicts(r.comparisons),
-                                          r.verdict, alpha, min_effect, prev_summary,
-                                          prev.reference_run_id if prev else "", top_n,
-                                          prefix=f"{r.name}: " if len(results) > 1 else "",
-                                          fidelity=r.fidelity)
+        sections += report.build_sections(
+            run_id, r, own, rule, (prev_summary, prev.reference_run_id if prev else ""), top_n,
+            prefix=f"{r.name}: " if len(results) > 1 else "")
     return report.write_report(run_dir, f"Nightly evaluation {run_id}: {verdict}", sections,
-                               storage.join(history, "latest.html") if latest else None)
+                               latest)
 
 
-def format_result(result: NightlyResult, alpha: float, min_effect: float) -> str:
+def format_result(result: NightlyResult, rule: RegressionRule) -> str:
     """The terminal summary: per set its metrics, comparisons and fidelity checks, then the
     verdict and where the outputs are."""
     lines = []
@@ -639,12 +327,11 @@ def format_result(result: NightlyResult, alpha: float, min_effect: float) -> str
             lines.append(f"failed: {r.error}")
             continue
         lines.append(metrics.format_table(r.summary))
-        lines += [describe(c, alpha, min_effect) for c in r.comparisons] or [
+        lines += [describe(c, rule) for c in r.comparisons] or [
             "no earlier run to compare with"]
         lines += [f.describe() for f in r.fidelity] + r.notes
     lines += [f"run {result.run_id}",
               f"verdict: {result.verdict} (exit {result.exit_code}); significance rule: "
-              f"McNemar exact p < alpha={alpha:g} AND |top-1 change| > min-effect="
-              f"{min_effect:g} pp",
+              f"{rule.describe()}",
               f"predictions: {result.run_dir}/<set>/, report: {result.report_html}"]
     return "\n".join(lines)

@@ -2,17 +2,10 @@
 
 Decoded batches flow through ``map_batches(Predictor)`` on an actor pool (one GPU per actor
 where GPUs exist). The driver streams the small per-image results into a staging folder, checks
-rows + decode failures = manifest samples with no duplicate key, then publishes:
-
-    OUT/predictions/part-*.parquet   one row per decoded image
-    OUT/failures.parquet             key, shard, error for each sample that failed to decode
-    OUT/summary.json                 metrics and run metadata
-    OUT/_SUCCESS                     written last; readers trust OUT only when it is there
-
-Publishing moves the old set to OUT/_previous, moves the new one in, writes _SUCCESS, then
-deletes _previous. A run that dies before that leaves the previous set untouched; one that dies
-inside it is rolled back by the next run (``recover``). Moves are renames on a local disk and
-copies + deletes on an object store; the protocol holds for both (see ``recover``).
+rows + decode failures = manifest samples with no duplicate key, then publishes it: OUT's
+layout (predictions/, failures.parquet with ``failures.COLUMNS``, summary.json, _SUCCESS) and
+the switch that makes it appear exactly once are ``pipeline.publish``'s, the one statement of
+the protocol; one run at a time writes into OUT under ``pipeline.lease``.
 """
 
 from __future__ import annotations
@@ -32,7 +25,7 @@ import torch
 from pipeline import data, faults, model as modellib, presets, publish, shards, storage
 from pipeline import lease as leaselib
 from pipeline import failures as failurelib
-from pipeline.errors import PipelineError, UsageError
+from pipeline.errors import InputError, PipelineError, UsageError
 from pipeline.version import code_version
 
 ROWS_PER_FILE = 100_000
@@ -88,33 +81,50 @@ class PredictOptions:
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
+@dataclasses.dataclass(frozen=True)
+class PredictorSpec:
+    """What each predictor actor is built from (Ray pickles it to every actor): the weights
+    (``model.load_weights``'s spec) and the data's classes; ``precision`` and ``use_gpu`` (None:
+    a GPU whenever there is one) as ``PredictOptions`` has them; ``topk`` kept per image;
+    ``num_threads`` for torch on a CPU (None: torch's own; 0: the node's cores shared among
+    its ``actors_per_node`` predictor actors); ``restrict``: score over the data's classes
+    (``scored_classes``); ``warmup`` (batch size, crop size): one forward pass on zeros of that
+    shape in the constructor, so the kernel selection of the first call happens while the
+    actor starts (None: none)."""
+    weights: str
+    data_classes: list
+    precision: str = "auto"
+    use_gpu: bool | None = None
+    topk: int = 5
+    num_threads: int | None = None
+    actors_per_node: int = 1
+    restrict: bool = False
+    warmup: tuple[int, int] | None = None
+
+
 class Predictor:
-    """Loads the model once per actor; maps a decoded batch to per-image predictions.
+    """Loads the model once per actor (``PredictorSpec``); maps a decoded batch to per-image
+    predictions."""
 
-    ``warmup`` (batch size, crop size): one forward pass on zeros of that shape in the
-    constructor, so the kernel selection of the first call happens while the actor starts."""
-
-    def __init__(self, weights: str, data_classes: list[dict], precision: str = "auto",
-                 use_gpu: bool | None = None, topk: int = 5, num_threads: int | None = None,
-                 actors_per_node: int = 1, restrict: bool = False,
-                 warmup: tuple[int, int] | None = None):
+    def __init__(self, spec: PredictorSpec):
         self.calls = 0
-        if num_threads is not None:  # 0: this node's cores, shared among its predictor actors
-            torch.set_num_threads(num_threads or cpu_threads(actors_per_node))
+        if spec.num_threads is not None:  # 0: the node's cores, shared among its actors
+            torch.set_num_threads(spec.num_threads or cpu_threads(spec.actors_per_node))
         torch.manual_seed(0)  # "none" weights: the same random model in every actor
-        loaded = modellib.load_weights(weights)
+        data_classes = spec.data_classes
+        loaded = modellib.load_weights(spec.weights)
         net, model_classes, _ = modellib.build_model(loaded,
                                                      None if loaded.classes else data_classes)
-        self.device = modellib.pick_device(use_gpu)
-        self.dtype = modellib.resolve_precision(precision, self.device)
+        self.device = modellib.pick_device(spec.use_gpu)
+        self.dtype = modellib.resolve_precision(spec.precision, self.device)
         self.model = modellib.for_inference(net, self.device, self.dtype)  # BatchNorm folded
-        self.classes, index = scored_classes(data_classes, model_classes, restrict)
+        self.classes, index = scored_classes(data_classes, model_classes, spec.restrict)
         self.output_index = None if index is None else torch.from_numpy(index).to(self.device)
         self.names = np.array([c["name"] for c in self.classes], dtype=object)
         self.label_map = label_map(data_classes, self.classes)
-        self.topk = min(topk, len(self.classes))
-        if warmup:  # (batch, crop): oneDNN/cuDNN pick their kernels per shape on the first call
-            b, c = warmup
+        self.topk = min(spec.topk, len(self.classes))
+        if spec.warmup:  # oneDNN/cuDNN pick their kernels per shape on the first call
+            b, c = spec.warmup
             with torch.inference_mode():
                 self.model(presets.normalize(torch.zeros((b, 3, c, c), dtype=torch.uint8,
                                                          device=self.device), self.dtype))
@@ -171,7 +181,7 @@ def scored_classes(data_classes: list[dict], model_classes: list[dict], restrict
     ``pred``/``topk_*`` in the data's class space. This is how those sets' own evaluation code
     and timm's ``--valid-labels`` score them (Hendrycks et al. 2021, "The Many Faces of
     Robustness"; "Natural Adversarial Examples"). Returns (data_classes, model indices of shape
-    [C_data]); otherwise (model_classes, None): the model's own output space. ValueError
+    [C_data]); otherwise (model_classes, None): the model's own output space. InputError
     (``label_map``) when the model lacks some of the data's classes."""
     label_map(data_classes, model_classes)
     if restrict and len(data_classes) < len(model_classes):
@@ -191,7 +201,7 @@ def label_map(data_classes: list[dict], model_classes: list[dict]) -> np.ndarray
     index = {c["id"]: c["index"] for c in model_classes}
     missing = [c["id"] for c in data_classes if c["id"] not in index]
     if missing:
-        raise ValueError(f"the model's {len(model_classes)} classes lack {len(missing)} of the "
+        raise InputError(f"the model's {len(model_classes)} classes lack {len(missing)} of the "
                          f"data's classes (e.g. {missing[:3]}): wrong weights for this data?")
     return np.array([index[c["id"]] for c in data_classes], dtype=np.int64)
 
@@ -256,28 +266,30 @@ def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
     })
 
 
-def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOptions, *,
-                       resize_size: int, crop_size: int):
+def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOptions,
+                       preset: presets.Preset):
     """The Ray Dataset of per-image predictions (decode tasks -> predictor actors) laid out as
-    ``plan`` (a ``resources.PredictPlan``) says, and the manifest. ``resize_size``/``crop_size``:
-    the preset resolved against the model's own."""
-    ds, manifest = data.read_decoded(manifest_path, mode="eval", batch_size=opts.batch_size,
-                                     concurrency=opts.decode_concurrency or None,
-                                     resize_size=resize_size, crop_size=crop_size,
-                                     decode_device=opts.decode_device,
-                                     num_cpus=plan.decode_cpus, num_gpus=plan.decode_gpus)
+    ``plan`` (a ``resources.PredictPlan``) says, and the manifest. ``preset``: the model's own
+    eval preset with the sizes ``opts`` set."""
+    from ray.data import ActorPoolStrategy
+
+    read = data.ReadPlan(batch_size=opts.batch_size, num_cpus=plan.decode_cpus,
+                         concurrency=opts.decode_concurrency or None,
+                         device=opts.decode_device, num_gpus=plan.decode_gpus)
+    ds, manifest = data.read_decoded(manifest_path, presets.EvalTransform(preset), read)
+    spec = PredictorSpec(
+        weights, manifest.classes, opts.precision, plan.use_gpu, opts.topk,
+        num_threads=None if plan.use_gpu else opts.threads,
+        actors_per_node=_actors_per_node(plan.actors),
+        restrict=restricts(opts.class_subset, manifest.layout),
+        # the first batch's kernel selection (~1 s in bf16 on a CPU) done while the actor
+        # starts, not on the data's first batch; at the largest batch the run has (a set
+        # smaller than one batch: a warm-up at 64 cost 2.2 s of fp32 on AVX2 for 16 images)
+        warmup=(max(1, min(opts.batch_size, manifest.total_samples)), preset.crop_size))
     ds = ds.map_batches(
-        Predictor, batch_size=opts.batch_size, concurrency=plan.actors,
+        Predictor, batch_size=opts.batch_size, compute=ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
-        fn_constructor_kwargs={"weights": weights, "data_classes": manifest.classes,
-                               "precision": opts.precision, "use_gpu": plan.use_gpu,
-                               "topk": opts.topk,
-                               "num_threads": None if plan.use_gpu else opts.threads,
-                               "actors_per_node": _actors_per_node(plan.actors),
-                               "restrict": restricts(opts.class_subset, manifest.layout),
-                               # the first batch's kernel selection (~1 s in bf16 on a CPU)
-                               # done while the actor starts, not on the data's first batch
-                               "warmup": (opts.batch_size, crop_size)})
+        fn_constructor_args=(spec,))
     return ds, manifest
 
 
@@ -288,7 +300,7 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     (``pipeline.publish``); return the published summary (contract 3 in docs/DESIGN.md).
 
     ``opts`` (default ``PredictOptions()``), with ``overrides`` (its field names) applied on
-    top. Raises UsageError for a resource plan the cluster cannot give, ValueError/OSError for
+    top. Raises UsageError for a resource plan the cluster cannot give, InputError/OSError for
     bad weights, manifests or shards (nothing published), FailedSamples after publishing when
     more than ``max_failed_fraction`` of the samples failed to decode.
 
@@ -307,27 +319,43 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     # One publisher per OUT: taken before anything in OUT changes (recover included), renewed
     # while the run lives, released at the end, also on failure (pipeline/lease.py).
     with leaselib.Lease(out, run_id, lease_seconds) as lease:
-        return _predict_under_lease(manifest_path, weights, out, opts, plan, lease, run_id,
-                                    started, t0)
+        return _predict_under_lease(
+            _Run(manifest_path, weights, out, opts, plan, run_id, started, t0), lease)
 
 
-def _predict_under_lease(manifest_path, weights, out, opts, plan, lease, run_id, started,
-                         t0) -> dict:
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One prediction run as ``run_prediction`` resolved it: what it reads and writes, its
+    options and resource plan, its run id, start time (UTC, ISO 8601) and monotonic start."""
+    manifest_path: str
+    weights: str
+    out: str
+    opts: PredictOptions
+    plan: object  # resources.PredictPlan
+    run_id: str
+    started: str
+    t0: float
+
+
+def _predict_under_lease(run: _Run, lease) -> dict:
     import ray
     from tqdm import tqdm
+
+    manifest_path, weights, out, opts, plan = (run.manifest_path, run.weights, run.out,
+                                               run.opts, run.plan)
+    run_id, t0 = run.run_id, run.t0
 
     publish.recover(out)
     loaded = modellib.load_weights(weights)  # fail here, not in every actor, on bad weights
     # a model.pt knows the preset it was trained at; --resize-size/--crop-size override it
     preset = loaded.eval_preset.with_sizes(opts.resize_size, opts.crop_size)
-    resize_size, crop_size = preset.resize_size, preset.crop_size
     manifest = shards.load_manifest(manifest_path)
     if opts.verify_checksums:
         shards.check_checksums(manifest_path, manifest)
     classes_model = loaded.classes or manifest.classes
     _, _, replaced = modellib.build_model(loaded, classes_model)  # wrong shapes fail here
     if replaced:
-        raise ValueError(f"weights {weights} name other classes than their head holds; "
+        raise InputError(f"weights {weights} name other classes than their head holds; "
                          f"predict with a model.pt (it carries its class list)")
     classes_out, subset = scored_classes(manifest.classes, classes_model,
                                          restricts(opts.class_subset, manifest.layout))
@@ -335,8 +363,7 @@ def _predict_under_lease(manifest_path, weights, out, opts, plan, lease, run_id,
     if real is not None and opts.topk < 5:
         raise UsageError(f"--real-labels scores top-5 from the kept top-k: --topk {opts.topk} "
                          f"must be at least 5")
-    ds, manifest = prediction_dataset(manifest_path, weights, plan, opts,
-                                      resize_size=resize_size, crop_size=crop_size)
+    ds, manifest = prediction_dataset(manifest_path, weights, plan, opts, preset)
     k = min(opts.topk, len(classes_out))
     meta = {"model_id": loaded.model_id, "weights_sha256": loaded.sha256 or "",
             "data_manifest": manifest_path,
@@ -380,14 +407,16 @@ def _predict_under_lease(manifest_path, weights, out, opts, plan, lease, run_id,
         wall = time.monotonic() - t0
         steady = ((seen - first_n) / (time.monotonic() - t_first)
                   if t_first and seen > first_n else 0.0)
-        summary = _summarize(staging, classes_out, manifest, meta, failures, wall, started,
-                             {"batch_size": opts.batch_size, "actors": opts.actors,
-                              "use_gpu": opts.use_gpu, "steady_images_per_s": steady,
-                              "startup_seconds": (t_first - t0) if t_first else wall,
-                              "model_classes": len(classes_model),
-                              "scored_over": "data classes" if subset is not None
-                              else "model classes"},
-                             real, opts.real_labels)
+        facts = {"wall_seconds": wall, "started_at": run.started,
+                 "batch_size": opts.batch_size, "actors": opts.actors, "use_gpu": opts.use_gpu,
+                 "steady_images_per_s": steady,
+                 "startup_seconds": (t_first - t0) if t_first else wall,
+                 "model_classes": len(classes_model),
+                 "scored_over": "data classes" if subset is not None else "model classes",
+                 **{k: v for k, v in meta.items() if k != "preset"},
+                 "preset": json.loads(meta["preset"])}
+        summary = _summarize(staging, classes_out, manifest, failures, facts,
+                             None if real is None else (real, opts.real_labels))
         failurelib.write(storage.join(staging, "failures.parquet"), failures)
         storage.write_text_atomic(storage.join(staging, "summary.json"),
                                   json.dumps(summary, indent=1))
@@ -414,7 +443,7 @@ def load_real_labels(spec: str) -> list[list[int]]:
     ``ILSVRC2012_val_{i+1:08d}`` (possibly none). ``spec`` is ``builtin`` (the 50,000 lists of
     google-research/reassessed-imagenet's real.json, Beyer et al. 2020, "Are we done with
     ImageNet?", Apache-2.0, shipped in pipeline/reference/) or a path or URI to such a JSON file.
-    ValueError naming the file when it is not a list of lists of ints in 0..999."""
+    InputError naming the file when it is not a list of lists of ints in 0..999."""
     from importlib import resources
 
     if spec == REAL_LABELS_BUILTIN:
@@ -425,11 +454,11 @@ def load_real_labels(spec: str) -> list[list[int]]:
     try:
         labels = json.loads(text)
     except ValueError as e:
-        raise ValueError(f"--real-labels {spec}: not JSON ({e})") from None
+        raise InputError(f"--real-labels {spec}: not JSON ({e})") from None
     if not isinstance(labels, list) or not all(
             isinstance(row, list) and all(isinstance(v, int) and 0 <= v < 1000 for v in row)
             for row in labels):
-        raise ValueError(f"--real-labels {spec}: expected a JSON list of lists of class indices "
+        raise InputError(f"--real-labels {spec}: expected a JSON list of lists of class indices "
                          f"0..999 (entry i for ILSVRC2012_val_{{i+1:08d}})")
     return labels
 
@@ -465,8 +494,12 @@ def check_coverage(manifest: shards.Manifest, path: str, rows: int, unique: int,
                            f"jobs.shard --verify {path}`. Nothing published")
 
 
-def _summarize(staging, classes, manifest, meta, failures, wall, started, settings,
-               real=None, real_source="") -> dict:
+def _summarize(staging: str, classes: list[dict], manifest: shards.Manifest, failures: list,
+               facts: dict, real: tuple[list, str] | None = None) -> dict:
+    """summary.json's content: the metrics of the staged predictions over ``classes``
+    (``metrics.evaluate``; with ``real``, (ReaL label lists, their source), the ReaL figures),
+    the failure count, images/s over ``facts["wall_seconds"]``, and ``facts`` (the run's
+    settings and metadata) as they are."""
     import pyarrow.dataset as pads
 
     from pipeline import metrics  # pandas: the driver only, not the predictor actors
@@ -476,10 +509,8 @@ def _summarize(staging, classes, manifest, meta, failures, wall, started, settin
         p, filesystem=fs, format="parquet").to_table().to_pandas())
     summary = metrics.evaluate(df, classes) if len(df) else {"samples": 0}
     if real is not None:
-        summary.update(metrics.real_accuracy(df, classes, real), real_labels=real_source)
+        summary.update(metrics.real_accuracy(df, classes, real[0]), real_labels=real[1])
     summary.update({"failures": len(failures), "manifest_samples": manifest.total_samples,
-                    "wall_seconds": wall, "images_per_s": manifest.total_samples / wall,
-                    "started_at": started, **settings,
-                    **{k: v for k, v in meta.items() if k != "preset"},
-                    "preset": json.loads(meta["preset"]), "classes": classes})
+                    "images_per_s": manifest.total_samples / facts["wall_seconds"], **facts,
+                    "classes": classes})
     return summary

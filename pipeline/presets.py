@@ -16,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image
+
+from pipeline.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -96,7 +98,7 @@ def eval_image(img: Image.Image, resize_size: int = RESIZE_SIZE,
         img = img.resize(size, Image.BILINEAR)
     w, h = img.size
     if w < crop_size or h < crop_size:
-        raise ValueError(f"{w}x{h} is smaller than the {crop_size} crop: resize_size must be at "
+        raise InputError(f"{w}x{h} is smaller than the {crop_size} crop: resize_size must be at "
                          f"least crop_size")
     top, left = int(round((h - crop_size) / 2.0)), int(round((w - crop_size) / 2.0))
     img = img.crop((left, top, left + crop_size, top + crop_size))
@@ -168,3 +170,70 @@ def train_image(img: Image.Image, crop_size: int, *, key: str, seed: int, epoch:
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+# The transforms the decode stage applies, as objects (torchvision's references/classification
+# presets.py does the same): built once in the job, pickled into Ray Data's decode tasks, and
+# called there per decoded image. Each maps an RGB PIL image (``__call__``) or a uint8 3xHxW
+# tensor on a GPU (``on_tensor``, after nvJPEG) to uint8 3 x crop_size x crop_size, given the
+# sample's key and the epoch (``epoch``: what an execution count of the dataset makes of it).
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """The eval preset (``preset``: shorter side to resize_size, centre crop): deterministic,
+    so ``key`` and ``epoch`` are ignored. Default: torchvision's ``ResNet18_Weights.DEFAULT``."""
+    preset: Preset = Preset()
+
+    @property
+    def crop_size(self) -> int:
+        return self.preset.crop_size
+
+    def epoch(self, executions: Callable[[], int]) -> int:
+        """Eval draws nothing: 0, without asking for the execution count."""
+        return 0
+
+    def __call__(self, img: Image.Image, key: str = "", epoch: int = 0) -> np.ndarray:
+        """``eval_image`` at the preset's sizes: pixel-identical to torchvision's preset."""
+        return eval_image(img, self.preset.resize_size, self.preset.crop_size)
+
+    def on_tensor(self, img: "torch.Tensor", key: str = "", epoch: int = 0) -> "torch.Tensor":
+        """The same preset on a uint8 3xHxW tensor (a GPU's, after nvJPEG) with torchvision's
+        tensor resize (antialiased bilinear) and centre crop: near-identical to the PIL path,
+        not bit-identical."""
+        from torchvision.transforms.v2 import functional as TF
+
+        img = TF.resize(img, [self.preset.resize_size], antialias=True)
+        return TF.center_crop(img, [self.preset.crop_size])
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """RandomResizedCrop (scale (``min_scale``, 1), ratio (3/4, 4/3)) over the whole image to
+    ``crop_size`` pixels, then a horizontal flip with probability 1/2, drawn from (``seed``,
+    epoch, key) (``train_crop_params``). The epoch of a pass is ``epoch_offset`` (a resumed
+    run's first epoch) plus the number of times Ray Data has executed the dataset before."""
+    crop_size: int = CROP_SIZE
+    seed: int = 0
+    epoch_offset: int = 0
+    min_scale: float = 0.08
+
+    def epoch(self, executions: Callable[[], int]) -> int:
+        """The epoch a pass draws: ``epoch_offset`` plus ``executions()``, how many times the
+        dataset was executed before (``ray_compat.execution_count``)."""
+        return self.epoch_offset + executions()
+
+    def __call__(self, img: Image.Image, key: str, epoch: int) -> np.ndarray:
+        """``train_image``: pixel-identical to torchvision's ``resized_crop`` + ``hflip``."""
+        return train_image(img, self.crop_size, key=key, seed=self.seed, epoch=epoch,
+                           min_scale=self.min_scale)
+
+    def on_tensor(self, img: "torch.Tensor", key: str, epoch: int) -> "torch.Tensor":
+        """The same draw on a uint8 3xHxW tensor (a GPU's, after nvJPEG), with torchvision's
+        tensor ``resized_crop`` (antialiased bilinear) and ``hflip``."""
+        from torchvision.transforms.v2 import functional as TF
+
+        top, left, h, w, flip = train_crop_params(key, self.seed, epoch, img.shape[-2],
+                                                  img.shape[-1], self.min_scale)
+        img = TF.resized_crop(img, top, left, h, w, [self.crop_size, self.crop_size],
+                              antialias=True)
+        return TF.hflip(img) if flip else img

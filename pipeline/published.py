@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 
 from pipeline import storage
+from pipeline.errors import InputError
 
 TORCHVISION_RESNET18 = "torchvision/resnet18/IMAGENET1K_V1"  # model_id of DEFAULT and IMAGENET1K_V1
 TIMM = "timm results/results-*.csv, resnet18.tv_in1k"
@@ -58,7 +59,7 @@ BUILTIN = [
 
 def load_table(path: str) -> list[Published]:
     """Extra published figures from a JSON file: a list of objects with the fields of
-    ``Published`` (``top5``, ``samples`` optional). ValueError naming the file and entry when
+    ``Published`` (``top5``, ``samples`` optional). InputError naming the file and entry when
     one is malformed."""
     try:
         rows = json.loads(storage.read_text(path))
@@ -67,7 +68,7 @@ def load_table(path: str) -> list[Published]:
                           None if r.get("samples") is None else int(r["samples"]),
                           str(r.get("source", path))) for r in rows]
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--published {path}: expected a JSON list of objects with model, "
+        raise InputError(f"--published {path}: expected a JSON list of objects with model, "
                          f"dataset, top1 (top5, samples, source optional): {e!r}") from None
 
 

@@ -127,14 +127,14 @@ def _ci(lo, hi) -> str:
 
 
 def overview_section(run_id: str, summary: dict, verdict: str, comparisons: list[dict],
-                     alpha: float, min_effect: float) -> Section:
+                     rule) -> Section:
     """The "Run" section: the verdict, the significance rule (McNemar's exact p and min-effect in
     percentage points) and a table of the run's metadata and metrics (top-1/top-5 % with 95%
     Wilson intervals, ECE, seconds, images/s). KeyError when ``summary`` lacks a field."""
     compared = ", ".join(f"{c['role']} run {c['reference_run_id']}" for c in comparisons)
     text = (f"Verdict: **{verdict}**. Compared with: {compared or 'nothing (first run)'}. "
-            f"A change is significant only if McNemar's exact p < alpha = {alpha:g} AND the "
-            f"top-1 change exceeds min-effect = {min_effect:g} percentage points.")
+            f"A change is significant only if McNemar's exact p < alpha = {rule.alpha:g} AND the "
+            f"top-1 change exceeds min-effect = {rule.min_effect:g} percentage points.")
     rows = [["run id", run_id], ["started", summary["started_at"]],
             ["model", summary["model_id"]], ["weights sha256", summary["weights_sha256"]],
             ["data manifest", summary["data_manifest"]],
@@ -252,8 +252,7 @@ def fidelity_section(fidelity: list) -> Section:
                     "tolerance pp", "outcome", "source"], rows)
 
 
-def suite_section(run_id: str, results: list, verdict: str, alpha: float,
-                  min_effect: float) -> Section:
+def suite_section(run_id: str, results: list, verdict: str, rule) -> Section:
     """All sets side by side (``nightly.SetResult`` records): samples, top-1/top-5 % with 95%
     intervals, ReaL top-1, the change against the set's previous run and its McNemar p, the
     published figure and the set's verdict. The overall verdict is the worst set's."""
@@ -275,24 +274,29 @@ def suite_section(run_id: str, results: list, verdict: str, alpha: float,
                      r.verdict])
     notes = " ".join(n + "." for r in results for n in getattr(r, "notes", []))
     text = (f"Run {run_id}. Verdict: **{verdict}** (the worst of its sets). A change is "
-            f"significant only if McNemar's exact p < alpha = {alpha:g} AND the top-1 change "
-            f"exceeds min-effect = {min_effect:g} percentage points, each set against its own "
-            f"previous run over the same data." + (" " + notes if notes else ""))
+            f"significant only if McNemar's exact p < alpha = {rule.alpha:g} AND the top-1 "
+            f"change exceeds min-effect = {rule.min_effect:g} percentage points, each set "
+            f"against its own previous run over the same data." + (" " + notes if notes else ""))
     return Section("All sets", text,
                    ["set", "kind", "images", "top-1 % (95% CI)", "top-5 % (95% CI)",
                     "ReaL top-1 %", "scored over", "change vs previous pp", "p", "published %",
                     "verdict"], rows)
 
 
-def build_sections(run_id: str, summary: dict, history: pd.DataFrame, comparisons: list[dict],
-                   verdict: str, alpha: float, min_effect: float,
-                   reference_summary: dict | None = None, reference_run_id: str = "",
-                   top_n: int = 10, prefix: str = "", fidelity: list | None = None
-                   ) -> list[Section]:
+def build_sections(run_id: str, result, history: pd.DataFrame, rule,
+                   reference: tuple[dict | None, str] = (None, ""), top_n: int = 10,
+                   prefix: str = "") -> list[Section]:
     """All sections of one set's report, in reading order, titles prefixed with ``prefix`` (the
-    set's name in a run over several sets)."""
-    sections = [overview_section(run_id, summary, verdict, comparisons, alpha, min_effect),
-                comparison_section(comparisons), fidelity_section(fidelity or []),
+    set's name in a run over several sets). ``result``: the set's ``nightly.SetResult`` (its
+    summary, comparisons, fidelity checks and verdict); ``history``: the set's history rows;
+    ``rule``: the ``regression.RegressionRule`` the run applied; ``reference``: (the summary
+    of the run per-class changes are shown against, its run id), or (None, "")."""
+    from pipeline.regression import comparison_dicts
+
+    summary, comparisons = result.summary, comparison_dicts(result.comparisons)
+    reference_summary, reference_run_id = reference
+    sections = [overview_section(run_id, summary, result.verdict, comparisons, rule),
+                comparison_section(comparisons), fidelity_section(result.fidelity or []),
                 history_section(history),
                 changes_section(summary, reference_summary, reference_run_id, top_n),
                 worst_section(summary, top_n), confused_section(summary, top_n),

@@ -24,6 +24,7 @@ from PIL import UnidentifiedImageError
 
 from pipeline import faults, images, storage
 from pipeline.sources import Source
+from pipeline.errors import InputError
 
 FORMAT = "resnet-pipeline-shards"
 FORMAT_VERSION = 1
@@ -79,7 +80,7 @@ def make_keys(items: list[tuple[str, str]]) -> list[Member]:
         for i in clashing:
             levels[i] += 1
     if len(set(keys)) != len(keys):  # only two equal paths could do this
-        raise ValueError(f"two files with the same path among {len(items)} source files")
+        raise InputError(f"two files with the same path among {len(items)} source files")
     return [Member(k, p, c) for k, (p, c) in zip(keys, items)]
 
 
@@ -96,7 +97,7 @@ def _key(path: str, level: int) -> str:
 def plan_shards(members: list[Member], split: str, samples_per_shard: int, seed: int):
     """Train: a seeded permutation of the whole split. Anything else: sorted by key."""
     if samples_per_shard < 1:
-        raise ValueError("samples_per_shard must be at least 1")
+        raise InputError("samples_per_shard must be at least 1")
     ordered = sorted(members, key=lambda m: m.key)
     if split == "train":
         random.Random(seed).shuffle(ordered)
@@ -130,7 +131,7 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     decodes most such JPEGs, with grey blocks, so both levels store them).
     """
     if check not in CHECKS:
-        raise ValueError(f"check must be one of {CHECKS}, not {check!r}")
+        raise InputError(f"check must be one of {CHECKS}, not {check!r}")
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
@@ -150,7 +151,7 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise BadImage(str(e)) from None
     except UnidentifiedImageError:
         raise BadImage("not an image (PIL cannot identify it)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except images.DECODE_ERRORS as e:
         raise BadImage(f"cannot decode: {e}") from None
     return {"ext": IMAGE_EXTS[fmt], "width": w, "height": h, "mode": mode}
 
@@ -285,8 +286,11 @@ def write_shard(root: str, out: str, split: str, index: int, members: list[Membe
     path, part = storage.join(out, name), storage.join(out, f"_parts/{name}.json")
     digest = plan_digest(members, class_index, max_pixels, check)
     if storage.exists(part):
-        old = json.loads(storage.read_text(part))
-        if old.get("plan") == digest and integrity_problem(old, path) is None:
+        try:
+            old = storage.read_json(part)
+        except InputError:  # a damaged record of an earlier run: build the shard again
+            old = {}
+        if old.get("plan") == digest and integrity_problem(Shard.from_record(old), path) is None:
             return dict(old, reused=True)
     data, keys, skipped, source_bytes = build_shard(root, members, class_index, max_pixels,
                                                     check)
@@ -310,10 +314,10 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
     from tqdm import tqdm
 
     if check not in CHECKS:
-        raise ValueError(f"check must be one of {CHECKS}, not {check!r}")
+        raise InputError(f"check must be one of {CHECKS}, not {check!r}")
     members = make_keys(source.items)
     if not members:
-        raise ValueError(f"split {source.split!r} of {source.root} has no images to shard "
+        raise InputError(f"split {source.split!r} of {source.root} has no images to shard "
                          f"({len(source.skipped)} files skipped)")
     storage.check_writable(out)
     plan = plan_shards(members, source.split, samples_per_shard, seed)
@@ -337,7 +341,7 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
     storage.write_text_atomic(storage.join(out, f"{source.split}.json"),
                               json.dumps(manifest, indent=1))
     if manifest["total_samples"] == 0:
-        raise ValueError(f"split {source.split!r} of {source.root} has no images to shard: all "
+        raise InputError(f"split {source.split!r} of {source.root} has no images to shard: all "
                          f"{len(manifest['skipped'])} files were skipped (reasons in "
                          f"{storage.join(out, source.split + '.json')})")
     manifest["_stats"] = {"seconds": time.monotonic() - start,
@@ -384,16 +388,21 @@ class Shard:
     first_key: str | None
     last_key: str | None
 
-    def __getitem__(self, key: str):  # mapping access, as the manifest's JSON reads
-        return getattr(self, key)
+    @classmethod
+    def from_record(cls, record: dict) -> "Shard":
+        """From a shard's record as a manifest's JSON (or a shard's _parts/ file) holds it;
+        keys that are not fields (plan, skipped, ...) are left out."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in known})
 
 
 @dataclass(frozen=True)
 class Manifest:
     """A shard manifest as read (contract 1 in docs/DESIGN.md): ``classes`` [{"index", "id",
     "name"}] in index order, ``shards`` in order, ``total_samples``, ``skipped`` [{"path",
-    "reason"}], ``empty_classes`` (ids), ``max_pixels``; ``raw`` is the whole JSON, and
-    ``manifest[key]`` reads it as the dict it was before this type."""
+    "reason"}], ``empty_classes`` (ids), ``max_pixels``; ``raw`` is the whole JSON (for keys
+    this type does not name, such as ``check``). Read a manifest's fields as attributes: the
+    one way (no mapping access)."""
     path: str
     split: str
     layout: str
@@ -404,14 +413,6 @@ class Manifest:
     empty_classes: list[str]
     max_pixels: int
     raw: dict
-
-    def __getitem__(self, key: str):
-        return self.shards if key == "shards" else self.raw[key]
-
-    def get(self, key: str, default=None):
-        """``self[key]`` (``shards`` as Shard records, any other key from the raw JSON) when the raw
-        JSON has ``key``, else ``default``: ``dict.get``, for older callers."""
-        return self[key] if key in self.raw else default
 
     @property
     def shard_paths(self) -> list[str]:
@@ -432,27 +433,23 @@ def data_fingerprint(manifest: Manifest) -> str:
 
 
 def load_manifest(path: str) -> Manifest:
-    """Read a manifest; raise FileNotFoundError for a missing file and ValueError, naming the
+    """Read a manifest; raise FileNotFoundError for a missing file and InputError, naming the
     file, for one that is malformed, of another format or version, or lists no samples."""
     try:
-        text = storage.read_text(path)
+        raw = storage.read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"manifest {path} does not exist") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"manifest {path} is not valid JSON: {e}") from None
+    except InputError as e:  # not UTF-8 text, not JSON
+        raise InputError(f"manifest {e}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise ValueError(f"manifest {path} is not a {FORMAT} manifest")
+        raise InputError(f"manifest {path} is not a {FORMAT} manifest")
     if raw.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"manifest {path} has format version {raw.get('format_version')}; "
+        raise InputError(f"manifest {path} has format version {raw.get('format_version')}; "
                          f"this code reads version {FORMAT_VERSION}: reshard with jobs.shard")
     if raw["total_samples"] == 0 or not raw["shards"]:
-        raise ValueError(f"manifest {path} lists no samples (split {raw['split']!r} is empty)")
-    shard_fields = {f.name for f in fields(Shard)}
+        raise InputError(f"manifest {path} lists no samples (split {raw['split']!r} is empty)")
     return Manifest(path, raw["split"], raw.get("layout", ""), raw["classes"],
-                    [Shard(**{k: v for k, v in r.items() if k in shard_fields})
-                     for r in raw["shards"]],
+                    [Shard.from_record(r) for r in raw["shards"]],
                     raw["total_samples"], raw.get("skipped", []), raw.get("empty_classes", []),
                     raw.get("max_pixels", DEFAULT_MAX_PIXELS), raw)
 
@@ -464,19 +461,19 @@ def find_manifests(folder: str) -> list[str]:
         if name.endswith(".json"):
             path = storage.join(folder, name)
             try:
-                head = json.loads(storage.read_text(path))
-            except (ValueError, UnicodeDecodeError):
+                head = storage.read_json(path)
+            except InputError:  # not text, not JSON: not a manifest
                 continue
             if isinstance(head, dict) and head.get("format") == FORMAT:
                 found.append(path)
     return found
 
 
-def shard_paths(manifest_path: str, manifest) -> list[str]:
-    """Shard locations of a manifest read or written at ``manifest_path`` (a ``Manifest`` or
-    the dict ``write_shards`` returns): manifests name shards relative to themselves."""
+def shard_paths(manifest_path: str, manifest: Manifest) -> list[str]:
+    """Shard locations of the manifest read at ``manifest_path``: manifests name shards
+    relative to themselves."""
     base = storage.dirname(manifest_path)
-    return [storage.join(base, s["file"]) for s in manifest["shards"]]
+    return [storage.join(base, s.file) for s in manifest.shards]
 
 
 def read_tar_samples(data: bytes, name: str) -> list[tuple[str, dict[str, bytes]]]:
@@ -489,35 +486,35 @@ def read_tar_samples(data: bytes, name: str) -> list[tuple[str, dict[str, bytes]
                     continue
                 key, _, ext = info.name.partition(".")
                 if ext not in MEMBER_EXTS:
-                    raise ValueError(f"{name}: member {info.name} is not an image, .cls or "
+                    raise InputError(f"{name}: member {info.name} is not an image, .cls or "
                                      f".json (refused, never unpickled)")
                 if not samples or samples[-1][0] != key:
                     if key in seen:
-                        raise ValueError(f"{name}: members of sample {key} are not adjacent")
+                        raise InputError(f"{name}: members of sample {key} are not adjacent")
                     seen.add(key)
                     samples.append((key, {}))
                 samples[-1][1][ext] = tar.extractfile(info).read()
     except tarfile.TarError as e:
-        raise ValueError(f"{name}: not a readable tar ({e})") from None
+        raise InputError(f"{name}: not a readable tar ({e})") from None
     return samples
 
 
-def integrity_problem(rec: dict, path: str, data: bytes | None = None) -> str | None:
+def integrity_problem(rec: Shard, path: str, data: bytes | None = None) -> str | None:
     """The one size + sha256 check of a shard against its record (``bytes``, ``sha256``):
     None when it matches, else what is wrong. ``data``: the shard's bytes when the caller has
     read them already; else the file is streamed from ``path``."""
     if data is None and not storage.exists(path):
         return "missing"
     size = len(data) if data is not None else storage.size(path)
-    if size != rec["bytes"]:
-        return f"size {size} bytes, manifest says {rec['bytes']}"
+    if size != rec.bytes:
+        return f"size {size} bytes, manifest says {rec.bytes}"
     sha = hashlib.sha256(data).hexdigest() if data is not None else storage.sha256_file(path)
-    if sha != rec["sha256"]:
+    if sha != rec.sha256:
         return "sha256 does not match the manifest"
     return None
 
 
-def _checksum_problem(rec: dict, path: str) -> str | None:
+def _checksum_problem(rec: Shard, path: str) -> str | None:
     problem = integrity_problem(rec, path)
     return f"{path}: {problem}" if problem else None
 
@@ -532,7 +529,7 @@ def check_checksums(manifest_path: str, manifest: Manifest) -> None:
                                     zip(manifest.shards, manifest.shard_paths)])
                 if p]
     if problems:
-        raise ValueError("shards do not match their manifest: " + "; ".join(problems) +
+        raise InputError("shards do not match their manifest: " + "; ".join(problems) +
                          f". Reshard, or run `python -m jobs.shard --verify {manifest_path}`")
 
 
@@ -548,7 +545,7 @@ def verify_shards(manifest_path: str) -> list[str]:
     return problems
 
 
-def _verify_one(rec: dict, path: str, n_classes: int) -> str | None:
+def _verify_one(rec: Shard, path: str, n_classes: int) -> str | None:
     if not storage.exists(path):
         return "missing"
     data = storage.read_bytes(path)
@@ -556,12 +553,12 @@ def _verify_one(rec: dict, path: str, n_classes: int) -> str | None:
     if problem:
         return problem
     try:
-        samples = read_tar_samples(data, rec["file"])
+        samples = read_tar_samples(data, rec.file)
     except ValueError as e:
         return str(e)
-    if len(samples) != rec["samples"]:
-        return f"{len(samples)} samples, manifest says {rec['samples']}"
-    if samples[0][0] != rec["first_key"] or samples[-1][0] != rec["last_key"]:
+    if len(samples) != rec.samples:
+        return f"{len(samples)} samples, manifest says {rec.samples}"
+    if samples[0][0] != rec.first_key or samples[-1][0] != rec.last_key:
         return "first/last key differ from the manifest"
     for key, parts in samples:
         try:
@@ -576,18 +573,18 @@ def validate_sample(parts: dict, num_classes: int) -> tuple[str, int]:
     and by decoding: members are an image, ``cls`` and optionally ``json`` (anything else is
     refused, never unpickled); exactly one image; ``cls`` ASCII digits in 0..num_classes-1.
     ``parts`` maps member extensions to bytes (other keys, such as WebDataset's ``__key__``, and
-    None values are ignored). Returns (the image's extension, the label); raises ValueError
+    None values are ignored). Returns (the image's extension, the label); raises InputError
     naming what is wrong."""
     present = {k for k, v in parts.items() if not k.startswith("__") and isinstance(v, bytes)}
     extra = present - MEMBER_EXTS
     if extra:
-        raise ValueError(f"unexpected member(s) {sorted(extra)} refused (never unpickled)")
+        raise InputError(f"unexpected member(s) {sorted(extra)} refused (never unpickled)")
     found = [k for k in images.MEMBER_IMAGE_EXTS if k in present]
     if len(found) != 1:
-        raise ValueError(f"expected one image member, found {found or 'none'}")
+        raise InputError(f"expected one image member, found {found or 'none'}")
     if "cls" not in present:
-        raise ValueError("no .cls member")
+        raise InputError("no .cls member")
     text = parts["cls"].decode("ascii", "replace").strip()
     if not text.isdigit() or not 0 <= int(text) < num_classes:
-        raise ValueError(f"label {text!r} outside the class range 0..{num_classes - 1}")
+        raise InputError(f"label {text!r} outside the class range 0..{num_classes - 1}")
     return found[0], int(text)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from pipeline import storage
+from pipeline.errors import InputError
 
 LAYOUTS = ("folder", "imagenet-kaggle", "imagenet-devkit", "imagenet-v2", "imagenet-r",
            "imagenet-a", "imagenet-sketch")
@@ -87,7 +88,7 @@ def detect_layout(root: str, split: str) -> str:
     else:
         raise FileNotFoundError(f"source {root} does not exist or is not a folder")
     found = ", ".join(f"{n}{'/' if k == 'dir' else ''}" for n, k in top[:10]) or "nothing"
-    raise ValueError(
+    raise InputError(
         f"no known layout in {root} for split {split!r}. Looked for: "
         f"folder (ROOT/<class>/<image>), imagenet-kaggle (ROOT/{KAGGLE_DATA}/{split}/ with "
         f"LOC_val_solution.csv and LOC_synset_mapping.txt), imagenet-devkit (flat "
@@ -119,7 +120,7 @@ def _recognise_class_folders(root: str, dirs: set[str]) -> str:
     if all(d.isdigit() for d in dirs):
         if dirs == {str(i) for i in range(1000)}:
             return "imagenet-v2"
-        raise ValueError(
+        raise InputError(
             f"{root}: the {len(dirs)} class folders are integers but not ImageNet-V2's 0..999. "
             f"Pass --layout imagenet-v2 if they are ImageNet class indices (folder N is the N-th "
             f"sorted wnid, mapped numerically), or --layout folder if they are your own classes "
@@ -149,7 +150,7 @@ def scan_source(root: str, split: str, layout: str = "auto", devkit: str | None 
         return _scan_imagenet_v2(root, split)
     if layout in ("imagenet-r", "imagenet-a", "imagenet-sketch"):
         return _scan_fixed_classes(root, split, layout)
-    raise ValueError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
+    raise InputError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
 
 
 def _top_level(root: str) -> list[tuple[str, str]]:
@@ -284,13 +285,13 @@ def _read_kaggle_solution(path: str) -> dict[str, str]:
     """ImageId -> wnid; joined on ImageId, never on row order."""
     reader = csv.DictReader(io.StringIO(storage.read_text(path)))
     if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-        raise ValueError(f"{path}: expected columns ImageId,PredictionString, "
+        raise InputError(f"{path}: expected columns ImageId,PredictionString, "
                          f"found {reader.fieldnames}")
     out = {}
     for line_no, row in enumerate(reader, start=2):
         tokens = (row["PredictionString"] or "").split()
         if not tokens:
-            raise ValueError(f"{path}:{line_no}: empty PredictionString for {row['ImageId']}")
+            raise InputError(f"{path}:{line_no}: empty PredictionString for {row['ImageId']}")
         out[row["ImageId"]] = tokens[0]
     return out
 
@@ -319,7 +320,7 @@ def read_devkit_meta(meta_path: str) -> tuple[dict[int, str], dict[str, str]]:
 
 def _scan_devkit(root: str, split: str, devkit: str | None) -> Source:
     if split != "val":
-        raise ValueError("the imagenet-devkit layout holds the val split only; shard train "
+        raise InputError("the imagenet-devkit layout holds the val split only; shard train "
                          "with --layout folder (ROOT/<wnid>/*.JPEG)")
     devkit = devkit or _devkit_dir(root)
     if devkit is None:
@@ -329,7 +330,7 @@ def _scan_devkit(root: str, split: str, devkit: str | None) -> Source:
     truth = {}
     for line_no, line in enumerate(storage.read_text(gt_path).split(), start=1):
         if int(line) not in id_to_wnid:
-            raise ValueError(f"{gt_path}:{line_no}: ILSVRC2012 id {line} is not a leaf "
+            raise InputError(f"{gt_path}:{line_no}: ILSVRC2012 id {line} is not a leaf "
                              f"synset in {DEVKIT_META}")
         truth[line_no] = id_to_wnid[int(line)]
     files, problems = storage.list_tree(root)

@@ -38,6 +38,7 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 from pipeline import faults
+from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +157,34 @@ def read_bytes(path: str) -> bytes:
     fs, p = resolve(path)
 
     def read() -> bytes:
-        with fs.open_input_stream(p) as f:
+        # A random-access file knows its size: one request for the whole object. pyarrow's S3
+        # input *stream* reads in 256 KiB ranged GETs, one after the other: a 45 MB model.pt
+        # took 181 requests and 7.6 s from a local S3 endpoint (moto) against 0.1 s
+        # (measured 2026-12-04, pyarrow 26.0.1).
+        with fs.open_input_file(p) as f:
             return f.read()
     return retrying(fs, f"reading {p}", read)
 
 
 def read_text(path: str) -> str:
-    """The file at ``path`` decoded as UTF-8; errors as ``read_bytes``, and UnicodeDecodeError."""
-    return read_bytes(path).decode("utf-8")
+    """The file at ``path`` decoded as UTF-8; errors as ``read_bytes``, and InputError naming the
+    file when it is not UTF-8 text (a binary file given where a manifest or list belongs)."""
+    data = read_bytes(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_json(path: str):
+    """The JSON document at ``path``; errors as ``read_text``, and InputError naming the file
+    when it is not valid JSON."""
+    import json
+
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON: {e}") from None
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
@@ -223,7 +244,7 @@ def move_tree(src: str, dst: str) -> str:
     fs, s = resolve(src)
     dst_fs, d = resolve(dst)
     if type(dst_fs) is not type(fs):
-        raise ValueError(f"cannot move {src} to {dst}: not on the same filesystem")
+        raise InputError(f"cannot move {src} to {dst}: not on the same filesystem")
     info = _info(fs, s)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"cannot move {src}: it does not exist")
@@ -348,7 +369,7 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
 
     def digest() -> str:  # a retry reads the whole object again
         h = hashlib.sha256()
-        with fs.open_input_stream(p) as f:
+        with fs.open_input_file(p) as f:  # one ranged GET a block (read_bytes says why)
             while True:
                 block = f.read(chunk)
                 if not block:

@@ -13,6 +13,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.errors import InputError
+
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "stripes",
           "checker", "crescent")
 
@@ -59,7 +61,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx, cy, r, rot, fg, bg):
                     x0, y0 = cx + i * cell, cy + j * cell
                     draw.rectangle([x0, y0, x0 + cell, y0 + cell], fill=fg)
     else:
-        raise ValueError(f"unknown shape {shape}")
+        raise InputError(f"unknown shape {shape}")
 
 
 def draw_image(shape: str, rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -110,7 +112,7 @@ def generate_image_folder(root: str, per_class: dict[str, int], num_classes: int
                           seed: int = 0, size_range=(160, 320)) -> dict[str, int]:
     """Write ``ROOT/<split>/<shape>/<shape>_<n>.jpg``; return the count written per split."""
     if not 1 <= num_classes <= len(SHAPES):
-        raise ValueError(f"num_classes must be 1..{len(SHAPES)}")
+        raise InputError(f"num_classes must be 1..{len(SHAPES)}")
     counts = {}
     for split_no, (split, n) in enumerate(sorted(per_class.items())):
         rng = np.random.default_rng([seed, split_no])

@@ -10,6 +10,22 @@ from pipeline import shards, sources, synthetic
 from pipeline.synthetic import photo_like  # noqa: F401  (re-exported for the tests)
 
 
+def pytest_report_header(config):
+    """The machine the run's times and figures belong to (CPU, instruction sets, what
+    ``--precision auto`` runs; RESNET_PIPELINE_CPU_BF16=0 plays a CPU without bf16)."""
+    from pipeline import machine
+
+    return f"machine: {machine.describe()}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The machine line again under the times (``make test`` runs ``pytest -q``, which hides the
+    header)."""
+    from pipeline import machine
+
+    terminalreporter.write_line(f"machine: {machine.describe()}")
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     import ray
@@ -24,6 +40,29 @@ def ray_local(tmp_path_factory):
     data.configure_context()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _loopback_head(tmp_path_factory):
+    from tests import raycluster
+
+    if raycluster.unavailable():
+        pytest.skip(raycluster.unavailable())
+    c = raycluster.start_head(tmp_path_factory.mktemp("cluster-token"))
+    yield c
+    c.stop()
+    import shutil
+
+    shutil.rmtree(c.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def loopback_cluster(_loopback_head):
+    """The session's Ray cluster on loopback (tests/raycluster.py): its head alone, started once;
+    the test starts the worker node it needs, which is taken away after it."""
+    _loopback_head.wait_for_nodes(1)
+    yield _loopback_head
+    _loopback_head.stop_worker()
 
 
 @pytest.fixture
@@ -80,7 +119,7 @@ def write_tar_members(path, members) -> None:
 def corrupt_one_member(out, manifest):
     """Rewrite the manifest's first shard with one JPEG cut to a third (the tar stays valid);
     return the sample's key and the shard's path."""
-    path = out / manifest["shards"][0]["file"]
+    path = out / manifest.shards[0].file
     members = read_tar_members(path)
     victim = next(i for i, (info, _) in enumerate(members) if info.name.endswith(".jpg"))
     info, payload = members[victim]
@@ -101,16 +140,21 @@ def finetune_config(shard_dir, tmp_path, **kw):
     return finetune.FinetuneConfig(**base)
 
 
+def run_job(main, argv, capsys) -> tuple[int, str]:
+    """A job's ``main(argv)`` as a user runs it: (its exit code, what it printed, stderr first)."""
+    capsys.readouterr()
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.err + out.out
+
+
 def last_checkpoint_state(tmp_path, name="t") -> dict:
     """The state of the checkpoint Ray Train recorded last (the one a rerun resumes from)."""
-    import torch
-
     from pipeline import train
 
-    latest = train.recorded_checkpoint(str(tmp_path / "runs"), name)
-    assert latest is not None, f"run {name} has no recorded checkpoint"
-    path = tmp_path / "runs" / name / latest[0] / train.STATE_FILE
-    return torch.load(path, weights_only=True)
+    state = train.recorded_state(str(tmp_path / "runs"), name)
+    assert state is not None, f"run {name} has no recorded checkpoint"
+    return state
 
 
 TABLES_DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "RELIABILITY.md")
@@ -126,12 +170,9 @@ def check_readme_table(name: str, table: str) -> None:
     """docs/RELIABILITY.md must carry ``table`` between <!-- NAME:begin --> and <!-- NAME:end -->;
     with UPDATE_README_TABLES=1 (``make readme-tables``) it is written there first. (The name
     is historical: the tables lived in README.md before it became the quick start.)"""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = open(TABLES_DOC).read()
+    from pipeline import docsection
+
     if os.environ.get("UPDATE_README_TABLES"):
-        head, rest = text.split(begin)
-        _, tail = rest.split(end)
-        open(TABLES_DOC, "w").write(f"{head}{begin}\n{table}\n{end}{tail}")
-        text = open(TABLES_DOC).read()
-    assert f"{begin}\n{table}\n{end}" in text, \
+        docsection.write(TABLES_DOC, name, table)
+    assert docsection.block(name, table) in open(TABLES_DOC).read(), \
         f"docs/RELIABILITY.md's {name} is stale: make readme-tables"

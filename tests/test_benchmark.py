@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from jobs import benchmark
-from pipeline import benchmark as bench, data
-from pipeline.errors import PipelineError
+from pipeline import benchmark as bench, data, presets
+from pipeline.errors import PipelineError, UsageError
 
 
 def test_a_job_faster_than_its_ceiling_fails_loudly():
@@ -47,12 +47,12 @@ def test_the_timed_decode_function_sees_what_the_ray_stage_sees(shard_set):
     batches = bench.raw_batches(manifest, batch_size=3)
     direct = {}
     for b in batches:
-        out = data.decode_batch(b, mode="eval", num_classes=4)
+        out = data.decode_batch(b, presets.EvalTransform(), num_classes=4)
         assert list(out["error"]) == [""] * len(out["key"])
         direct.update(zip(out["key"], out["image"]))
-    ds, m = data.read_decoded(manifest, batch_size=4)
+    ds, m = data.read_decoded(manifest, presets.EvalTransform(), data.ReadPlan(batch_size=4))
     staged = {r["key"]: r["image"] for r in ds.take_all()}
-    assert len(direct) == m["total_samples"] and sorted(direct) == sorted(staged)
+    assert len(direct) == m.total_samples and sorted(direct) == sorted(staged)
     assert all(np.array_equal(direct[k], staged[k]) for k in staged)
     assert bench.decode_function_cpu(manifest, 4, batch_size=3, repeats=1) > 0
 
@@ -61,3 +61,19 @@ def test_a_differential_rate_the_noise_swamped_is_not_a_figure():
     assert bench.differential_rate(10, 2.0, 40, 5.0) == 10.0
     assert np.isnan(bench.differential_rate(10, 2.0, 40, 1.9))
     assert not benchmark.target_met("shard_vs_tar", float("nan"))
+
+
+@pytest.mark.parametrize("argv", [["--quick"], [], ["--quick", "--batch-size", "8"]])
+def test_benchmark_training_rows_get_several_steady_steps_an_epoch(argv):
+    from jobs import _cli, benchmark
+
+    cfg = _cli.parse(benchmark.BenchmarkConfig, argv, "benchmark")
+    assert benchmark.train_images(cfg) // cfg.batch_size >= benchmark.MIN_TRAIN_STEPS
+
+
+def test_benchmark_refuses_sizes_with_no_steady_step():
+    from jobs import _cli, benchmark
+
+    cfg = _cli.parse(benchmark.BenchmarkConfig, ["--train-images", "48"], "benchmark")
+    with pytest.raises(UsageError, match="1 steps an epoch"):
+        benchmark.train_images(cfg)

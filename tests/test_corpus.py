@@ -403,19 +403,36 @@ def test_output_folder_that_cannot_be_written(shard_set, tmp_path, capsys):
 
 @pytest.mark.parametrize("fault", ["before_publish", "mid_publish"])
 def test_prediction_killed_while_publishing_keeps_the_previous_result(fault, shard_set,
-                                                                     tmp_path, capsys):
+                                                                     tmp_path, capsys,
+                                                                     ray_local):
+    """A rerun into the same --out replaces the set; a job killed before or in the middle of
+    its publish leaves the previous set whole (after ``recover``, which the next run does
+    first); the rerun then publishes exactly one row per image. The killed job joins the
+    test's Ray cluster: what is killed is the job's own process, at its publish."""
+    from pipeline import metrics
+    from pipeline.publish import recover
+
     out = str(tmp_path / "eval")
     args = ["--data", str(shard_set / "val.json"), "--weights", "none", "--out", out,
             "--no-progress"]
     assert _run(predict_job.main, args, capsys)[0] == 0
+    assert _run(predict_job.main, args, capsys)[0] == 0  # a rerun into the same --out
     before = open(os.path.join(out, "_SUCCESS")).read()
+    df = metrics.read_predictions(out)
+    assert len(df) == df["key"].nunique() == 16 and before  # replaced, not appended
     proc = subprocess.run([sys.executable, "-m", "jobs.predict", *args], capture_output=True,
-                          env={**os.environ, "RESNET_PIPELINE_FAULT": fault}, timeout=300)
-    assert proc.returncode == 17  # killed at the fault point
+                          env={**os.environ, "RESNET_PIPELINE_FAULT": fault,
+                               "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
+                          timeout=300)
+    assert proc.returncode == 17, proc.stderr[-2000:]  # killed at the fault point
+    recover(out)  # what the next run does first: the previous set, whole
+    assert open(os.path.join(out, "_SUCCESS")).read() == before
+    df = metrics.read_predictions(out)
+    assert len(df) == df["key"].nunique() == 16
     assert _run(predict_job.main, args, capsys)[0] == 0  # the rerun recovers and republishes
-    import pandas as pd
-    df = pd.read_parquet(os.path.join(out, "predictions"))
-    assert len(df) == df["key"].nunique() == 16 and before
+    assert open(os.path.join(out, "_SUCCESS")).read() != before
+    df = metrics.read_predictions(out)
+    assert len(df) == df["key"].nunique() == 16
     assert not os.path.exists(os.path.join(out, "_previous"))
     record(f"prediction job killed {fault.replace('_', ' ')}", "jobs.predict",
            "previous published set intact (`_SUCCESS` unchanged); the rerun publishes exactly "

@@ -36,9 +36,10 @@ def photo_shards(tmp_path_factory, ray_local):
 
 def test_eval_stream_matches_torchvision_reference_within_1e6(photo_shards):
     root, out = photo_shards
-    ds, manifest = data.read_decoded(str(out / "val.json"), batch_size=4)
+    ds, manifest = data.read_decoded(str(out / "val.json"), presets.EvalTransform(),
+                                     data.ReadPlan(batch_size=4))
     rows = ds.take_all()
-    assert len(rows) == manifest["total_samples"] == 7
+    assert len(rows) == manifest.total_samples == 7
     reference = presets.reference_eval_transform()
     by_stem = {os.path.splitext(f)[0]: os.path.join(dp, f)
                for dp, _, fs in os.walk(root) for f in fs}
@@ -57,20 +58,22 @@ def test_corrupt_jpeg_is_reported_and_the_counts_add_up(shard_set, tmp_path, ray
     shutil.copytree(shard_set, tmp_path / "s")
     manifest = shards.load_manifest(str(tmp_path / "s" / "val.json"))
     key, shard = corrupt_one_member(tmp_path / "s", manifest)
-    ds, _ = data.read_decoded(str(tmp_path / "s" / "val.json"), batch_size=4)
+    ds, _ = data.read_decoded(str(tmp_path / "s" / "val.json"), presets.EvalTransform(),
+                              data.ReadPlan(batch_size=4))
     rows = ds.take_all()
     failed = [r for r in rows if r["error"]]
     assert [(r["key"], r["shard"]) for r in failed] == [(key, shard)]
     assert "truncated" in failed[0]["error"] or "OSError" in failed[0]["error"]
-    assert len(rows) - len(failed) + len(failed) == manifest["total_samples"]
-    assert len({r["key"] for r in rows}) == manifest["total_samples"]
+    assert len(rows) - len(failed) + len(failed) == manifest.total_samples
+    assert len({r["key"] for r in rows}) == manifest.total_samples
 
 
 @pytest.mark.parametrize("consumers", [1, 2, 3])
 def test_every_key_seen_exactly_once_whatever_the_number_of_consumers(shard_set, consumers):
     import ray
 
-    ds, manifest = data.read_decoded(str(shard_set / "val.json"), batch_size=3)
+    ds, manifest = data.read_decoded(str(shard_set / "val.json"), presets.EvalTransform(),
+                                     data.ReadPlan(batch_size=3))
 
     @ray.remote(num_cpus=0)  # consumers must not take the CPUs the read/decode tasks need
     def consume(it):
@@ -78,7 +81,7 @@ def test_every_key_seen_exactly_once_whatever_the_number_of_consumers(shard_set,
 
     parts = ray.get([consume.remote(it) for it in ds.streaming_split(consumers, equal=False)])
     keys = [k for p in parts for k in p]
-    assert len(keys) == len(set(keys)) == manifest["total_samples"]
+    assert len(keys) == len(set(keys)) == manifest.total_samples
 
 
 def test_programming_errors_still_raise():
@@ -86,7 +89,7 @@ def test_programming_errors_still_raise():
 
     batch = pd.DataFrame([{"__key__": "a", "__url__": "x.tar", "jpg": b"\xff\xd8", "cls": b"0"}])
     with pytest.raises(TypeError):
-        data.decode_batch(batch, mode="eval", num_classes="ten")  # a bug, not bad data
+        data.decode_batch(batch, presets.EvalTransform(), num_classes="ten")  # a bug, not data
 
 
 def test_bad_members_and_labels_are_recorded_not_raised():
@@ -98,8 +101,8 @@ def test_bad_members_and_labels_are_recorded_not_raised():
              "pkl": b"cos\nsystem\n(S'echo owned'\ntR."},
             {"__key__": "label", "__url__": "s.tar", "jpg": buf.getvalue(), "cls": b"7"},
             {"__key__": "ok", "__url__": "s.tar", "jpg": buf.getvalue(), "cls": b"1"}]
-    out = data.decode_batch(pd.DataFrame(rows), mode="eval", num_classes=2, crop_size=16,
-                            resize_size=18)
+    out = data.decode_batch(pd.DataFrame(rows), presets.EvalTransform(presets.Preset(18, 16)),
+                            num_classes=2)
     assert "refused" in out["error"][0] and "pkl" in out["error"][0]
     assert "outside the class range" in out["error"][1]
     assert out["error"][2] == "" and out["image"][2].any()
@@ -143,8 +146,8 @@ def test_train_crops_reach_an_object_outside_the_centre_square():
     img = np.full((80, 320, 3), 128, dtype=np.uint8)
     img[28:52, 4:28] = (230, 20, 20)
     keys = [f"img{i}" for i in range(400)]
-    out = data.decode_batch(_raw_batch({k: Image.fromarray(img) for k in keys}), mode="train",
-                            num_classes=1, crop_size=32, seed=0, epoch=0)
+    out = data.decode_batch(_raw_batch({k: Image.fromarray(img) for k in keys}),
+                            presets.TrainTransform(32, seed=0), num_classes=1, epoch=0)
     assert out["image"].shape == (400, 3, 32, 32) and list(out["error"]) == [""] * 400
     r, g = out["image"][:, 0].astype(int), out["image"][:, 1].astype(int)
     red = ((r - g) > 80).any(axis=(1, 2))
@@ -167,16 +170,17 @@ def test_train_crops_are_reproducible_per_seed_epoch_and_key():
     rng = np.random.default_rng(0)
     batch = _raw_batch({f"k{i}": photo_like(rng, 200, 90) for i in range(4)})
 
-    def crops(**kw):
-        return data.decode_batch(batch, mode="train", num_classes=1, crop_size=32, **kw)["image"]
+    def crops(seed, epoch):
+        return data.decode_batch(batch, presets.TrainTransform(32, seed=seed), num_classes=1,
+                                 epoch=epoch)["image"]
 
     a = crops(seed=0, epoch=1)
     assert np.array_equal(a, crops(seed=0, epoch=1))
     assert not np.array_equal(a, crops(seed=0, epoch=2))
     assert not np.array_equal(a, crops(seed=1, epoch=1))
     # a key's crop does not depend on which batch or position it arrives in
-    one = data.decode_batch({k: v[2:3] for k, v in batch.items()}, mode="train", num_classes=1,
-                            crop_size=32, seed=0, epoch=1)["image"]
+    one = data.decode_batch({k: v[2:3] for k, v in batch.items()},
+                            presets.TrainTransform(32, seed=0), num_classes=1, epoch=1)["image"]
     assert np.array_equal(one[0], a[2])
 
 
@@ -184,8 +188,9 @@ def test_each_pass_over_a_train_dataset_is_the_next_epochs_draw(shard_set):
     """Ray Data counts the executions of a dataset; the decode stage draws epoch
     first_epoch + that count, so pass 2 of a run equals pass 1 of a run resumed at epoch 1."""
     def passes(first_epoch: int, n: int) -> list[dict]:
-        ds, _ = data.read_decoded(str(shard_set / "train.json"), mode="train", crop_size=16,
-                                  batch_size=4, augment_seed=7, first_epoch=first_epoch)
+        ds, _ = data.read_decoded(str(shard_set / "train.json"),
+                                  presets.TrainTransform(16, seed=7, epoch_offset=first_epoch),
+                                  data.ReadPlan(batch_size=4))
         return [{r["key"]: r["image"] for r in ds.take_all()} for _ in range(n)]
 
     e0, e1 = passes(0, 2)
@@ -200,12 +205,12 @@ def test_gpu_decode_option_falls_back_to_the_reference_path_without_a_gpu(photo_
 
     _, out = photo_shards
     raw = []
-    for s in shards.load_manifest(str(out / "val.json"))["shards"]:
-        for key, parts in shards.read_tar_samples((out / s["file"]).read_bytes(), s["file"]):
-            raw.append({"__key__": key, "__url__": s["file"], **parts})
+    for s in shards.load_manifest(str(out / "val.json")).shards:
+        for key, parts in shards.read_tar_samples((out / s.file).read_bytes(), s.file):
+            raw.append({"__key__": key, "__url__": s.file, **parts})
     batch = pd.DataFrame(raw)
-    cpu = data.decode_batch(batch, mode="eval", num_classes=2)
-    gpu = data.decode_batch(batch, mode="eval", num_classes=2, device="cuda")
+    cpu = data.decode_batch(batch, presets.EvalTransform(), num_classes=2)
+    gpu = data.decode_batch(batch, presets.EvalTransform(), num_classes=2, device="cuda")
     if not torch.cuda.is_available():  # here: the same pixels, through PIL
         assert np.array_equal(cpu["image"], gpu["image"])
     else:  # nvJPEG and tensor resizing: near-identical, never different labels
@@ -213,9 +218,24 @@ def test_gpu_decode_option_falls_back_to_the_reference_path_without_a_gpu(photo_
     assert list(cpu["label"]) == list(gpu["label"]) and list(gpu["error"]) == [""] * len(raw)
 
 
-def test_a_resumed_run_does_not_replay_epoch_0s_shard_order(image_tree, tmp_path, ray_local):
-    from ray.data import DataContext
+@pytest.mark.parametrize("transform", [presets.EvalTransform(presets.Preset(80, 64)),
+                                       presets.TrainTransform(48, seed=3)],
+                         ids=["eval", "train"])
+def test_a_transform_on_a_decoded_tensor_matches_its_pil_path(transform):
+    """``on_tensor`` is what --decode-device cuda applies after nvJPEG; here on CPU tensors, so
+    the GPU path's geometry (same resize and crop, same draw per key and epoch, same flip) is
+    checked on any machine: near-identical pixels (tensor vs PIL resampling), same shape."""
+    img = photo_like(np.random.default_rng(4), 210, 140)
+    tensor = torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy())
+    for key, epoch in (("a", 0), ("b", 1), ("c", 2), ("d", 3)):
+        ours = transform.on_tensor(tensor, key, epoch).numpy()
+        ref = transform(img, key, epoch)
+        assert ours.shape == ref.shape == (3, transform.crop_size, transform.crop_size)
+        assert ours.dtype == np.uint8
+        assert np.abs(ours.astype(int) - ref.astype(int)).mean() < 2.0, key
 
+
+def test_a_resumed_run_does_not_replay_epoch_0s_shard_order(image_tree, tmp_path, ray_local):
     from pipeline import train
 
     shards.write_shards(sources.scan_source(str(image_tree / "train"), "train"), str(tmp_path),
@@ -223,15 +243,13 @@ def test_a_resumed_run_does_not_replay_epoch_0s_shard_order(image_tree, tmp_path
     manifest = str(tmp_path / "train.json")
 
     def first_epoch_order(resume_at: int) -> list[str]:
-        ds, _ = data.read_decoded(manifest, mode="train", crop_size=16, batch_size=4,
-                                  shuffle_seed=train.shuffle_seed(0, resume_at))
-        ctx = DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        try:
-            shard_of = [r["shard"] for r in ds.take_all()]
-        finally:
-            ctx.execution_options.preserve_order = False
-        return list(dict.fromkeys(shard_of))
+        ds, _ = data.read_decoded(manifest, presets.TrainTransform(16), data.ReadPlan(
+            batch_size=4, shuffle_seed=train.shuffle_seed(0, resume_at)))
+        # On the dataset's own DataContext: Ray copies the current one when the dataset is
+        # built, so setting DataContext.get_current() here changed nothing and the rows came
+        # in the order the 2 tasks finished (on an AVX2-only machine, two runs differed).
+        ds.context.execution_options.preserve_order = True
+        return list(dict.fromkeys(r["shard"] for r in ds.take_all()))
 
     fresh, resumed = first_epoch_order(0), first_epoch_order(2)
     assert len(fresh) == 8 and sorted(fresh) == sorted(resumed)
@@ -240,18 +258,18 @@ def test_a_resumed_run_does_not_replay_epoch_0s_shard_order(image_tree, tmp_path
 
 
 def test_resume_epoch_follows_ray_trains_checkpoint_snapshot(tmp_path):
-    from pipeline import train
+    from pipeline import ray_compat, train
 
     assert train.resume_epoch(str(tmp_path), "new") == 0
     (tmp_path / "run").mkdir()
     snapshot = {"checkpoint_results": [], "latest_checkpoint_result": {
         "checkpoint_dir_name": "checkpoint_2026-11-29_02-00-00.000001",
         "metrics": {"epoch": 4, "val_top1": 50.0}}}
-    (tmp_path / "run" / train.SNAPSHOT_FILE).write_text(json.dumps(snapshot))
+    (tmp_path / "run" / ray_compat.SNAPSHOT_FILE).write_text(json.dumps(snapshot))
     assert train.resume_epoch(str(tmp_path), "run") == 5
     assert train.recorded_checkpoint(str(tmp_path), "run") == \
         ("checkpoint_2026-11-29_02-00-00.000001", 4)
-    (tmp_path / "run" / train.SNAPSHOT_FILE).write_text(json.dumps({"other": "format"}))
+    (tmp_path / "run" / ray_compat.SNAPSHOT_FILE).write_text(json.dumps({"other": "format"}))
     with pytest.raises(ValueError, match="cannot be read"):
         train.resume_epoch(str(tmp_path), "run")
 

@@ -48,7 +48,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FROM RANDOM INIT" in proc.stdout
     val = shards.load_manifest(str(work / "shards" / "val.json"))
-    assert val["total_samples"] == 15
+    assert val.total_samples == 15
     df = pd.read_parquet(work / "eval" / "predictions")
     assert len(df) == df["key"].nunique() == 15
     summary = json.loads((work / "eval" / "summary.json").read_text())

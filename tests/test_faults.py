@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from jobs import finetune
-from pipeline import faults, metrics, shards, train
+from pipeline import faults, metrics, ray_compat, shards, sources, train
 from tests.conftest import (check_readme_table, corrupt_one_member, finetune_config,
                             last_checkpoint_state, render_table)
 
@@ -81,9 +81,14 @@ def _resume_epoch_now(storage_path: str, name: str) -> int:
 
 
 def test_finetune_job_killed_after_a_checkpoint_resumes_on_rerun(shard_set, tmp_path,
-                                                                 ray_local):
-    """The job's own process is SIGKILLed (a lost driver); the rerun continues the run."""
+                                                                 ray_local, armed_fault):
+    """The job's own process is SIGKILLed (a lost driver) while its Train workers are held at
+    the start of epoch 2, after epoch 1's checkpoint (faults.arm_hold: without the hold, the
+    workers train on until Ray reaps them, and a fast machine could finish the run first); the
+    rerun continues the run from epoch 2."""
     cfg = finetune_config(shard_set, tmp_path, epochs=3, name="crash")
+    gate = tmp_path / "never"  # never created: the held workers die with the job
+    faults.arm_hold("train_epoch_1", str(gate))
     args = [sys.executable, "-m", "jobs.finetune", "--train", cfg.train, "--val", cfg.val,
             "--weights", "none", "--epochs", "3", "--num-workers", "2", "--cpus-per-worker",
             "0.5", "--threads", "1", "--storage-path", cfg.storage_path, "--name", "crash",
@@ -92,16 +97,18 @@ def test_finetune_job_killed_after_a_checkpoint_resumes_on_rerun(shard_set, tmp_
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        _wait_for(lambda: _resume_epoch_now(cfg.storage_path, "crash") >= 1, proc)
+        _wait_for(lambda: (tmp_path / "never.reached").exists()
+                  and _resume_epoch_now(cfg.storage_path, "crash") >= 1, proc)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
+    faults.disarm()  # the rerun's workers must not hold
     # The controller and workers are actors, not children of the driver: Ray kills them when it
-    # sees the job's driver gone, and until then they keep training and checkpointing.
+    # sees the job's driver gone.
     _wait_for_other_jobs_actors_to_die(ray_local, ("TrainController", "RayTrainWorker"))
     resume_at = train.resume_epoch(cfg.storage_path, "crash")
     killed_history = last_checkpoint_state(tmp_path, "crash")["history"]
-    assert 1 <= resume_at < 3 and proc.returncode == -signal.SIGKILL
+    assert resume_at == 1 and proc.returncode == -signal.SIGKILL
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     history = json.loads((tmp_path / "runs/crash/history.json").read_text())
@@ -244,44 +251,50 @@ def _job_logs(c, submission_id: str) -> str:
     return c.ray("job", "logs", "--address", c.dashboard, submission_id, check=False).stdout
 
 
+def _shard_in_process(images, split: str, out, per_shard: int, classes_from=None) -> str:
+    """Shard with the library in this process: the node-loss tests are about the job that
+    loses the node, not about sharding (tests/test_cluster_local.py submits jobs.shard)."""
+    src = sources.scan_source(str(images / split), split)
+    if classes_from:
+        src = sources.with_classes(src, shards.load_manifest(classes_from).classes)
+    shards.write_shards(src, str(out), samples_per_shard=per_shard, progress=False)
+    return str(out / f"{split}.json")
+
+
 @pytest.mark.timeout(1200)
-def test_predict_on_two_nodes_survives_losing_the_worker_node(tmp_path):
-    """A real two-node cluster on loopback (tests/test_cluster_local.py). A decode task on the
+def test_predict_on_two_nodes_survives_losing_the_worker_node(loopback_cluster, tmp_path):
+    """The session's two-node cluster on loopback (tests/raycluster.py). A decode task on the
     worker node is held (faults.hold, armed in that node's environment only) so the loss lands
     mid-run, with work on that node; then the node (its `ray start`, raylet, object store and
     Ray workers) is SIGKILLed. The job must finish on the head with one row per image."""
-    from tests import test_cluster_local as tcl
+    from tests import raycluster
 
-    if tcl.NO_DASHBOARD or not tcl.RAY.exists():
-        pytest.skip(str(tcl.NO_DASHBOARD or "no ray CLI"))
     from pipeline import synthetic
 
     gate = tmp_path / "never"  # never created: the held task dies with its node
-    with tcl.running_cluster(tmp_path, head_cpus=2, worker_cpus=2,
-                             worker_env={faults.HOLD: f"decode_batch:{gate}"}) as c:
-        images, shard_dir, out = tmp_path / "images", tmp_path / "shards", tmp_path / "eval"
-        synthetic.generate_image_folder(str(images), {"val": 8}, num_classes=3, seed=5,
-                                        size_range=(48, 96))
-        tcl.submit(c, f"shard-{c.tag[:8]}", "python", "-m", "jobs.shard", "--source",
-                   str(images / "val"), "--split", "val", "--out", str(shard_dir),
-                   "--samples-per-shard", "3", "--no-progress")
-        job = f"predict-{c.tag[:8]}"
-        c.ray("job", "submit", "--address", c.dashboard, "--working-dir", tcl.ROOT,
-              "--submission-id", job, "--no-wait", "--", "python", "-m", "jobs.predict",
-              "--data", str(shard_dir / "val.json"), "--weights", "none", "--out", str(out),
-              "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "4", "--no-progress")
-        t0 = time.monotonic()
-        while not (tmp_path / "never.reached").exists():
-            assert _job_status(c, job) in ("PENDING", "RUNNING"), _job_logs(c, job)[-4000:]
-            assert time.monotonic() - t0 < 300, "no decode task reached the worker node"
-            time.sleep(0.5)
-        killed = c.kill_node("worker")
-        lost_at = time.monotonic()
-        status = _wait_job(c, job)
-        recovered_s = time.monotonic() - lost_at
-        log = _job_logs(c, job)
-        assert status == "SUCCEEDED", log[-6000:]
-        assert len(c.nodes()) == 1  # only the head is left
+    c = loopback_cluster
+    c.start_worker(cpus=2, env={faults.HOLD: f"decode_batch:{gate}"})
+    images, shard_dir, out = tmp_path / "images", tmp_path / "shards", tmp_path / "eval"
+    synthetic.generate_image_folder(str(images), {"val": 8}, num_classes=3, seed=5,
+                                    size_range=(48, 96))
+    manifest = _shard_in_process(images, "val", shard_dir, 3)
+    job = c.job_id("predict")
+    c.ray("job", "submit", "--address", c.dashboard, "--working-dir", raycluster.ROOT,
+          "--submission-id", job, "--no-wait", "--", "python", "-m", "jobs.predict",
+          "--data", manifest, "--weights", "none", "--out", str(out),
+          "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "4", "--no-progress")
+    t0 = time.monotonic()
+    while not (tmp_path / "never.reached").exists():
+        assert _job_status(c, job) in ("PENDING", "RUNNING"), _job_logs(c, job)[-4000:]
+        assert time.monotonic() - t0 < 300, "no decode task reached the worker node"
+        time.sleep(0.5)
+    killed = c.kill_node("worker")
+    lost_at = time.monotonic()
+    status = _wait_job(c, job)
+    recovered_s = time.monotonic() - lost_at
+    log = _job_logs(c, job)
+    assert status == "SUCCEEDED", log[-6000:]
+    assert len(c.nodes()) == 1  # only the head is left
     df = metrics.read_predictions(str(out))
     assert len(df) == df["key"].nunique() == 24, log[-3000:]
     assert json.loads((out / "summary.json").read_text())["manifest_samples"] == 24
@@ -310,68 +323,63 @@ while not os.path.exists(sys.argv[1]):
 
 
 @pytest.mark.timeout(1500)
-def test_finetune_on_two_nodes_resumes_after_losing_the_worker_node(tmp_path):
+def test_finetune_on_two_nodes_resumes_after_losing_the_worker_node(loopback_cluster, tmp_path):
     """The Train worker group is placed on the worker node (a blocker actor holds the head's
     CPUs while it starts), held there at the start of epoch 2, after epoch 1's checkpoint; the
     blocker goes, the worker node is SIGKILLed, and the run must go on on the head from the
     recorded checkpoint."""
-    from tests import test_cluster_local as tcl
+    from tests import raycluster
 
-    if tcl.NO_DASHBOARD or not tcl.RAY.exists():
-        pytest.skip(str(tcl.NO_DASHBOARD or "no ray CLI"))
     from pipeline import synthetic
 
     gate, unblock = tmp_path / "never", tmp_path / "unblock"
-    with tcl.running_cluster(tmp_path, head_cpus=2, worker_cpus=2,
-                             worker_env={faults.HOLD: f"train_epoch_1:{gate}"}) as c:
-        images, shard_dir, runs = tmp_path / "images", tmp_path / "shards", tmp_path / "runs"
-        synthetic.generate_image_folder(str(images), {"train": 8, "val": 4}, num_classes=4,
-                                        seed=1, size_range=(64, 128))
-        for split, per in (("train", 12), ("val", 10)):
-            extra = ["--classes-from", str(shard_dir / "train.json")] if split == "val" else []
-            tcl.submit(c, f"shard-{split}-{c.tag[:8]}", "python", "-m", "jobs.shard", "--source",
-                       str(images / split), "--split", split, "--out", str(shard_dir),
-                       "--samples-per-shard", str(per), "--no-progress", *extra)
-        (tmp_path / "blocker.py").write_text(BLOCKER)
-        blocker = f"blocker-{c.tag[:8]}"
-        c.ray("job", "submit", "--address", c.dashboard, "--submission-id", blocker,
-              "--no-wait", "--", "python", str(tmp_path / "blocker.py"), str(unblock))
-        t0 = time.monotonic()
-        while not (tmp_path / "unblock.ready").exists():
-            assert time.monotonic() - t0 < 180, _job_logs(c, blocker)[-3000:]
-            time.sleep(0.5)
-        job = f"finetune-{c.tag[:8]}"
-        c.ray("job", "submit", "--address", c.dashboard, "--working-dir", tcl.ROOT,
-              "--submission-id", job, "--no-wait", "--", "python", "-m", "jobs.finetune",
-              "--train", str(shard_dir / "train.json"), "--val", str(shard_dir / "val.json"),
-              "--weights", "none", "--epochs", "2", "--num-workers", "2", "--cpus-per-worker",
-              "0.5", "--threads", "1", "--storage-path", str(runs), "--name", "n",
-              "--batch-size", "8", "--crop-size", "32", "--precision", "fp32")
-        t0 = time.monotonic()
-        while not (tmp_path / "never.reached").exists():
-            assert _job_status(c, job) in ("PENDING", "RUNNING"), _job_logs(c, job)[-4000:]
-            assert time.monotonic() - t0 < 600, "no Train worker reached epoch 2 on the worker"
-            time.sleep(0.5)
-        t0 = time.monotonic()  # the controller records epoch 1's checkpoint
-        while train.resume_epoch(str(runs), "n") < 1:
-            assert time.monotonic() - t0 < 120, "epoch 1's checkpoint was never recorded"
-            time.sleep(0.5)
-        before = train.recorded_state(str(runs), "n")["history"]
-        before_dir = train.recorded_checkpoint(str(runs), "n")[0]
-        unblock.touch()
-        assert _wait_job(c, blocker, timeout=120) == "SUCCEEDED"
-        killed = c.kill_node("worker")
-        lost_at = time.monotonic()
-        status = _wait_job(c, job, timeout=900)
-        recovered_s = time.monotonic() - lost_at
-        log = _job_logs(c, job)
-        assert status == "SUCCEEDED", log[-6000:]
-        assert len(c.nodes()) == 1
+    c = loopback_cluster
+    c.start_worker(cpus=2, env={faults.HOLD: f"train_epoch_1:{gate}"})
+    images, shard_dir, runs = tmp_path / "images", tmp_path / "shards", tmp_path / "runs"
+    synthetic.generate_image_folder(str(images), {"train": 8, "val": 4}, num_classes=4,
+                                    seed=1, size_range=(64, 128))
+    train_manifest = _shard_in_process(images, "train", shard_dir, 12)
+    val_manifest = _shard_in_process(images, "val", shard_dir, 10, classes_from=train_manifest)
+    (tmp_path / "blocker.py").write_text(BLOCKER)
+    blocker = c.job_id("blocker")
+    c.ray("job", "submit", "--address", c.dashboard, "--submission-id", blocker,
+          "--no-wait", "--", "python", str(tmp_path / "blocker.py"), str(unblock))
+    t0 = time.monotonic()
+    while not (tmp_path / "unblock.ready").exists():
+        assert time.monotonic() - t0 < 180, _job_logs(c, blocker)[-3000:]
+        time.sleep(0.5)
+    job = c.job_id("finetune")
+    c.ray("job", "submit", "--address", c.dashboard, "--working-dir", raycluster.ROOT,
+          "--submission-id", job, "--no-wait", "--", "python", "-m", "jobs.finetune",
+          "--train", train_manifest, "--val", val_manifest,
+          "--weights", "none", "--epochs", "2", "--num-workers", "2", "--cpus-per-worker",
+          "0.5", "--threads", "1", "--storage-path", str(runs), "--name", "n",
+          "--batch-size", "8", "--crop-size", "32", "--precision", "fp32")
+    t0 = time.monotonic()
+    while not (tmp_path / "never.reached").exists():
+        assert _job_status(c, job) in ("PENDING", "RUNNING"), _job_logs(c, job)[-4000:]
+        assert time.monotonic() - t0 < 600, "no Train worker reached epoch 2 on the worker"
+        time.sleep(0.5)
+    t0 = time.monotonic()  # the controller records epoch 1's checkpoint
+    while train.resume_epoch(str(runs), "n") < 1:
+        assert time.monotonic() - t0 < 120, "epoch 1's checkpoint was never recorded"
+        time.sleep(0.5)
+    before = train.recorded_state(str(runs), "n")["history"]
+    before_dir = train.recorded_checkpoint(str(runs), "n")[0]
+    unblock.touch()
+    assert _wait_job(c, blocker, timeout=120) == "SUCCEEDED"
+    killed = c.kill_node("worker")
+    lost_at = time.monotonic()
+    status = _wait_job(c, job, timeout=900)
+    recovered_s = time.monotonic() - lost_at
+    log = _job_logs(c, job)
+    assert status == "SUCCEEDED", log[-6000:]
+    assert len(c.nodes()) == 1
     history = json.loads((runs / "n" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1], log[-3000:]
     # resumed from the recorded checkpoint, not from scratch: epoch 1's checkpoint from before
     # the loss is still one of the two kept (a rerun from scratch would have replaced it)
-    snapshot = json.loads((runs / "n" / train.SNAPSHOT_FILE).read_text())
+    snapshot = json.loads((runs / "n" / ray_compat.SNAPSHOT_FILE).read_text())
     kept = {r["checkpoint_dir_name"]: r["metrics"]["epoch"]
             for r in snapshot["checkpoint_results"]}
     assert kept.get(before_dir) == 0 and sorted(kept.values()) == [0, 1], (before_dir, kept)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import metrics, nightly, report
+from pipeline import metrics, nightly, regression, report
 
 
 @pytest.mark.parametrize("n", range(0, 120))
@@ -64,7 +64,7 @@ def _history(summary, runs=2) -> pd.DataFrame:
                      "top1_ci95_hi": summary["top1_ci95"][1], "top5": summary["top5"],
                      "top5_ci95_lo": summary["top5_ci95"][0],
                      "top5_ci95_hi": summary["top5_ci95"][1], "samples": summary["samples"],
-                     "verdict": nightly.NO_CHANGE if i else nightly.FIRST_RUN})
+                     "verdict": regression.NO_CHANGE if i else regression.FIRST_RUN})
     return pd.DataFrame(rows)
 
 
@@ -78,9 +78,9 @@ def test_every_report_section_renders_at_the_edges(case):
     summary.update(started_at="2026-11-29T00:00:00Z", model_id="m", weights_sha256="w",
                    data_manifest="d", data_manifest_sha256="s", code_version="v",
                    precision="fp32", failures=0, wall_seconds=1.0, images_per_s=1.0)
-    sections = report.build_sections("r1", summary, _history(summary), [], nightly.NO_CHANGE,
-                                     0.01, 0.5, reference_summary=summary,
-                                     reference_run_id="r0")
+    result = nightly.SetResult("val", "", "out", summary, [], [], regression.NO_CHANGE)
+    sections = report.build_sections("r1", result, _history(summary),
+                                     regression.RegressionRule(), (summary, "r0"))
     page = report.render_html("t", sections)
     md = report.render_markdown("t", sections)
     assert page.count("data:image/png;base64,") >= 3 and "## Worst classes" in md

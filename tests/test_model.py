@@ -23,7 +23,7 @@ def test_imagenet_state_dict_file_gets_a_new_head_for_new_classes(tmp_path):
     path = tmp_path / "rn18.pth"
     torch.save(resnet18().state_dict(), path)
     loaded = modellib.load_weights(str(path))
-    assert len(loaded["classes"]) == 1000 and loaded["classes"][0]["name"] == "tench"
+    assert len(loaded.classes) == 1000 and loaded.classes[0]["name"] == "tench"
     net, _, replaced = modellib.build_model(loaded, CLASSES)
     assert replaced and net.fc.out_features == 3
     same, _, kept = modellib.build_model(loaded, None)
@@ -34,7 +34,7 @@ def test_model_pt_round_trip(tmp_path):
     net, classes, _ = modellib.build_model(modellib.load_weights("none"), CLASSES)
     modellib.save_model(str(tmp_path / "model.pt"), net, classes, {"crop_size": 64}, {"x": 1}, "m")
     loaded = modellib.load_weights(str(tmp_path / "model.pt"))
-    assert loaded["classes"] == CLASSES and loaded["extra"]["preset"] == {"crop_size": 64}
+    assert loaded.classes == CLASSES and loaded.preset == {"crop_size": 64}
     again, _, replaced = modellib.build_model(loaded, CLASSES)
     assert not replaced
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
@@ -92,3 +92,40 @@ def test_for_inference_folds_batchnorm_and_predicts_the_same():
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
         bf16 = modellib.for_inference(net, dtype=torch.bfloat16)(x.bfloat16()).float()
     assert torch.equal(bf16.argmax(1), ref.argmax(1))
+
+
+def test_auto_precision_follows_the_cpu_and_the_switch_that_plays_a_cpu_without_bf16(
+        monkeypatch):
+    from pipeline import machine
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(machine.CPU_BF16_ENV, raising=False)
+    native = torch.backends.mkldnn.is_available() and \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert modellib.resolve_precision("auto", cpu) == (torch.bfloat16 if native else
+                                                       torch.float32)
+    for off in ("0", "false", "OFF", " no "):
+        monkeypatch.setenv(machine.CPU_BF16_ENV, off)
+        assert modellib.resolve_precision("auto", cpu) == torch.float32, off
+    assert modellib.resolve_precision("bf16", cpu) == torch.bfloat16  # asked for: still bf16
+    assert machine.summary()["auto_precision_cpu"] == "fp32"
+    assert "--precision auto on the CPU: fp32 (forced by RESNET_PIPELINE_CPU_BF16=0)" in \
+        machine.describe()
+    monkeypatch.setenv(machine.CPU_BF16_ENV, "1")  # the CPU decides, as with none
+    assert modellib.resolve_precision("auto", cpu) == (torch.bfloat16 if native else
+                                                       torch.float32)
+
+
+def test_the_machine_line_names_the_instruction_sets_that_decide_the_precision():
+    from pipeline import machine
+
+    avx2 = {"cpu": "AMD EPYC", "cores": 2, "torch_cpu_capability": "AVX2",
+            "isa": machine.instruction_sets({"fpu", "avx", "avx2"}),
+            "auto_precision_cpu": "fp32", "cpu_bf16_forced_off": False}
+    assert machine.describe(avx2) == (
+        "AMD EPYC, 2 cores, AVX2 (no AVX-512, no AVX-512 bf16, no AMX bf16); torch CPU kernels "
+        "AVX2; --precision auto on the CPU: fp32")
+    bf16 = machine.instruction_sets({"avx2", "avx512f", "avx512_bf16"})
+    assert bf16 == {"AVX2": True, "AVX-512": True, "AVX-512 bf16": True, "AMX bf16": False}
+    here = machine.summary()
+    assert here["cores"] == os.cpu_count() and set(here["isa"]) == set(bf16)

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 
 from jobs import nightly_eval
-from pipeline import metrics, model as modellib, nightly, shards, sources
+from pipeline import history as historylib, metrics, model as modellib, regression, shards
+from pipeline import sources
 
 PRESET = {"resize_size": 73, "crop_size": 64}  # small crops: the test is about the plumbing
 
@@ -48,7 +49,7 @@ def weights(shard_set, tmp_path_factory):
     every image is wrong (0%). A damaged copy that answered another data class would also get
     25% and show no drop, which is why the extra class.
     """
-    classes = shards.load_manifest(str(shard_set / "val.json"))["classes"]
+    classes = shards.load_manifest(str(shard_set / "val.json")).classes
     folder = tmp_path_factory.mktemp("nightly-weights")
     torch.manual_seed(0)
     good, _, _ = modellib.build_model(modellib.load_weights("none"), classes)
@@ -73,7 +74,7 @@ def other_manifest(image_tree, shard_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("val-resharded")
     train = shards.load_manifest(str(shard_set / "train.json"))
     src = sources.with_classes(sources.scan_source(str(image_tree / "val"), "val"),
-                               train["classes"])
+                               train.classes)
     shards.write_shards(src, str(out), samples_per_shard=5, progress=False)
     return str(out / "val.json")
 
@@ -92,14 +93,14 @@ def nightly_runs(shard_set, weights, other_manifest, tmp_path_factory):
     base = ["--history", history]
     steps = [_nightly(base + ["--data", val, "--weights", weights["good"]]),
              _nightly(base + ["--data", val, "--weights", weights["good"]])]
-    first = nightly.read_history(history)["run_id"].iloc[0]
+    first = historylib.read_history(history)["run_id"].iloc[0]
     # With 16 images the damaged run loses 4 of them (b=4, c=0): McNemar's exact p = 0.125,
     # which no sane alpha calls significant. --alpha 1.0 --min-effect 0 exercises the exit-3
     # path end to end; test_a_large_paired_drop_is_significant checks the statistics at scale.
     steps.append(_nightly(base + ["--data", val, "--weights", weights["damaged"],
                                   "--baseline", first, "--alpha", "1.0", "--min-effect", "0"]))
     steps.append(_nightly(base + ["--data", other_manifest, "--weights", weights["good"]]))
-    return {"history": history, "steps": steps, "table": nightly.read_history(history),
+    return {"history": history, "steps": steps, "table": historylib.read_history(history),
             "val": val, "other": other_manifest}
 
 
@@ -110,49 +111,52 @@ def _series(correct) -> pd.Series:
                                                              range(len(correct))])
 
 
+RULE = regression.RegressionRule()  # jobs.nightly_eval's defaults: alpha 0.01, min-effect 0.5
+
+
 def test_a_large_paired_drop_is_significant():
     base = _series(np.ones(200))
     new = _series(np.r_[np.zeros(40), np.ones(160)])
-    c = nightly.compare_correctness(base, new, alpha=0.01, min_effect=0.5)
+    c = regression.compare_correctness(base, new, RULE)
     assert (c.paired, c.lost, c.gained) == (200, 40, 0)
     assert c.p_value == pytest.approx(2 * 0.5 ** 40) and c.delta_pp == pytest.approx(-20.0)
-    assert c.outcome == nightly.REGRESSION
-    assert nightly.exit_code(nightly.overall_verdict([c])) == 3
+    assert c.outcome == regression.REGRESSION
+    assert regression.exit_code(regression.overall_verdict([c])) == 3
     # significant p but an effect below --min-effect: no alarm
-    assert nightly.compare_correctness(base, new, 0.01, 25.0).outcome == nightly.NO_CHANGE
+    assert regression.compare_correctness(base, new, regression.RegressionRule(0.01, 25.0)).outcome == regression.NO_CHANGE
     # the same drop the other way round is an improvement, exit 0
-    up = nightly.compare_correctness(new, base, 0.01, 0.5)
-    assert up.outcome == nightly.IMPROVEMENT and nightly.exit_code(up.outcome) == 0
+    up = regression.compare_correctness(new, base, RULE)
+    assert up.outcome == regression.IMPROVEMENT and regression.exit_code(up.outcome) == 0
 
 
 def test_mcnemar_matches_the_binomial_formula_and_pairs_by_key():
     for b, c in [(7, 2), (4, 0), (10, 10), (0, 3)]:
         n, k = b + c, min(b, c)
         exact = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
-        assert nightly.mcnemar_exact(b, c) == pytest.approx(exact)
-    assert nightly.mcnemar_exact(0, 0) == 1.0
+        assert regression.mcnemar_exact(b, c) == pytest.approx(exact)
+    assert regression.mcnemar_exact(0, 0) == 1.0
     # 16 images, 4 lost: p = 0.125, not significant at the default alpha
-    small = nightly.compare_correctness(_series(np.r_[np.ones(4), np.zeros(12)]),
-                                        _series(np.zeros(16)), 0.01, 0.5)
-    assert small.p_value == pytest.approx(0.125) and small.outcome == nightly.NO_CHANGE
+    small = regression.compare_correctness(_series(np.r_[np.ones(4), np.zeros(12)]),
+                                        _series(np.zeros(16)), RULE)
+    assert small.p_value == pytest.approx(0.125) and small.outcome == regression.NO_CHANGE
     # pairing is by key, not by position
     ref = pd.Series([True, False], index=["a", "b"])
     cur = pd.Series([False, True, True], index=["b", "a", "z"])
-    c = nightly.compare_correctness(ref, cur, 0.05, 0.0)
+    c = regression.compare_correctness(ref, cur, regression.RegressionRule(0.05, 0.0))
     assert (c.paired, c.lost, c.gained) == (2, 0, 0)
 
 
 def test_verdict_severity_and_exit_codes():
     def comp(outcome):
-        return nightly.Comparison("previous", "r", outcome)
-    assert nightly.overall_verdict([]) == nightly.FIRST_RUN
-    assert nightly.overall_verdict([comp(nightly.NO_CHANGE),
-                                    comp(nightly.NOT_COMPARABLE)]) == nightly.NOT_COMPARABLE
-    assert nightly.overall_verdict([comp(nightly.NOT_COMPARABLE),
-                                    comp(nightly.REGRESSION)]) == nightly.REGRESSION
-    assert [nightly.exit_code(v) for v in (nightly.FIRST_RUN, nightly.NO_CHANGE,
-                                           nightly.IMPROVEMENT, nightly.REGRESSION,
-                                           nightly.NOT_COMPARABLE)] == [0, 0, 0, 3, 4]
+        return regression.Comparison("previous", "r", outcome)
+    assert regression.overall_verdict([]) == regression.FIRST_RUN
+    assert regression.overall_verdict([comp(regression.NO_CHANGE),
+                                    comp(regression.NOT_COMPARABLE)]) == regression.NOT_COMPARABLE
+    assert regression.overall_verdict([comp(regression.NOT_COMPARABLE),
+                                    comp(regression.REGRESSION)]) == regression.REGRESSION
+    assert [regression.exit_code(v) for v in (regression.FIRST_RUN, regression.NO_CHANGE,
+                                           regression.IMPROVEMENT, regression.REGRESSION,
+                                           regression.NOT_COMPARABLE)] == [0, 0, 0, 3, 4]
 
 
 # --- the job, end to end -------------------------------------------------------------------------
@@ -175,9 +179,9 @@ def test_damaged_weights_are_a_significant_regression(nightly_runs):
 
 def test_history_table_has_one_row_per_run(nightly_runs, weights):
     t = nightly_runs["table"]
-    assert list(t.columns) == nightly.HISTORY_SCHEMA.names and len(t) == 4
-    assert list(t["verdict"]) == [nightly.FIRST_RUN, nightly.NO_CHANGE, nightly.REGRESSION,
-                                  nightly.NOT_COMPARABLE]
+    assert list(t.columns) == historylib.HISTORY_SCHEMA.names and len(t) == 4
+    assert list(t["verdict"]) == [regression.FIRST_RUN, regression.NO_CHANGE, regression.REGRESSION,
+                                  regression.NOT_COMPARABLE]
     assert list(t["weights_sha256"]) == [weights["good_sha"]] * 2 + [weights["damaged_sha"],
                                                                       weights["good_sha"]]
     sha = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
@@ -221,7 +225,7 @@ def test_unknown_baseline_fails_before_predicting(nightly_runs, weights):
     code, _, err = _nightly(["--history", nightly_runs["history"], "--data", nightly_runs["val"],
                              "--weights", weights["good"], "--baseline", "no-such-run"])
     assert code == 2 and "no-such-run" in err
-    assert len(nightly.read_history(nightly_runs["history"])) == 4
+    assert len(historylib.read_history(nightly_runs["history"])) == 4
 
 
 def test_help_explains_every_flag(capsys):

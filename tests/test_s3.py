@@ -1,9 +1,13 @@
 """Every job against S3: a local S3-compatible endpoint (moto's server mode) on 127.0.0.1.
 
 The endpoint and the credentials reach the jobs through the standard environment only
-(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); every job runs
-as a subprocess with its own local Ray cluster, which inherits that environment (Ray Data's
-readers and Ray Train's storage_path resolve s3:// with pyarrow's ``from_uri`` as the jobs do).
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION). Every job runs
+as a subprocess that joins one Ray cluster started for this module with that environment (a
+`ray start` head on loopback, tests/raycluster.py: every Ray process of it has the variables, as
+every node of an AWS cluster has its instance profile's credentials); Ray Data's readers and
+Ray Train's storage_path resolve s3:// with pyarrow's ``from_uri`` as the jobs do. The jobs of
+the storage-fault test start their own local cluster instead: the fault's variable must reach
+their Ray tasks, and only a cluster started with it gives it to them.
 This test process never sets the variables in its own os.environ (other tests share a Ray
 cluster); the in-process tests use monkeypatch, undone after each test.
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,10 +38,12 @@ import pytest
 from pipeline import storage, synthetic
 from tests.test_publish import _crash_every_step
 
-pytestmark = pytest.mark.slow
+# the module fixtures (moto, a Ray head, two fine-tuning runs) count in the first test's time
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "resnet-test"
+S3_HEAD_IP = "127.0.0.4"  # the module's Ray head (tests/raycluster.py uses .2 and .3)
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
          "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -56,6 +63,7 @@ class S3:
         self.env.update(CREDS, AWS_ENDPOINT_URL=endpoint, AWS_EC2_METADATA_DISABLED="true",
                         RAY_ADDRESS="local",  # never join someone else's cluster
                         RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONPATH=ROOT)
+        self.cluster_env: dict = {}  # RAY_ADDRESS and token of the module's cluster
         self.fs = pafs.S3FileSystem(access_key="testing", secret_key="testing",
                                     region="us-east-1", endpoint_override=endpoint,
                                     allow_bucket_creation=True)
@@ -73,14 +81,17 @@ class S3:
         return sorted(i.path[len(base) + 1:] for i in infos if i.type == pafs.FileType.File)
 
     def read(self, key: str) -> bytes:
-        with self.fs.open_input_stream(f"{BUCKET}/{key}") as f:
+        with self.fs.open_input_file(f"{BUCKET}/{key}") as f:
             return f.read()
 
     def job(self, name: str, *args: str, timeout: int = 300, expect: int = 0,
-            env: dict | None = None) -> str:
+            env: dict | None = None, own_cluster: bool = False) -> str:
+        """Run ``python -m jobs.NAME ARGS`` on the module's cluster (``own_cluster``: on a
+        local cluster of its own, started with ``env``); its output; asserts its exit code."""
+        cluster = {} if own_cluster else self.cluster_env
         proc = subprocess.run([sys.executable, "-m", f"jobs.{name}", *args], cwd=ROOT,
-                              env={**self.env, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout)
+                              env={**self.env, **cluster, **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout)
         out = proc.stdout + proc.stderr
         assert proc.returncode == expect, f"jobs.{name} {' '.join(args)} -> {proc.returncode}\n" \
                                           f"{out[-4000:]}"
@@ -91,11 +102,11 @@ class S3:
 def s3(tmp_path_factory):
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "moto.server"]
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
-    proc = subprocess.Popen(cmd + ["-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.moto_s3_server", "127.0.0.1",
+                             str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    cluster = None
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -109,8 +120,20 @@ def s3(tmp_path_factory):
                 time.sleep(0.2)
         server = S3(endpoint)
         server.fs.create_dir(BUCKET)  # the jobs never create buckets (pyarrow's default)
+        from tests import raycluster
+
+        cluster = raycluster.start_head(
+            tmp_path_factory.mktemp("s3-cluster"), ip=S3_HEAD_IP, dashboard=False,
+            env={k: v for k, v in server.env.items()
+                 if k.startswith("AWS_") or k == "PYTHONPATH"})
+        server.cluster_env = {"RAY_ADDRESS": cluster.address,
+                              **{k: v for k, v in cluster.env.items()
+                                 if k.startswith("RAY_AUTH_")}}
         yield server
     finally:
+        if cluster is not None:
+            cluster.stop()
+            shutil.rmtree(cluster.temp_dir, ignore_errors=True)
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -369,7 +392,7 @@ def _published(s3, prefix: str) -> tuple[str, int]:
     return run_id, len(df)
 
 
-@pytest.mark.timeout(1500)  # three jobs, each starting its own local Ray
+@pytest.mark.timeout(1500)  # two jobs starting their own local Ray
 def test_jobs_on_a_store_that_fails_requests_retry_or_keep_the_old_set(s3, sharded, tmp_path,
                                                                         monkeypatch):
     from pipeline import faults, publish
@@ -379,7 +402,7 @@ def test_jobs_on_a_store_that_fails_requests_retry_or_keep_the_old_set(s3, shard
     flaky = {faults.STORAGE_FAULTS: _faults(log, rate=0.1, seed=1)}
     s3.job("shard", "--source", s3.uri("raw", "val"), "--split", "val", "--out",
            s3.uri("flaky-shards"), "--classes-from", s3.uri("shards", "train.json"),
-           "--samples-per-shard", "5", "--no-progress", env=flaky)
+           "--samples-per-shard", "5", "--no-progress", env=flaky, own_cluster=True)
     shard_faults = log.read_text().count("injected storage fault") if log.exists() else 0
     assert shard_faults > 0  # the faults really happened
     ours, clean = (json.loads(s3.read(f"{p}/val.json"))["shards"] for p in ("flaky-shards",
@@ -388,13 +411,14 @@ def test_jobs_on_a_store_that_fails_requests_retry_or_keep_the_old_set(s3, shard
     # predict with one call in 10 failing: retried, published whole
     args = ["--data", storage.join(sharded, "val.json"), "--weights", "none", "--out",
             s3.uri("flaky-eval"), "--batch-size", "8", "--no-progress"]
-    out = s3.job("predict", *args, env=flaky)
+    out = s3.job("predict", *args, env=flaky, own_cluster=True)
     new_run, _ = _published(s3, "flaky-eval")
     predict_faults = log.read_text().count("injected storage fault") - shard_faults
     assert predict_faults > 0 and "retrying in" in out
     # every copy after the publish's first fails (the store refuses them for good): the old
     # set is half moved out and cannot be moved back; a clear error, nothing of the run
     # published, and the next run's recover makes the set before it whole again
+    # (the publish's copies are the driver's: this one runs on the module's cluster)
     out = s3.job("predict", *args, expect=1,
                  env={faults.STORAGE_FAULTS: _faults(log, rate=1.0, ops="copy_file", after=1)})
     error = out.strip().splitlines()[-1]

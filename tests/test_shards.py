@@ -15,7 +15,8 @@ from PIL import Image
 
 from jobs import shard as shard_job
 from pipeline import shards, sources
-from tests.conftest import photo_like
+from pipeline.errors import InputError
+from tests.conftest import photo_like, run_job
 
 
 def _source_files(root):
@@ -30,16 +31,16 @@ def _source_files(root):
 def test_shards_hold_original_bytes_labels_and_metadata(shard_set, image_tree):
     manifest = shards.load_manifest(str(shard_set / "val.json"))
     originals = _source_files(image_tree / "val")
-    index = {c["id"]: c["index"] for c in manifest["classes"]}
+    index = {c["id"]: c["index"] for c in manifest.classes}
     seen = []
-    urls = [str(shard_set / s["file"]) for s in manifest["shards"]]
+    urls = [str(shard_set / s.file) for s in manifest.shards]
     for sample in wds.WebDataset(urls, shardshuffle=False):  # the webdataset library reads them
         meta = json.loads(sample["json"])
         assert sample["jpg"] == originals[meta["path"]]  # never re-encoded
         assert int(sample["cls"]) == index[meta["class_id"]]
         assert (meta["width"], meta["height"]) == Image.open(io.BytesIO(sample["jpg"])).size
         seen.append(sample["__key__"])
-    assert seen == sorted(seen) and len(seen) == manifest["total_samples"] == len(originals)
+    assert seen == sorted(seen) and len(seen) == manifest.total_samples == len(originals)
     assert all("." not in k for k in seen)
 
 
@@ -50,7 +51,7 @@ def test_ray_data_reads_the_same_samples(shard_set, ray_local):
     paths = shards.shard_paths(str(shard_set / "train.json"), manifest)
     rows = ray.data.read_webdataset(paths, decoder=None).take_all()
     with_wds = {s["__key__"]: s for s in wds.WebDataset(paths, shardshuffle=False)}
-    assert len(rows) == manifest["total_samples"] == len(with_wds)
+    assert len(rows) == manifest.total_samples == len(with_wds)
     for r in rows:
         assert r["jpg"] == with_wds[r["__key__"]]["jpg"] and r["cls"] == with_wds[r["__key__"]]["cls"]
 
@@ -305,6 +306,11 @@ def test_manifest_errors_are_clear(tmp_path):
         shards.load_manifest(str(bad))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         shards.load_manifest(str(tmp_path / "missing.json"))
+    # A binary file where a manifest belongs (a shard, an image) is bad input, not a bug: the
+    # project's InputError naming the file (a bare UnicodeDecodeError would keep its traceback).
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not text")
+    with pytest.raises(InputError, match="bad.json is not UTF-8 text"):
+        shards.load_manifest(str(bad))
 
 
 def test_verify_and_decoding_apply_one_sample_rule(shard_set, tmp_path, capsys):
@@ -339,3 +345,38 @@ def test_verify_takes_a_folder_of_manifests(shard_set, capsys):
     out = capsys.readouterr().out
     assert f"OK: 0 bad shard(s) in {shard_set / 'train.json'}" in out
     assert f"OK: 0 bad shard(s) in {shard_set / 'val.json'}" in out
+
+
+# --- jobs.shard on a real-world folder, and its flags -------------------------------------
+
+def test_a_folder_with_system_and_hidden_files_shards_with_default_flags(tmp_path, ray_local,
+                                                                         capsys):
+    """.DS_Store, Thumbs.db and a top-level README are in most real folders: listed in the
+    manifest, never counted as skipped images (they made the default threshold of 0 fail)."""
+    from jobs import shard as shard_job
+    from pipeline import synthetic
+
+    synthetic.generate_image_folder(str(tmp_path / "img"), {"train": 2}, num_classes=2, seed=5,
+                                    size_range=(48, 64))
+    root = tmp_path / "img" / "train"
+    for junk in (".DS_Store", "circle/.DS_Store", "square/Thumbs.db", "README.txt"):
+        (root / junk).write_bytes(b"\x00junk")
+    code, out = run_job(shard_job.main, ["--source", str(root), "--out", str(tmp_path / "s"),
+                                      "--no-progress"], capsys)
+    assert code == 0, out
+    m = json.loads((tmp_path / "s" / "train.json").read_text())
+    assert m["total_samples"] == 4 and len(m["skipped"]) == 4
+    assert "4 hidden or system files, or files outside the class folders" in out
+    (root / "circle" / "broken.jpg").write_bytes(b"not a jpeg")  # a real image lost: counted
+    code, out = run_job(shard_job.main, ["--source", str(root), "--out", str(tmp_path / "s"),
+                                      "--no-progress"], capsys)
+    assert code == 1 and "1 of 5 source files were skipped" in out
+
+
+def test_fraction_flags_refuse_a_percentage(capsys):
+    from jobs import shard as shard_job
+
+    with pytest.raises(SystemExit) as e:
+        shard_job.main(["--source", "x", "--out", "y", "--max-skipped-fraction", "25"])
+    assert e.value.code == 2
+    assert "is a fraction in [0, 1] (0.05 is 5%), not 25" in capsys.readouterr().err

@@ -28,7 +28,8 @@ from torchvision.models import resnet18
 from torchvision.transforms import v2 as T
 
 from jobs import nightly_eval, shard as shard_job
-from pipeline import metrics, nightly, predict, published, shards, sources
+from pipeline import history as historylib, metrics, nightly, predict, published, regression
+from pipeline import shards, sources
 from tests.conftest import photo_like
 
 WNIDS = sources.imagenet_wnids()
@@ -295,7 +296,7 @@ def suite_runs(suite, heads, tmp_path_factory):
     steps = [_nightly(sets + ["--weights", heads["good"], "--published", str(right)]),
              _nightly(sets + ["--weights", heads["r_damaged"]]),
              _nightly(sets + ["--weights", heads["good"], "--published", str(wrong)])]
-    return {"history": history, "steps": steps, "table": nightly.read_history(history)}
+    return {"history": history, "steps": steps, "table": historylib.read_history(history)}
 
 
 def test_each_run_records_one_row_per_set(suite_runs):
@@ -306,13 +307,13 @@ def test_each_run_records_one_row_per_set(suite_runs):
         "val": "imagenet-val", "v2": "imagenet-v2", "r": "imagenet-r"}
     assert dict(zip(t["dataset"], t["scored_over"])) == {
         "val": "model classes", "v2": "model classes", "r": "data classes"}
-    files = os.listdir(nightly.history_dir(suite_runs["history"]))
+    files = os.listdir(historylib.history_dir(suite_runs["history"]))
     assert len([f for f in files if f.endswith(".parquet")]) == 9
     # pandas reads the folder as one table, as the docs say
-    assert len(pd.read_parquet(nightly.history_dir(suite_runs["history"]))) == 9
+    assert len(pd.read_parquet(historylib.history_dir(suite_runs["history"]))) == 9
     import duckdb
 
-    glob = os.path.join(nightly.history_dir(suite_runs["history"]), "*.parquet")
+    glob = os.path.join(historylib.history_dir(suite_runs["history"]), "*.parquet")
     rows = duckdb.sql(f"select dataset, count(*) from read_parquet('{glob}', union_by_name=true) "
                       f"group by dataset order by dataset").fetchall()
     assert rows == [("r", 3), ("v2", 3), ("val", 3)]
@@ -336,10 +337,10 @@ def test_a_regression_in_one_set_flags_that_set_alone(suite_runs):
     t = suite_runs["table"]
     second = t[t["run_id"] == t["run_id"].unique()[1]].set_index("dataset")
     assert code == 3, out + err
-    assert second.loc["r", "verdict"] == nightly.REGRESSION
+    assert second.loc["r", "verdict"] == regression.REGRESSION
     assert second.loc["r", "top1"] == 0.0 and second.loc["r", "top1_delta_vs_previous"] == -100.0
     assert second.loc["r", "p_vs_previous"] == pytest.approx(2 * 0.5 ** 8)
-    assert second.loc["val", "verdict"] == second.loc["v2", "verdict"] == nightly.NO_CHANGE
+    assert second.loc["val", "verdict"] == second.loc["v2", "verdict"] == regression.NO_CHANGE
     assert "== set r (imagenet-r): significant regression" in out
     assert "verdict: significant regression (exit 3)" in out
 
@@ -348,12 +349,12 @@ def test_a_published_figure_outside_the_interval_is_a_fidelity_failure(suite_run
     code, out, err = suite_runs["steps"][2]
     t = suite_runs["table"]
     third = t[t["run_id"] == t["run_id"].unique()[2]].set_index("dataset")
-    assert code == nightly.EXIT_FIDELITY == 5, out + err
+    assert code == regression.EXIT_FIDELITY == 5, out + err
     assert third.loc["v2", "fidelity"] == "failed" and third.loc["v2", "published_top1"] == 50.0
-    assert third.loc["v2", "verdict"] == nightly.FIDELITY
+    assert third.loc["v2", "verdict"] == regression.FIDELITY
     assert "pipeline fidelity" in err and "set v2" in err
     # against run 2 the R set recovered: an improvement, not an alarm
-    assert third.loc["r", "verdict"] == nightly.IMPROVEMENT
+    assert third.loc["r", "verdict"] == regression.IMPROVEMENT
 
 
 def test_one_report_with_all_sets_side_by_side(suite_runs):
@@ -397,7 +398,7 @@ def test_two_nightly_runs_at_once_both_land(suite, heads, tmp_path, ray_local):
     for th in threads:
         th.join(timeout=600)
     assert not errors and len(results) == 2
-    t = nightly.read_history(history)
+    t = historylib.read_history(history)
     assert len(t) == 2 and t["run_id"].is_unique and set(t["dataset"]) == {"val"}
 
 
@@ -407,14 +408,14 @@ def test_rows_written_in_the_same_second_by_many_writers_all_land(tmp_path):
            "top1": 1.0}
 
     def write(i):
-        nightly.append_history(history, {**row, "run_id": f"20261129T010000Z-{i:06x}"})
+        historylib.append_history(history, {**row, "run_id": f"20261129T010000Z-{i:06x}"})
 
     threads = [threading.Thread(target=write, args=(i,)) for i in range(16)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    assert len(nightly.read_history(history)) == 16
+    assert len(historylib.read_history(history)) == 16
     with pytest.raises(ValueError, match="already recorded"):
         write(0)
 
@@ -428,13 +429,13 @@ def test_a_legacy_history_parquet_is_migrated_without_losing_rows(tmp_path):
                        "run_id": ["r1", "r2"], "data_manifest": ["s/val.json", "s/val.json"],
                        "top1": [70.0, 69.5], "verdict": ["first run", "no significant change"]})
     pq.write_table(legacy, history / "history.parquet")
-    t = nightly.read_history(str(history))
+    t = historylib.read_history(str(history))
     assert list(t["run_id"]) == ["r1", "r2"] and list(t["top1"]) == [70.0, 69.5]
-    assert list(t["dataset"]) == ["val", "val"] and list(t.columns) == nightly.HISTORY_SCHEMA.names
+    assert list(t["dataset"]) == ["val", "val"] and list(t.columns) == historylib.HISTORY_SCHEMA.names
     assert not (history / "history.parquet").exists()
     assert (history / "history.parquet.migrated").exists()
-    assert len(nightly.read_history(str(history))) == 2  # read again: not migrated twice
-    refs = nightly.references(t, "", "val", {"data_manifest_sha256": "x"})
+    assert len(historylib.read_history(str(history))) == 2  # read again: not migrated twice
+    refs = historylib.references(t, "", "val", {"data_manifest_sha256": "x"})
     assert refs[0][1]["run_id"] == "r2"
 
 
@@ -464,10 +465,10 @@ def test_the_same_images_sharded_from_a_moved_folder_are_the_same_data(suite, tm
     assert open(suite["r"], "rb").read() != open(again.path, "rb").read()  # "source" differs
     assert shards.data_fingerprint(again) == shards.data_fingerprint(first)
     row = {"data_manifest_sha256": "a", "data_fingerprint": shards.data_fingerprint(first)}
-    assert nightly.same_data({"data_manifest_sha256": "b",
+    assert regression.same_data({"data_manifest_sha256": "b",
                               "data_fingerprint": shards.data_fingerprint(again)}, row)
-    assert not nightly.same_data({"data_manifest_sha256": "a", "data_fingerprint": "other"}, row)
-    assert nightly.same_data({"data_manifest_sha256": "a", "data_fingerprint": "x"},
+    assert not regression.same_data({"data_manifest_sha256": "a", "data_fingerprint": "other"}, row)
+    assert regression.same_data({"data_manifest_sha256": "a", "data_fingerprint": "x"},
                              {"data_manifest_sha256": "a", "data_fingerprint": float("nan")})
 
 
@@ -477,7 +478,7 @@ def test_one_night_on_other_data_does_not_make_the_next_not_comparable():
         {"run_id": "r2", "dataset": "val", "data_manifest_sha256": "n", "data_fingerprint": "B"},
         {"run_id": "r3", "dataset": "v2", "data_manifest_sha256": "o", "data_fingerprint": "C"}])
     current = {"data_manifest_sha256": "m", "data_fingerprint": "A"}
-    assert nightly.references(rows, "", "val", current)[0][1]["run_id"] == "r1"
+    assert historylib.references(rows, "", "val", current)[0][1]["run_id"] == "r1"
     other = {"data_manifest_sha256": "z", "data_fingerprint": "Z"}  # new data: the latest, refused
-    assert nightly.references(rows, "", "val", other)[0][1]["run_id"] == "r2"
-    assert nightly.references(rows, "r3", "val", current)[1] == ("baseline", None)
+    assert historylib.references(rows, "", "val", other)[0][1]["run_id"] == "r2"
+    assert historylib.references(rows, "r3", "val", current)[1] == ("baseline", None)

@@ -1,0 +1,223 @@
+"""The nightly's history store: one row per set per run, each in a file of its own, never
+rewritten (``pipeline.nightly`` runs the suite; ``pipeline.regression`` judges the rows).
+
+    HISTORY/history/<run_id>--<set>.parquet   one ``HistoryRow`` (schema ``HISTORY_SCHEMA``)
+
+Read the folder as one table: ``read_history``, pandas ``read_parquet("HISTORY/history")``,
+DuckDB ``read_parquet('HISTORY/history/*.parquet', union_by_name=true)``. Two runs at once both
+land. A history.parquet from before (one rewritten table) is moved into HISTORY/history/ on
+first use, rows unchanged (``migrate_history``).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field, fields
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import InputError, UsageError
+from pipeline.regression import Comparison, RegressionRule, same_data
+
+
+def _column(arrow_type: pa.DataType, doc: str = ""):
+    return field(default=None, metadata={"arrow": arrow_type, "doc": doc})
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One set of one nightly run, as its history file holds it: the one definition of the
+    columns (``HISTORY_SCHEMA`` is derived from it; a field's metadata gives its Arrow type and
+    what it means). Every field may be None (null), as in rows written before it existed."""
+    date: object = _column(pa.timestamp("ms", tz="UTC"),
+                           "when the set's prediction started (Parquet has no seconds unit)")
+    run_id: object = _column(pa.string(), 'the nightly run')
+    dataset: object = _column(pa.string(), "the set's NAME (--data NAME=MANIFEST)")
+    dataset_kind: object = _column(pa.string(), "imagenet-val, imagenet-v2, -r, -a, -sketch or ''")
+    scored_over: object = _column(pa.string(), '"model classes", or "data classes" for a subset set')
+    model_id: object = _column(pa.string())
+    weights_sha256: object = _column(pa.string())
+    data_manifest: object = _column(pa.string())
+    data_manifest_sha256: object = _column(pa.string())
+    data_fingerprint: object = _column(pa.string(), 'shards.data_fingerprint: the data, wherever it lives')
+    code_version: object = _column(pa.string())
+    samples: object = _column(pa.int64())
+    failures: object = _column(pa.int64())
+    top1: object = _column(pa.float64())
+    top1_ci95_lo: object = _column(pa.float64())
+    top1_ci95_hi: object = _column(pa.float64())
+    top5: object = _column(pa.float64())
+    top5_ci95_lo: object = _column(pa.float64())
+    top5_ci95_hi: object = _column(pa.float64())
+    real_samples: object = _column(pa.int64(), 'ImageNet-ReaL: images with a non-empty label list')
+    real_top1: object = _column(pa.float64())
+    real_top1_ci95_lo: object = _column(pa.float64())
+    real_top1_ci95_hi: object = _column(pa.float64())
+    real_top5: object = _column(pa.float64())
+    published_top1: object = _column(pa.float64(), 'the published figures checked (fidelity)')
+    published_real_top1: object = _column(pa.float64())
+    published_source: object = _column(pa.string())
+    fidelity: object = _column(pa.string(), '"ok", "failed", or null when no published figure applies')
+    precision: object = _column(pa.string())
+    wall_seconds: object = _column(pa.float64())
+    images_per_s: object = _column(pa.float64())
+    predictions_dir: object = _column(pa.string())
+    previous_run_id: object = _column(pa.string())
+    top1_delta_vs_previous: object = _column(pa.float64())
+    p_vs_previous: object = _column(pa.float64())
+    baseline_run_id: object = _column(pa.string())
+    top1_delta_vs_baseline: object = _column(pa.float64())
+    p_vs_baseline: object = _column(pa.float64())
+    alpha: object = _column(pa.float64())
+    min_effect: object = _column(pa.float64())
+    verdict: object = _column(pa.string())
+
+
+HISTORY_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in fields(HistoryRow)])
+
+
+class BaselineNotFound(UsageError):
+    """--baseline names a run id that the history table does not hold (exit 2)."""
+
+
+LEGACY_HISTORY = "history.parquet"  # the single rewritten table of earlier versions
+
+
+def history_dir(history: str) -> str:
+    """Where the history rows live: ``HISTORY/history/`` (a local path or a URI)."""
+    return storage.join(history, "history")
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return buf.getvalue().to_pybytes()
+
+
+def migrate_history(history: str) -> bool:
+    """Move an earlier version's ``HISTORY/history.parquet`` into ``HISTORY/history/`` as one file
+    (``legacy-history.parquet``; each row gets ``dataset`` = its manifest's file stem, as a bare
+    ``--data MANIFEST`` is named now) and rename the old file to ``history.parquet.migrated``.
+    Safe to run by two jobs at once: both write the same bytes. Returns whether it migrated."""
+    legacy = storage.join(history, LEGACY_HISTORY)
+    if not storage.exists(legacy):
+        return False
+    old = pq.read_table(io.BytesIO(storage.read_bytes(legacy))).to_pandas()
+    if "dataset" not in old.columns:
+        old["dataset"] = [storage.basename(m).rsplit(".", 1)[0] for m in old["data_manifest"]]
+    rows = old.reindex(columns=HISTORY_SCHEMA.names).to_dict("records")
+    rows = [{k: (None if v is pd.NaT or (isinstance(v, float) and v != v) else v)
+             for k, v in r.items()} for r in rows]
+    table = pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
+    storage.write_bytes_atomic(storage.join(history_dir(history), "legacy-history.parquet"),
+                               _table_bytes(table))
+    try:
+        storage.write_bytes_atomic(legacy + ".migrated", storage.read_bytes(legacy))
+        storage.delete_file(legacy)
+    except FileNotFoundError:
+        pass  # another run migrated it at the same time
+    return True
+
+
+def read_history(history: str) -> pd.DataFrame:
+    """Every history row, oldest first (by date, then run id and set name); empty, with the
+    schema's columns, before the first run. Migrates a legacy history.parquet first."""
+    import pyarrow.dataset as pads
+
+    migrate_history(history)
+    folder = history_dir(history)
+    if not storage.exists(folder):
+        return HISTORY_SCHEMA.empty_table().to_pandas()
+    fs, p = storage.resolve(folder)
+    # the schema is given: files written before a column was added read it as null
+    table = pads.dataset(p, filesystem=fs, format="parquet", schema=HISTORY_SCHEMA).to_table()
+    df = table.to_pandas()
+    return df.sort_values(["date", "run_id", "dataset"], kind="stable").reset_index(drop=True)
+
+
+def append_history(history: str, row: dict) -> str:
+    """Record one row as its own file, ``HISTORY/history/<run_id>--<dataset>.parquet``, written
+    once (no read-modify-write: concurrent runs cannot lose each other's rows). Returns the
+    path. InputError when that file exists already (a run id and set recorded twice)."""
+    path = storage.join(history_dir(history), f"{row['run_id']}--{row['dataset']}.parquet")
+    if storage.exists(path):
+        raise InputError(f"{path} exists: run {row['run_id']} already recorded set "
+                         f"{row['dataset']}")
+    storage.write_bytes_atomic(path, _table_bytes(pa.Table.from_pylist([row],
+                                                                       schema=HISTORY_SCHEMA)))
+    return path
+
+
+def history_row(run_id: str, summary: dict, predictions_dir: str,
+                comparisons: list[Comparison], verdict: str, rule: RegressionRule,
+                dataset: str = "", kind: str = "", fidelity: list | None = None) -> dict:
+    """One history row (``HistoryRow`` as a dict) from a set's summary.json, its comparisons
+    and fidelity checks (``published.Fidelity``)."""
+    by_role = {c.role: c for c in comparisons}
+    prev, base = by_role.get("previous"), by_role.get("baseline")
+    real = summary.get("real_top1_ci95", [None, None])
+    checked = {f.metric: f for f in fidelity or []}
+    return asdict(HistoryRow(
+        date=pd.Timestamp(summary["started_at"]).to_pydatetime(), run_id=run_id,
+        dataset=dataset, dataset_kind=kind, scored_over=summary.get("scored_over"),
+        model_id=summary["model_id"], weights_sha256=summary["weights_sha256"],
+        data_manifest=summary["data_manifest"],
+        data_manifest_sha256=summary["data_manifest_sha256"],
+        data_fingerprint=summary.get("data_fingerprint"),
+        code_version=summary["code_version"], samples=summary["samples"],
+        failures=summary["failures"], top1=summary["top1"],
+        top1_ci95_lo=summary["top1_ci95"][0], top1_ci95_hi=summary["top1_ci95"][1],
+        top5=summary["top5"],
+        top5_ci95_lo=summary["top5_ci95"][0], top5_ci95_hi=summary["top5_ci95"][1],
+        real_samples=summary.get("real_samples"),
+        real_top1=_finite(summary.get("real_top1")),
+        real_top1_ci95_lo=_finite(real[0]), real_top1_ci95_hi=_finite(real[1]),
+        real_top5=_finite(summary.get("real_top5")),
+        published_top1=checked["top1"].published if "top1" in checked else None,
+        published_real_top1=(checked["real_top1"].published if "real_top1" in checked
+                             else None),
+        published_source="; ".join(dict.fromkeys(f.source for f in fidelity or [])) or None,
+        fidelity=None if not fidelity else ("ok" if all(f.ok for f in fidelity) else "failed"),
+        precision=summary["precision"], wall_seconds=summary["wall_seconds"],
+        images_per_s=summary["images_per_s"], predictions_dir=predictions_dir,
+        previous_run_id=prev.reference_run_id if prev else None,
+        top1_delta_vs_previous=_finite(prev.delta_pp) if prev else None,
+        p_vs_previous=_finite(prev.p_value) if prev else None,
+        baseline_run_id=base.reference_run_id if base else None,
+        top1_delta_vs_baseline=_finite(base.delta_pp) if base else None,
+        p_vs_baseline=_finite(base.p_value) if base else None,
+        alpha=rule.alpha, min_effect=rule.min_effect, verdict=verdict))
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or x != x else x  # NaN (a refused comparison) is stored as null
+
+
+def check_baseline(history: pd.DataFrame, baseline: str) -> None:
+    """BaselineNotFound when ``baseline`` is set and no history row has that run id."""
+    if baseline and not (history["run_id"] == baseline).any():
+        known = ", ".join(dict.fromkeys(history["run_id"].tail(10))) or "none yet"
+        raise BaselineNotFound(f"--baseline {baseline} is not in the history table "
+                               f"(latest run ids: {known})")
+
+
+def references(history: pd.DataFrame, baseline: str, dataset: str,
+               current: dict | None = None) -> list[tuple[str, dict | None]]:
+    """(role, history row) of set ``dataset``'s previous run and of the pinned baseline run, if
+    any (``check_baseline`` has vetted its id); the baseline's row is None when that run did not
+    evaluate this set. With ``current`` (this run's summary), the previous run is the latest one
+    over the same data (``same_data``), so one night on other data does not make the next night
+    not comparable too; when no earlier run used this data, it is the latest run (and the
+    comparison says why it cannot be made)."""
+    rows = history[history["dataset"] == dataset].to_dict("records")
+    refs: list[tuple[str, dict | None]] = []
+    if rows:
+        same = [r for r in rows if current is not None and same_data(current, r)]
+        refs.append(("previous", (same or rows)[-1]))
+    if baseline:
+        pinned = [r for r in rows if r["run_id"] == baseline]
+        refs.append(("baseline", pinned[-1] if pinned else None))
+    return refs

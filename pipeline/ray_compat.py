@@ -1,0 +1,74 @@
+"""Ray's private parts the pipeline rests on, all in this one module.
+
+Each is pinned to the Ray it was written against (``RAY_VERSION``, what pyproject.toml installs)
+by a test in tests/test_ray_compat.py, so an upgrade that changes one fails there, loudly, instead
+of silently changing the train crops, the val split or the resume point:
+
+- ``execution_count``: how many times Ray Data executed a dataset before, kept in the
+  ``DataContext`` each task gets (``_execution_idx``; Ray reseeds ``FileShuffleConfig`` from it).
+  The train crops' epoch is drawn from it (``presets.TrainTransform.epoch``).
+- ``exact_val_data_config``: a ``ray.train.DataConfig`` whose "val" split is exact, built on its
+  ``_resolve_execution_options``.
+- ``latest_recorded_checkpoint``: the layout of Ray Train V2's ``checkpoint_manager_snapshot.json``
+  (``_CheckpointManagerState``), the record of which checkpoint a rerun resumes from.
+
+Everything else the pipeline uses of Ray is public API (``ray.data``, ``ray.train``).
+"""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.errors import InputError
+
+RAY_VERSION = "2.60.0"  # what these were read from and the tests pin
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of reported checkpoints
+
+
+def execution_count() -> int:
+    """How many times Ray Data has executed the dataset whose task calls this, before this
+    execution (0 outside Ray Data, and where Ray is not installed): the epoch of a dataset that
+    is iterated once per epoch, counted from 0 in every new driver run."""
+    try:
+        from ray.data import DataContext
+    except ImportError:
+        return 0
+    return int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
+
+
+def exact_val_data_config(execution_options=None):
+    """A ``ray.train.DataConfig`` that splits "train" equally among the workers (lockstep DDP
+    needs equal step counts) and "val" with ``streaming_split(world_size, equal=False)``, so no
+    val image is dropped or seen twice. ``execution_options`` (a ``ray.data.ExecutionOptions``
+    or None) apply to both. Imports Ray when called."""
+    import ray.train
+
+    class _ExactValDataConfig(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kw):
+            rest = {k: v for k, v in datasets.items() if k != "val"}
+            out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kw)
+            if "val" in datasets:
+                ds = datasets["val"].copy(datasets["val"])
+                ds.context.execution_options = self._resolve_execution_options("val")
+                for i, it in enumerate(ds.streaming_split(world_size, equal=False)):
+                    out[i]["val"] = it
+            return out
+
+    return _ExactValDataConfig(datasets_to_split=["train"], execution_options=execution_options)
+
+
+def latest_recorded_checkpoint(snapshot_text: str, where: str = SNAPSHOT_FILE
+                               ) -> tuple[str, dict] | None:
+    """From the text of a ``checkpoint_manager_snapshot.json``: the checkpoint a rerun resumes
+    from, as (its folder name, the metrics reported with it), or None when none was recorded.
+    Raises InputError (naming ``where``) for text that is not this layout: another Ray
+    version's, or a file caught mid-rewrite."""
+    try:
+        latest = json.loads(snapshot_text)["latest_checkpoint_result"]
+        if latest is None:
+            return None
+        return str(latest["checkpoint_dir_name"]), dict(latest["metrics"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{where} cannot be read ({type(e).__name__}: {e}): this Ray version "
+                         f"writes another format, or the file is damaged") from e

@@ -1,0 +1,84 @@
+"""Ray's private parts the pipeline rests on (pipeline/ray_compat.py), each pinned to Ray 2.60:
+an upgrade that changes one fails here, by name, instead of silently changing the train crops,
+the val split or the resume point."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import numpy as np
+import pytest
+
+from pipeline import data, presets, ray_compat
+
+
+def test_the_installed_ray_is_the_one_these_parts_were_read_from():
+    import ray
+
+    assert ray.__version__ == ray_compat.RAY_VERSION, (
+        f"Ray {ray.__version__} is installed; pipeline/ray_compat.py was read from "
+        f"{ray_compat.RAY_VERSION}: check each of its parts against the new Ray, then this pin")
+
+
+def test_execution_count_is_the_number_of_earlier_passes_over_a_dataset(ray_local):
+    """The train crops' epoch (presets.TrainTransform.epoch) comes from this count."""
+    import ray
+
+    def counted(batch):
+        return {"n": np.full(len(batch["id"]), ray_compat.execution_count())}
+
+    ds = ray.data.range(6, override_num_blocks=2).map_batches(counted, batch_format="numpy")
+    passes = [sorted({int(r["n"]) for r in ds.take_all()}) for _ in range(3)]
+    assert passes == [[0], [1], [2]]
+    assert ray_compat.execution_count() == 0  # outside Ray Data
+
+
+def test_the_exact_val_data_config_stands_on_ray_trains_data_config():
+    import ray.train
+    from ray.data import ExecutionOptions
+
+    config = ray_compat.exact_val_data_config(ExecutionOptions(preserve_order=True))
+    assert isinstance(config, ray.train.DataConfig)
+    options = config._resolve_execution_options("val")
+    assert isinstance(options, ExecutionOptions) and options.preserve_order
+    params = list(inspect.signature(ray.train.DataConfig.configure).parameters)
+    assert params[:5] == ["self", "datasets", "world_size", "worker_handles", "worker_node_ids"]
+
+
+def test_the_checkpoint_snapshot_layout_is_ray_trains():
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState, _TrainingResultState)
+
+    assert CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == ray_compat.SNAPSHOT_FILE
+    latest = _TrainingResultState(checkpoint_dir_name="checkpoint_2026-12-05_01-00-00.000001",
+                                  metrics={"epoch": 3, "val_top1": 61.5})
+    empty = dict(checkpoint_results=[], checkpoint_report_indices=[],
+                 pending_training_results=[], pending_validation_specs=[],
+                 current_report_index=0, validated_checkpoint_dir_names=[],
+                 timed_out_validation_checkpoint_dir_names=[],
+                 failed_validation_checkpoint_dir_names=[])
+    written = _CheckpointManagerState(**{**empty, "checkpoint_results": [latest],
+                                         "checkpoint_report_indices": [0]},
+                                      latest_checkpoint_result=latest).json()
+    assert ray_compat.latest_recorded_checkpoint(written) == (
+        "checkpoint_2026-12-05_01-00-00.000001", {"epoch": 3, "val_top1": 61.5})
+    assert ray_compat.latest_recorded_checkpoint(_CheckpointManagerState(**empty).json()) is None
+    with pytest.raises(ValueError, match="cannot be read"):
+        ray_compat.latest_recorded_checkpoint("")  # a snapshot caught mid-rewrite
+
+
+def test_building_the_jobs_datasets_uses_no_argument_ray_calls_deprecated(shard_set, caplog):
+    """Ray 2.60 warns on every map_batches given ``concurrency`` (deprecated in 2.51); the
+    decode stage and the predictor pool say ``compute`` instead."""
+    from pipeline import predict, resources
+
+    manifest = str(shard_set / "val.json")
+    with caplog.at_level(logging.WARNING):
+        data.read_decoded(manifest, presets.TrainTransform(16), data.ReadPlan(concurrency=2))
+        plan = resources.plan_prediction(resources.current_cluster(), 1, False, 0.0, "cpu")
+        predict.prediction_dataset(manifest, "none", plan,
+                                   predict.PredictOptions(decode_concurrency=1),
+                                   presets.Preset(18, 16))
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()], caplog.text

@@ -1,0 +1,70 @@
+"""The resource plan (pipeline/resources.py): every job's stages planned against the cluster
+before anything starts; a plan that cannot run is refused at once, naming the flags and the
+cluster, and the auto plans always fit."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import resources
+from pipeline.errors import UsageError
+
+TWO_CPUS = resources.Cluster(cpus=2, gpus=0)
+
+
+def test_default_training_plan_leaves_the_data_stage_a_cpu_on_two_cpus():
+    plan = resources.plan_training(TWO_CPUS, num_workers=2, use_gpu=False)
+    assert plan.cpus_per_worker == 0.5 and plan.data_cpus == 1.0 and plan.decode_cpus == 1.0
+
+
+@pytest.mark.parametrize("cpus,workers", [(1, 1), (1, 2), (2, 1), (2, 3), (3, 2), (16, 2),
+                                          (96, 8)])
+def test_auto_training_plans_always_fit_and_leave_the_data_stage_room(cpus, workers):
+    plan = resources.plan_training(resources.Cluster(cpus, 0), workers, use_gpu=False)
+    used = workers * plan.cpus_per_worker + plan.decode_cpus
+    assert plan.cpus_per_worker > 0 and plan.decode_cpus > 0 and used <= cpus + 1e-9
+
+
+def test_gpu_training_takes_one_cpu_a_worker_and_leaves_the_rest_to_decoding():
+    plan = resources.plan_training(resources.Cluster(96, 8), 8, use_gpu=True)
+    assert plan.cpus_per_worker == 1.0 and plan.data_cpus == 88.0
+
+
+@pytest.mark.parametrize("kw,flags", [
+    (dict(num_workers=2, use_gpu=False, cpus_per_worker=1.0), "--cpus-per-worker 1"),
+    (dict(num_workers=2, use_gpu=True), "--use-gpu with --num-workers 2 needs 2 GPUs"),
+    (dict(num_workers=0, use_gpu=False), "--num-workers must be at least 1"),
+])
+def test_impossible_training_settings_are_refused_naming_flags_and_cluster(kw, flags):
+    with pytest.raises(UsageError, match=flags) as e:
+        resources.plan_training(TWO_CPUS, **kw)
+    assert "--num-workers" in str(e.value)
+    if kw["num_workers"]:
+        assert "2 CPUs and 0 GPUs" in str(e.value)
+
+
+def test_a_cluster_that_may_grow_waits_for_nodes_with_a_warning(caplog):
+    growing = resources.Cluster(cpus=2, gpus=0, can_grow=True)
+    plan = resources.plan_training(growing, 4, use_gpu=True)
+    assert plan.num_workers == 4 and plan.data_cpus is None
+    assert "Waiting for the autoscaler" in caplog.text
+
+
+@pytest.mark.parametrize("actors,cpus_per_actor,ok", [(1, 0, True), (2, 0, True), (4, 0, True),
+                                                      (1, 1.0, True), (2, 1.0, False),
+                                                      (3, 0.5, True), (3, 0.65, False)])
+def test_prediction_plans_on_two_cpus(actors, cpus_per_actor, ok):
+    if not ok:
+        with pytest.raises(UsageError, match=r"--actors .* leaves no CPU to decode.*2 CPUs"):
+            resources.plan_prediction(TWO_CPUS, actors, False, cpus_per_actor)
+        return
+    plan = resources.plan_prediction(TWO_CPUS, actors, False, cpus_per_actor)
+    assert actors * plan.cpus_per_actor + plan.decode_cpus <= 2 + 1e-9
+    assert plan.decode_cpus != plan.cpus_per_actor  # equal resources would fuse the two
+
+
+def test_gpu_decoding_leaves_a_share_of_each_gpu_to_the_decode_tasks():
+    plan = resources.plan_prediction(resources.Cluster(16, 1), 1, True, decode_device="cuda")
+    assert plan.gpus_per_actor + plan.decode_gpus <= 1.0 and plan.decode_gpus > 0
+    with pytest.raises(UsageError, match="needs 2 GPUs"):
+        resources.plan_prediction(resources.Cluster(16, 1), 2, True)
