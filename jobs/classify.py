@@ -21,11 +21,17 @@ class ClassifyConfig:
     line on stderr; the others are still classified, and the exit status is then 1."""
     images: tuple = _cli.positional("image files (any format PIL reads)", "IMAGE")
     weights: str = _cli.option("DEFAULT", "DEFAULT, IMAGENET1K_V1, or a file (model.pt from "
-                                          "jobs.finetune, or an ImageNet state_dict)")
+                                          "jobs.finetune, or a state_dict: an ImageNet one, or "
+                                          "any other with --classes-from)")
     topk: int = _cli.option(5, "classes printed per image")
     json: bool = _cli.option(False, "one JSON object per image (JSON Lines) instead of text")
     precision: str = _cli.option("fp32", "fp32, or bf16 where the CPU/GPU runs it",
                                  choices=["fp32", "bf16"])
+    classes_from: str = _cli.option("", "class names for weights that carry none (a state_dict "
+                                        "trained elsewhere): a jobs.shard manifest, or a text "
+                                        "file with one name per line in the head's order")
+    device: str = _cli.option("auto", "auto (the GPU when there is one), cpu or cuda",
+                              choices=["auto", "cpu", "cuda"])
 
 
 @_cli.reports_errors
@@ -35,7 +41,8 @@ def main(argv=None) -> int:
         _cli.fail("--topk must be at least 1")
     from pipeline import classify
 
-    model = classify.load(cfg.weights, cfg.precision)  # bad weights: one line, exit 1
+    # bad weights or class list: one line, exit 1
+    model = classify.load(cfg.weights, cfg.precision, cfg.classes_from, cfg.device)
     failed = 0
     for path, result in classify.classify_files(model, cfg.images, cfg.topk):
         if isinstance(result, Exception):

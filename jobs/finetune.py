@@ -98,6 +98,7 @@ def run(cfg: FinetuneConfig) -> dict:
 @_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(FinetuneConfig, argv, "finetune")
+    train.check_inputs(cfg.train, cfg.val, cfg.weights)  # before Ray starts
     _cli.setup_logging()
     _cli.init_ray()
     if cfg.weights.lower() == "none":

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from jobs import _cli
 from pipeline import failures, shards, sources, storage
+from pipeline.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,8 @@ class ShardConfig:
     shard against the manifest and exit 1 naming each bad one."""
     source: str = _cli.option("", "source root: ROOT/<class>/* (folder), the Kaggle ILSVRC "
                                   "root (imagenet-kaggle), the folder of ILSVRC2012_val_*.JPEG "
-                                  "(imagenet-devkit), ROOT/<0..999>/*.jpeg (imagenet-v2: folders "
+                                  "(imagenet-devkit), ROOT/<wnid>_*.JPEG in one folder "
+                                  "(wnid-files), ROOT/<0..999>/*.jpeg (imagenet-v2: folders "
                                   "are class indices), ROOT/<wnid>/* over 200 wnids "
                                   "(imagenet-r, imagenet-a) or 1000 (imagenet-sketch); local "
                                   "path or pyarrow URI (s3://...)")
@@ -30,6 +32,11 @@ class ShardConfig:
                               choices=["auto", *sources.LAYOUTS])
     devkit: str = _cli.option("", "imagenet-devkit: the devkit folder; empty: looked for under "
                                   "--source")
+    v2_variant: str = _cli.option("", "imagenet-v2: which release (matched-frequency, "
+                                      "threshold0.7, top-images; published accuracies are per "
+                                      "release); empty: read from the folder's name, as the "
+                                      "archives unpack (imagenetv2-<variant>-format-val)",
+                                  choices=["", *sources.V2_VARIANTS])
     classes_from: str = _cli.option("", "take the class list from this manifest (shard val with "
                                         "the train classes so indices agree)")
     samples_per_shard: int = _cli.option(shards.DEFAULT_SAMPLES_PER_SHARD,
@@ -75,18 +82,28 @@ def main(argv=None) -> int:
         return verify(cfg.verify)
     if not cfg.source or not cfg.out:
         _cli.fail("--source and --out are required (or --verify MANIFEST)")
-    _cli.init_ray()
-    source = sources.scan_source(cfg.source, cfg.split, cfg.layout, cfg.devkit or None)
-    hint = sources.layout_hint(source) if cfg.layout == "auto" else ""
-    if hint:
-        print(f"note: {hint}", file=sys.stderr)
+    # everything that can be checked without Ray is, before Ray starts (~10 s on 2 cores)
+    source = sources.scan_source(cfg.source, cfg.split, cfg.layout, cfg.devkit or None,
+                                 cfg.v2_variant)
+    if not source.items:
+        n = len(source.skipped)
+        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in source.skipped[:3])
+        raise InputError(f"split {cfg.split!r} of {cfg.source} has no images to shard in layout "
+                         f"{source.layout} ({n} file{'' if n == 1 else 's'} skipped"
+                         + (f": {reasons}" if reasons else "") + ")")
+    hint = sources.layout_hint(source)
+    if hint and (cfg.layout == "auto" or source.layout == "imagenet-v2"):
+        print(f"warning: {hint}", file=sys.stderr)
     if cfg.classes_from:
         source = sources.with_classes(source, shards.load_manifest(cfg.classes_from).classes)
+    storage.check_writable(cfg.out)
+    _cli.init_ray()
     m = shards.write_shards(source, cfg.out, cfg.samples_per_shard, cfg.seed, cfg.max_pixels,
                             progress=cfg.progress, check=cfg.check)
     st = m["_stats"]
     print(f"{m['total_samples']} samples in {len(m['shards'])} shards "
-          f"({st['reused']} reused), {len(m['skipped'])} skipped, layout {m['layout']}, "
+          f"({st['reused']} reused), {len(m['skipped'])} skipped, layout {m['layout']}"
+          f"{' (' + m['variant'] + ')' if m['variant'] else ''}, "
           f"{len(m['classes'])} classes; {m['total_samples'] / st['seconds']:.0f} images/s, "
           f"{st['source_bytes'] / 1e6 / st['seconds']:.1f} MB/s")
     for s in m["skipped"][:20]:

@@ -28,19 +28,82 @@ class Classifier:
     dtype: torch.dtype
 
 
-def load(weights: str, precision: str = "fp32") -> Classifier:
-    """Load ``weights`` (DEFAULT, IMAGENET1K_V1 or a file naming its classes); raise InputError
-    for weights that name no classes (``none``, or a state_dict whose head is not ImageNet's)."""
+def load(weights: str, precision: str = "fp32", classes_from: str = "",
+         device: str = "auto") -> Classifier:
+    """Load ``weights`` (DEFAULT, IMAGENET1K_V1, a model.pt, or a state_dict) on ``device``
+    ("auto": the GPU when there is one, "cpu", "cuda"). ``classes_from`` (a jobs.shard manifest
+    or a text file, ``read_class_list``) names the classes of weights that name none (a
+    state_dict trained elsewhere). InputError for weights that name no classes and no
+    ``classes_from``, a class list whose length is not the head's, a list that contradicts the
+    classes a model.pt or torchvision's weights name, and ``device="cuda"`` without a GPU."""
     loaded = modellib.load_weights(weights)
+    if loaded.state_dict is None:
+        raise InputError(f"weights {weights!r} are a random init: nothing to classify with")
+    if classes_from:
+        loaded = _with_classes(loaded, read_class_list(classes_from), weights, classes_from)
     if loaded.classes is None:
-        raise InputError(f"weights {weights!r} name no classes: give DEFAULT, IMAGENET1K_V1, a "
-                         f"model.pt from jobs.finetune, or an ImageNet (1000-class) state_dict")
+        raise InputError(f"weights {weights!r} name no classes: pass --classes-from (a jobs.shard "
+                         f"manifest or a text file of class names, one per line, in the head's "
+                         f"order), or give DEFAULT, IMAGENET1K_V1 or a model.pt from jobs.finetune")
     net, classes, _ = modellib.build_model(loaded, None)
     preset = loaded.eval_preset
-    device = modellib.pick_device(None)
-    dtype = modellib.resolve_precision(precision, device)
-    net = modellib.for_inference(net, device, dtype)  # as the Predictor runs it: BatchNorm folded
+    dev = _device(device)
+    dtype = modellib.resolve_precision(precision, dev)
+    net = modellib.for_inference(net, dev, dtype)  # as the Predictor runs it: BatchNorm folded
     return Classifier(net, classes, preset.resize_size, preset.crop_size, dtype)
+
+
+def read_class_list(path: str) -> list[dict]:
+    """Classes [{"index", "id", "name"}] from a jobs.shard manifest (its class list) or a text
+    file of class names, one per line in the head's output order (blank lines ignored; the name
+    is also the id). FileNotFoundError when missing; InputError naming the file for a JSON file
+    that is no manifest, an empty list or a repeated name."""
+    import json
+
+    from pipeline import shards
+
+    text = storage.read_text(path)
+    try:
+        json.loads(text)
+    except ValueError:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+        if not names:
+            raise InputError(f"--classes-from {path}: no class names in it") from None
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise InputError(f"--classes-from {path}: class names repeated: "
+                             f"{', '.join(repeated[:5])}") from None
+        return [{"index": i, "id": n, "name": n} for i, n in enumerate(names)]
+    return shards.load_manifest(path).classes
+
+
+def _with_classes(loaded, classes: list[dict], weights: str, path: str):
+    """``loaded`` naming ``classes``: the head must have one output per class, and weights that
+    name their own classes (a model.pt, torchvision's) must name these."""
+    import dataclasses
+
+    head = loaded.state_dict.get("fc.weight")
+    n = 0 if head is None else head.shape[0]
+    if n != len(classes):
+        raise InputError(f"--classes-from {path} lists {len(classes)} classes; the head of "
+                         f"weights {weights!r} has {n} outputs")
+    if loaded.classes is not None and not loaded.guessed_classes and \
+            [c["id"] for c in loaded.classes] != [c["id"] for c in classes]:
+        raise InputError(f"weights {weights!r} name their own {len(loaded.classes)} classes, "
+                         f"and --classes-from {path} names others; drop --classes-from")
+    return dataclasses.replace(loaded, classes=classes, guessed_classes=False)
+
+
+def _device(name: str) -> torch.device:
+    """``torch.device`` for --device auto/cpu/cuda; InputError for cuda without a GPU."""
+    if name == "auto":
+        return modellib.pick_device(None)
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False); "
+                         "use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"--device {name!r}: one of auto, cpu, cuda")
+    return torch.device(name)
 
 
 @torch.inference_mode()

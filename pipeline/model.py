@@ -39,7 +39,9 @@ class LoadedWeights:
     ``state_dict`` is None for a random init; ``classes`` ([{"index", "id", "name"}]) is None
     when the weights do not say (a random init, or a bare state_dict whose head is not
     ImageNet's); ``preset`` is the one a model.pt was trained at (None: torchvision's);
-    ``sha256`` of the file (None when there is none); ``source`` the spec as given."""
+    ``sha256`` of the file (None when there is none); ``source`` the spec as given;
+    ``guessed_classes``: the classes are ImageNet's because a bare state_dict has a 1000-way head,
+    not because the file says so."""
     state_dict: dict | None
     classes: list[dict] | None
     model_id: str
@@ -47,6 +49,7 @@ class LoadedWeights:
     preset: dict | None = None
     config: dict | None = None
     source: str = ""
+    guessed_classes: bool = False
 
     @property
     def eval_preset(self) -> presets.Preset:
@@ -65,9 +68,7 @@ def load_weights(spec: str) -> LoadedWeights:
         return LoadedWeights(None, None, "resnet18-random-init", source=spec)
     if spec.upper() in TORCHVISION_WEIGHTS:
         return _load_torchvision(spec.upper())
-    if not storage.exists(spec):
-        raise FileNotFoundError(f"weights {spec!r}: not DEFAULT, IMAGENET1K_V1, none, nor an "
-                                f"existing file")
+    check_weights_spec(spec)
     data = storage.read_bytes(spec)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -82,8 +83,18 @@ def load_weights(spec: str) -> LoadedWeights:
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         fc = obj.get("fc.weight")
         classes = imagenet_classes() if fc is not None and fc.shape[0] == 1000 else None
-        return LoadedWeights(obj, classes, os.path.basename(spec), sha, source=spec)
+        return LoadedWeights(obj, classes, os.path.basename(spec), sha, source=spec,
+                             guessed_classes=classes is not None)
     raise InputError(f"weights file {spec} is neither a state_dict nor a {MODEL_FORMAT} file")
+
+
+def check_weights_spec(spec: str) -> None:
+    """Without loading anything: FileNotFoundError unless ``spec`` is DEFAULT, IMAGENET1K_V1,
+    none or an existing file (what a job checks before Ray starts)."""
+    if spec.lower() != "none" and spec.upper() not in TORCHVISION_WEIGHTS \
+            and not storage.exists(spec):
+        raise FileNotFoundError(f"weights {spec!r}: not DEFAULT, IMAGENET1K_V1, none, nor an "
+                                f"existing file")
 
 
 def _load_torchvision(spec: str) -> LoadedWeights:

@@ -180,7 +180,8 @@ def write_run_record(run_dir: str, record: dict) -> None:
 class SetResult:
     """One set of a nightly run: its name and dataset kind, the prediction folder, the prediction
     summary (summary.json; None when the set failed), the comparisons, the fidelity checks
-    (``published.Fidelity``), the set's verdict and, for a failed set, the error."""
+    (``published.Fidelity``), the set's verdict, for a failed set the error, and why a
+    published figure did not apply (``published.NotApplicable``)."""
     name: str
     kind: str
     run_dir: str
@@ -190,6 +191,7 @@ class SetResult:
     verdict: str
     error: str = ""
     notes: list = field(default_factory=list)  # lines for the terminal and the report
+    not_applicable: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -264,14 +266,14 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
                  f"previous run only" for role, ref in refs if ref is None]
         comparisons = [compare_with(role, ref, meta, current, rule)
                        for role, ref in refs if ref is not None]
-        fidelity = published.check(summary, kind, s.name, table, rule.fidelity_tolerance)
+        checked = published.check(summary, kind, s.name, table, rule.fidelity_tolerance)
         verdict = worst([c.outcome for c in comparisons]
-                        + [FIDELITY for f in fidelity if not f.ok])
+                        + [FIDELITY for f in checked.applied if not f.ok])
         rows.append(history_row(run_id, summary, out, comparisons, verdict, rule, s.name, kind,
-                                fidelity))
+                                checked.applied))
         append_history(history, rows[-1])
-        results.append(SetResult(s.name, kind, out, summary, comparisons, fidelity, verdict,
-                                 notes=notes))
+        results.append(SetResult(s.name, kind, out, summary, comparisons, checked.applied,
+                                 verdict, notes=notes, not_applicable=checked.not_applicable))
     verdict = worst(r.verdict for r in results)
     write_run_record(run_dir, {
         "run_id": run_id, "verdict": verdict, "exit_code": exit_code(verdict),
@@ -280,7 +282,9 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
                   "prediction_run_id": (r.summary or {}).get("run_id"), "verdict": r.verdict,
                   "error": r.error, "notes": r.notes,
                   "comparisons": comparison_dicts(r.comparisons),
-                  "fidelity": [asdict(f) for f in r.fidelity]} for r in results],
+                  "fidelity": [asdict(f) for f in r.fidelity],
+                  "fidelity_not_applicable": [dict(asdict(n), line=n.describe())
+                                              for n in r.not_applicable]} for r in results],
         "config": config})
     # the history as this run knows it: what it read, and its own rows (no second read)
     table = pd.concat([old, pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA).to_pandas()],
@@ -329,7 +333,8 @@ def format_result(result: NightlyResult, rule: RegressionRule) -> str:
         lines.append(metrics.format_table(r.summary))
         lines += [describe(c, rule) for c in r.comparisons] or [
             "no earlier run to compare with"]
-        lines += [f.describe() for f in r.fidelity] + r.notes
+        lines += [f.describe() for f in r.fidelity]
+        lines += [n.describe() for n in r.not_applicable] + r.notes
     lines += [f"run {result.run_id}",
               f"verdict: {result.verdict} (exit {result.exit_code}); significance rule: "
               f"{rule.describe()}",

@@ -293,6 +293,17 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
     return ds, manifest
 
 
+def check_inputs(manifest_path: str, weights: str, real_labels: str = "") -> None:
+    """What a prediction run can check before Ray starts (jobs.predict calls it first, so a wrong
+    path costs no cluster start and leaves no output folder): the manifest loads, ``weights`` is
+    a named set or an existing file, the ReaL labels (when given) load. Raises what
+    ``shards.load_manifest``, ``model.check_weights_spec`` and ``load_real_labels`` raise."""
+    shards.load_manifest(manifest_path)
+    modellib.check_weights_spec(weights)
+    if real_labels:
+        load_real_labels(real_labels)
+
+
 def run_prediction(manifest_path: str, weights: str, out: str,
                    opts: PredictOptions | None = None, *,
                    lease_seconds: float = leaselib.DEFAULT_SECONDS, **overrides) -> dict:

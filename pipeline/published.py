@@ -24,11 +24,10 @@ from pipeline.errors import InputError
 TORCHVISION_RESNET18 = "torchvision/resnet18/IMAGENET1K_V1"  # model_id of DEFAULT and IMAGENET1K_V1
 TIMM = "timm results/results-*.csv, resnet18.tv_in1k"
 
-# Dataset kinds: what a set is, from its manifest (``dataset_kind``); a published figure applies
-# to the whole released set only, hence the sample counts (scored images).
-IMAGENET_VAL, IMAGENET_REAL = "imagenet-val", "imagenet-real"
-WHOLE_SET_SAMPLES = {IMAGENET_VAL: 50_000, IMAGENET_REAL: 46_837, "imagenet-v2": 10_000,
-                     "imagenet-r": 30_000, "imagenet-a": 7_500, "imagenet-sketch": 50_889}
+# Dataset kinds: what a set is, from its manifest (``dataset_kind``). ImageNet-V2's three
+# releases sample their images differently and score differently (Recht et al. 2019, sec. 3), so
+# each variant is a kind of its own; a V2 set whose variant is not known is plain "imagenet-v2".
+IMAGENET_VAL, IMAGENET_REAL, IMAGENET_V2 = "imagenet-val", "imagenet-real", "imagenet-v2"
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ BUILTIN = [
     Published(TORCHVISION_RESNET18, IMAGENET_VAL, 69.758, 89.078, 50_000,
               "torchvision ResNet18_Weights.IMAGENET1K_V1.meta"),
     Published(TORCHVISION_RESNET18, IMAGENET_REAL, 77.291, 92.760, 46_837, TIMM),
-    Published(TORCHVISION_RESNET18, "imagenet-v2", 57.350, 80.080, 10_000, TIMM),
+    Published(TORCHVISION_RESNET18, "imagenet-v2-matched-frequency", 57.350, 80.080, 10_000, TIMM),
     Published(TORCHVISION_RESNET18, "imagenet-r", 33.023, 51.143, 30_000, TIMM),
     Published(TORCHVISION_RESNET18, "imagenet-a", 1.120, 16.200, 7_500, TIMM),
     Published(TORCHVISION_RESNET18, "imagenet-sketch", 20.238, 37.258, 50_889, TIMM),
@@ -74,12 +73,16 @@ def load_table(path: str) -> list[Published]:
 
 def dataset_kind(manifest) -> str:
     """What a shard manifest holds, for matching published figures: its layout for the
-    robustness sets (imagenet-v2, -r, -a, -sketch), ``imagenet-val`` for a val split over the
-    1000 ImageNet classes in any other layout, else ''."""
+    robustness sets (``imagenet-r``, ``-a``, ``-sketch``); for ImageNet-V2
+    ``imagenet-v2-<variant>`` (matched-frequency, threshold0.7, top-images) when the manifest
+    names the variant, else ``imagenet-v2``; ``imagenet-val`` for a val split over the 1000
+    ImageNet classes in any other layout; else ''."""
     from pipeline import sources
 
     layout = manifest.layout
-    if layout in ("imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch"):
+    if layout == IMAGENET_V2:
+        return f"{IMAGENET_V2}-{manifest.variant}" if manifest.variant else IMAGENET_V2
+    if layout in ("imagenet-r", "imagenet-a", "imagenet-sketch"):
         return layout
     if manifest.split == "val" and [c["id"] for c in manifest.classes] == sources.imagenet_wnids():
         return IMAGENET_VAL
@@ -88,9 +91,10 @@ def dataset_kind(manifest) -> str:
 
 @dataclass(frozen=True)
 class Fidelity:
-    """The published figure against the measured one: ``metric`` ("top1" or "real_top1"),
-    ``published`` and ``measured`` percent, the measured 95% interval ``lo``-``hi``, the
-    ``tolerance`` (percentage points) it was widened by, ``ok``, and the figure's ``source``."""
+    """The published figure against the measured one: ``metric`` ("top1", "top5", "real_top1"
+    or "real_top5"), ``published`` and ``measured`` percent, the measured 95% interval
+    ``lo``-``hi``, the ``tolerance`` (percentage points) it was widened by, ``ok``, and the
+    figure's ``source``."""
     dataset: str
     metric: str
     published: float
@@ -109,26 +113,91 @@ class Fidelity:
                 + ("inside" if self.ok else "OUTSIDE: pipeline fidelity failure"))
 
 
+@dataclass(frozen=True)
+class NotApplicable:
+    """Why the published-accuracy check did not apply to a set: ``what`` it concerns (a dataset
+    kind, ``imagenet-real``, or the set's name), the ``reason``, the images ``scored`` and the
+    images the figure was ``published_for`` (None when no figure names a count)."""
+    what: str
+    reason: str
+    scored: int
+    published_for: int | None = None
+
+    def describe(self) -> str:
+        """One line for the terminal, nightly.json and the report."""
+        return f"fidelity: not applicable ({self.what}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What ``check`` found for one set: the ``applied`` checks (``Fidelity``; any not ok is a
+    pipeline-fidelity failure) and, for every published figure that did not apply, or when none
+    exists for the set, why (``NotApplicable``). Never both empty."""
+    applied: list[Fidelity]
+    not_applicable: list[NotApplicable]
+
+
+# a top-1 metric and its top-5 twin, as summary.json names them
+_METRICS = {"top1": "top5", "real_top1": "real_top5"}
+
+
 def check(summary: dict, kind: str, name: str, table: list[Published],
-          tolerance: float) -> list[Fidelity]:
-    """The fidelity checks that apply to one evaluated set: entries of ``table`` whose model is
-    the summary's model_id or weights sha256, whose dataset is ``kind`` or the set ``name``, and
-    whose sample count (when given) is the number of images scored. ReaL entries
-    (``imagenet-real``) apply to an ``imagenet-val`` set scored with ReaL labels."""
+          tolerance: float) -> Checked:
+    """The fidelity checks for one evaluated set, and why any did not apply.
+
+    An entry of ``table`` applies when its model is the summary's model_id or weights sha256,
+    its dataset is ``kind`` or the set ``name``, and its sample count (when given) is the number
+    of images scored; ReaL entries (``imagenet-real``) apply to an ``imagenet-val`` set scored
+    with ReaL labels (against ``real_top1``, ``real_samples``). Top-1 is checked, and top-5 where
+    the entry has it. Each figure that matches model and dataset but not the count, and a set
+    with no figure at all, gets a ``NotApplicable`` naming why and both counts."""
     models = {summary.get("model_id"), summary.get("weights_sha256")}
-    out = []
+    applied, skipped = [], []
     for p in table:
         if p.model not in models:
             continue
-        if p.dataset == IMAGENET_REAL and kind == IMAGENET_VAL and "real_samples" in summary:
+        if p.dataset == IMAGENET_REAL and kind == IMAGENET_VAL:
+            if "real_samples" not in summary:
+                skipped.append(NotApplicable(
+                    IMAGENET_REAL, f"a ReaL figure is published ({p.top1:.3f}%) but this run "
+                    f"had no ReaL labels (--real-labels)", summary["samples"], p.samples))
+                continue
             metric, n = "real_top1", summary["real_samples"]
         elif p.dataset in (kind, name) and p.dataset != IMAGENET_REAL:
             metric, n = "top1", summary["samples"]
         else:
             continue
-        if (p.samples is not None and p.samples != n) or summary.get(metric) is None:
-            continue  # a part of the set (or nothing scored): the published figure does not apply
-        lo, hi = summary[f"{metric}_ci95"]
-        out.append(Fidelity(p.dataset, metric, p.top1, summary[metric], lo, hi, tolerance,
-                            lo - tolerance <= p.top1 <= hi + tolerance, p.source))
-    return out
+        if p.samples is not None and p.samples != n:
+            skipped.append(NotApplicable(
+                p.dataset, f"{n:,} scored, published for {p.samples:,} ({p.source}): a figure "
+                f"for the whole set says nothing of a part of it or of a copy with images "
+                f"missing", n, p.samples))
+            continue
+        for m, figure in ((metric, p.top1), (_METRICS[metric], p.top5)):
+            if figure is None or summary.get(m) is None or f"{m}_ci95" not in summary:
+                continue
+            lo, hi = summary[f"{m}_ci95"]
+            applied.append(Fidelity(p.dataset, m, figure, summary[m], lo, hi, tolerance,
+                                    lo - tolerance <= figure <= hi + tolerance, p.source))
+    if not applied and not any(s.what != IMAGENET_REAL for s in skipped):
+        skipped.insert(0, NotApplicable(kind or name, _why_none(summary, kind, name, table),
+                                        summary["samples"]))
+    return Checked(applied, skipped)
+
+
+def _why_none(summary: dict, kind: str, name: str, table: list[Published]) -> str:
+    """Why no figure of ``table`` names this set for this model."""
+    n = summary["samples"]
+    if kind == IMAGENET_V2:
+        return (f"{n:,} scored; the ImageNet-V2 variant of this set is not known (neither its "
+                f"folder name nor jobs.shard --v2-variant said it), and the figures are "
+                f"published per variant: reshard with --v2-variant")
+    if not kind:
+        return (f"{n:,} scored; set {name!r} is no released evaluation set (ImageNet val over "
+                f"the 1000 classes, V2, R, A, Sketch) and no --published entry names it")
+    others = sorted({p.model for p in table if p.dataset in (kind, name)})
+    model = summary.get("model_id") or f"weights sha256 {str(summary.get('weights_sha256'))[:12]}"
+    if others:
+        return (f"{n:,} scored; no figure is published for this model ({model}) on {kind}; "
+                f"there are for: {', '.join(others)}")
+    return f"{n:,} scored; no figure is published for {kind} (add one with --published)"

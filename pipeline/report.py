@@ -236,18 +236,21 @@ def reliability_section(summary: dict) -> Section:
                    plot_reliability(bins) if bins else None)
 
 
-def fidelity_section(fidelity: list) -> Section:
+def fidelity_section(fidelity: list, not_applicable: list = ()) -> Section:
     """The published-accuracy check (``published.Fidelity`` records): published vs measured with
-    the measured 95% interval, the tolerance, the outcome and the figure's source."""
+    the measured 95% interval, the tolerance, the outcome and the figure's source; then why any
+    published figure did not apply (``published.NotApplicable``: the reason, both counts)."""
     title = "Published accuracy (pipeline fidelity)"
+    why = " ".join(n.describe() + "." for n in not_applicable)
     if not fidelity:
-        return Section(title, "No published figure applies to this model on this whole set.")
+        return Section(title, why or "No published figure applies to this model on this set.")
     rows = [[f.dataset, f.metric, f"{f.published:.3f}", f"{f.measured:.3f}",
              f"{f.lo:.3f}-{f.hi:.3f}", f"{f.tolerance:g}",
              "inside" if f.ok else "OUTSIDE: pipeline fidelity failure", f.source]
             for f in fidelity]
     return Section(title, "A published figure outside the measured 95% interval (widened by the "
-                          "tolerance) means the pipeline, not the model, has drifted.",
+                          "tolerance) means the pipeline, not the model, has drifted."
+                   + (" " + why if why else ""),
                    ["dataset", "metric", "published %", "measured %", "95% CI",
                     "tolerance pp", "outcome", "source"], rows)
 
@@ -266,7 +269,8 @@ def suite_section(run_id: str, results: list, verdict: str, rule) -> Section:
         delta = "" if prev is None or prev.outcome == "not comparable" else \
             f"{prev.delta_pp:+.2f}"
         p = "" if prev is None or prev.outcome == "not comparable" else f"{prev.p_value:.3g}"
-        pub = "; ".join(f"{f.published:.2f} ({'ok' if f.ok else 'OUTSIDE'})" for f in r.fidelity)
+        pub = "; ".join(f"{f.metric} {f.published:.2f} ({'ok' if f.ok else 'OUTSIDE'})"
+                        for f in r.fidelity) or ("not applicable" if r.not_applicable else "")
         rows.append([r.name, r.kind, s["samples"],
                      f"{s['top1']:.2f} ({_ci(*s['top1_ci95'])})",
                      f"{s['top5']:.2f} ({_ci(*s['top5_ci95'])})",
@@ -296,7 +300,8 @@ def build_sections(run_id: str, result, history: pd.DataFrame, rule,
     summary, comparisons = result.summary, comparison_dicts(result.comparisons)
     reference_summary, reference_run_id = reference
     sections = [overview_section(run_id, summary, result.verdict, comparisons, rule),
-                comparison_section(comparisons), fidelity_section(result.fidelity or []),
+                comparison_section(comparisons),
+                fidelity_section(result.fidelity or [], result.not_applicable),
                 history_section(history),
                 changes_section(summary, reference_summary, reference_run_id, top_n),
                 worst_section(summary, top_n), confused_section(summary, top_n),

@@ -365,7 +365,8 @@ def _manifest(source, plan, records, samples_per_shard, seed, max_pixels, check)
     shards = [{k: r[k] for k in ("file", "samples", "bytes", "sha256", "first_key", "last_key")}
               for r in records if r["samples"] > 0]
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "split": source.split,
-            "layout": source.layout, "source": source.root, "seed": seed,
+            "layout": source.layout, "variant": source.variant, "source": source.root,
+            "seed": seed,
             "samples_per_shard": samples_per_shard, "max_pixels": max_pixels, "check": check,
             "classes": source.classes,
             # classes that keep their index but hold no image (an empty class folder, or one
@@ -413,6 +414,7 @@ class Manifest:
     empty_classes: list[str]
     max_pixels: int
     raw: dict
+    variant: str = ""  # ImageNet-V2's release (sources.V2_VARIANTS), '' when none or not known
 
     @property
     def shard_paths(self) -> list[str]:
@@ -451,7 +453,7 @@ def load_manifest(path: str) -> Manifest:
     return Manifest(path, raw["split"], raw.get("layout", ""), raw["classes"],
                     [Shard.from_record(r) for r in raw["shards"]],
                     raw["total_samples"], raw.get("skipped", []), raw.get("empty_classes", []),
-                    raw.get("max_pixels", DEFAULT_MAX_PIXELS), raw)
+                    raw.get("max_pixels", DEFAULT_MAX_PIXELS), raw, raw.get("variant", ""))
 
 
 def find_manifests(folder: str) -> list[str]:

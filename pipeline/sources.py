@@ -17,26 +17,43 @@ from importlib import resources
 from pipeline import storage
 from pipeline.errors import InputError
 
-LAYOUTS = ("folder", "imagenet-kaggle", "imagenet-devkit", "imagenet-v2", "imagenet-r",
-           "imagenet-a", "imagenet-sketch")
+LAYOUTS = ("folder", "wnid-files", "imagenet-kaggle", "imagenet-devkit", "imagenet-v2",
+           "imagenet-r", "imagenet-a", "imagenet-sketch")
 KAGGLE_DATA = "ILSVRC/Data/CLS-LOC"
 DEVKIT_DIRS = ("ILSVRC2012_devkit_t12", "devkit", ".")
 DEVKIT_GT = "data/ILSVRC2012_validation_ground_truth.txt"
 DEVKIT_META = "data/meta.mat"
 VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
+# wnid-files: ImageNet images in one folder, named <wnid>_<anything> (train's per-class tars
+# extracted together: n01440764_10026.JPEG; the one-image-per-class samples: n01440764_tench.JPEG)
+WNID_NAME = re.compile(r"^(n\d{8})[_.]")
+# Names that are images for layout recognition (torchvision's IMG_EXTENSIONS, and gif); the shard
+# job still decides each file's format by its content.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+                  ".gif")
+# ImageNet-V2's three releases (Recht et al. 2019, "Do ImageNet Classifiers Generalize to
+# ImageNet?", sec. 3: three ways of sampling the candidate images), as their archives name them:
+# imagenetv2-matched-frequency-format-val/, imagenetv2-threshold0.7-format-val/,
+# imagenetv2-top-images-format-val/.
+V2_VARIANTS = ("matched-frequency", "threshold0.7", "top-images")
+_V2_VARIANT_NAMES = ((re.compile(r"matched[-_ ]?frequency", re.I), "matched-frequency"),
+                     (re.compile(r"threshold[-_ ]?0?\.7", re.I), "threshold0.7"),
+                     (re.compile(r"top[-_ ]?images", re.I), "top-images"))
 
 
 @dataclass
 class Source:
     """One split of a source: ``layout`` (one of LAYOUTS), ``root``, ``split``, ``classes``
-    [{"index", "id", "name"}] sorted by id, ``items`` (path relative to root, class id) and
-    ``skipped`` [{"path", "reason"}] for the files that could not be labelled."""
+    [{"index", "id", "name"}] sorted by id, ``items`` (path relative to root, class id),
+    ``skipped`` [{"path", "reason"}] for the files that could not be labelled, and for
+    ImageNet-V2 the ``variant`` (one of V2_VARIANTS; '' when not known)."""
     layout: str
     root: str
     split: str
     classes: list[dict]  # [{"index", "id", "name"}], sorted by id
     items: list[tuple[str, str]]  # (path relative to root, class id)
     skipped: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
+    variant: str = ""
 
     @property
     def class_index(self) -> dict[str, int]:
@@ -80,29 +97,74 @@ def detect_layout(root: str, split: str) -> str:
         return "imagenet-kaggle"
     if split == "val" and _devkit_dir(root) is not None:
         return "imagenet-devkit"
-    if storage.is_dir(root):
-        top = _top_level(root)
-        dirs = {n for n, kind in top if kind == "dir" and not n.startswith(".")}
-        if dirs:
-            return _recognise_class_folders(root, dirs)
-    else:
+    if not storage.is_dir(root):
         raise FileNotFoundError(f"source {root} does not exist or is not a folder")
+    top = _top_level(root)
+    dirs = {n for n, kind in top if kind == "dir" and not n.startswith(".")}
+    if dirs:
+        return _recognise_class_folders(root, dirs)
+    images = [n for n, kind in top if kind == "file" and n.lower().endswith(IMAGE_SUFFIXES)
+              and not n.startswith(".")]
+    known = set(imagenet_wnids())
+    unlabelled = [n for n in images if not _wnid_of(n, known)]
+    if images and not unlabelled:
+        return "wnid-files"
     found = ", ".join(f"{n}{'/' if k == 'dir' else ''}" for n, k in top[:10]) or "nothing"
+    partly = (f" {len(images) - len(unlabelled)} of the {len(images)} images start with an "
+              f"ImageNet wnid, {len(unlabelled)} do not (e.g. {unlabelled[0]}): --layout "
+              f"wnid-files shards the others and lists these as skipped."
+              if images and len(unlabelled) < len(images) else "")
     raise InputError(
         f"no known layout in {root} for split {split!r}. Looked for: "
-        f"folder (ROOT/<class>/<image>), imagenet-kaggle (ROOT/{KAGGLE_DATA}/{split}/ with "
+        f"folder (ROOT/<class>/<image>), wnid-files (ROOT/<wnid>_*.JPEG, every image named "
+        f"after its ImageNet wnid), imagenet-kaggle (ROOT/{KAGGLE_DATA}/{split}/ with "
         f"LOC_val_solution.csv and LOC_synset_mapping.txt), imagenet-devkit (flat "
-        f"ILSVRC2012_val_*.JPEG with ROOT/<devkit>/{DEVKIT_GT} and {DEVKIT_META}). Found: {found}"
+        f"ILSVRC2012_val_*.JPEG with ROOT/<devkit>/{DEVKIT_GT} and {DEVKIT_META}). "
+        f"Found: {found}.{partly}"
     )
 
 
+def _wnid_of(name: str, known: set[str]) -> str | None:
+    """The ImageNet wnid a file name starts with (``n01440764_10026.JPEG``), or None."""
+    m = WNID_NAME.match(name)
+    return m.group(1) if m and m.group(1) in known else None
+
+
+def v2_variant_from_path(root: str) -> str:
+    """The ImageNet-V2 release a folder holds, read from its own name and its parent's (the
+    archives unpack to ``imagenetv2-<variant>-format-val/``): one of V2_VARIANTS, or '' when the
+    names say none, or more than one."""
+    names = [storage.basename(root.rstrip("/")),
+             storage.basename(storage.dirname(root.rstrip("/")))]
+    found = {variant for name in names for pattern, variant in _V2_VARIANT_NAMES
+             if pattern.search(name)}
+    return found.pop() if len(found) == 1 else ""
+
+
 def layout_hint(source: Source) -> str:
-    """For a ``folder`` source whose class ids are all ImageNet-R (or -A) wnids but not all 200
-    of them (a partial copy, which ``--layout auto`` does not take for the set): a line naming the
-    layout to pass; '' otherwise."""
+    """A warning for a source that ``--layout auto`` read as a ``folder`` although it may be
+    a released set: class ids that are all ImageNet-R (or -A) wnids but not all 200 of them (a
+    partial copy), or integer class folders that could be ImageNet class indices (an ImageNet-V2
+    copy with folders missing). For ImageNet-V2, a line when its variant is not known. '' when
+    there is nothing to say."""
+    if source.layout == "imagenet-v2" and not source.variant:
+        return (f"the ImageNet-V2 variant of {source.root} is not known: its folder name names "
+                f"none of {', '.join(V2_VARIANTS)}. Published accuracies are per variant, so "
+                f"the nightly's fidelity check will not apply: pass --v2-variant")
     ids = {c["id"] for c in source.classes}
     if source.layout != "folder" or not ids:
         return ""
+    if all(i.isdigit() for i in ids):
+        if max(int(i) for i in ids) >= 1000:
+            return ""
+        order, numeric = sorted(ids), sorted(ids, key=int)
+        first = next((i for i, (a, b) in enumerate(zip(order, numeric)) if a != b), None)
+        numbered = "" if first is None else (f" (so class {first} is folder {order[first]!r}, "
+                                             f"not {numeric[first]!r})")
+        return (f"the {len(ids)} class folders are integers: taken as your own classes, "
+                f"numbered by the folder names' string order as torchvision's ImageFolder "
+                f"does{numbered}. If they are ImageNet class indices (ImageNet-V2, or a part of "
+                f"it), shard with --layout imagenet-v2")
     fits = [layout for layout in ("imagenet-r", "imagenet-a") if ids <= set(subset_wnids(layout))]
     if not fits:
         return ""
@@ -114,17 +176,11 @@ def layout_hint(source: Source) -> str:
 
 def _recognise_class_folders(root: str, dirs: set[str]) -> str:
     """The layout of ROOT/<class>/...: a released robustness set when the folder names are exactly
-    its classes, else ``folder``. Integer folder names that are not exactly ImageNet-V2's 0..999
-    are refused: read as ImageNet class indices or as the user's own classes, they give different
-    labels, and guessing wrong would scramble every label silently."""
-    if all(d.isdigit() for d in dirs):
-        if dirs == {str(i) for i in range(1000)}:
-            return "imagenet-v2"
-        raise InputError(
-            f"{root}: the {len(dirs)} class folders are integers but not ImageNet-V2's 0..999. "
-            f"Pass --layout imagenet-v2 if they are ImageNet class indices (folder N is the N-th "
-            f"sorted wnid, mapped numerically), or --layout folder if they are your own classes "
-            f"(numbered by the folder names' string order, as torchvision's ImageFolder does)")
+    its classes, else ``folder``. Integer folders are ImageNet-V2 only when they are exactly
+    0..999; any other integer folders (digit sets: 0..9) are a ``folder``, and ``layout_hint``
+    warns when they could be ImageNet class indices."""
+    if dirs == {str(i) for i in range(1000)}:
+        return "imagenet-v2"
     for layout in ("imagenet-r", "imagenet-a"):
         if dirs == set(subset_wnids(layout)):
             return layout
@@ -135,22 +191,42 @@ def _recognise_class_folders(root: str, dirs: set[str]) -> str:
     return "folder"
 
 
-def scan_source(root: str, split: str, layout: str = "auto", devkit: str | None = None) -> Source:
-    """List the labelled images of one split of ``root`` in the given (or detected) layout."""
+def scan_source(root: str, split: str, layout: str = "auto", devkit: str | None = None,
+                v2_variant: str = "") -> Source:
+    """List the labelled images of one split of ``root`` in the given (or detected) layout.
+
+    ``v2_variant`` (one of V2_VARIANTS) names an ImageNet-V2 release whose folder was renamed;
+    by default it is read from the folder's name (``v2_variant_from_path``). InputError when it
+    is given for another layout or contradicts the folder's name."""
     if layout == "auto":
         # a devkit named apart from the source (unpacked beside it) says what the source is
         layout = "imagenet-devkit" if devkit and split == "val" else detect_layout(root, split)
+    if v2_variant and layout != "imagenet-v2":
+        raise InputError(f"--v2-variant {v2_variant} is for ImageNet-V2; {root} is layout {layout}")
     if layout == "folder":
         return _scan_folder(root, split)
+    if layout == "wnid-files":
+        return _scan_wnid_files(root, split)
     if layout == "imagenet-kaggle":
         return _scan_kaggle(root, split)
     if layout == "imagenet-devkit":
         return _scan_devkit(root, split, devkit)
     if layout == "imagenet-v2":
-        return _scan_imagenet_v2(root, split)
+        return _scan_imagenet_v2(root, split, _v2_variant(root, v2_variant))
     if layout in ("imagenet-r", "imagenet-a", "imagenet-sketch"):
         return _scan_fixed_classes(root, split, layout)
     raise InputError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
+
+
+def _v2_variant(root: str, given: str) -> str:
+    """The given variant, else the one the folder's name says; a contradiction is an error."""
+    if given and given not in V2_VARIANTS:
+        raise InputError(f"unknown ImageNet-V2 variant {given!r}; one of {', '.join(V2_VARIANTS)}")
+    named = v2_variant_from_path(root)
+    if given and named and given != named:
+        raise InputError(f"--v2-variant {given} contradicts the folder name {root}, which says "
+                         f"{named}: rename the folder or drop --v2-variant")
+    return given or named
 
 
 def _top_level(root: str) -> list[tuple[str, str]]:
@@ -210,7 +286,7 @@ def _scan_folder(root: str, split: str) -> Source:
     return Source("folder", root, split, classes, sorted(items), skipped)
 
 
-def _scan_imagenet_v2(root: str, split: str) -> Source:
+def _scan_imagenet_v2(root: str, split: str, variant: str) -> Source:
     """ImageNet-V2: ROOT/<0..999>/*.jpeg, each folder an integer class index in the sorted-wnid
     order, mapped to its wnid **numerically** ("10" is wnid 10, whatever the string order of the
     folder names). The class list is the 1000 ImageNet classes, folders missing or not."""
@@ -223,7 +299,32 @@ def _scan_imagenet_v2(root: str, split: str) -> Source:
         else:
             skipped.append({"path": path, "reason": f"folder {folder!r} is not an ImageNet class "
                                                     f"index 0..{len(wnids) - 1}"})
-    return Source("imagenet-v2", root, split, make_classes(wnids), sorted(labelled), skipped)
+    return Source("imagenet-v2", root, split, make_classes(wnids), sorted(labelled), skipped,
+                  variant)
+
+
+def _scan_wnid_files(root: str, split: str) -> Source:
+    """wnid-files: ROOT/<wnid>_*.<ext>, each labelled by the ImageNet wnid its name starts with.
+    The class list is the 1000 ImageNet classes (an ImageNet model's order), whichever appear.
+    Files in subfolders, and files not named after a wnid, are skipped with the reason."""
+    known = set(imagenet_wnids())
+    files, problems = storage.list_tree(root)
+    items, skipped = [], list(problems)
+    for rel, _size in files:
+        name = rel.rsplit("/", 1)[-1]
+        if any(p.startswith(".") for p in rel.split("/")):
+            skipped.append({"path": rel, "reason": HIDDEN})
+        elif name.lower() in SYSTEM_FILES:
+            skipped.append({"path": rel, "reason": SYSTEM})
+        elif "/" in rel:
+            skipped.append({"path": rel, "reason": "in a subfolder: the wnid-files layout reads "
+                                                   "ROOT/<wnid>_*.<ext> only"})
+        elif (wnid := _wnid_of(name, known)) is None:
+            skipped.append({"path": rel, "reason": "file name does not start with an ImageNet "
+                                                   "wnid (nNNNNNNNN_...)"})
+        else:
+            items.append((rel, wnid))
+    return Source("wnid-files", root, split, make_classes(sorted(known)), sorted(items), skipped)
 
 
 def _scan_fixed_classes(root: str, split: str, layout: str) -> Source:
@@ -361,4 +462,5 @@ def with_classes(source: Source, classes: list[dict]) -> Source:
     items = [(p, c) for p, c in source.items if c in ids]
     skipped = source.skipped + [{"path": p, "reason": f"class {c} is not in the class list"}
                                 for p, c in source.items if c not in ids]
-    return Source(source.layout, source.root, source.split, classes, items, skipped)
+    return Source(source.layout, source.root, source.split, classes, items, skipped,
+                  source.variant)

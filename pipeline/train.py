@@ -97,6 +97,21 @@ def per_worker_batch(train_samples: int, num_workers: int, batch_size: int) -> t
                    f"per-worker batch of {share}, one step per epoch")
 
 
+def check_inputs(train_manifest: str, val_manifest: str, weights: str):
+    """What a fine-tuning run can check before Ray starts (jobs.finetune calls it first): both
+    manifests load and have one class list, ``weights`` is a named set or an existing file.
+    Returns the two ``shards.Manifest``; raises what ``shards.load_manifest`` raises, UsageError
+    for class lists that differ, FileNotFoundError for missing weights."""
+    from pipeline import shards
+
+    train_m, val_m = shards.load_manifest(train_manifest), shards.load_manifest(val_manifest)
+    if [c["id"] for c in train_m.classes] != [c["id"] for c in val_m.classes]:
+        raise UsageError(f"{train_manifest} and {val_manifest} have different class lists: shard "
+                         f"val with --classes-from {train_manifest}")
+    modellib.check_weights_spec(weights)
+    return train_m, val_m
+
+
 def plan_run(loop_config: LoopConfig, *, train_manifest: str, val_manifest: str, num_workers: int,
              use_gpu: bool, cpus_per_worker: float, storage_path: str, name: str,
              cluster=None) -> RunPlan:
@@ -104,15 +119,12 @@ def plan_run(loop_config: LoopConfig, *, train_manifest: str, val_manifest: str,
     for settings that cannot run: a resource plan the cluster cannot give, too few train images
     for the workers, train and val class lists that differ, or a rerun of STORAGE/NAME whose
     settings differ from the run it would resume."""
-    from pipeline import resources, shards, storage
+    from pipeline import resources, storage
 
     storage_path = storage_path if storage.is_uri(storage_path) else os.path.abspath(storage_path)
     plan = resources.plan_training(cluster or resources.current_cluster(), num_workers, use_gpu,
                                    cpus_per_worker)
-    train_m, val_m = shards.load_manifest(train_manifest), shards.load_manifest(val_manifest)
-    if [c["id"] for c in train_m.classes] != [c["id"] for c in val_m.classes]:
-        raise UsageError(f"{train_manifest} and {val_manifest} have different class lists: shard "
-                         f"val with --classes-from {train_manifest}")
+    train_m, _ = check_inputs(train_manifest, val_manifest, loop_config.weights)
     # Weights that cannot be had (offline DEFAULT, a wrong file) fail here in one line, not in
     # every worker, retried by Ray Train's failure policy.
     modellib.build_model(modellib.load_weights(loop_config.weights), train_m.classes)

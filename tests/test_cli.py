@@ -36,3 +36,63 @@ def test_programming_errors_keep_their_traceback_user_errors_get_one_line(capsys
     assert capsys.readouterr().err.splitlines() == [
         "error: run r stopped", "error: --actors 3 x ...", "error: manifest m does not exist",
         "error: manifest m is not valid JSON"]
+
+
+def _one_image_manifest(path) -> str:
+    """A manifest that loads (its shard is never read): for the checks made before Ray."""
+    import json
+
+    from pipeline import shards
+
+    path.write_text(json.dumps({
+        "format": shards.FORMAT, "format_version": shards.FORMAT_VERSION, "split": "val",
+        "classes": [{"index": 0, "id": "a", "name": "a"}], "total_samples": 1,
+        "shards": [{"file": "val-000000.tar", "samples": 1, "bytes": 10, "sha256": "0" * 64,
+                    "first_key": "k", "last_key": "k"}]}))
+    return str(path)
+
+
+@pytest.mark.parametrize("job,argv,expected", [
+    ("shard", ["--source", "{tmp}/no-such-folder", "--out", "{tmp}/out"],
+     "no-such-folder does not exist"),
+    ("shard", ["--source", "{tmp}/flat", "--out", "{tmp}/out"], "no known layout in"),
+    ("shard", ["--source", "{tmp}/imagenetv2-threshold0.7-format-val", "--out", "{tmp}/out",
+               "--v2-variant", "top-images"], "contradicts the folder name"),
+    ("shard", ["--source", "{tmp}/flat", "--out", "{tmp}/out", "--layout", "imagenet-v2"],
+     "has no images to shard in layout imagenet-v2 (1 file skipped: holiday.jpg: file "
+     "outside any class folder)"),
+    ("predict", ["--data", "{tmp}/missing.json", "--out", "{tmp}/out"],
+     "manifest {tmp}/missing.json does not exist"),
+    ("predict", ["--data", "{tmp}/notes.txt", "--out", "{tmp}/out"], "is not valid JSON"),
+    ("predict", ["--data", "{manifest}", "--out", "{tmp}/out", "--weights", "{tmp}/w.pt"],
+     "weights '{tmp}/w.pt': not DEFAULT, IMAGENET1K_V1, none, nor an existing file"),
+    ("finetune", ["--train", "{manifest}", "--val", "{tmp}/missing.json", "--storage-path",
+                  "{tmp}/out"], "manifest {tmp}/missing.json does not exist"),
+    ("nightly_eval", ["--data", "{tmp}/missing.json", "--history", "{tmp}/out", "--weights",
+                      "none"],
+     "no such manifest"),
+])
+def test_bad_inputs_fail_before_ray_starts(job, argv, expected, tmp_path, monkeypatch, capsys):
+    """A wrong path, an unknown layout, a missing manifest or weights file: one line, before a
+    local Ray cluster starts (~10 s and its log lines on 2 cores), and no output folder made."""
+    import importlib
+
+    from jobs import _cli
+    from tests.conftest import run_job
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("Ray was started before the inputs were checked")
+
+    monkeypatch.setattr(_cli, "init_ray", no_ray)
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "holiday.jpg").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not a manifest")
+    for i in range(1000):
+        (tmp_path / "imagenetv2-threshold0.7-format-val" / str(i)).mkdir(parents=True)
+    manifest = _one_image_manifest(tmp_path / "val.json")
+    fill = lambda s: s.format(tmp=tmp_path, manifest=manifest)  # noqa: E731
+    main = importlib.import_module(f"jobs.{job}").main
+    code, text = run_job(main, [fill(a) for a in argv], capsys)
+    assert code in (1, 2) and fill(expected) in text, text
+    assert text.startswith("error: ") and len(text.strip().splitlines()) == 1, text
+    assert not (tmp_path / "out").exists()

@@ -380,3 +380,42 @@ def test_fraction_flags_refuse_a_percentage(capsys):
         shard_job.main(["--source", "x", "--out", "y", "--max-skipped-fraction", "25"])
     assert e.value.code == 2
     assert "is a fraction in [0, 1] (0.05 is 5%), not 25" in capsys.readouterr().err
+
+
+def _labels(manifest: str) -> dict[str, int]:
+    """key -> label over every shard of a manifest, read with webdataset."""
+    m = shards.load_manifest(manifest)
+    out = {}
+    for path in m.shard_paths:
+        for sample in wds.WebDataset(path, shardshuffle=False):
+            out[sample["__key__"]] = int(sample["cls"])
+    return out
+
+
+def test_a_flat_folder_of_wnid_named_images_shards_with_their_labels(tmp_path, ray_local,
+                                                                     capsys):
+    wnids = sources.imagenet_wnids()
+    src = tmp_path / "sample-images"
+    src.mkdir()
+    picks = {0: "n01440764_tench", 7: f"{wnids[7]}_10026", 999: f"{wnids[999]}_77"}
+    for i, (index, stem) in enumerate(picks.items()):
+        photo_like(np.random.default_rng(i), 64, 48).save(src / f"{stem}.JPEG")
+    code, out = run_job(shard_job.main, ["--source", str(src), "--out", str(tmp_path / "s"),
+                                         "--split", "val", "--no-progress"], capsys)
+    assert code == 0, out
+    assert "layout wnid-files, 1000 classes" in out
+    assert _labels(str(tmp_path / "s" / "val.json")) == {s: i for i, s in picks.items()}
+
+
+def test_digit_folders_shard_as_ten_classes_with_a_warning(tmp_path, ray_local, capsys):
+    src = tmp_path / "digits"
+    for d in range(10):
+        (src / str(d)).mkdir(parents=True)
+        photo_like(np.random.default_rng(d), 28, 28).save(src / str(d) / f"img{d}.png")
+    code, out = run_job(shard_job.main, ["--source", str(src), "--out", str(tmp_path / "s"),
+                                         "--split", "train", "--no-progress"], capsys)
+    assert code == 0, out
+    assert out.startswith("warning: the 10 class folders are integers") and \
+        "--layout imagenet-v2" in out
+    assert "layout folder, 10 classes" in out
+    assert _labels(str(tmp_path / "s" / "train.json")) == {f"img{d}": d for d in range(10)}

@@ -121,7 +121,7 @@ def test_unknown_layout_names_what_it_looked_for(tmp_path):
     with pytest.raises(ValueError) as e:
         sources.scan_source(str(tmp_path), "val")
     msg = str(e.value)
-    for expected in ("folder", "imagenet-kaggle", "imagenet-devkit", "readme.txt"):
+    for expected in ("folder", "wnid-files", "imagenet-kaggle", "imagenet-devkit", "readme.txt"):
         assert expected in msg
 
 
@@ -145,21 +145,107 @@ def test_imagenet_v2_folders_are_class_indices_mapped_numerically(tmp_path):
     assert sorted(["2", "9", "10", "100"]).index("10") == 0  # the string order the test defeats
 
 
-def test_integer_folders_that_are_not_all_of_v2_need_an_explicit_layout(tmp_path):
+def test_integer_folders_that_are_not_all_of_v2_are_a_folder_with_a_warning(tmp_path):
+    """Folders 0, 3, 12: taken as the user's own classes in ImageFolder's string order, with a
+    warning naming --layout imagenet-v2 and the class the string order moves; read as V2 when
+    asked, folder N being ImageNet class N."""
     for folder in ("0", "3", "12"):
         _touch_jpeg(str(tmp_path / folder / "x.jpeg"))
-    with pytest.raises(ValueError, match="--layout imagenet-v2.*--layout folder"):
-        sources.scan_source(str(tmp_path), "val")
+    own = sources.scan_source(str(tmp_path), "val")
+    assert own.layout == "folder"
+    assert [c["id"] for c in own.classes] == ["0", "12", "3"]  # ImageFolder's string order
+    hint = sources.layout_hint(own)
+    assert "--layout imagenet-v2" in hint and "class 1 is folder '12', not '3'" in hint
     v2 = sources.scan_source(str(tmp_path), "val", layout="imagenet-v2")
     assert {p: v2.class_index[c] for p, c in v2.items} == {"0/x.jpeg": 0, "3/x.jpeg": 3,
                                                            "12/x.jpeg": 12}
-    own = sources.scan_source(str(tmp_path), "val", layout="folder")
-    assert [c["id"] for c in own.classes] == ["0", "12", "3"]  # ImageFolder's string order
     (tmp_path / "1000").mkdir()
     _touch_jpeg(str(tmp_path / "1000" / "y.jpeg"))
     bad = sources.scan_source(str(tmp_path), "val", layout="imagenet-v2")
     assert bad.skipped == [{"path": "1000/y.jpeg",
                             "reason": "folder '1000' is not an ImageNet class index 0..999"}]
+    # a folder over 999 cannot be an ImageNet index: no warning
+    assert sources.layout_hint(sources.scan_source(str(tmp_path), "val")) == ""
+
+
+def test_digit_folders_0_to_9_are_a_folder_of_ten_classes(tmp_path):
+    for d in range(10):
+        _touch_jpeg(str(tmp_path / str(d) / f"{d}.png"), d)
+    src = sources.scan_source(str(tmp_path), "train")
+    assert src.layout == "folder" and [c["id"] for c in src.classes] == [str(d) for d in range(10)]
+    assert {src.class_index[c] for _, c in src.items} == set(range(10))
+    hint = sources.layout_hint(src)
+    assert "--layout imagenet-v2" in hint and "so class" not in hint  # string order = numeric
+
+
+# --- ImageNet in one flat folder, wnid in the file name --------------------------------------------
+
+def test_flat_wnid_named_files_are_labelled_by_their_wnid(tmp_path):
+    """ImageNet train's per-class tars extracted into one folder, and the one-image-per-class
+    sample sets: labels from the leading wnid, over the 1000 ImageNet classes."""
+    wnids = sources.imagenet_wnids()
+    names = [f"{wnids[0]}_10026.JPEG", f"{wnids[0]}_77.JPEG", f"{wnids[1]}_goldfish.JPEG",
+             f"{wnids[999]}_toilet_tissue.jpg"]
+    for i, n in enumerate(names):
+        _touch_jpeg(str(tmp_path / n), i)
+    (tmp_path / "LICENSE.txt").write_text("terms")
+    src = sources.scan_source(str(tmp_path), "train")
+    assert src.layout == "wnid-files" and len(src.classes) == 1000
+    assert {p: src.class_index[c] for p, c in src.items} == {
+        names[0]: 0, names[1]: 0, names[2]: 1, names[3]: 999}
+    assert src.classes[1]["name"] == "goldfish"
+    assert src.skipped == [{"path": "LICENSE.txt", "reason": "file name does not start with an "
+                                                             "ImageNet wnid (nNNNNNNNN_...)"}]
+
+
+def test_a_flat_folder_with_some_images_not_named_by_wnid(tmp_path):
+    """auto takes wnid-files only when every image is named after a wnid; the error says how
+    many are not, and --layout wnid-files skips them with the reason."""
+    wnid = sources.imagenet_wnids()[5]
+    _touch_jpeg(str(tmp_path / f"{wnid}_1.JPEG"))
+    _touch_jpeg(str(tmp_path / "holiday.jpg"))
+    _touch_jpeg(str(tmp_path / "n99999999_1.jpg"))  # wnid-shaped, not an ImageNet class
+    with pytest.raises(ValueError, match=r"1 of the 3 images start with an ImageNet wnid, 2 do "
+                                         r"not .*--layout wnid-files"):
+        sources.scan_source(str(tmp_path), "val")
+    src = sources.scan_source(str(tmp_path), "val", layout="wnid-files")
+    assert src.items == [(f"{wnid}_1.JPEG", wnid)]
+    assert sorted(s["path"] for s in src.skipped) == ["holiday.jpg", "n99999999_1.jpg"]
+
+
+# --- ImageNet-V2's three releases ---------------------------------------------------------------
+
+@pytest.mark.parametrize("folder,variant", [
+    ("imagenetv2-matched-frequency-format-val", "matched-frequency"),
+    ("imagenetv2-threshold0.7-format-val", "threshold0.7"),
+    ("imagenetv2-top-images-format-val", "top-images"),
+    ("ImageNetV2-TopImages/val", "top-images"),  # the parent folder says it
+    ("imagenet-v2", "")])
+def test_v2_variant_from_the_folder_name(tmp_path, folder, variant):
+    root = tmp_path / folder
+    for i in range(1000):
+        os.makedirs(root / str(i))
+    _touch_jpeg(str(root / "7" / "a.jpeg"))
+    src = sources.scan_source(str(root), "val")
+    assert (src.layout, src.variant) == ("imagenet-v2", variant)
+    assert ("variant" in sources.layout_hint(src)) == (not variant)
+
+
+def test_v2_variant_flag_for_a_renamed_folder_and_its_contradictions(tmp_path):
+    root = tmp_path / "my-v2"
+    for i in range(1000):
+        os.makedirs(root / str(i))
+    _touch_jpeg(str(root / "7" / "a.jpeg"))
+    src = sources.scan_source(str(root), "val", v2_variant="threshold0.7")
+    assert src.variant == "threshold0.7" and sources.layout_hint(src) == ""
+    named = tmp_path / "imagenetv2-top-images-format-val"
+    os.rename(root, named)
+    with pytest.raises(ValueError, match="contradicts the folder name"):
+        sources.scan_source(str(named), "val", v2_variant="threshold0.7")
+    folder = tmp_path / "classes"
+    _touch_jpeg(str(folder / "cat" / "a.jpg"))
+    with pytest.raises(ValueError, match="is for ImageNet-V2"):
+        sources.scan_source(str(folder), "val", v2_variant="threshold0.7")
 
 
 @pytest.mark.parametrize("layout", ["imagenet-r", "imagenet-a"])

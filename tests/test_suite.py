@@ -243,23 +243,64 @@ def _summary(top1, n, **kw):
 def test_fidelity_check_applies_to_whole_sets_of_known_weights():
     table = published.BUILTIN
     tv = published.TORCHVISION_RESNET18
-    ok = _summary(69.758, 50_000, model_id=tv)
-    [f] = published.check(ok, "imagenet-val", "val", table, 0.05)
-    assert f.ok and f.published == 69.758 and "torchvision" in f.source
+    ok = _summary(69.758, 50_000, model_id=tv, top5=89.078,
+                  top5_ci95=metrics.percent_interval(round(0.89078 * 50_000), 50_000))
+    checked = published.check(ok, "imagenet-val", "val", table, 0.05)
+    assert [(f.metric, f.ok) for f in checked.applied] == [("top1", True), ("top5", True)]
+    assert checked.applied[0].published == 69.758 and "torchvision" in checked.applied[0].source
+    # no ReaL labels given: said, not silently skipped
+    assert [n.what for n in checked.not_applicable] == ["imagenet-real"]
     off = _summary(69.0, 50_000, model_id=tv)  # 0.76 pp low: outside a +-0.4 pp interval
-    [f] = published.check(off, "imagenet-val", "val", table, 0.05)
+    [f] = published.check(off, "imagenet-val", "val", table, 0.05).applied
     assert not f.ok and "pipeline fidelity" in f.describe()
-    assert published.check(_summary(69.0, 1_000, model_id=tv), "imagenet-val", "val", table,
-                           0.05) == []  # a part of val: the published figure does not apply
-    assert published.check(off, "imagenet-val", "val", table, 0.05)[0].lo > 69.0 - 0.5
+    assert f.lo > 69.0 - 0.5
     real = _summary(69.758, 50_000, model_id=tv, real_samples=46_837, real_top1=77.3,
                     real_top1_ci95=metrics.percent_interval(round(0.773 * 46_837), 46_837))
     checks = published.check(real, "imagenet-val", "val", table, 0.05)
-    assert [(c.metric, c.ok) for c in checks] == [("top1", True), ("real_top1", True)]
+    assert [(c.metric, c.ok) for c in checks.applied] == [("top1", True), ("real_top1", True)]
+    assert checks.not_applicable == []
     v2 = _summary(57.35, 10_000, model_id=tv)
-    assert [c.dataset for c in published.check(v2, "imagenet-v2", "v2", table, 0.05)] == [
-        "imagenet-v2"]
-    assert published.check(v2, "imagenet-v2", "v2", table, 0.0)[0].ok
+    kind = "imagenet-v2-matched-frequency"
+    assert [c.dataset for c in published.check(v2, kind, "v2", table, 0.05).applied] == [kind]
+    assert published.check(v2, kind, "v2", table, 0.0).applied[0].ok
+
+
+def test_top5_outside_its_interval_is_a_fidelity_failure_too():
+    tv = published.TORCHVISION_RESNET18
+    s = _summary(69.758, 50_000, model_id=tv, top5=88.0,
+                 top5_ci95=metrics.percent_interval(44_000, 50_000))
+    applied = published.check(s, "imagenet-val", "val", published.BUILTIN, 0.05).applied
+    assert [(f.metric, f.ok) for f in applied] == [("top1", True), ("top5", False)]
+
+
+@pytest.mark.parametrize("kind,name,n,model,expected", [
+    # a copy of ImageNet-A with 50 images missing: both counts
+    ("imagenet-a", "a", 7_450, published.TORCHVISION_RESNET18,
+     "(imagenet-a): 7,450 scored, published for 7,500"),
+    # a 1000-image part of val
+    ("imagenet-val", "val", 1_000, published.TORCHVISION_RESNET18,
+     "(imagenet-val): 1,000 scored, published for 50,000"),
+    # the V2 releases score differently; only matched-frequency is published
+    ("imagenet-v2-threshold0.7", "v2", 10_000, published.TORCHVISION_RESNET18,
+     "no figure is published for imagenet-v2-threshold0.7"),
+    ("imagenet-v2", "v2", 10_000, published.TORCHVISION_RESNET18,
+     "the ImageNet-V2 variant of this set is not known"),
+    # a model of one's own on a released set
+    ("imagenet-r", "r", 30_000, "resnet18-finetuned/x",
+     "no figure is published for this model (resnet18-finetuned/x) on imagenet-r; there are "
+     "for: torchvision/resnet18/IMAGENET1K_V1"),
+    # an ordinary folder
+    ("", "flowers", 120, published.TORCHVISION_RESNET18,
+     "set 'flowers' is no released evaluation set"),
+])
+def test_the_guard_says_why_it_did_not_apply(kind, name, n, model, expected):
+    checked = published.check(_summary(40.0, n, model_id=model), kind, name, published.BUILTIN,
+                              0.05)
+    assert checked.applied == []
+    [na] = [x for x in checked.not_applicable if x.what != "imagenet-real"]
+    assert na.describe().startswith("fidelity: not applicable")
+    assert expected in na.describe(), na.describe()
+    assert na.scored == n
 
 
 # --- the nightly over the suite ------------------------------------------------------------------
@@ -372,6 +413,38 @@ def test_one_report_with_all_sets_side_by_side(suite_runs):
     record = json.load(open(os.path.join(run_dir, "nightly.json")))
     assert [s["name"] for s in record["sets"]] == ["val", "v2", "r"]
     assert record["exit_code"] == 5
+
+
+def test_a_v2_release_is_judged_by_its_own_figure_only(suite, heads, tmp_path):
+    """A threshold0.7 copy (named as its archive unpacks) next to a figure declared for
+    matched-frequency (wrong for it) and one for threshold0.7's whole 10,000 images: neither
+    applies to these 8 images, the run exits 0, and the terminal, nightly.json and the report
+    say why, with both counts."""
+    src = tmp_path / "imagenetv2-threshold0.7-format-val"
+    for i in range(1000):
+        os.makedirs(src / str(i))
+    for n in range(8):
+        _jpeg(str(src / str(VAL_CLASS) / f"{n}.jpeg"), 300 + n)
+    manifest = _shard(str(src), str(tmp_path / "shards"))
+    assert shards.load_manifest(manifest).variant == "threshold0.7"
+    sha = __import__("hashlib").sha256(open(heads["good"], "rb").read()).hexdigest()
+    table = tmp_path / "published.json"
+    table.write_text(json.dumps([
+        {"model": sha, "dataset": "imagenet-v2-matched-frequency", "top1": 50.0},
+        {"model": sha, "dataset": "imagenet-v2-threshold0.7", "top1": 100.0, "samples": 10_000}]))
+    code, out, err = _nightly(["--data", f"v2={manifest}", "--weights", heads["good"],
+                               "--history", str(tmp_path / "h"), "--published", str(table)])
+    assert code == 0, out + err
+    assert "== set v2 (imagenet-v2-threshold0.7): first run" in out
+    line = ("fidelity: not applicable (imagenet-v2-threshold0.7): 8 scored, published for "
+            "10,000")
+    assert line in out
+    run_dir = os.path.dirname(historylib.read_history(str(tmp_path / "h"))["predictions_dir"][0])
+    [record] = json.load(open(os.path.join(run_dir, "nightly.json")))["sets"]
+    assert record["fidelity"] == [] and record["kind"] == "imagenet-v2-threshold0.7"
+    assert [n["scored"] for n in record["fidelity_not_applicable"]] == [8]
+    assert record["fidelity_not_applicable"][0]["published_for"] == 10_000
+    assert line in open(os.path.join(run_dir, "report.md"), encoding="utf-8").read()
 
 
 # --- the history: append-only, concurrent, migrated ---------------------------------------------
