@@ -19,6 +19,7 @@ import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 from PIL import UnidentifiedImageError
 
@@ -250,12 +251,21 @@ def _ustar_header(name: str, size: int) -> bytes | None:
     return head + _USTAR_TAIL[:12] + b"%06o\x00 " % checksum + _USTAR_TAIL[20:]
 
 
+class BuiltShard(NamedTuple):
+    """One shard as ``build_shard`` makes it: the tar ``data``, the ``keys`` stored, the files
+    ``skipped`` with their reasons, the ``source_bytes`` stored and ``image_exts``, how many
+    images of each member extension (``{"jpg": 61, "png": 1}``)."""
+    data: bytes
+    keys: list[str]
+    skipped: list[dict]
+    source_bytes: int
+    image_exts: dict[str, int]
+
+
 def build_shard(root: str, members: list[Member], class_index: dict[str, int],
-                max_pixels: int, check: str = DEFAULT_CHECK
-                ) -> tuple[bytes, list[str], list[dict], int]:
-    """Tar bytes for one shard, the keys stored, the files skipped with their reasons, and the
-    number of source bytes stored."""
-    tar, keys, skipped, source_bytes = _TarWriter(), [], [], 0
+                max_pixels: int, check: str = DEFAULT_CHECK) -> BuiltShard:
+    """Build one shard's tar bytes from ``members`` (``BuiltShard``)."""
+    tar, keys, skipped, source_bytes, exts = _TarWriter(), [], [], 0, Counter()
     for m in members:
         try:
             data = storage.read_bytes(storage.join(root, m.path))
@@ -274,8 +284,9 @@ def build_shard(root: str, members: list[Member], class_index: dict[str, int],
         tar.add(f"{m.key}.cls", str(class_index[m.class_id]).encode())
         tar.add(f"{m.key}.json", json.dumps(meta, sort_keys=True).encode())
         keys.append(m.key)
+        exts[info["ext"]] += 1
         source_bytes += len(data)
-    return tar.getvalue(), keys, skipped, source_bytes
+    return BuiltShard(tar.getvalue(), keys, skipped, source_bytes, dict(sorted(exts.items())))
 
 
 def write_shard(root: str, out: str, split: str, index: int, members: list[Member],
@@ -292,13 +303,14 @@ def write_shard(root: str, out: str, split: str, index: int, members: list[Membe
             old = {}
         if old.get("plan") == digest and integrity_problem(Shard.from_record(old), path) is None:
             return dict(old, reused=True)
-    data, keys, skipped, source_bytes = build_shard(root, members, class_index, max_pixels,
-                                                    check)
-    storage.write_bytes_atomic(path, data)
-    record = {"file": name, "samples": len(keys), "bytes": len(data),
-              "sha256": hashlib.sha256(data).hexdigest(),
+    built = build_shard(root, members, class_index, max_pixels, check)
+    keys = built.keys
+    storage.write_bytes_atomic(path, built.data)
+    record = {"file": name, "samples": len(keys), "bytes": len(built.data),
+              "sha256": hashlib.sha256(built.data).hexdigest(),
               "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None,
-              "plan": digest, "skipped": skipped, "source_bytes": source_bytes}
+              "plan": digest, "skipped": built.skipped, "source_bytes": built.source_bytes,
+              "image_exts": built.image_exts}
     storage.write_text_atomic(part, json.dumps(record))
     return dict(record, reused=False)
 
@@ -340,6 +352,7 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
     manifest = _manifest(source, plan, records, samples_per_shard, seed, max_pixels, check)
     storage.write_text_atomic(storage.join(out, f"{source.split}.json"),
                               json.dumps(manifest, indent=1))
+    write_timm_info(out, manifest)
     if manifest["total_samples"] == 0:
         raise InputError(f"split {source.split!r} of {source.root} has no images to shard: all "
                          f"{len(manifest['skipped'])} files were skipped (reasons in "
@@ -348,6 +361,30 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
                           "reused": sum(r["reused"] for r in records),
                           "source_bytes": sum(r["source_bytes"] for r in records)}
     return manifest
+
+
+TIMM_INFO = "_info.json"
+
+
+def write_timm_info(out: str, manifest: dict) -> str:
+    """Record ``manifest``'s split in OUT/_info.json, the split index timm's webdataset reader
+    (``timm.data.create_dataset("wds/...", root=OUT, split=...)``, timm/data/readers/reader_wds.py)
+    reads: per split its name, ``num_samples``, shard ``filenames`` and ``shard_lengths``. The
+    other splits already recorded there are kept. Returns the file's path."""
+    path = storage.join(out, TIMM_INFO)
+    try:
+        info = storage.read_json(path) if storage.exists(path) else {}
+    except InputError:  # damaged: every split's manifest can write its entry again
+        info = {}
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
+        info = {}
+    info.setdefault("name", storage.basename(out.rstrip("/")))
+    info.setdefault("splits", {})[manifest["split"]] = {
+        "name": manifest["split"], "num_samples": manifest["total_samples"],
+        "filenames": [s["file"] for s in manifest["shards"]],
+        "shard_lengths": [s["samples"] for s in manifest["shards"]]}
+    storage.write_text_atomic(path, json.dumps(info, indent=1))
+    return path
 
 
 @functools.cache
@@ -364,6 +401,12 @@ def _manifest(source, plan, records, samples_per_shard, seed, max_pixels, check)
     skipped = list(source.skipped) + [s for r in records for s in r["skipped"]]
     shards = [{k: r[k] for k in ("file", "samples", "bytes", "sha256", "first_key", "last_key")}
               for r in records if r["samples"] > 0]
+    # images per member extension over the split (a shard reused from before this was recorded
+    # makes it unknown: None), for readers that need their columns named (pipeline/readers.py)
+    exts = Counter()
+    for r in records:
+        exts.update(r.get("image_exts") or {})
+    known = all("image_exts" in r for r in records)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "split": source.split,
             "layout": source.layout, "variant": source.variant, "source": source.root,
             "seed": seed,
@@ -375,6 +418,7 @@ def _manifest(source, plan, records, samples_per_shard, seed, max_pixels, check)
             "shards": shards,
             "total_samples": sum(s["samples"] for s in shards),
             "total_bytes": sum(s["bytes"] for s in shards),
+            "image_exts": dict(sorted(exts.items())) if known else None,
             "skipped": sorted(skipped, key=lambda s: s["path"])}
 
 

@@ -180,10 +180,10 @@ def test_a_jpeg_with_bytes_after_its_eoi_is_stored_unchanged_at_both_levels(tmp_
     data = _jpeg_bytes(photo_like(np.random.default_rng(2), 64, 48)) + b"\x00" * 1000 + b"junk"
     (d / "padded.jpg").write_bytes(data)
     for check in shards.CHECKS:
-        tar_bytes, keys, skipped, _ = shards.build_shard(
+        tar_bytes, keys, skipped, _, exts = shards.build_shard(
             str(tmp_path / "src"), [shards.Member("padded", "c/padded.jpg", "c")], {"c": 0},
             shards.DEFAULT_MAX_PIXELS, check)
-        assert keys == ["padded"] and skipped == []
+        assert keys == ["padded"] and skipped == [] and exts == {"jpg": 1}
         with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
             assert tar.extractfile("padded.jpg").read() == data
 
@@ -225,8 +225,8 @@ def test_unreadable_file_is_skipped_with_its_reason(bad_tree, monkeypatch):
 
     monkeypatch.setattr(shards.storage, "read_bytes", read)
     members = [shards.Member("good", "n01440764/good.JPEG", "n01440764")]
-    _, keys, skipped, _ = shards.build_shard(str(bad_tree), members, {"n01440764": 0},
-                                             shards.DEFAULT_MAX_PIXELS)
+    _, keys, skipped, _, _ = shards.build_shard(str(bad_tree), members, {"n01440764": 0},
+                                                shards.DEFAULT_MAX_PIXELS)
     assert keys == [] and "unreadable" in skipped[0]["reason"]
 
 

@@ -1,0 +1,87 @@
+"""The shards through the readers people already use (pipeline/readers.py): Hugging Face
+``datasets``, ``webdataset`` and timm's webdataset reader each see every image, with its label,
+when a split mixes image formats (a PNG among JPEGs, as ImageNet train has)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import readers, shards, sources
+from tests.conftest import photo_like
+
+# offline, as every test: the webdataset loader is packaged with `datasets`, nothing is fetched
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, ray_local):
+    """12 JPEGs and one PNG over 3 classes, val shards of 5: the PNG sorts last, far from the
+    first shard's first samples, where HF's reader looks for its columns."""
+    root = tmp_path_factory.mktemp("mixed")
+    src = root / "src"
+    rng = np.random.default_rng(0)
+    for c in ("apple", "bee", "cat"):
+        os.makedirs(src / c)
+        for i in range(4):
+            photo_like(rng, 40, 30).save(src / c / f"{c}{i}.jpg", quality=90)
+    photo_like(rng, 40, 30).save(src / "cat" / "zz_scan.png")
+    shards.write_shards(sources.scan_source(str(src), "val"), str(root / "s"),
+                        samples_per_shard=5, progress=False)
+    manifest = str(root / "s" / "val.json")
+    labels = {os.path.splitext(f)[0]: i for i, c in enumerate(("apple", "bee", "cat"))
+              for f in os.listdir(src / c)}
+    return {"manifest": manifest, "root": root, "src": src, "labels": labels}
+
+
+def test_the_manifest_counts_images_per_format_and_timm_info_lists_the_split(mixed):
+    m = shards.load_manifest(mixed["manifest"])
+    assert m.raw["image_exts"] == {"jpg": 12, "png": 1}
+    assert readers.wds_image_key(m) == "jpg;png"
+    import json
+
+    info = json.load(open(mixed["root"] / "s" / shards.TIMM_INFO))
+    assert info["splits"]["val"] == {"name": "val", "num_samples": 13,
+                                     "filenames": [s.file for s in m.shards],
+                                     "shard_lengths": [5, 5, 3]}
+
+
+def test_hugging_face_datasets_sees_every_image(mixed, tmp_path):
+    import datasets
+
+    m = shards.load_manifest(mixed["manifest"])
+    # as measured in the issue: inferred columns drop the PNG's image without a word
+    plain = datasets.load_dataset("webdataset", data_files={"val": m.shard_paths}, split="val",
+                                  cache_dir=str(tmp_path / "plain"))
+    assert "png" not in plain.features and sum(r["jpg"] is None for r in plain) == 1
+    ds = readers.hf_dataset(mixed["manifest"], cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == 13
+    got = {r["__key__"]: (readers.image_of(r, m), r["cls"]) for r in ds}
+    assert {k: c for k, (_, c) in got.items()} == mixed["labels"]
+    png = np.asarray(Image.open(mixed["src"] / "cat" / "zz_scan.png").convert("RGB"))
+    assert np.array_equal(np.asarray(got["zz_scan"][0].convert("RGB")), png)
+
+
+def test_webdataset_sees_every_image(mixed):
+    import webdataset as wds
+
+    m = shards.load_manifest(mixed["manifest"])
+    ds = (wds.WebDataset(m.shard_paths, shardshuffle=False).decode("pil")
+          .to_tuple("__key__", readers.wds_image_key(m), "cls"))
+    got = {key: int(cls) for key, img, cls in ds if img.size == (40, 30)}
+    assert got == mixed["labels"]
+
+
+def test_timm_reads_every_image_through_its_wds_reader(mixed):
+    import timm.data
+
+    m = shards.load_manifest(mixed["manifest"])
+    ds = timm.data.create_dataset("wds/mixed", root=str(mixed["root"] / "s"), split="val",
+                                  input_key=readers.wds_image_key(m))
+    got = [(img.size, target) for img, target in ds]
+    assert len(got) == 13 and all(size == (40, 30) for size, _ in got)
+    assert sorted(t for _, t in got) == sorted(mixed["labels"].values())
