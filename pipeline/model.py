@@ -167,6 +167,23 @@ def for_inference(model: nn.Module, device: torch.device | str = "cpu",
     return model.to(device, dtype, memory_format=torch.channels_last)
 
 
+EMBEDDING_DIM = 512  # ResNet-18's pooled feature: fc.in_features
+
+
+def split_for_inference(model: nn.Module, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module]:
+    """``model`` as (backbone, head), both ready for prediction (``for_inference``): the
+    backbone maps a normalised batch [N, 3, H, W] to the pooled, flattened feature [N, 512]
+    (the output of ``avgpool`` before ``fc``: the image's embedding), the head (``fc``) maps
+    that to logits [N, C]. ``head(backbone(x))`` is ``model(x)``: the same operations."""
+    import copy
+
+    trunk = copy.deepcopy(model)
+    trunk.fc = nn.Identity()
+    head = copy.deepcopy(model.fc).eval().float().to(device, dtype)
+    return for_inference(trunk, device, dtype), head
+
+
 def save_model(path: str, model: nn.Module, classes: list[dict], preset: dict, config: dict,
                model_id: str) -> str:
     """Write model.pt (state_dict, classes, preset, config); return its sha256."""

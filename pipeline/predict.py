@@ -29,6 +29,13 @@ from pipeline.errors import InputError, PipelineError, UsageError
 from pipeline.version import code_version
 
 ROWS_PER_FILE = 100_000
+EMBEDDING_ROWS_PER_FILE = 20_000
+
+
+def embedding_info(dtype: str) -> dict:
+    """What the ``embedding`` column holds, for summary.json and the Parquet metadata."""
+    return {"column": "embedding", "dim": modellib.EMBEDDING_DIM, "dtype": dtype,
+            "layer": "avgpool, flattened (the input of fc)", "normalized": False}
 
 
 def _opt(default, help: str, choices=None):  # noqa: A002
@@ -73,6 +80,11 @@ class PredictOptions:
                                 "summary.json; empty: off")
     verify_checksums: bool = _opt(True, "check every shard's size and sha256 against the "
                                         "manifest before predicting")
+    embeddings: bool = _opt(False, "also write each image's embedding: the 512-d pooled "
+                                   "feature before fc, raw (not L2-normalised), as the "
+                                   "`embedding` column (fixed_size_list[512])")
+    embedding_dtype: str = _opt("float16", "the embedding column's type (float16: 1 KB an "
+                                           "image, half of float32)", ["float16", "float32"])
     progress: bool = _opt(True, "show a progress bar")
 
     @classmethod
@@ -90,7 +102,8 @@ class PredictorSpec:
     its ``actors_per_node`` predictor actors); ``restrict``: score over the data's classes
     (``scored_classes``); ``warmup`` (batch size, crop size): one forward pass on zeros of that
     shape in the constructor, so the kernel selection of the first call happens while the
-    actor starts (None: none)."""
+    actor starts (None: none); ``embedding_dtype`` (float16, float32) returns each image's
+    pooled feature as ``embedding`` [N, 512] in that type ('': not returned)."""
     weights: str
     data_classes: list
     precision: str = "auto"
@@ -100,6 +113,7 @@ class PredictorSpec:
     actors_per_node: int = 1
     restrict: bool = False
     warmup: tuple[int, int] | None = None
+    embedding_dtype: str = ""  # float16 or float32: return each image's embedding; '': none
 
 
 class Predictor:
@@ -117,7 +131,9 @@ class Predictor:
                                                      None if loaded.classes else data_classes)
         self.device = modellib.pick_device(spec.use_gpu)
         self.dtype = modellib.resolve_precision(spec.precision, self.device)
-        self.model = modellib.for_inference(net, self.device, self.dtype)  # BatchNorm folded
+        # BatchNorm folded; the head apart, so the pooled feature is at hand
+        self.backbone, self.head = modellib.split_for_inference(net, self.device, self.dtype)
+        self.embedding_dtype = spec.embedding_dtype
         self.classes, index = scored_classes(data_classes, model_classes, spec.restrict)
         self.output_index = None if index is None else torch.from_numpy(index).to(self.device)
         self.names = np.array([c["name"] for c in self.classes], dtype=object)
@@ -126,8 +142,8 @@ class Predictor:
         if spec.warmup:  # oneDNN/cuDNN pick their kernels per shape on the first call
             b, c = spec.warmup
             with torch.inference_mode():
-                self.model(presets.normalize(torch.zeros((b, 3, c, c), dtype=torch.uint8,
-                                                         device=self.device), self.dtype))
+                self.head(self.backbone(presets.normalize(torch.zeros(
+                    (b, 3, c, c), dtype=torch.uint8, device=self.device), self.dtype)))
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -136,11 +152,24 @@ class Predictor:
         # Top-5 correctness is always top-5, whatever --topk keeps in the output lists.
         n, k, k5 = len(batch["key"]), self.topk, min(5, len(self.classes))
         ok = batch["error"] == ""
+        error = batch["error"]
         topi = np.full((n, max(k, k5)), -1, dtype=np.int64)
         topp = np.zeros((n, max(k, k5)), dtype=np.float32)
+        emb = (np.zeros((n, modellib.EMBEDDING_DIM), dtype=self.embedding_dtype)
+               if self.embedding_dtype else None)
         if ok.any():
             x = torch.from_numpy(batch["image"][ok]).to(self.device, non_blocking=True)
-            logits = self.model(presets.normalize(x, self.dtype))
+            features = self.backbone(presets.normalize(x, self.dtype))
+            logits = self.head(features)
+            if emb is not None:
+                with np.errstate(over="ignore"):  # beyond float16's range: inf, caught next
+                    emb[ok] = features.float().cpu().numpy().astype(self.embedding_dtype)
+                # a vector with NaN or inf (or beyond float16's range) is a failed image,
+                # never a silent row
+                bad = ok & ~np.isfinite(emb).all(axis=1)
+                if bad.any():
+                    error = np.where(bad, "non-finite embedding (NaN or inf in the pooled "
+                                          f"feature as {self.embedding_dtype})", error)
             if self.output_index is not None:  # a subset set: its classes' logits only
                 logits = logits.index_select(1, self.output_index)
             probs = logits.float().softmax(dim=1)
@@ -148,12 +177,13 @@ class Predictor:
             topi[ok], topp[ok] = i.cpu().numpy(), p.cpu().numpy()
         labels = np.where(batch["label"] >= 0, self.label_map[np.maximum(batch["label"], 0)], -1)
         pred = topi[:, 0]
-        return {"key": batch["key"], "label": labels, "pred": pred,
+        extra = {} if emb is None else {"embedding": emb}
+        return {"key": batch["key"], "label": labels, "pred": pred, **extra,
                 "pred_name": np.where(pred >= 0, self.names[np.maximum(pred, 0)], ""),
                 "topk_index": topi[:, :k], "topk_prob": topp[:, :k],
                 "top1_correct": (pred == labels) & (labels >= 0),
                 "top5_correct": (topi[:, :k5] == labels[:, None]).any(axis=1) & (labels >= 0),
-                "error": batch["error"], "shard": batch["shard"],
+                "error": error, "shard": batch["shard"],
                 # what this actor ran, which the driver cannot know (a CPU-only head can drive
                 # GPUs that lack bf16)
                 "precision": np.full(n, modellib.precision_name(self.dtype), dtype=object)}
@@ -220,15 +250,16 @@ class _PartWriter:
     write, which ``storage`` retries on an object store: a dropped connection costs a retry,
     not a half-uploaded stream."""
 
-    def __init__(self, folder: str, metadata: dict[str, str]):
+    def __init__(self, folder: str, metadata: dict[str, str], rows_per_file: int = ROWS_PER_FILE):
         self.folder, self.metadata, self.index, self.writer, self.rows = folder, metadata, 0, None, 0
+        self.rows_per_file = rows_per_file
         self.buffer = None
         storage.makedirs(folder)
 
     def write(self, table: pa.Table) -> None:
         """Append ``table`` (``_to_table``'s columns) to the open part, first opening the next
         ``part-NNNNN.parquet`` with the run metadata in its schema. A part is closed once it
-        holds ROWS_PER_FILE (100,000) rows or more, so it may exceed that by up to one table."""
+        holds ``rows_per_file`` rows or more, so it may exceed that by up to one table."""
         if self.writer is None:
             schema = table.schema.with_metadata({k.encode(): v.encode()
                                                  for k, v in self.metadata.items()})
@@ -236,7 +267,7 @@ class _PartWriter:
             self.writer = pq.ParquetWriter(self.buffer, schema)
         self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata))
         self.rows += len(table)
-        if self.rows >= ROWS_PER_FILE:
+        if self.rows >= self.rows_per_file:
             self.close()
 
     def close(self) -> None:
@@ -251,9 +282,17 @@ class _PartWriter:
 
 
 def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
+    """The Parquet columns of a batch of predictor output: key, label, pred, pred_name,
+    topk_index, topk_prob, top1_correct, top5_correct and, when the batch has one, ``embedding``
+    (fixed_size_list<float16 or float32>[512], as the predictor returned it)."""
     def lists(arr, typ):
         return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), typ), k).cast(
             pa.list_(typ))
+    extra = {}
+    if "embedding" in batch:
+        emb = np.ascontiguousarray(batch["embedding"])
+        extra["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)),
+                                                               emb.shape[1])
     return pa.table({
         "key": pa.array(batch["key"].astype(str), pa.string()),
         "label": pa.array(batch["label"], pa.int64()),
@@ -263,6 +302,7 @@ def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
         "topk_prob": lists(np.asarray(batch["topk_prob"]), pa.float32()),
         "top1_correct": pa.array(batch["top1_correct"], pa.bool_()),
         "top5_correct": pa.array(batch["top5_correct"], pa.bool_()),
+        **extra,
     })
 
 
@@ -285,7 +325,8 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
         # the first batch's kernel selection (~1 s in bf16 on a CPU) done while the actor
         # starts, not on the data's first batch; at the largest batch the run has (a set
         # smaller than one batch: a warm-up at 64 cost 2.2 s of fp32 on AVX2 for 16 images)
-        warmup=(max(1, min(opts.batch_size, manifest.total_samples)), preset.crop_size))
+        warmup=(max(1, min(opts.batch_size, manifest.total_samples)), preset.crop_size),
+        embedding_dtype=opts.embedding_dtype if opts.embeddings else "")
     ds = ds.map_batches(
         Predictor, batch_size=opts.batch_size, compute=ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
@@ -382,9 +423,13 @@ def _predict_under_lease(run: _Run, lease) -> dict:
             "data_fingerprint": shards.data_fingerprint(manifest),
             "preset": json.dumps(preset.to_dict()),
             "precision": "", "code_version": code_version(), "run_id": run_id}
+    if opts.embeddings:
+        meta["embedding"] = json.dumps(embedding_info(opts.embedding_dtype))
     staging = storage.join(out, f"_staging-{run_id}")
     try:
-        writer = _PartWriter(storage.join(staging, "predictions"), meta)
+        # a part is built in memory: with 1-2 KB of embedding a row, 20,000 rows (20-40 MB)
+        writer = _PartWriter(storage.join(staging, "predictions"), meta,
+                             EMBEDDING_ROWS_PER_FILE if opts.embeddings else ROWS_PER_FILE)
         keys, failures, t_first, seen, first_n = set(), [], None, 0, 0
         per_shard, ran = collections.Counter(), set()
         with tqdm(total=manifest.total_samples, unit="img", desc="predict",
@@ -424,8 +469,10 @@ def _predict_under_lease(run: _Run, lease) -> dict:
                  "startup_seconds": (t_first - t0) if t_first else wall,
                  "model_classes": len(classes_model),
                  "scored_over": "data classes" if subset is not None else "model classes",
-                 **{k: v for k, v in meta.items() if k != "preset"},
+                 **{k: v for k, v in meta.items() if k not in ("preset", "embedding")},
                  "preset": json.loads(meta["preset"])}
+        if opts.embeddings:
+            facts["embedding"] = embedding_info(opts.embedding_dtype)
         summary = _summarize(staging, classes_out, manifest, failures, facts,
                              None if real is None else (real, opts.real_labels))
         failurelib.write(storage.join(staging, "failures.parquet"), failures)
@@ -516,8 +563,11 @@ def _summarize(staging: str, classes: list[dict], manifest: shards.Manifest, fai
     from pipeline import metrics  # pandas: the driver only, not the predictor actors
 
     fs, p = storage.resolve(storage.join(staging, "predictions"))
-    df = storage.retrying(fs, f"reading {p}", lambda: pads.dataset(
-        p, filesystem=fs, format="parquet").to_table().to_pandas())
+    dataset = storage.retrying(fs, f"opening {p}", lambda: pads.dataset(
+        p, filesystem=fs, format="parquet"))
+    columns = [c for c in dataset.schema.names if c != "embedding"]  # metrics need no vectors
+    df = storage.retrying(fs, f"reading {p}",
+                          lambda: dataset.to_table(columns=columns).to_pandas())
     summary = metrics.evaluate(df, classes) if len(df) else {"samples": 0}
     if real is not None:
         summary.update(metrics.real_accuracy(df, classes, real[0]), real_labels=real[1])
