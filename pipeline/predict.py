@@ -103,7 +103,9 @@ class PredictorSpec:
     (``scored_classes``); ``warmup`` (batch size, crop size): one forward pass on zeros of that
     shape in the constructor, so the kernel selection of the first call happens while the
     actor starts (None: none); ``embedding_dtype`` (float16, float32) returns each image's
-    pooled feature as ``embedding`` [N, 512] in that type ('': not returned)."""
+    pooled feature as ``embedding`` [N, 512] in that type ('': not returned); ``embed_only``:
+    no head at all (the model's classes need not cover the data's): each row is the key, the
+    data's label and the embedding."""
     weights: str
     data_classes: list
     precision: str = "auto"
@@ -114,6 +116,7 @@ class PredictorSpec:
     restrict: bool = False
     warmup: tuple[int, int] | None = None
     embedding_dtype: str = ""  # float16 or float32: return each image's embedding; '': none
+    embed_only: bool = False  # no head: the data's label and the embedding only
 
 
 class Predictor:
@@ -134,11 +137,14 @@ class Predictor:
         # BatchNorm folded; the head apart, so the pooled feature is at hand
         self.backbone, self.head = modellib.split_for_inference(net, self.device, self.dtype)
         self.embedding_dtype = spec.embedding_dtype
-        self.classes, index = scored_classes(data_classes, model_classes, spec.restrict)
-        self.output_index = None if index is None else torch.from_numpy(index).to(self.device)
-        self.names = np.array([c["name"] for c in self.classes], dtype=object)
-        self.label_map = label_map(data_classes, self.classes)
-        self.topk = min(spec.topk, len(self.classes))
+        self.embed_only = spec.embed_only
+        if not self.embed_only:
+            self.classes, index = scored_classes(data_classes, model_classes, spec.restrict)
+            self.output_index = None if index is None else torch.from_numpy(index).to(
+                self.device)
+            self.names = np.array([c["name"] for c in self.classes], dtype=object)
+            self.label_map = label_map(data_classes, self.classes)
+            self.topk = min(spec.topk, len(self.classes))
         if spec.warmup:  # oneDNN/cuDNN pick their kernels per shape on the first call
             b, c = spec.warmup
             with torch.inference_mode():
@@ -149,6 +155,8 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls += 1
         faults.kill_once("predictor_batch", batch=self.calls)
+        if self.embed_only:
+            return self._embed(batch)
         # Top-5 correctness is always top-5, whatever --topk keeps in the output lists.
         n, k, k5 = len(batch["key"]), self.topk, min(5, len(self.classes))
         ok = batch["error"] == ""
@@ -162,14 +170,7 @@ class Predictor:
             features = self.backbone(presets.normalize(x, self.dtype))
             logits = self.head(features)
             if emb is not None:
-                with np.errstate(over="ignore"):  # beyond float16's range: inf, caught next
-                    emb[ok] = features.float().cpu().numpy().astype(self.embedding_dtype)
-                # a vector with NaN or inf (or beyond float16's range) is a failed image,
-                # never a silent row
-                bad = ok & ~np.isfinite(emb).all(axis=1)
-                if bad.any():
-                    error = np.where(bad, "non-finite embedding (NaN or inf in the pooled "
-                                          f"feature as {self.embedding_dtype})", error)
+                error = self._store(emb, ok, features, error)
             if self.output_index is not None:  # a subset set: its classes' logits only
                 logits = logits.index_select(1, self.output_index)
             probs = logits.float().softmax(dim=1)
@@ -186,6 +187,32 @@ class Predictor:
                 "error": error, "shard": batch["shard"],
                 # what this actor ran, which the driver cannot know (a CPU-only head can drive
                 # GPUs that lack bf16)
+                "precision": np.full(n, modellib.precision_name(self.dtype), dtype=object)}
+
+
+    def _store(self, emb: np.ndarray, ok: np.ndarray, features: torch.Tensor,
+               error: np.ndarray) -> np.ndarray:
+        """Put the decoded rows' ``features`` into ``emb`` (the stored dtype); return the
+        errors with each vector that is not finite there (NaN, inf, beyond float16's range)
+        marked: a failed image, never a silent row."""
+        with np.errstate(over="ignore"):  # beyond float16's range: inf, caught next
+            emb[ok] = features.float().cpu().numpy().astype(self.embedding_dtype)
+        bad = ok & ~np.isfinite(emb).all(axis=1)
+        return np.where(bad, "non-finite embedding (NaN or inf in the pooled feature as "
+                             f"{self.embedding_dtype})", error) if bad.any() else error
+
+    def _embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The ``embed_only`` rows: key, the data's label, embedding (a non-finite one, or a
+        decode failure, as an error)."""
+        n = len(batch["key"])
+        error = batch["error"]
+        ok = error == ""
+        emb = np.zeros((n, modellib.EMBEDDING_DIM), dtype=self.embedding_dtype)
+        if ok.any():
+            x = torch.from_numpy(batch["image"][ok]).to(self.device, non_blocking=True)
+            error = self._store(emb, ok, self.backbone(presets.normalize(x, self.dtype)), error)
+        return {"key": batch["key"], "label": batch["label"], "embedding": emb, "error": error,
+                "shard": batch["shard"],
                 "precision": np.full(n, modellib.precision_name(self.dtype), dtype=object)}
 
 
@@ -306,11 +333,26 @@ def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
     })
 
 
+def _embedding_table(batch: dict[str, np.ndarray], class_ids: np.ndarray) -> pa.Table:
+    """The Parquet columns of a batch of ``embed_only`` rows: key, label (the data's class
+    index), class_id (the manifest's id of that class) and embedding."""
+    emb = np.ascontiguousarray(batch["embedding"])
+    return pa.table({
+        "key": pa.array(batch["key"].astype(str), pa.string()),
+        "label": pa.array(batch["label"], pa.int64()),
+        "class_id": pa.array(np.where(batch["label"] >= 0,
+                                      class_ids[np.maximum(batch["label"], 0)], "").astype(str),
+                             pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
+    })
+
+
 def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOptions,
-                       preset: presets.Preset):
+                       preset: presets.Preset, embed_only: bool = False):
     """The Ray Dataset of per-image predictions (decode tasks -> predictor actors) laid out as
     ``plan`` (a ``resources.PredictPlan``) says, and the manifest. ``preset``: the model's own
-    eval preset with the sizes ``opts`` set."""
+    eval preset with the sizes ``opts`` set; ``embed_only``: embeddings, no head
+    (``PredictorSpec``)."""
     from ray.data import ActorPoolStrategy
 
     read = data.ReadPlan(batch_size=opts.batch_size, num_cpus=plan.decode_cpus,
@@ -326,7 +368,7 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
         # starts, not on the data's first batch; at the largest batch the run has (a set
         # smaller than one batch: a warm-up at 64 cost 2.2 s of fp32 on AVX2 for 16 images)
         warmup=(max(1, min(opts.batch_size, manifest.total_samples)), preset.crop_size),
-        embedding_dtype=opts.embedding_dtype if opts.embeddings else "")
+        embedding_dtype=opts.embedding_dtype if opts.embeddings else "", embed_only=embed_only)
     ds = ds.map_batches(
         Predictor, batch_size=opts.batch_size, compute=ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
@@ -347,7 +389,8 @@ def check_inputs(manifest_path: str, weights: str, real_labels: str = "") -> Non
 
 def run_prediction(manifest_path: str, weights: str, out: str,
                    opts: PredictOptions | None = None, *,
-                   lease_seconds: float = leaselib.DEFAULT_SECONDS, **overrides) -> dict:
+                   lease_seconds: float = leaselib.DEFAULT_SECONDS, embed_only: bool = False,
+                   **overrides) -> dict:
     """Predict every image a manifest lists into ``out`` and publish it exactly once
     (``pipeline.publish``); return the published summary (contract 3 in docs/DESIGN.md).
 
@@ -359,10 +402,16 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     Only one run writes into ``out`` at a time: the run holds ``out``'s lease
     (``pipeline.lease``, period ``lease_seconds``, renewed every third of it) from before it
     touches ``out`` to its end. Raises LeaseHeld (nothing done) when another live run holds it,
-    LeaseLost (nothing published) when this run's lease was taken over."""
+    LeaseLost (nothing published) when this run's lease was taken over.
+
+    ``embed_only`` (jobs.embed): the rows are key, label (the data's class index), class_id and
+    embedding; no head runs, so the model's classes need not cover the data's (an ImageNet
+    backbone on a new task); summary.json has counts and provenance, no metrics."""
     from pipeline import resources
 
     opts = dataclasses.replace(opts or PredictOptions(), **overrides)
+    if embed_only:
+        opts = dataclasses.replace(opts, embeddings=True)
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
     plan = resources.plan_prediction(resources.current_cluster(), opts.actors, opts.use_gpu,
                                      opts.cpus_per_actor, opts.decode_device)
@@ -372,7 +421,7 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     # while the run lives, released at the end, also on failure (pipeline/lease.py).
     with leaselib.Lease(out, run_id, lease_seconds) as lease:
         return _predict_under_lease(
-            _Run(manifest_path, weights, out, opts, plan, run_id, started, t0), lease)
+            _Run(manifest_path, weights, out, opts, plan, run_id, started, t0, embed_only), lease)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,6 +436,7 @@ class _Run:
     run_id: str
     started: str
     t0: float
+    embed_only: bool = False
 
 
 def _predict_under_lease(run: _Run, lease) -> dict:
@@ -409,14 +459,18 @@ def _predict_under_lease(run: _Run, lease) -> dict:
     if replaced:
         raise InputError(f"weights {weights} name other classes than their head holds; "
                          f"predict with a model.pt (it carries its class list)")
-    classes_out, subset = scored_classes(manifest.classes, classes_model,
-                                         restricts(opts.class_subset, manifest.layout))
-    real = load_real_labels(opts.real_labels) if opts.real_labels else None
-    if real is not None and opts.topk < 5:
-        raise UsageError(f"--real-labels scores top-5 from the kept top-k: --topk {opts.topk} "
-                         f"must be at least 5")
-    ds, manifest = prediction_dataset(manifest_path, weights, plan, opts, preset)
+    if run.embed_only:  # no head: any backbone embeds any data
+        classes_out, subset, real = manifest.classes, None, None
+    else:
+        classes_out, subset = scored_classes(manifest.classes, classes_model,
+                                             restricts(opts.class_subset, manifest.layout))
+        real = load_real_labels(opts.real_labels) if opts.real_labels else None
+        if real is not None and opts.topk < 5:
+            raise UsageError(f"--real-labels scores top-5 from the kept top-k: --topk "
+                             f"{opts.topk} must be at least 5")
+    ds, manifest = prediction_dataset(manifest_path, weights, plan, opts, preset, run.embed_only)
     k = min(opts.topk, len(classes_out))
+    class_ids = np.array([c["id"] for c in manifest.classes], dtype=object)
     meta = {"model_id": loaded.model_id, "weights_sha256": loaded.sha256 or "",
             "data_manifest": manifest_path,
             "data_manifest_sha256": hashlib.sha256(storage.read_bytes(manifest_path)).hexdigest(),
@@ -451,7 +505,8 @@ def _predict_under_lease(run: _Run, lease) -> dict:
                     per_shard.update(storage.basename(u) for u in batch["shard"].tolist())
                     good = {c: v[~bad] for c, v in batch.items() if c != "precision"}
                     if len(good["key"]):
-                        writer.write(_to_table(good, k))
+                        writer.write(_embedding_table(good, class_ids) if run.embed_only
+                                     else _to_table(good, k))
                     seen += len(batch["key"])
                     bar.update(len(batch["key"]))
             except ray.exceptions.RayTaskError as e:
@@ -473,8 +528,10 @@ def _predict_under_lease(run: _Run, lease) -> dict:
                  "preset": json.loads(meta["preset"])}
         if opts.embeddings:
             facts["embedding"] = embedding_info(opts.embedding_dtype)
+        facts["rows"] = "embeddings" if run.embed_only else "predictions"
         summary = _summarize(staging, classes_out, manifest, failures, facts,
-                             None if real is None else (real, opts.real_labels))
+                             None if real is None else (real, opts.real_labels),
+                             metrics_too=not run.embed_only)
         failurelib.write(storage.join(staging, "failures.parquet"), failures)
         storage.write_text_atomic(storage.join(staging, "summary.json"),
                                   json.dumps(summary, indent=1))
@@ -553,11 +610,13 @@ def check_coverage(manifest: shards.Manifest, path: str, rows: int, unique: int,
 
 
 def _summarize(staging: str, classes: list[dict], manifest: shards.Manifest, failures: list,
-               facts: dict, real: tuple[list, str] | None = None) -> dict:
+               facts: dict, real: tuple[list, str] | None = None,
+               metrics_too: bool = True) -> dict:
     """summary.json's content: the metrics of the staged predictions over ``classes``
     (``metrics.evaluate``; with ``real``, (ReaL label lists, their source), the ReaL figures),
     the failure count, images/s over ``facts["wall_seconds"]``, and ``facts`` (the run's
-    settings and metadata) as they are."""
+    settings and metadata) as they are. Without ``metrics_too`` (embeddings only) the counts
+    and ``facts`` alone."""
     import pyarrow.dataset as pads
 
     from pipeline import metrics  # pandas: the driver only, not the predictor actors
@@ -568,7 +627,7 @@ def _summarize(staging: str, classes: list[dict], manifest: shards.Manifest, fai
     columns = [c for c in dataset.schema.names if c != "embedding"]  # metrics need no vectors
     df = storage.retrying(fs, f"reading {p}",
                           lambda: dataset.to_table(columns=columns).to_pandas())
-    summary = metrics.evaluate(df, classes) if len(df) else {"samples": 0}
+    summary = metrics.evaluate(df, classes) if len(df) and metrics_too else {"samples": len(df)}
     if real is not None:
         summary.update(metrics.real_accuracy(df, classes, real[0]), real_labels=real[1])
     summary.update({"failures": len(failures), "manifest_samples": manifest.total_samples,

@@ -1,0 +1,57 @@
+"""Per-image embeddings over a shard manifest: the pooled 512-d feature of any backbone, for
+any labelled data, to Parquet, published once (jobs.predict's code and contract, no head)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from jobs import _cli
+from pipeline import predict
+
+# the options of jobs.predict that an embedding pass has (their help text is predict's own)
+_SHARED = ("batch_size", "precision", "use_gpu", "actors", "cpus_per_actor", "threads",
+           "decode_concurrency", "decode_device", "resize_size", "crop_size",
+           "embedding_dtype", "max_failed_fraction", "verify_checksums", "progress")
+
+EmbedConfig = dataclasses.make_dataclass(
+    "EmbedConfig",
+    [("data", "str", _cli.option("", "shard manifest (OUT/<split>.json from jobs.shard)",
+                                 required=True)),
+     ("weights", "str", _cli.option("DEFAULT", "the backbone: DEFAULT, IMAGENET1K_V1, none, or "
+                                               "a file (state_dict or model.pt); its head is "
+                                               "not used, so its classes need not be the "
+                                               "data's")),
+     ("out", "str", _cli.option("", "output folder (local or s3://...)", required=True))]
+    + [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+       for f in dataclasses.fields(predict.PredictOptions) if f.name in _SHARED],
+    frozen=True)
+EmbedConfig.__doc__ = (
+    "Write each image's embedding (ResNet-18's pooled 512-d feature before fc, raw, not "
+    "L2-normalised) with its label: OUT/predictions/*.parquet (key, label, class_id, "
+    "embedding as fixed_size_list<float16>[512]), OUT/failures.parquet, OUT/summary.json "
+    "(counts, weights sha256, preset, precision) and OUT/_SUCCESS, published once as "
+    "jobs.predict publishes. The input of jobs.probe.")
+
+
+def run(cfg) -> dict:
+    opts = predict.PredictOptions(**{n: getattr(cfg, n) for n in _SHARED})
+    return predict.run_prediction(cfg.data, cfg.weights, cfg.out, opts, embed_only=True)
+
+
+@_cli.reports_errors
+def main(argv=None) -> int:
+    cfg = _cli.parse(EmbedConfig, argv, "embed")
+    predict.check_inputs(cfg.data, cfg.weights)  # before Ray starts
+    _cli.setup_logging()
+    _cli.init_ray()
+    summary = run(cfg)  # FailedSamples: reported by reports_errors, exit 1
+    print(f"{summary['samples']} embeddings ({summary['embedding']['dtype']}, "
+          f"{summary['embedding']['dim']}-d), {summary['failures']} failed; "
+          f"{summary['images_per_s']:.1f} images/s ({summary['precision']}); "
+          f"embeddings: {cfg.out}/predictions/, summary: {cfg.out}/summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
