@@ -25,7 +25,8 @@ from pipeline.errors import PipelineError, UsageError
 TARGETS = {"decode_per_core_vs_pil": (">=", 0.8), "decode_fn_vs_pil": (">=", 0.9),
            "eval_vs_ceiling": (">=", 0.9), "eval_vs_baseline": (">=", 3.0),
            "train_vs_plain": (">=", 0.9), "shard_vs_tar": (">=", 0.5),
-           "eval_time_ratio_4x": ("<=", 4.4), "eval_mem_ratio_4x": ("<=", 1.25)}
+           "eval_time_ratio_4x": ("<=", 4.4), "eval_mem_ratio_4x": ("<=", 1.25),
+           "embed_vs_eval": (">=", 0.9), "embed_mem_ratio_4x": ("<=", 1.25)}
 # A pipeline that runs faster than the model alone means the ceiling was not measured as one.
 CEILING_KEYS = ("eval_vs_ceiling", "eval_fp32_vs_ceiling_fp32")
 MAX_VS_CEILING = 1.02
@@ -238,12 +239,12 @@ def _bench_eval(cfg, work, big, manifest, manifest4, n, dtype, r, rows) -> None:
     """The evaluation rows, from runs over ``manifest`` (``n`` images, 4N of the run) and
     ``manifest4`` (4 ``n``): runs long enough that the images the predictor finishes before the
     driver sees its first batch (~200 at batch 32 on 2 cores) are fewer than either holds."""
-    def predict(manifest_path, precision, out):
+    def predict(manifest_path, precision, out, embeddings=False):
         with bench.PeakMemory() as mem:  # "none": random init with the data's 10 classes
             s = predict_job.run(predict_job.PredictConfig(
                 data=manifest_path, weights="none", out=os.path.join(work, out),
                 precision=precision, batch_size=cfg.batch_size,
-                progress=False))
+                progress=False, embeddings=embeddings))
         return s, mem.peak
 
     # The predictor actor runs as many torch threads as the machine has cores (the job's
@@ -268,6 +269,8 @@ def _bench_eval(cfg, work, big, manifest, manifest4, n, dtype, r, rows) -> None:
         s4, mem_4n = predict(manifest4, "auto", "e_4n")
         s_fp32, _ = predict(manifest, "fp32", "e_fp32")
         s4_fp32, _ = predict(manifest4, "fp32", "e_4n_fp32")
+        s_emb, mem_emb_n = predict(manifest, "auto", "e_emb", embeddings=True)
+        s4_emb, mem_emb_4n = predict(manifest4, "auto", "e_4n_emb", embeddings=True)
     finally:
         ctx.wait_for_min_actors_s = wait
     # From each run's first batch out to its end: start-up, whose spread between runs (~1 s)
@@ -278,6 +281,7 @@ def _bench_eval(cfg, work, big, manifest, manifest4, n, dtype, r, rows) -> None:
 
     rate = bench.differential_rate(n, steady_s(s_def), 4 * n, steady_s(s4))
     rate32 = bench.differential_rate(n, steady_s(s_fp32), 4 * n, steady_s(s4_fp32))
+    rate_emb = bench.differential_rate(n, steady_s(s_emb), 4 * n, steady_s(s4_emb))
     baseline = bench.eval_baseline_rate(big, cfg.batch_size, os.cpu_count(), threads, 10)
     r.update(eval_img_s=rate, eval_fp32_img_s=rate32,
              eval_ceiling_img_s=ceiling, eval_ceiling_fp32_img_s=ceiling32,
@@ -304,6 +308,12 @@ def _bench_eval(cfg, work, big, manifest, manifest4, n, dtype, r, rows) -> None:
                      s_def["wall_seconds"], "eval_time_ratio_4x", r, "s"))
     rows.append(_row(f"growth: peak memory (driver + Ray workers), {4 * n} vs {n} images",
                      mem_4n / 1e6, mem_n / 1e6, "eval_mem_ratio_4x", r, "MB"))
+    r.update(eval_embed_img_s=rate_emb, eval_embed_peak_mem_n_mb=mem_emb_n / 1e6,
+             eval_embed_peak_mem_4n_mb=mem_emb_4n / 1e6)
+    rows.append(_row(f"eval with --embeddings (512-d float16 column) vs without, job default "
+                     f"({prec})", rate_emb, rate, "embed_vs_eval", r))
+    rows.append(_row(f"growth: peak memory with --embeddings, {4 * n} vs {n} images",
+                     mem_emb_4n / 1e6, mem_emb_n / 1e6, "embed_mem_ratio_4x", r, "MB"))
 
 
 def _bench_train(cfg, work, train_src, dtype, r, rows) -> None:

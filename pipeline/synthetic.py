@@ -109,14 +109,20 @@ def generate_photo_folder(root: str, n: int, num_classes: int = 10, seed: int = 
 
 
 def generate_image_folder(root: str, per_class: dict[str, int], num_classes: int = 10,
-                          seed: int = 0, size_range=(160, 320)) -> dict[str, int]:
-    """Write ``ROOT/<split>/<shape>/<shape>_<n>.jpg``; return the count written per split."""
+                          seed: int = 0, size_range=(160, 320),
+                          shapes: tuple[str, ...] = ()) -> dict[str, int]:
+    """Write ``ROOT/<split>/<shape>/<shape>_<n>.jpg`` for the first ``num_classes`` SHAPES (or
+    the ``shapes`` given: two tasks of different classes); return the count written per split."""
     if not 1 <= num_classes <= len(SHAPES):
         raise InputError(f"num_classes must be 1..{len(SHAPES)}")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise InputError(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
+    chosen = tuple(shapes) or SHAPES[:num_classes]
     counts = {}
     for split_no, (split, n) in enumerate(sorted(per_class.items())):
         rng = np.random.default_rng([seed, split_no])
-        for shape in SHAPES[:num_classes]:
+        for shape in chosen:
             os.makedirs(os.path.join(root, split, shape), exist_ok=True)
             for k in range(n):
                 short = int(rng.integers(*size_range))
@@ -125,5 +131,5 @@ def generate_image_folder(root: str, per_class: dict[str, int], num_classes: int
                 img = draw_image(shape, rng, w, h)
                 img.save(os.path.join(root, split, shape, f"{shape}_{split}_{k:05d}.jpg"),
                          quality=int(rng.integers(75, 96)))
-        counts[split] = n * num_classes
+        counts[split] = n * len(chosen)
     return counts
