@@ -189,7 +189,6 @@ class Predictor:
                 # GPUs that lack bf16)
                 "precision": np.full(n, modellib.precision_name(self.dtype), dtype=object)}
 
-
     def _store(self, emb: np.ndarray, ok: np.ndarray, features: torch.Tensor,
                error: np.ndarray) -> np.ndarray:
         """Put the decoded rows' ``features`` into ``emb`` (the stored dtype); return the

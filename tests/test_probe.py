@@ -217,3 +217,21 @@ def test_a_non_finite_vector_is_refused_naming_its_key(tmp_path):
     with pytest.raises(InputError, match="1 embeddings are not finite \\(e.g. b\\)"):
         probe.read_embeddings(str(d))
     assert os.path.exists(d / "_SUCCESS")
+
+
+@pytest.mark.slow
+def test_the_transfer_harness_runs_and_writes_its_table(tmp_path, ray_local, monkeypatch):
+    """bench/transfer.py at tiny sizes: every step runs, the table has its four rows and the
+    docs section is written between its markers (into a copy of BENCHMARKS.md)."""
+    from bench import transfer
+
+    docs = tmp_path / "BENCHMARKS.md"
+    docs.write_text(open(transfer.DOCS).read())
+    monkeypatch.setattr(transfer, "DOCS", str(docs))
+    out = tmp_path / "t.json"
+    assert transfer.main(["--a-train", "8", "--a-epochs", "1", "--b-train", "6", "--b-val", "4",
+                          "--epochs", "2", "--json", str(out), "--write-docs"]) == 0
+    r = json.load(open(out))
+    assert r["probe_transferred"]["val"]["samples"] == 20 and r["epochs"] == 2
+    section = docs.read_text().split("<!-- transfer:begin -->")[1].split("<!-- transfer:end -->")[0]
+    assert section.count("\n| ") == 6 and "--a-train 8" in section  # header, rule, four rows
