@@ -176,3 +176,43 @@ def check_readme_table(name: str, table: str) -> None:
         docsection.write(TABLES_DOC, name, table)
     assert docsection.block(name, table) in open(TABLES_DOC).read(), \
         f"docs/RELIABILITY.md's {name} is stale: make readme-tables"
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory):
+    """Random-init ResNet-18 weights saved as a plain state_dict (1000 ImageNet classes)."""
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("weights") / "resnet18-random.pth"
+    torch.save(resnet18().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def imagenet_like_shards(tmp_path_factory, ray_local):
+    """(source folder, shard folder): 12 photo-like JPEGs in three wnid folders, so a
+    1000-class head applies unchanged; val shards of 5."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("inet")
+    rng = np.random.default_rng(5)
+    for wnid in ["n01440764", "n01443537", "n01484850"]:
+        (root / wnid).mkdir()
+        for k in range(4):
+            w, h = int(rng.integers(150, 400)), int(rng.integers(150, 400))
+            photo_like(rng, w, h).save(root / wnid / f"{wnid}_{k}.JPEG", quality=88)
+    out = tmp_path_factory.mktemp("inet_shards")
+    shards.write_shards(sources.scan_source(str(root), "val"), str(out), samples_per_shard=5,
+                        progress=False)
+    return root, out
+
+
+def predict_small(manifest, weights, out, **kw):
+    """jobs.predict's run at fp32, batch 4, no progress bar; ``kw`` sets other flags."""
+    from jobs import predict as predict_job
+
+    return predict_job.run(predict_job.PredictConfig(
+        data=manifest, weights=weights, out=out, precision="fp32", batch_size=4,
+        progress=False, **kw))

@@ -13,56 +13,22 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs import predict as predict_job
 from pipeline import metrics, model as modellib, predict, presets, shards
-from tests.conftest import corrupt_one_member, photo_like
+from tests.conftest import corrupt_one_member, predict_small as _predict
 
 
 @pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    torch.manual_seed(7)
-    from torchvision.models import resnet18
-
-    path = tmp_path_factory.mktemp("w") / "resnet18-random.pth"
-    torch.save(resnet18().state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def inet(tmp_path_factory, ray_local):
-    """12 photo-like JPEGs in three wnid folders (a 1000-class head applies unchanged)."""
-    from pipeline import sources
-
-    root = tmp_path_factory.mktemp("inet")
-    rng = np.random.default_rng(11)
-    for wnid in ["n01440764", "n01443537", "n01484850"]:
-        (root / wnid).mkdir()
-        for k in range(4):
-            photo_like(rng, int(rng.integers(120, 300)), int(rng.integers(120, 300))).save(
-                root / wnid / f"{wnid}_{k}.JPEG", quality=88)
-    out = tmp_path_factory.mktemp("inet_shards")
-    shards.write_shards(sources.scan_source(str(root), "val"), str(out), samples_per_shard=5,
-                        progress=False)
-    return root, out
-
-
-def _predict(manifest, weights, out, **kw):
-    cfg = predict_job.PredictConfig(data=manifest, weights=weights, out=out, precision="fp32",
-                                    batch_size=4, progress=False, **kw)
-    return predict_job.run(cfg)
-
-
-@pytest.fixture(scope="module")
-def embedded(inet, weights_file, tmp_path_factory):
+def embedded(imagenet_like_shards, weights_file, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("emb") / "eval")
-    summary = _predict(str(inet[1] / "val.json"), weights_file, out, embeddings=True)
+    summary = _predict(str(imagenet_like_shards[1] / "val.json"), weights_file, out,
+                       embeddings=True)
     return out, summary
 
 
-def test_the_embedding_is_the_pooled_feature_before_fc(inet, weights_file, embedded):
+def test_the_embedding_is_the_pooled_feature_before_fc(imagenet_like_shards, weights_file, embedded):
     """Against torchvision's transforms and the model with fc replaced by Identity: the stored
     float16 vector is the feature, and fc applied to it gives the job's prediction."""
-    root, _ = inet
+    root, _ = imagenet_like_shards
     out, summary = embedded
     df = metrics.read_predictions(out)
     assert len(df) == 12 and summary["embedding"] == predict.embedding_info("float16")
@@ -107,8 +73,8 @@ def test_duckdb_finds_each_images_nearest_neighbour_by_cosine(embedded):
     assert rows == want and len(rows) == 12
 
 
-def test_float32_on_request_and_no_column_by_default(inet, weights_file, tmp_path):
-    manifest = str(inet[1] / "val.json")
+def test_float32_on_request_and_no_column_by_default(imagenet_like_shards, weights_file, tmp_path):
+    manifest = str(imagenet_like_shards[1] / "val.json")
     _predict(manifest, weights_file, str(tmp_path / "f32"), embeddings=True,
              embedding_dtype="float32")
     df = metrics.read_predictions(str(tmp_path / "f32"))
@@ -118,9 +84,9 @@ def test_float32_on_request_and_no_column_by_default(inet, weights_file, tmp_pat
     assert "embedding" not in summary
 
 
-def test_an_undecodable_image_has_no_row_and_is_counted(inet, weights_file, tmp_path):
+def test_an_undecodable_image_has_no_row_and_is_counted(imagenet_like_shards, weights_file, tmp_path):
     copy = tmp_path / "shards"
-    shutil.copytree(inet[1], copy)
+    shutil.copytree(imagenet_like_shards[1], copy)
     manifest = shards.load_manifest(str(copy / "val.json"))
     key, _ = corrupt_one_member(copy, manifest)
     out = str(tmp_path / "eval")

@@ -12,44 +12,8 @@ import torch
 from PIL import Image
 
 from jobs import evaluate as evaluate_job, predict as predict_job
-from pipeline import metrics, model as modellib, presets, shards
-from tests.conftest import run_job
-
-
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    """Random-init ResNet-18 weights saved as a plain state_dict (1000 ImageNet classes)."""
-    torch.manual_seed(123)
-    from torchvision.models import resnet18
-
-    path = tmp_path_factory.mktemp("weights") / "resnet18-random.pth"
-    torch.save(resnet18().state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def imagenet_like_shards(tmp_path_factory, ray_local):
-    """Photo-like JPEGs in wnid folders, so the 1000-class head applies unchanged."""
-    from tests.conftest import photo_like
-    from pipeline import sources
-
-    root = tmp_path_factory.mktemp("inet")
-    rng = np.random.default_rng(5)
-    for i, wnid in enumerate(["n01440764", "n01443537", "n01484850"]):
-        (root / wnid).mkdir()
-        for k in range(4):
-            w, h = int(rng.integers(150, 400)), int(rng.integers(150, 400))
-            photo_like(rng, w, h).save(root / wnid / f"{wnid}_{k}.JPEG", quality=88)
-    out = tmp_path_factory.mktemp("inet_shards")
-    shards.write_shards(sources.scan_source(str(root), "val"), str(out), samples_per_shard=5,
-                        progress=False)
-    return root, out
-
-
-def _predict(manifest, weights, out, **kw):
-    cfg = predict_job.PredictConfig(data=manifest, weights=weights, out=out, precision="fp32",
-                                    batch_size=4, progress=False, **kw)
-    return predict_job.run(cfg)
+from pipeline import metrics, model as modellib, presets
+from tests.conftest import predict_small as _predict, run_job
 
 
 def test_predictions_match_a_plain_torchvision_loop(imagenet_like_shards, weights_file,

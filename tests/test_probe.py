@@ -24,14 +24,9 @@ SMALL = ["--resize-size", "72", "--crop-size", "64", "--precision", "fp32", "--b
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
+def backbone(weights_file):
     """A random-init ResNet-18 saved as a file (its sha256 is what the probe checks)."""
-    from torchvision.models import resnet18
-
-    torch.manual_seed(5)
-    path = tmp_path_factory.mktemp("bb") / "random-init.pt"
-    torch.save(resnet18().state_dict(), path)
-    return str(path)
+    return weights_file
 
 
 @pytest.fixture(scope="module")
