@@ -42,7 +42,7 @@ def run(cfg) -> dict:
 @_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(EmbedConfig, argv, "embed")
-    predict.check_inputs(cfg.data, cfg.weights)  # before Ray starts
+    predict.check_inputs(cfg.data, cfg.weights, embed_only=True)  # before Ray starts
     _cli.setup_logging()
     _cli.init_ray()
     summary = run(cfg)  # FailedSamples: reported by reports_errors, exit 1

@@ -48,6 +48,25 @@ def _c_values(text: str) -> tuple[float, ...]:
     return values
 
 
+def _check_weights(spec: str, train: probe.Embeddings) -> None:
+    """InputError unless ``spec`` names the weights the embeddings were made with: by model id
+    for torchvision's (before anything is downloaded), by the file's sha256 otherwise."""
+    sha, model_id = train.provenance[0], train.provenance[1]
+    made_with = f"sha256 {sha or 'none'}, {model_id}"
+    if spec.lower() == "none":
+        raise InputError("--weights none: the probe stores the backbone in model.pt and checks "
+                         "it by sha256; embed with a weights file (a saved random init too)")
+    if spec.upper() in modellib.TORCHVISION_WEIGHTS:
+        if model_id != f"torchvision/resnet18/{modellib.TORCHVISION_WEIGHTS[spec.upper()].name}":
+            raise InputError(f"--weights {spec} are not the weights the embeddings were made "
+                             f"with ({made_with})")
+        return
+    modellib.check_weights_spec(spec)
+    if storage.sha256_file(spec) != sha:
+        raise InputError(f"--weights {spec} (sha256 {storage.sha256_file(spec)}) are not the "
+                         f"weights the embeddings were made with ({made_with})")
+
+
 def _line(name: str, r: dict) -> str:
     return (f"{name:<14} top-1 {r['top1']:6.2f}% (95% CI {r['top1_ci95'][0]:.2f}-"
             f"{r['top1_ci95'][1]:.2f})   top-5 {r['top5']:6.2f}% (95% CI "
@@ -64,14 +83,8 @@ def main(argv=None) -> int:
         raise UsageError(f"{cfg.out} exists: pass --overwrite to replace it, or another --out")
     train, val = probe.read_embeddings(cfg.train), probe.read_embeddings(cfg.val)
     warnings = probe.check_pair(train, val)
-    loaded = modellib.load_weights(cfg.weights)
-    if loaded.state_dict is None:
-        raise InputError("--weights none: the probe stores the backbone in model.pt and checks "
-                         "it by sha256; embed with a weights file (a saved random init too)")
-    if (loaded.sha256 or "") != train.provenance[0]:
-        raise InputError(f"--weights {cfg.weights} (sha256 {loaded.sha256}) are not the weights "
-                         f"the embeddings were made with (sha256 {train.provenance[0] or 'none'}, "
-                         f"{train.provenance[1]})")
+    _check_weights(cfg.weights, train)
+
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     head, result = probe.fit_probe(train, c_values, cfg.holdout_fraction, cfg.seed, cfg.max_iter)
@@ -80,8 +93,9 @@ def main(argv=None) -> int:
     result.knn = probe.knn(train, val, cfg.knn_k, cfg.knn_temperature)
     net = probe.build_probe_model(cfg.weights, head, train.classes)
     name = storage.basename(storage.dirname(cfg.out)) or "probe"
-    sha = modellib.save_model(cfg.out, net, train.classes, train.summary["preset"],
-                              _cli.to_dict(cfg), f"resnet18-probe/{name}")
+    config = {k: v for k, v in _cli.to_dict(cfg).items() if k != "overwrite"}
+    sha = modellib.save_model(cfg.out, net, train.classes, train.summary["preset"], config,
+                              f"resnet18-probe/{name}")
     report = storage.join(storage.dirname(cfg.out), "probe.json")
     probe.write_report(report, {**probe.result_dict(result), "model": cfg.out,
                                 "model_sha256": sha, "weights_sha256": train.provenance[0],
@@ -90,6 +104,8 @@ def main(argv=None) -> int:
                                 "config": _cli.to_dict(cfg)})
     sweep = ", ".join(f"C={c:g}: {v:.1f}%" for c, v in result.sweep.items())
     print(f"C = {result.c:g} ({'held-out top-1 ' + sweep if sweep else result.sweep_note})")
+    if sweep and result.sweep_note:
+        print(f"warning: {result.sweep_note}", file=sys.stderr)
     print(_line("linear probe", result.val))
     print(_line(f"kNN (k={result.knn['k']})", result.knn))
     print(f"model: {cfg.out} (sha256 {sha[:12]}), report: {report}")

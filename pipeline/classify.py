@@ -39,6 +39,8 @@ def load(weights: str, precision: str = "fp32", classes_from: str = "",
     loaded = modellib.load_weights(weights)
     if loaded.state_dict is None:
         raise InputError(f"weights {weights!r} are a random init: nothing to classify with")
+    if "fc.weight" not in loaded.state_dict:
+        raise InputError(f"weights {weights!r} hold no fc.weight: not a ResNet-18 state_dict")
     if classes_from:
         loaded = _with_classes(loaded, read_class_list(classes_from), weights, classes_from)
     if loaded.classes is None:
@@ -62,7 +64,10 @@ def read_class_list(path: str) -> list[dict]:
 
     from pipeline import shards
 
-    text = storage.read_text(path)
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--classes-from {path}: no such file") from None
     try:
         json.loads(text)
     except ValueError:

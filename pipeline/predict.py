@@ -375,13 +375,20 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
     return ds, manifest
 
 
-def check_inputs(manifest_path: str, weights: str, real_labels: str = "") -> None:
-    """What a prediction run can check before Ray starts (jobs.predict calls it first, so a wrong
-    path costs no cluster start and leaves no output folder): the manifest loads, ``weights`` is
-    a named set or an existing file, the ReaL labels (when given) load. Raises what
-    ``shards.load_manifest``, ``model.check_weights_spec`` and ``load_real_labels`` raise."""
-    shards.load_manifest(manifest_path)
-    modellib.check_weights_spec(weights)
+def check_inputs(manifest_path: str, weights: str, real_labels: str = "",
+                 embed_only: bool = False) -> None:
+    """What a prediction run can check before Ray starts (jobs.predict and jobs.embed call it
+    first, so a wrong input costs no cluster start and leaves no output folder): the manifest
+    loads, the weights load and fit ResNet-18, their classes cover the data's (not for
+    ``embed_only``: no head runs), the ReaL labels (when given) load. Raises what
+    ``shards.load_manifest``, ``model.load_weights``, ``model.build_model``, ``label_map`` and
+    ``load_real_labels`` raise."""
+    manifest = shards.load_manifest(manifest_path)
+    loaded = modellib.load_weights(weights)
+    classes_model = loaded.classes or manifest.classes
+    modellib.build_model(loaded, classes_model)  # a file that is no ResNet-18 fails here
+    if not embed_only:
+        label_map(manifest.classes, classes_model)
     if real_labels:
         load_real_labels(real_labels)
 

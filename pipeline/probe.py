@@ -50,12 +50,19 @@ def read_embeddings(path: str) -> Embeddings:
     """A published ``jobs.embed`` folder; InputError naming it when it is not one (a
     ``jobs.predict`` folder, with or without --embeddings, included: its labels are in the
     model's class space) or a vector is not finite."""
-    summary = storage.read_json(storage.join(path, "summary.json")) \
-        if storage.exists(storage.join(path, "summary.json")) else None
+    if not storage.is_dir(path):
+        raise FileNotFoundError(f"{path} does not exist or is not a folder: pass a jobs.embed "
+                                f"output folder")
+    summary_path = storage.join(path, "summary.json")
+    summary = storage.read_json(summary_path) if storage.exists(summary_path) else None
+    if summary is not None and summary.get("rows") != "embeddings" and "top1" in summary:
+        raise InputError(f"{path} is a jobs.predict output: its labels are in the model's class "
+                         f"space and it may hold no embeddings. Embed the data into a new "
+                         f"folder: python -m jobs.embed --data MANIFEST --weights W --out NEW")
     if summary is None or summary.get("rows") != "embeddings":
-        raise InputError(f"{path} is no jobs.embed output (summary.json with \"rows\": "
-                         f"\"embeddings\"): run python -m jobs.embed --data MANIFEST --weights "
-                         f"W --out {path}")
+        raise InputError(f"{path} is no jobs.embed output (no summary.json with \"rows\": "
+                         f"\"embeddings\"): make one with python -m jobs.embed --data MANIFEST "
+                         f"--weights W --out NEW")
     df = metrics.read_predictions(path, ["key", "label", "embedding"]).sort_values("key")
     if not len(df):
         raise InputError(f"{path} holds no embeddings ({summary.get('failures', 0)} images "
@@ -149,6 +156,10 @@ def fit_probe(train: Embeddings, c_values=DEFAULT_C, holdout_fraction: float = 0
             result.sweep[float(c)] = 100.0 * float((clf.predict(b) == yb).mean())
         best = max(result.sweep.values())
         result.c = min(c for c, v in result.sweep.items() if v == best)
+        if len(set(result.sweep.values())) == 1:
+            result.sweep_note = (f"the sweep could not tell the C values apart (all {best:.1f}% "
+                                 f"on a hold-out of {len(yb)} images): C = {result.c:g}, the "
+                                 f"strongest regularisation")
     if len(present) == 1:
         raise InputError("train holds images of one class only: nothing to separate")
     clf = _fit(z, train.y, result.c, max_iter)

@@ -481,6 +481,10 @@ def data_fingerprint(manifest: Manifest) -> str:
 def load_manifest(path: str) -> Manifest:
     """Read a manifest; raise FileNotFoundError for a missing file and InputError, naming the
     file, for one that is malformed, of another format or version, or lists no samples."""
+    if storage.is_dir(path):
+        found = ", ".join(storage.basename(m) for m in find_manifests(path)) or "none"
+        raise InputError(f"{path} is a folder: pass its manifest, {path.rstrip('/')}/<split>.json "
+                         f"(found: {found})")
     try:
         raw = storage.read_json(path)
     except FileNotFoundError:

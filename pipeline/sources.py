@@ -111,8 +111,10 @@ def detect_layout(root: str, split: str) -> str:
         return "wnid-files"
     found = ", ".join(f"{n}{'/' if k == 'dir' else ''}" for n, k in top[:10]) or "nothing"
     partly = (f" {len(images) - len(unlabelled)} of the {len(images)} images start with an "
-              f"ImageNet wnid, {len(unlabelled)} do not (e.g. {unlabelled[0]}): --layout "
-              f"wnid-files shards the others and lists these as skipped."
+              f"ImageNet wnid, {len(unlabelled)} {'does' if len(unlabelled) == 1 else 'do'} not "
+              f"(e.g. {unlabelled[0]}): --layout wnid-files shards the others and lists these "
+              f"as skipped (with --max-skipped-fraction above {len(unlabelled) / len(images):.2f}"
+              f" to accept them)."
               if images and len(unlabelled) < len(images) else "")
     raise InputError(
         f"no known layout in {root} for split {split!r}. Looked for: "

@@ -143,3 +143,18 @@ def test_device_cuda_without_a_gpu_is_one_line(model_pt, tmp_path, capsys):
     photo_like(np.random.default_rng(7), 80, 80).save(img)
     assert classify_job.main([str(img), "--weights", str(path), "--device", "cuda"]) == 1
     assert "--device cuda: no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_a_missing_names_file_and_a_state_dict_of_another_network_get_one_line(
+        bare_state_dict, tmp_path, capsys):
+    path, _ = bare_state_dict
+    img = tmp_path / "a.jpg"
+    photo_like(np.random.default_rng(8), 80, 80).save(img)
+    missing = tmp_path / "names.txt"
+    assert classify_job.main([str(img), "--weights", str(path), "--classes-from",
+                              str(missing)]) == 1
+    assert capsys.readouterr().err == f"error: --classes-from {missing}: no such file\n"
+    other = tmp_path / "mlp.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 3)).state_dict(), other)
+    assert classify_job.main([str(img), "--weights", str(other)]) == 1
+    assert "hold no fc.weight: not a ResNet-18 state_dict" in capsys.readouterr().err

@@ -59,13 +59,21 @@ def _one_image_manifest(path) -> str:
     ("shard", ["--source", "{tmp}/imagenetv2-threshold0.7-format-val", "--out", "{tmp}/out",
                "--v2-variant", "top-images"], "contradicts the folder name"),
     ("shard", ["--source", "{tmp}/flat", "--out", "{tmp}/out", "--layout", "imagenet-v2"],
-     "has no images to shard in layout imagenet-v2 (1 file skipped: holiday.jpg: file "
+     "has no images to shard in layout imagenet-v2 (1 file skipped, e.g. holiday.jpg: file "
      "outside any class folder)"),
     ("predict", ["--data", "{tmp}/missing.json", "--out", "{tmp}/out"],
      "manifest {tmp}/missing.json does not exist"),
     ("predict", ["--data", "{tmp}/notes.txt", "--out", "{tmp}/out"], "is not valid JSON"),
     ("predict", ["--data", "{manifest}", "--out", "{tmp}/out", "--weights", "{tmp}/w.pt"],
      "weights '{tmp}/w.pt': not DEFAULT, IMAGENET1K_V1, none, nor an existing file"),
+    # weights whose classes lack the data's, a file that is no weights, a folder for a manifest
+    ("predict", ["--data", "{manifest}", "--out", "{tmp}/out", "--weights", "{tmp}/inet.pt"],
+     "the model's 1000 classes lack 1 of the data's classes"),
+    ("embed", ["--data", "{manifest}", "--out", "{tmp}/out", "--weights", "{tmp}/notes.txt"],
+     "cannot be loaded safely"),
+    ("predict", ["--data", "{tmp}", "--out", "{tmp}/out"], "is a folder: pass its manifest"),
+    ("shard", ["--source", "{tmp}/classes", "--out", "{tmp}/out", "--classes-from",
+               "{manifest}"], "class b is not in the class list"),
     ("finetune", ["--train", "{manifest}", "--val", "{tmp}/missing.json", "--storage-path",
                   "{tmp}/out"], "manifest {tmp}/missing.json does not exist"),
     ("nightly_eval", ["--data", "{tmp}/missing.json", "--history", "{tmp}/out", "--weights",
@@ -90,6 +98,13 @@ def test_bad_inputs_fail_before_ray_starts(job, argv, expected, tmp_path, monkey
     for i in range(1000):
         (tmp_path / "imagenetv2-threshold0.7-format-val" / str(i)).mkdir(parents=True)
     manifest = _one_image_manifest(tmp_path / "val.json")
+    if "inet.pt" in " ".join(argv):
+        import torch
+        from torchvision.models import resnet18
+
+        torch.save(resnet18().state_dict(), tmp_path / "inet.pt")
+    (tmp_path / "classes" / "b").mkdir(parents=True)
+    (tmp_path / "classes" / "b" / "x.jpg").write_bytes(b"x")
     fill = lambda s: s.format(tmp=tmp_path, manifest=manifest)  # noqa: E731
     main = importlib.import_module(f"jobs.{job}").main
     code, text = run_job(main, [fill(a) for a in argv], capsys)

@@ -128,6 +128,18 @@ def test_mismatched_embeddings_are_refused(embedded, backbone, tmp_path, capsys,
     assert not (tmp_path / "m.pt").exists()
 
 
+def test_a_predict_folder_or_no_folder_is_refused_without_advice_to_overwrite(
+        embedded, backbone, tmp_path, capsys):
+    """A jobs.predict output is named as one, and the advice never points jobs.embed at it."""
+    pred = _altered(embedded, tmp_path, rows="predictions", top1=50.0)
+    for folder, expected in ((pred, "is a jobs.predict output"),
+                             (str(tmp_path / "nowhere"), "does not exist")):
+        code, text = run_job(probe_job.main, ["--train", str(embedded / "train"), "--val",
+                                              folder, "--weights", backbone, "--out",
+                                              str(tmp_path / "m.pt")], capsys)
+        assert code == 1 and expected in text and f"--out {folder}" not in text, text
+
+
 def test_weights_other_than_the_embeddings_are_refused(embedded, tmp_path, capsys):
     from torchvision.models import resnet18
 
@@ -166,6 +178,15 @@ def test_one_image_per_class_fits_without_a_sweep_and_says_why():
     assert result.sweep == {} and "1 train image" in result.sweep_note and result.c == 1.0
     val = _emb(centres + rng.normal(size=(3, 8)) * 0.1, [0, 1, 2], 3)
     assert probe.accuracy(probe.probe_scores(head, val.x), val.y)["top1"] == 100.0
+
+
+def test_a_sweep_that_cannot_tell_c_apart_says_so():
+    """Features that carry nothing (all alike): every C scores the same on the hold-out; the
+    strongest regularisation is taken and the note says why."""
+    train = _emb(np.ones((6, 4)), [0, 0, 1, 1, 2, 2], 3)
+    _, result = probe.fit_probe(train, holdout_fraction=0.5)
+    assert len(set(result.sweep.values())) == 1 and result.c == min(probe.DEFAULT_C)
+    assert "could not tell the C values apart" in result.sweep_note
 
 
 def test_the_folded_standardisation_is_the_probe_exactly():
