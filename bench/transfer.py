@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from jobs import _cli, embed as embed_job, finetune, probe as probe_job
+from jobs import _cli, demo, embed as embed_job, finetune, probe as probe_job
 from pipeline import docsection, machine, metrics, shards, sources, synthetic
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "BENCHMARKS.md")
@@ -56,12 +56,9 @@ def _shard_task(root: str, shapes, per_class: dict, seed: int) -> str:
 def _finetune(shard_dir: str, runs: str, name: str, weights: str, mode: str, epochs: int,
               seed: int) -> tuple[dict, float]:
     t0 = time.monotonic()
-    out = finetune.run(finetune.FinetuneConfig(
-        train=os.path.join(shard_dir, "train.json"), val=os.path.join(shard_dir, "val.json"),
-        weights=weights, epochs=epochs, num_workers=2, cpus_per_worker=0.5, threads=1,
-        storage_path=runs, name=name, mode=mode, batch_size=32, optimizer="adamw", lr=0.012,
-        crop_size=CROP, warmup_epochs=1.0, shuffle_buffer=256, seed=seed, weight_decay=0.05,
-        min_crop_scale=0.5))
+    out = finetune.run(demo.small_cpu_recipe(shard_dir, runs, name, weights=weights,
+                                             epochs=epochs, mode=mode, batch_size=32, lr=0.012,
+                                             crop_size=CROP, seed=seed))
     return out, time.monotonic() - t0
 
 

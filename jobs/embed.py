@@ -34,15 +34,19 @@ EmbedConfig.__doc__ = (
     "jobs.predict publishes. The input of jobs.probe.")
 
 
+def options(cfg) -> predict.PredictOptions:
+    """The prediction options an EmbedConfig sets (predict's defaults for the rest)."""
+    return predict.PredictOptions(**{n: getattr(cfg, n) for n in _SHARED})
+
+
 def run(cfg) -> dict:
-    opts = predict.PredictOptions(**{n: getattr(cfg, n) for n in _SHARED})
-    return predict.run_prediction(cfg.data, cfg.weights, cfg.out, opts, embed_only=True)
+    return predict.run_prediction(cfg.data, cfg.weights, cfg.out, options(cfg), embed_only=True)
 
 
 @_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(EmbedConfig, argv, "embed")
-    predict.check_inputs(cfg.data, cfg.weights, embed_only=True)  # before Ray starts
+    predict.check_inputs(cfg.data, cfg.weights, options(cfg), embed_only=True)  # before Ray
     _cli.setup_logging()
     _cli.init_ray()
     summary = run(cfg)  # FailedSamples: reported by reports_errors, exit 1

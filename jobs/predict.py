@@ -29,7 +29,7 @@ def run(cfg: PredictConfig) -> dict:
 @_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(PredictConfig, argv, "predict")
-    predict.check_inputs(cfg.data, cfg.weights, cfg.real_labels)  # before Ray starts
+    predict.check_inputs(cfg.data, cfg.weights, predict.PredictOptions.of(cfg))  # before Ray
     _cli.setup_logging()
     _cli.init_ray()
     summary = run(cfg)  # FailedSamples: reported by reports_errors, exit 1

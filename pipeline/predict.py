@@ -314,11 +314,7 @@ def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
     def lists(arr, typ):
         return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), typ), k).cast(
             pa.list_(typ))
-    extra = {}
-    if "embedding" in batch:
-        emb = np.ascontiguousarray(batch["embedding"])
-        extra["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)),
-                                                               emb.shape[1])
+    extra = {"embedding": _embedding_column(batch["embedding"])} if "embedding" in batch else {}
     return pa.table({
         "key": pa.array(batch["key"].astype(str), pa.string()),
         "label": pa.array(batch["label"], pa.int64()),
@@ -335,15 +331,20 @@ def _to_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
 def _embedding_table(batch: dict[str, np.ndarray], class_ids: np.ndarray) -> pa.Table:
     """The Parquet columns of a batch of ``embed_only`` rows: key, label (the data's class
     index), class_id (the manifest's id of that class) and embedding."""
-    emb = np.ascontiguousarray(batch["embedding"])
     return pa.table({
         "key": pa.array(batch["key"].astype(str), pa.string()),
         "label": pa.array(batch["label"], pa.int64()),
         "class_id": pa.array(np.where(batch["label"] >= 0,
                                       class_ids[np.maximum(batch["label"], 0)], "").astype(str),
                              pa.string()),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
+        "embedding": _embedding_column(batch["embedding"]),
     })
+
+
+def _embedding_column(emb: np.ndarray) -> pa.FixedSizeListArray:
+    """[N, D] vectors as fixed_size_list<their dtype>[D] (float16 stays halffloat)."""
+    emb = np.ascontiguousarray(emb)
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
 
 
 def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOptions,
@@ -375,22 +376,51 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
     return ds, manifest
 
 
-def check_inputs(manifest_path: str, weights: str, real_labels: str = "",
-                 embed_only: bool = False) -> None:
-    """What a prediction run can check before Ray starts (jobs.predict and jobs.embed call it
-    first, so a wrong input costs no cluster start and leaves no output folder): the manifest
-    loads, the weights load and fit ResNet-18, their classes cover the data's (not for
-    ``embed_only``: no head runs), the ReaL labels (when given) load. Raises what
-    ``shards.load_manifest``, ``model.load_weights``, ``model.build_model``, ``label_map`` and
-    ``load_real_labels`` raise."""
-    manifest = shards.load_manifest(manifest_path)
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """A prediction run's inputs, resolved and checked (``resolve_inputs``): the weights
+    (``model.LoadedWeights``), the manifest, the model's classes, the classes predictions are
+    made over and which model outputs they are (``scored_classes``: None for the model's own),
+    and the ReaL label lists (None without --real-labels)."""
+    loaded: object
+    manifest: shards.Manifest
+    classes_model: list
+    classes_out: list
+    subset: np.ndarray | None
+    real: list | None
+
+
+def resolve_inputs(manifest_path: str, weights: str, opts: PredictOptions,
+                   embed_only: bool = False) -> Inputs:
+    """Load and check what a run reads: the manifest loads, the weights load and fit ResNet-18
+    with a head of the classes they name, their classes cover the data's (not for
+    ``embed_only``: no head runs), the ReaL labels load and ``opts.topk`` keeps the top-5 they
+    score. Raises what ``shards.load_manifest``, ``model.load_weights``, ``model.build_model``,
+    ``label_map`` and ``load_real_labels`` raise; InputError, UsageError for the rest."""
+    manifest = shards.load_manifest(manifest_path)  # first: cheap, and no download to wait for
     loaded = modellib.load_weights(weights)
     classes_model = loaded.classes or manifest.classes
-    modellib.build_model(loaded, classes_model)  # a file that is no ResNet-18 fails here
-    if not embed_only:
-        label_map(manifest.classes, classes_model)
-    if real_labels:
-        load_real_labels(real_labels)
+    _, _, replaced = modellib.build_model(loaded, classes_model)  # wrong shapes fail here
+    if replaced and not embed_only:  # embeddings: the head is never run
+        raise InputError(f"weights {weights} name other classes than their head holds; "
+                         f"predict with a model.pt (it carries its class list)")
+    if embed_only:  # no head: any backbone embeds any data
+        return Inputs(loaded, manifest, classes_model, manifest.classes, None, None)
+    classes_out, subset = scored_classes(manifest.classes, classes_model,
+                                         restricts(opts.class_subset, manifest.layout))
+    real = load_real_labels(opts.real_labels) if opts.real_labels else None
+    if real is not None and opts.topk < 5:
+        raise UsageError(f"--real-labels scores top-5 from the kept top-k: --topk "
+                         f"{opts.topk} must be at least 5")
+    return Inputs(loaded, manifest, classes_model, classes_out, subset, real)
+
+
+def check_inputs(manifest_path: str, weights: str, opts: PredictOptions | None = None,
+                 embed_only: bool = False) -> None:
+    """``resolve_inputs`` before Ray starts (jobs.predict and jobs.embed call it first, so a
+    wrong input costs no cluster start and leaves no output folder). The run resolves them
+    again once Ray is up: the weights are read twice (a second or so for ResNet-18's 45 MB)."""
+    resolve_inputs(manifest_path, weights, opts or PredictOptions(), embed_only)
 
 
 def run_prediction(manifest_path: str, weights: str, out: str,
@@ -454,26 +484,14 @@ def _predict_under_lease(run: _Run, lease) -> dict:
     run_id, t0 = run.run_id, run.t0
 
     publish.recover(out)
-    loaded = modellib.load_weights(weights)  # fail here, not in every actor, on bad weights
+    # fail here, not in every actor, on bad weights, data or options
+    inputs = resolve_inputs(manifest_path, weights, opts, run.embed_only)
+    loaded, manifest, classes_model = inputs.loaded, inputs.manifest, inputs.classes_model
+    classes_out, subset, real = inputs.classes_out, inputs.subset, inputs.real
     # a model.pt knows the preset it was trained at; --resize-size/--crop-size override it
     preset = loaded.eval_preset.with_sizes(opts.resize_size, opts.crop_size)
-    manifest = shards.load_manifest(manifest_path)
     if opts.verify_checksums:
         shards.check_checksums(manifest_path, manifest)
-    classes_model = loaded.classes or manifest.classes
-    _, _, replaced = modellib.build_model(loaded, classes_model)  # wrong shapes fail here
-    if replaced:
-        raise InputError(f"weights {weights} name other classes than their head holds; "
-                         f"predict with a model.pt (it carries its class list)")
-    if run.embed_only:  # no head: any backbone embeds any data
-        classes_out, subset, real = manifest.classes, None, None
-    else:
-        classes_out, subset = scored_classes(manifest.classes, classes_model,
-                                             restricts(opts.class_subset, manifest.layout))
-        real = load_real_labels(opts.real_labels) if opts.real_labels else None
-        if real is not None and opts.topk < 5:
-            raise UsageError(f"--real-labels scores top-5 from the kept top-k: --topk "
-                             f"{opts.topk} must be at least 5")
     ds, manifest = prediction_dataset(manifest_path, weights, plan, opts, preset, run.embed_only)
     k = min(opts.topk, len(classes_out))
     class_ids = np.array([c["id"] for c in manifest.classes], dtype=object)

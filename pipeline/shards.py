@@ -352,11 +352,11 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
     manifest = _manifest(source, plan, records, samples_per_shard, seed, max_pixels, check)
     storage.write_text_atomic(storage.join(out, f"{source.split}.json"),
                               json.dumps(manifest, indent=1))
-    write_timm_info(out, manifest)
     if manifest["total_samples"] == 0:
         raise InputError(f"split {source.split!r} of {source.root} has no images to shard: all "
                          f"{len(manifest['skipped'])} files were skipped (reasons in "
                          f"{storage.join(out, source.split + '.json')})")
+    write_timm_info(out)
     manifest["_stats"] = {"seconds": time.monotonic() - start,
                           "reused": sum(r["reused"] for r in records),
                           "source_bytes": sum(r["source_bytes"] for r in records)}
@@ -366,24 +366,25 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
 TIMM_INFO = "_info.json"
 
 
-def write_timm_info(out: str, manifest: dict) -> str:
-    """Record ``manifest``'s split in OUT/_info.json, the split index timm's webdataset reader
+def write_timm_info(out: str) -> str:
+    """Write OUT/_info.json, the split index timm's webdataset reader
     (``timm.data.create_dataset("wds/...", root=OUT, split=...)``, timm/data/readers/reader_wds.py)
-    reads: per split its name, ``num_samples``, shard ``filenames`` and ``shard_lengths``. The
-    other splits already recorded there are kept. Returns the file's path."""
+    reads: per split its name, ``num_samples``, shard ``filenames`` and ``shard_lengths``. It is
+    derived from the manifests in OUT each time (never edited in place), so it lists the splits
+    they do; one this code cannot read (another format version, no samples) is left out, as no
+    reader here could read its shards either. Returns the file's path."""
+    splits = {}
+    for path in find_manifests(out):
+        try:
+            m = load_manifest(path)
+        except InputError:
+            continue
+        splits[m.split] = {"name": m.split, "num_samples": m.total_samples,
+                           "filenames": [s.file for s in m.shards],
+                           "shard_lengths": [s.samples for s in m.shards]}
     path = storage.join(out, TIMM_INFO)
-    try:
-        info = storage.read_json(path) if storage.exists(path) else {}
-    except InputError:  # damaged: every split's manifest can write its entry again
-        info = {}
-    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
-        info = {}
-    info.setdefault("name", storage.basename(out.rstrip("/")))
-    info.setdefault("splits", {})[manifest["split"]] = {
-        "name": manifest["split"], "num_samples": manifest["total_samples"],
-        "filenames": [s["file"] for s in manifest["shards"]],
-        "shard_lengths": [s["samples"] for s in manifest["shards"]]}
-    storage.write_text_atomic(path, json.dumps(info, indent=1))
+    storage.write_text_atomic(path, json.dumps(
+        {"name": storage.basename(out.rstrip("/")), "splits": splits}, indent=1))
     return path
 
 

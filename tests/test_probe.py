@@ -251,3 +251,19 @@ def test_the_transfer_harness_runs_and_writes_its_table(tmp_path, ray_local, mon
     assert r["probe_transferred"]["val"]["samples"] == 20 and r["epochs"] == 2
     section = docs.read_text().split("<!-- transfer:begin -->")[1].split("<!-- transfer:end -->")[0]
     assert section.count("\n| ") == 5 and "--a-train 8" in section  # the header and four rows
+
+
+def test_any_backbone_embeds_any_data_but_only_a_fitting_head_predicts(shard_set, tmp_path):
+    """A state_dict trained elsewhere with a 3-way head, on 4-class data: jobs.embed runs no
+    head and takes it; jobs.predict refuses it before anything starts."""
+    from torchvision.models import resnet18
+
+    from pipeline import predict
+
+    path = tmp_path / "head3.pt"
+    torch.save(resnet18(num_classes=3).state_dict(), path)
+    manifest, opts = str(shard_set / "val.json"), predict.PredictOptions()
+    inputs = predict.resolve_inputs(manifest, str(path), opts, embed_only=True)
+    assert len(inputs.classes_out) == 4 and inputs.subset is None
+    with pytest.raises(InputError, match="name other classes than their head holds"):
+        predict.resolve_inputs(manifest, str(path), opts)

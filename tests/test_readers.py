@@ -45,9 +45,13 @@ def test_the_manifest_counts_images_per_format_and_timm_info_lists_the_split(mix
     import json
 
     info = json.load(open(mixed["root"] / "s" / shards.TIMM_INFO))
-    assert info["splits"]["val"] == {"name": "val", "num_samples": 13,
-                                     "filenames": [s.file for s in m.shards],
-                                     "shard_lengths": [5, 5, 3]}
+    assert info["splits"] == {"val": {"name": "val", "num_samples": 13,
+                                      "filenames": [s.file for s in m.shards],
+                                      "shard_lengths": [5, 5, 3]}}
+    # derived from the manifests in the folder: a damaged copy is rewritten whole
+    (mixed["root"] / "s" / shards.TIMM_INFO).write_text("{not json")
+    shards.write_timm_info(str(mixed["root"] / "s"))
+    assert json.load(open(mixed["root"] / "s" / shards.TIMM_INFO))["splits"] == info["splits"]
 
 
 def test_hugging_face_datasets_sees_every_image(mixed, tmp_path):
