@@ -9,7 +9,7 @@ and runs the jobs as a user runs them, each as its own `python -m jobs.NAME` pro
 that cluster, with their default flags where they fit:
 
   a. jobs.predict over the val shards (the predictor actor gets the GPU when there is one);
-  b. the same with --decode-device cuda;
+  b. the same with --decode-device cuda (on a GPU only: it needs --use-gpu);
   c. jobs.finetune --use-gpu --num-workers 1, 2 epochs at crop 224 (--quick: 32), from random
      init (no weights can be downloaded there);
   d. jobs.nightly_eval over the val shards, twice (exit 0, then exit 0: same weights, no change);
@@ -82,6 +82,43 @@ def generate(root: str, n: int, cores: int) -> float:
     return time.monotonic() - t0
 
 
+def step_commands(out: str, images: str, n: int, gpus: int, quick: bool
+                  ) -> list[tuple[str, list[str]]]:
+    """The run's steps in order, as (name, ``python -m`` arguments): shard val and train, the
+    predictions (the actor on the GPU where there is one, and then with --decode-device cuda),
+    fine-tuning, the nightly twice, the GPU check and classify. Every job that can use a GPU
+    gets --use-gpu when ``gpus``: without it a job leaves the GPU idle (a warning, not an
+    error)."""
+    shards_dir = os.path.join(out, "shards")
+    val, train = (os.path.join(shards_dir, f"{s}.json") for s in ("val", "train"))
+    per_shard = str(max(16, n // 32))
+    gpu_flags = ["--use-gpu"] if gpus else []
+    cmds = [(f"shard-{split}", ["jobs.shard", "--source", images, "--split", split, "--out",
+                                shards_dir, "--samples-per-shard", per_shard, "--no-progress",
+                                *(["--classes-from", val] if split == "train" else [])])
+            for split in ("val", "train")]
+    # --decode-device cuda needs --use-gpu (the decode tasks share the actors' GPUs)
+    decode_cuda = [("predict-decode-cuda", ["--decode-device", "cuda"])] if gpus else []
+    for name, extra in (("predict", []), *decode_cuda):
+        cmds.append((name, ["jobs.predict", "--data", val, "--weights", "none", "--out",
+                            os.path.join(out, name), "--no-progress", *gpu_flags, *extra]))
+    runs = os.path.join(out, "runs")
+    cmds.append(("finetune", ["jobs.finetune", "--train", train, "--val", val, "--weights",
+                              "none", "--epochs", "2", "--num-workers", "1", *gpu_flags,
+                              "--crop-size", str(32 if quick else 224), "--storage-path", runs,
+                              "--name", "gpu-run"]))
+    model = os.path.join(runs, "gpu-run", "model.pt")
+    cmds += [(f"nightly-{k}", ["jobs.nightly_eval", "--data", val, "--weights", model,
+                               "--history", os.path.join(out, "nightly"), "--no-progress",
+                               *gpu_flags]) for k in (1, 2)]
+    cmds.append(("gpu_check", ["jobs.gpu_check", "--json", os.path.join(out, "gpu_check.json"),
+                               *(["--quick"] if quick else [])]))
+    sample = [os.path.join(images, "class00", f"img{i:06d}.jpg")
+              for i in range(0, 4 * NUM_CLASSES, NUM_CLASSES)]  # the generator's names
+    cmds.append(("classify", ["jobs.classify", *sample, "--weights", model, "--json"]))
+    return cmds
+
+
 class Steps:
     """Runs the jobs as subprocesses on the cluster at ``address``; records each."""
 
@@ -128,14 +165,15 @@ def _json(path: str) -> dict | list | None:
 def _predict_figures(out: str) -> dict:
     s = _json(os.path.join(out, "summary.json")) or {}
     keys = ("samples", "images_per_s", "steady_images_per_s", "startup_seconds",
-            "wall_seconds", "precision", "failures")
+            "wall_seconds", "precision", "failures", "use_gpu", "predictor_busy_share")
     return {k: s.get(k) for k in keys}
 
 
 def _finetune_figures(run_dir: str) -> dict:
     hist = _json(os.path.join(run_dir, "history.json")) or []
     keys = ("epoch", "train_images", "train_images_per_s", "train_steady_images_per_s",
-            "train_first_step_seconds", "train_seconds", "val_top1", "precision")
+            "train_first_step_seconds", "train_seconds", "val_top1", "precision",
+            "train_data_wait_share")
     return {"epochs": [{k: h.get(k) for k in keys} for h in hist]}
 
 
@@ -165,45 +203,21 @@ def run(args) -> dict:
     ray.init(num_cpus=cores, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     try:
         steps = Steps(out, ray.get_runtime_context().gcs_address, STEP_TIMEOUT_S[args.quick])
-        shards_dir = os.path.join(out, "shards")
-        per_shard = str(max(16, n // 32))
-        for split in ("val", "train"):
-            extra = ["--classes-from", os.path.join(shards_dir, "val.json")] \
-                if split == "train" else []
-            steps.run(f"shard-{split}", ["jobs.shard", "--source", images, "--split", split,
-                                         "--out", shards_dir, "--samples-per-shard", per_shard,
-                                         "--no-progress", *extra])
-        val, train = (os.path.join(shards_dir, f"{s}.json") for s in ("val", "train"))
-        gpu_flags = ["--use-gpu"] if gpus else []
-        for name, extra in (("predict", []), ("predict-decode-cuda",
-                                                ["--decode-device", "cuda"])):
-            dest = os.path.join(out, name)
-            rec = steps.run(name, ["jobs.predict", "--data", val, "--weights", "none",
-                                   "--out", dest, "--no-progress", *extra])
-            rec.update(_predict_figures(dest))
-        runs = os.path.join(out, "runs")
-        rec = steps.run("finetune", ["jobs.finetune", "--train", train, "--val", val,
-                                     "--weights", "none", "--epochs", "2", "--num-workers", "1",
-                                     *gpu_flags, "--crop-size", str(crop),
-                                     "--storage-path", runs, "--name", "gpu-run"])
-        rec.update(_finetune_figures(os.path.join(runs, "gpu-run")))
-        model = os.path.join(runs, "gpu-run", "model.pt")
-        history = os.path.join(out, "nightly")
-        for k in (1, 2):
-            rec = steps.run(f"nightly-{k}", ["jobs.nightly_eval", "--data", val, "--weights",
-                                             model, "--history", history, "--no-progress"])
-            with open(rec["log"], errors="replace") as f:
-                rec["verdict"] = next((ln.split("verdict:", 1)[1].split(";")[0].strip()
-                                       for ln in f if ln.startswith("verdict:")), None)
-        gpu_json = os.path.join(out, "gpu_check.json")
-        rec = steps.run("gpu_check", ["jobs.gpu_check", "--json", gpu_json,
-                                      *(["--quick"] if args.quick else [])])
-        rec["figures"] = _json(gpu_json)
-        sample = sorted(os.path.join(images, "class00", f) for f in
-                        os.listdir(os.path.join(images, "class00")))[:4]
-        rec = steps.run("classify", ["jobs.classify", *sample, "--weights", model, "--json"])
-        with open(rec["log"]) as f:
-            rec["lines"] = sum(1 for ln in f if ln.startswith("{"))
+        for name, argv in step_commands(out, images, n, gpus, args.quick):
+            rec = steps.run(name, argv)
+            if name.startswith("predict"):
+                rec.update(_predict_figures(os.path.join(out, name)))
+            elif name == "finetune":
+                rec.update(_finetune_figures(os.path.join(out, "runs", "gpu-run")))
+            elif name.startswith("nightly"):
+                with open(rec["log"], errors="replace") as f:
+                    rec["verdict"] = next((ln.split("verdict:", 1)[1].split(";")[0].strip()
+                                           for ln in f if ln.startswith("verdict:")), None)
+            elif name == "gpu_check":
+                rec["figures"] = _json(os.path.join(out, "gpu_check.json"))
+            elif name == "classify":
+                with open(rec["log"]) as f:
+                    rec["lines"] = sum(1 for ln in f if ln.startswith("{"))
         result["steps"] = steps.records
     finally:
         ray.shutdown()
@@ -217,6 +231,10 @@ def _fmt(v, unit="") -> str:
     if isinstance(v, float):
         return f"{v:,.1f}{unit}"
     return f"{v}{unit}"
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.0%}"
 
 
 def table(r: dict) -> str:
@@ -234,12 +252,15 @@ def table(r: dict) -> str:
         if s["step"].startswith("predict"):
             fig = (f"{_fmt(s.get('steady_images_per_s'), ' img/s')} steady, "
                    f"{_fmt(s.get('images_per_s'), ' img/s')} overall, start-up "
-                   f"{_fmt(s.get('startup_seconds'), ' s')}, {s.get('precision')}, "
+                   f"{_fmt(s.get('startup_seconds'), ' s')}, {s.get('precision')}"
+                   f"{' on the GPU' if s.get('use_gpu') else ' on CPUs'}, predictor busy "
+                   f"{_pct(s.get('predictor_busy_share'))}, "
                    f"{s.get('samples')} images, {s.get('failures')} failed")
         elif s["step"] == "finetune":
             fig = "; ".join(f"epoch {e['epoch'] + 1}: {_fmt(e['train_images_per_s'], ' img/s')}"
                             f" ({_fmt(e['train_steady_images_per_s'], ' img/s')} steady, first"
-                            f" step {_fmt(e['train_first_step_seconds'], ' s')}), val top-1 "
+                            f" step {_fmt(e['train_first_step_seconds'], ' s')}, data wait "
+                            f"{_pct(e.get('train_data_wait_share'))}), val top-1 "
                             f"{_fmt(e['val_top1'], '%')}, {e['precision']}"
                             for e in s.get("epochs", []))
         elif s["step"].startswith("nightly"):

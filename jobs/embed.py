@@ -54,6 +54,7 @@ def main(argv=None) -> int:
           f"{summary['embedding']['dim']}-d), {summary['failures']} failed; "
           f"{summary['images_per_s']:.1f} images/s ({summary['precision']}); "
           f"embeddings: {cfg.out}/predictions/, summary: {cfg.out}/summary.json")
+    print(predict.busy_text(summary))
     return 0
 
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import presets, train
+from pipeline import presets, timeshare, train
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,12 @@ def main(argv=None) -> int:
     if cfg.weights.lower() == "none":
         print("weights: none -> a random init (no pretrained weights) for a new run")
     out = run(cfg)
-    print(json.dumps({k: out[k] for k in ("epoch", "train_loss", "train_top1", "val_top1",
-                                           "val_top5", "train_images_per_s", "model")}, indent=1))
+    print(json.dumps({k: out.get(k) for k in ("epoch", "train_loss", "train_top1", "val_top1",
+                                               "val_top5", "train_images_per_s",
+                                               "train_data_wait_share", "model")}, indent=1))
+    # a run resumed from a checkpoint written before the data wait was timed has none
+    if "train_data_wait_share" in out:
+        print(f"last epoch: {timeshare.train_text(out['train_data_wait_share'])}")
     return 0
 
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import nightly, predict, regression
+from pipeline import nightly, predict, regression, resources
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ def check(cfg: NightlyConfig) -> Checked:
     """Every setting and file that can be checked without Ray, each once: UsageError (exit 2)
     for values that cannot work, SuiteError (exit 2) for sets or files that are not there."""
     rule = regression.RegressionRule(cfg.alpha, cfg.min_effect, cfg.fidelity_tolerance)
+    resources.check_decode_device(cfg.decode_device, cfg.use_gpu)
     sets = nightly.parse_sets(cfg.data, cfg.real_labels)
     return Checked(sets, nightly.check_inputs(sets, cfg.weights, cfg.published), rule)
 

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
 import time
 
 import numpy as np
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import data, faults, model as modellib, presets, publish, shards, storage
+from pipeline import data, faults, model as modellib, presets, publish, shards, storage, timeshare
 from pipeline import lease as leaselib
 from pipeline import failures as failurelib
 from pipeline.errors import InputError, PipelineError, UsageError
@@ -62,8 +63,9 @@ class PredictOptions:
     threads: int = _opt(0, THREADS_HELP)
     decode_concurrency: int = _opt(0, "decode tasks at once (0: Ray Data decides)")
     decode_device: str = _opt("cpu", "cuda: decode JPEGs with nvJPEG on the GPU (near-identical "
-                                     "pixels, for GPU clusters starved by JPEG decoding); falls "
-                                     "back to PIL without a GPU", ["cpu", "cuda"])
+                                     "pixels, for GPU clusters starved by JPEG decoding; needs "
+                                     "--use-gpu); a decode task on a node without CUDA uses PIL",
+                                     ["cpu", "cuda"])
     resize_size: int = _opt(0, "resize shorter side to (0: the model's preset, else 256)")
     crop_size: int = _opt(0, "centre crop (0: the model's preset, else 224)")
     topk: int = _opt(5, "top-k indices and probabilities kept per image")
@@ -125,6 +127,7 @@ class Predictor:
 
     def __init__(self, spec: PredictorSpec):
         self.calls = 0
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
         if spec.num_threads is not None:  # 0: the node's cores, shared among its actors
             torch.set_num_threads(spec.num_threads or cpu_threads(spec.actors_per_node))
         torch.manual_seed(0)  # "none" weights: the same random model in every actor
@@ -151,12 +154,24 @@ class Predictor:
                 self.head(self.backbone(presets.normalize(torch.zeros(
                     (b, 3, c, c), dtype=torch.uint8, device=self.device), self.dtype)))
 
-    @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The rows of ``_predict`` or ``_embed``, plus this call's timing on every row (the
+        driver's ``BusyShare`` takes it; no Parquet column): ``TIMING_COLUMNS``, the call's
+        seconds shared out over its rows, this actor, and the call's start and end (this
+        actor's wall clock, seconds since the epoch)."""
         self.calls += 1
         faults.kill_once("predictor_batch", batch=self.calls)
-        if self.embed_only:
-            return self._embed(batch)
+        start = time.time()
+        with torch.inference_mode():
+            out = self._embed(batch) if self.embed_only else self._predict(batch)
+        end = time.time()
+        n = len(out["key"])
+        out.update({"_busy_s": np.full(n, (end - start) / max(n, 1)),
+                    "_actor": np.full(n, self.actor, dtype=object),
+                    "_call_start": np.full(n, start), "_call_end": np.full(n, end)})
+        return out
+
+    def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Top-5 correctness is always top-5, whatever --topk keeps in the output lists.
         n, k, k5 = len(batch["key"]), self.topk, min(5, len(self.classes))
         ok = batch["error"] == ""
@@ -376,6 +391,40 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
     return ds, manifest
 
 
+TIMING_COLUMNS = ("_busy_s", "_actor", "_call_start", "_call_end")
+
+
+class BusyShare:
+    """The predictor actors' busy share (``pipeline.timeshare``) from the timing columns of
+    their output batches: each actor's seconds inside ``Predictor.__call__`` over the span from
+    the start of its first call to the end of its last, summed over the actors."""
+
+    def __init__(self):
+        self.actors: dict[str, list[float]] = {}  # actor -> [first start, last end, busy s]
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for actor in set(batch["_actor"].tolist()):
+            mine = batch["_actor"] == actor
+            a = self.actors.setdefault(actor, [float("inf"), float("-inf"), 0.0])
+            a[0] = min(a[0], float(batch["_call_start"][mine].min()))
+            a[1] = max(a[1], float(batch["_call_end"][mine].max()))
+            a[2] += float(batch["_busy_s"][mine].sum())
+
+    def facts(self) -> dict:
+        """summary.json's ``predictor_busy_share`` (None: no batch), ``predictor_busy_seconds``
+        and ``predictor_actors`` (the actors that predicted)."""
+        busy = sum(a[2] for a in self.actors.values())
+        span = sum(a[1] - a[0] for a in self.actors.values())
+        return {"predictor_busy_share": timeshare.share(busy, span),
+                "predictor_busy_seconds": busy, "predictor_actors": len(self.actors)}
+
+
+def busy_text(summary: dict) -> str:
+    """``timeshare.predictor_text`` for a run's summary.json."""
+    return timeshare.predictor_text(summary.get("predictor_busy_share"),
+                                    summary.get("predictor_actors", 0))
+
+
 @dataclasses.dataclass(frozen=True)
 class Inputs:
     """A prediction run's inputs, resolved and checked (``resolve_inputs``): the weights
@@ -420,7 +469,11 @@ def check_inputs(manifest_path: str, weights: str, opts: PredictOptions | None =
     """``resolve_inputs`` before Ray starts (jobs.predict and jobs.embed call it first, so a
     wrong input costs no cluster start and leaves no output folder). The run resolves them
     again once Ray is up: the weights are read twice (a second or so for ResNet-18's 45 MB)."""
-    resolve_inputs(manifest_path, weights, opts or PredictOptions(), embed_only)
+    opts = opts or PredictOptions()
+    from pipeline import resources
+
+    resources.check_decode_device(opts.decode_device, opts.use_gpu)
+    resolve_inputs(manifest_path, weights, opts, embed_only)
 
 
 def run_prediction(manifest_path: str, weights: str, out: str,
@@ -509,6 +562,7 @@ def _predict_under_lease(run: _Run, lease) -> dict:
         writer = _PartWriter(storage.join(staging, "predictions"), meta,
                              EMBEDDING_ROWS_PER_FILE if opts.embeddings else ROWS_PER_FILE)
         keys, failures, t_first, seen, first_n = set(), [], None, 0, 0
+        busy = BusyShare()
         per_shard, ran = collections.Counter(), set()
         with tqdm(total=manifest.total_samples, unit="img", desc="predict",
                   disable=not opts.progress) as bar:
@@ -522,12 +576,14 @@ def _predict_under_lease(run: _Run, lease) -> dict:
                                  zip(batch["key"][bad], batch["shard"][bad],
                                      batch["error"][bad])]
                     keys.update(batch["key"].tolist())
+                    busy.add(batch)
                     ran.update(batch["precision"].tolist())
                     # the Parquet metadata (written with the first part) names what the
                     # actors ran
                     meta["precision"] = "+".join(sorted(ran))
                     per_shard.update(storage.basename(u) for u in batch["shard"].tolist())
-                    good = {c: v[~bad] for c, v in batch.items() if c != "precision"}
+                    good = {c: v[~bad] for c, v in batch.items()
+                            if c != "precision" and c not in TIMING_COLUMNS}
                     if len(good["key"]):
                         writer.write(_embedding_table(good, class_ids) if run.embed_only
                                      else _to_table(good, k))
@@ -546,6 +602,7 @@ def _predict_under_lease(run: _Run, lease) -> dict:
                  "batch_size": opts.batch_size, "actors": opts.actors, "use_gpu": opts.use_gpu,
                  "steady_images_per_s": steady,
                  "startup_seconds": (t_first - t0) if t_first else wall,
+                 **busy.facts(),
                  "model_classes": len(classes_model),
                  "scored_over": "data classes" if subset is not None else "model classes",
                  **{k: v for k, v in meta.items() if k not in ("preset", "embedding")},

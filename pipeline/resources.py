@@ -101,6 +101,21 @@ def _refuse_or_warn(cluster: Cluster, problem: str) -> None:
     raise UsageError(f"{problem}; {cluster.describe()}")
 
 
+def check_decode_device(decode_device: str, use_gpu: bool) -> None:
+    """UsageError for --decode-device cuda without --use-gpu: the decode tasks take their share
+    of the actors' GPUs, and without --use-gpu there are none (it decoded with PIL, silently)."""
+    if decode_device == "cuda" and not use_gpu:
+        raise UsageError("--decode-device cuda decodes on the predictor actors' GPUs: add "
+                         "--use-gpu (without it the actors hold no GPU)")
+
+
+def _warn_unused_gpus(cluster: Cluster, use_gpu: bool, what: str) -> None:
+    """A warning when the cluster has GPUs that the job, without --use-gpu, leaves idle."""
+    if cluster.gpus and not use_gpu:
+        log.warning("%s and --use-gpu is not given: %s (add --use-gpu to use the GPUs)",
+                    cluster.describe(), what)
+
+
 def plan_training(cluster: Cluster, num_workers: int, use_gpu: bool,
                   cpus_per_worker: float = 0.0) -> TrainPlan:
     """Plan ``num_workers`` Ray Train workers and their data stage on ``cluster``.
@@ -112,6 +127,7 @@ def plan_training(cluster: Cluster, num_workers: int, use_gpu: bool,
         raise UsageError(f"--num-workers must be at least 1, not {num_workers}")
     if cpus_per_worker < 0:
         raise UsageError(f"--cpus-per-worker must be >= 0 (0: auto), not {cpus_per_worker:g}")
+    _warn_unused_gpus(cluster, use_gpu, "the Train workers run on CPUs")
     if use_gpu and cluster.gpus < num_workers:
         _refuse_or_warn(cluster, f"--use-gpu with --num-workers {num_workers} needs "
                                  f"{num_workers} GPUs")
@@ -150,6 +166,8 @@ def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor
         raise UsageError(f"--actors must be at least 1, not {actors}")
     if cpus_per_actor < 0:
         raise UsageError(f"--cpus-per-actor must be >= 0 (0: auto), not {cpus_per_actor:g}")
+    check_decode_device(decode_device, use_gpu)
+    _warn_unused_gpus(cluster, use_gpu, "the predictor actors run on CPUs")
     gpu_decode = use_gpu and decode_device == "cuda"
     gpus_per_actor = (1.0 - DECODE_GPU_SHARE if gpu_decode else 1.0) if use_gpu else 0.0
     if use_gpu and cluster.gpus < actors:

@@ -13,6 +13,7 @@ with all_reduce), then report metrics and, from rank 0, a checkpoint (``state.pt
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import failures as failurelib, faults, model as modellib, presets
+from pipeline import failures as failurelib, faults, model as modellib, presets, timeshare
 from pipeline.errors import UsageError
 
 STATE_FILE = "state.pt"
@@ -217,11 +218,18 @@ def train_one_epoch(state: TrainState, batches, cfg: LoopConfig, epoch: int):
     seen = correct = 0
     loss_sum, t0, failures = 0.0, time.monotonic(), []
     first_step_end, first_rows = None, 0  # steady state: from the end of the first step on
+    wait = compute = 0.0  # steady steps: blocked on the iterator, and in the step (timeshare)
     buffer = shuffle_buffer_rows(cfg)
-    for step, batch in enumerate(batches.iter_batches(
-            batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=buffer or None,
-            local_shuffle_seed=(cfg.seed * 1000 + epoch) if buffer else None)):
+    stream = iter(batches.iter_batches(
+        batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+        local_shuffle_buffer_size=buffer or None,
+        local_shuffle_seed=(cfg.seed * 1000 + epoch) if buffer else None))
+    for step in itertools.count():
+        asked = time.monotonic()
+        batch = next(stream, None)
+        if batch is None:
+            break
+        got = time.monotonic()
         faults.kill_once("train_step", epoch=epoch, step=step, rank=rank)
         ok = torch.from_numpy(batch["error"] == "").to(device)
         # already cropped and flipped in the decode stage, from (seed, epoch, key)
@@ -232,21 +240,37 @@ def train_one_epoch(state: TrainState, batches, cfg: LoopConfig, epoch: int):
         n_ok = int(ok.sum())
         seen += n_ok
         failures += _failed_rows(batch, "train")
+        # both read back from the device: the step's work is done when they return
         loss_sum += float(loss.detach()) * n_ok
         correct += int(((logits.argmax(1) == labels) & ok).sum())
+        done = time.monotonic()
         if first_step_end is None:
-            first_step_end, first_rows = time.monotonic(), len(ok)
+            first_step_end, first_rows = done, len(ok)
+        else:
+            wait, compute = wait + got - asked, compute + done - got
     end = time.monotonic()
     steady_rows = seen + len(failures) - first_rows
-    seen, correct, loss_sum, failed, steady_rows = _all_reduce(
-        [seen, correct, loss_sum, len(failures), steady_rows], device)
+    seen, correct, loss_sum, failed, steady_rows, wait, compute = _all_reduce(
+        [seen, correct, loss_sum, len(failures), steady_rows, wait, compute], device)
     seconds, first_step = _all_reduce([end - t0, (first_step_end or end) - t0], device, op="max")
+    world = cfg.world_size or 1
     return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
             "train_images": int(seen), "train_failed": int(failed), "train_seconds": seconds,
             # The first step waits for the epoch's data pipeline to start and fill the shuffle
             # buffer: a fixed cost per epoch, large on tiny epochs, negligible on ImageNet.
             "train_first_step_seconds": first_step,
-            "train_steady_images_per_s": steady_rows / max(seconds - first_step, 1e-9)}, failures
+            "train_steady_images_per_s": steady_rows / max(seconds - first_step, 1e-9),
+            # where the steady steps' time went, per worker on average (pipeline/timeshare.py)
+            "train_data_wait_seconds": wait / world, "train_compute_seconds": compute / world,
+            "train_data_wait_share": timeshare.share(wait, wait + compute)}, failures
+
+
+def _wait_text(wait_share: float | None) -> str:
+    """The epoch line's short form of ``timeshare.train_text``: ``data wait 63% (input-bound)``."""
+    if wait_share is None:
+        return "data wait not measured"
+    bound = " (input-bound)" if wait_share > timeshare.INPUT_BOUND else ""
+    return f"data wait {wait_share:.0%}{bound}"
 
 
 def shuffle_buffer_rows(cfg: LoopConfig) -> int:
@@ -401,7 +425,8 @@ def train_loop_per_worker(config: dict) -> None:
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {m['train_loss']:.3f} "
                 f"top-1 {m['train_top1']:.1f}% | val top-1 {m['val_top1']:.1f}% top-5 "
                 f"{m['val_top5']:.1f}% ({m['val_images']} images) | "
-                f"{m['train_images_per_s']:.0f} train images/s"
+                f"{m['train_images_per_s']:.0f} train images/s | "
+                + _wait_text(m["train_data_wait_share"])
                 + (f" | {len(failures)} failed to decode" if failures else ""))
         _report(state, cfg, epoch, m, history, failures)
         if m["stopped"]:

@@ -79,6 +79,11 @@ def _one_image_manifest(path) -> str:
     ("nightly_eval", ["--data", "{tmp}/missing.json", "--history", "{tmp}/out", "--weights",
                       "none"],
      "no such manifest"),
+    # GPU decoding without a GPU for the actors (it used to decode with PIL, silently)
+    ("predict", ["--data", "{manifest}", "--out", "{tmp}/out", "--decode-device", "cuda"],
+     "--decode-device cuda decodes on the predictor actors' GPUs: add --use-gpu"),
+    ("nightly_eval", ["--data", "{manifest}", "--history", "{tmp}/out", "--weights", "none",
+                      "--decode-device", "cuda"], "add --use-gpu"),
 ])
 def test_bad_inputs_fail_before_ray_starts(job, argv, expected, tmp_path, monkeypatch, capsys):
     """A wrong path, an unknown layout, a missing manifest or weights file: one line, before a

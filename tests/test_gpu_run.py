@@ -79,3 +79,32 @@ def test_the_bundle_script_says_how_it_is_used_and_refuses_a_missing_bundle(tmp_
     missing = subprocess.run([script, "install", str(tmp_path / "none"), str(tmp_path / "s")],
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 2 and "no bundle in" in missing.stderr
+
+
+def _parses(argv: list[str]):
+    """The config the job's own parser makes of ``argv`` (``python -m`` arguments)."""
+    import importlib
+
+    from jobs import _cli
+
+    module = importlib.import_module(argv[0])
+    config = next(v for k, v in vars(module).items()
+                  if k.endswith("Config") and getattr(v, "__module__", "") == argv[0])
+    return _cli.parse(config, argv[1:], argv[0].split(".")[1])
+
+
+def test_on_a_gpu_every_job_that_can_use_it_is_told_to_and_every_command_parses(tmp_path):
+    """The prepared run once called jobs.predict and the nightly without --use-gpu: on the H200
+    they would have predicted on its CPUs."""
+    for gpus in (1, 0):
+        cmds = dict(gpu_run.step_commands(str(tmp_path), str(tmp_path / "img"), 20_000, gpus,
+                                          quick=False))
+        assert ("predict-decode-cuda" in cmds) == bool(gpus)  # it needs --use-gpu
+        for name, argv in cmds.items():
+            cfg = _parses(argv)
+            if hasattr(cfg, "use_gpu"):
+                assert cfg.use_gpu == bool(gpus), name
+        assert _parses(cmds["finetune"]).crop_size == 224
+    assert [n for n, _ in gpu_run.step_commands(str(tmp_path), "img", 192, 1, True)] == [
+        "shard-val", "shard-train", "predict", "predict-decode-cuda", "finetune", "nightly-1",
+        "nightly-2", "gpu_check", "classify"]

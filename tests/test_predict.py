@@ -23,6 +23,9 @@ def test_predictions_match_a_plain_torchvision_loop(imagenet_like_shards, weight
     summary = _predict(str(shard_dir / "val.json"), weights_file, out)
     df = metrics.read_predictions(out)
     assert len(df) == summary["samples"] == 12 and summary["failures"] == 0
+    # the predictor's timing reaches summary.json, never the Parquet columns
+    assert summary["predictor_actors"] == 1 and 0 < summary["predictor_busy_share"] <= 1
+    assert not [c for c in df.columns if c.startswith("_")]
     net = modellib.build_model(modellib.load_weights(weights_file), None)[0].eval()
     reference = presets.reference_eval_transform()
     files = {os.path.splitext(f)[0]: os.path.join(dp, f) for dp, _, fs in os.walk(root)
@@ -133,7 +136,10 @@ def test_a_prediction_plan_that_leaves_a_fraction_of_a_cpu_runs(shard_set, tmp_p
                                         "none", "--out", str(tmp_path / "o"), "--actors", "3",
                                         "--cpus-per-actor", "0.6", "--no-progress"], capsys)
     assert code == 0, out
-    assert json.loads((tmp_path / "o" / "summary.json").read_text())["samples"] == 16
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["samples"] == 16
+    assert 1 <= summary["predictor_actors"] <= 3
+    assert f"predictor busy {summary['predictor_busy_share']:.0%} of its time" in out
 
 
 def test_summary_records_the_precision_the_actors_ran(shard_set, tmp_path, ray_local,

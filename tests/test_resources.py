@@ -68,3 +68,23 @@ def test_gpu_decoding_leaves_a_share_of_each_gpu_to_the_decode_tasks():
     assert plan.gpus_per_actor + plan.decode_gpus <= 1.0 and plan.decode_gpus > 0
     with pytest.raises(UsageError, match="needs 2 GPUs"):
         resources.plan_prediction(resources.Cluster(16, 1), 2, True)
+
+
+def test_gpu_decoding_without_use_gpu_is_refused_instead_of_decoding_with_pil():
+    """The decode tasks' GPU share is a share of the actors' GPUs: without --use-gpu there is
+    none, and each task fell back to PIL without a word."""
+    with pytest.raises(UsageError, match="--decode-device cuda .* add --use-gpu"):
+        resources.plan_prediction(resources.Cluster(16, 1), 1, False, decode_device="cuda")
+
+
+@pytest.mark.parametrize("plan", [
+    lambda c, gpu: resources.plan_prediction(c, 1, gpu),
+    lambda c, gpu: resources.plan_training(c, 1, gpu)])
+def test_a_gpu_cluster_left_idle_without_use_gpu_is_warned_about(plan, caplog):
+    gpus = resources.Cluster(16, 2)
+    plan(gpus, False)
+    assert "this Ray cluster has 16 CPUs and 2 GPUs and --use-gpu is not given" in caplog.text
+    caplog.clear()
+    plan(gpus, True)
+    plan(resources.Cluster(16, 0), False)
+    assert "--use-gpu" not in caplog.text

@@ -325,6 +325,9 @@ def test_finetune_with_default_flags_finishes_on_two_cpus(shard_set, tmp_path, r
     # 32 train images, 2 workers: 16 rows each, the default batch of 64 lowered to 16
     assert "using a per-worker batch of 16" in out
     assert history[0]["train_images"] == 32 and history[0]["precision"] in ("bf16", "fp32")
+    # one step per worker and epoch: no steady step to time, and the job says so
+    assert history[0]["train_data_wait_share"] is None
+    assert "last epoch: data wait: not measured (no step after the first" in out
     config = json.loads((tmp_path / "runs" / "resnet18-finetune" / "config.json").read_text())
     assert config["resolved"] == {"cpus_per_worker": 0.5, "batch_size_per_worker": 16}
 
