@@ -13,8 +13,8 @@ that cluster, with their default flags where they fit:
   c. jobs.finetune --use-gpu --num-workers 1, 2 epochs at crop 224 (--quick: 32), from random
      init (no weights can be downloaded there);
   d. jobs.nightly_eval over the val shards, twice (exit 0, then exit 0: same weights, no change);
-  e. jobs.gpu_check (the model alone, the Predictor, nvJPEG vs PIL on all cores, one training
-     step, GPU bf16 vs CPU fp32 agreement), without Ray;
+  e. jobs.benchmark --device cuda (the model alone, the Predictor, nvJPEG vs PIL on all cores,
+     one training step, GPU bf16 vs CPU fp32 agreement), without Ray; on a GPU only;
   f. jobs.classify on a few of the JPEGs with c.'s model.pt.
 
 Each step's exit code, wall time and figures (from the job's own summary.json, history.json or
@@ -82,11 +82,12 @@ def generate(root: str, n: int, cores: int) -> float:
     return time.monotonic() - t0
 
 
-def step_commands(out: str, images: str, n: int, gpus: int, quick: bool
-                  ) -> list[tuple[str, list[str]]]:
+def step_commands(out: str, images: str, n: int, gpus: int, quick: bool,
+                  write_docs: bool = False) -> list[tuple[str, list[str]]]:
     """The run's steps in order, as (name, ``python -m`` arguments): shard val and train, the
     predictions (the actor on the GPU where there is one, and then with --decode-device cuda),
-    fine-tuning, the nightly twice, the GPU check and classify. Every job that can use a GPU
+    fine-tuning, the nightly twice, the benchmark's --device cuda table (with ``write_docs``
+    into docs/BENCHMARKS.md; on a GPU only) and classify. Every job that can use a GPU
     gets --use-gpu when ``gpus``: without it a job leaves the GPU idle (a warning, not an
     error)."""
     shards_dir = os.path.join(out, "shards")
@@ -111,8 +112,11 @@ def step_commands(out: str, images: str, n: int, gpus: int, quick: bool
     cmds += [(f"nightly-{k}", ["jobs.nightly_eval", "--data", val, "--weights", model,
                                "--history", os.path.join(out, "nightly"), "--no-progress",
                                *gpu_flags]) for k in (1, 2)]
-    cmds.append(("gpu_check", ["jobs.gpu_check", "--json", os.path.join(out, "gpu_check.json"),
-                               *(["--quick"] if quick else [])]))
+    if gpus:  # the benchmark's --device cuda table needs CUDA
+        cmds.append(("benchmark-cuda", ["jobs.benchmark", "--device", "cuda", "--json",
+                                        os.path.join(out, "benchmark_cuda.json"),
+                                        *(["--quick"] if quick else []),
+                                        *(["--write-docs"] if write_docs else [])]))
     sample = [os.path.join(images, "class00", f"img{i:06d}.jpg")
               for i in range(0, 4 * NUM_CLASSES, NUM_CLASSES)]  # the generator's names
     cmds.append(("classify", ["jobs.classify", *sample, "--weights", model, "--json"]))
@@ -203,7 +207,7 @@ def run(args) -> dict:
     ray.init(num_cpus=cores, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     try:
         steps = Steps(out, ray.get_runtime_context().gcs_address, STEP_TIMEOUT_S[args.quick])
-        for name, argv in step_commands(out, images, n, gpus, args.quick):
+        for name, argv in step_commands(out, images, n, gpus, args.quick, args.write_docs):
             rec = steps.run(name, argv)
             if name.startswith("predict"):
                 rec.update(_predict_figures(os.path.join(out, name)))
@@ -213,8 +217,8 @@ def run(args) -> dict:
                 with open(rec["log"], errors="replace") as f:
                     rec["verdict"] = next((ln.split("verdict:", 1)[1].split(";")[0].strip()
                                            for ln in f if ln.startswith("verdict:")), None)
-            elif name == "gpu_check":
-                rec["figures"] = _json(os.path.join(out, "gpu_check.json"))
+            elif name == "benchmark-cuda":
+                rec["figures"] = _json(os.path.join(out, "benchmark_cuda.json"))
             elif name == "classify":
                 with open(rec["log"]) as f:
                     rec["lines"] = sum(1 for ln in f if ln.startswith("{"))
@@ -222,6 +226,7 @@ def run(args) -> dict:
     finally:
         ray.shutdown()
     result["failed"] = [r["step"] for r in result["steps"] if not r["ok"]]
+    result["goals"] = judge_goals(result)
     return result
 
 
@@ -231,6 +236,58 @@ def _fmt(v, unit="") -> str:
     if isinstance(v, float):
         return f"{v:,.1f}{unit}"
     return f"{v}{unit}"
+
+
+# The issue's goals for the jobs on one H200 (the model alone's is the benchmark table's own):
+# (key, what it says, minimum or maximum)
+GOALS = (("predict_img_s", "jobs.predict steady >= 5,000 images/s (the faster decode)", ">=",
+          5_000),
+         ("predict_vs_ceiling", "jobs.predict steady >= 0.8x the lower of its ceilings (the model "
+          "alone; decoding on this node)", ">=", 0.8),
+         ("finetune_img_s", "jobs.finetune steady >= 3,000 images/s at crop 224 on one GPU", ">=",
+          3_000),
+         ("nightly_wall_s", "jobs.nightly_eval over the set < 60 s wall, start-up included", "<",
+          60))
+
+
+def judge_goals(r: dict) -> list[dict]:
+    """Each goal with its figure from the run's steps (None where a step gave none) and whether
+    it was met: None on a CPU (--quick sizes and no GPU say nothing of an H200) or without a
+    figure."""
+    steps = {s["step"]: s for s in r["steps"]}
+    predicts = [s for n, s in steps.items() if n.startswith("predict")
+                and s.get("steady_images_per_s")]
+    best = max(predicts, key=lambda s: s["steady_images_per_s"], default=None)
+    bench = (steps.get("benchmark-cuda") or {}).get("figures") or {}
+    ceiling = None
+    if best and bench.get("model_img_s"):
+        decode = bench.get("nvjpeg_img_s") if best["step"].endswith("cuda") \
+            else bench.get("cpu_decode_img_s")
+        ceiling = min(v for v in (bench["model_img_s"], decode) if v)
+    epochs = (steps.get("finetune") or {}).get("epochs") or []
+    nightly = steps.get("nightly-2") or {}
+    values = {"predict_img_s": best["steady_images_per_s"] if best else None,
+              "predict_vs_ceiling": best["steady_images_per_s"] / ceiling
+              if best and ceiling else None,
+              "finetune_img_s": epochs[-1].get("train_steady_images_per_s") if epochs else None,
+              "nightly_wall_s": nightly.get("wall_s") if nightly.get("ok") else None}
+    judged = bool(r["gpus"]) and not r["quick"]
+    out = []
+    for key, text, op, target in GOALS:
+        v = values[key]
+        met = None if v is None or not judged else (v >= target if op == ">=" else v < target)
+        out.append({"key": key, "goal": text, "value": v, "met": met})
+    return out
+
+
+def goals_text(goals: list[dict], judged: bool) -> str:
+    lines = ["Goals for one H200" + ("" if judged else " (not judged: no GPU, or --quick)") + ":"]
+    for g in goals:
+        v = "n/a" if g["value"] is None else f"{g['value']:,.2f}" if g["value"] < 10 \
+            else f"{g['value']:,.0f}"
+        verdict = "" if g["met"] is None else " met" if g["met"] else " MISSED"
+        lines.append(f"- {g['goal']}: {v}{verdict}")
+    return "\n".join(lines)
 
 
 def _pct(v) -> str:
@@ -265,7 +322,7 @@ def table(r: dict) -> str:
                             for e in s.get("epochs", []))
         elif s["step"].startswith("nightly"):
             fig = f"verdict: {s.get('verdict')}"
-        elif s["step"] == "gpu_check" and s.get("figures"):
+        elif s["step"] == "benchmark-cuda" and s.get("figures"):
             g = s["figures"]
             fig = (f"model alone {_fmt(g.get('model_img_s'), ' img/s')} ({g.get('precision')})"
                    f", predictor {_fmt(g.get('predictor_img_s'), ' img/s')}, PIL on "
@@ -277,7 +334,8 @@ def table(r: dict) -> str:
             fig = f"{s.get('lines')} JSON lines"
         exit_ = s["exit"] if s["ok"] else f"**{s['exit']}** (expected {s['expected_exit']})"
         rows.append(f"| {s['step']} | {exit_} | {s['wall_s']} s | {fig} |")
-    return "\n".join([head, "", *rows])
+    goals = r.get("goals") or judge_goals(r)
+    return "\n".join([head, "", *rows, "", goals_text(goals, bool(r["gpus"]) and not r["quick"])])
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,6 @@
-"""Measurements for jobs.benchmark: each function times one stage or its reference.
+"""Measurements for jobs.benchmark (its CPU table in bench/cpu_table.py, its ``--device cuda``
+table in bench/gpu_table.py): each function times one stage or its reference; the timing and
+the model-alone row are shared by both tables.
 
 Ratios measured in one run on one machine are the figures that matter; absolute rates move with
 the machine and whatever else it is doing.
@@ -6,6 +8,7 @@ the machine and whatever else it is doing.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -65,10 +68,18 @@ class PeakMemory:
         self._thread.join()
 
 
-def tar_seconds(src: str, dest: str) -> float:
-    """Wall seconds of `tar cf` over a folder."""
+def tar_seconds(src: str, dest: str, fsync: bool = False) -> float:
+    """Wall seconds of `tar cf` over a folder; with ``fsync``, then an fsync of the tar file:
+    the equal-work reference for jobs.shard, which fsyncs every shard before recording it
+    (plain `tar cf` returns with its output still in the page cache)."""
     t0 = time.monotonic()
     subprocess.run(["tar", "cf", dest, "-C", src, "."], check=True)
+    if fsync:
+        fd = os.open(dest, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return time.monotonic() - t0
 
 
@@ -163,37 +174,68 @@ def differential_rate(n_small: int, t_small: float, n_big: int, t_big: float) ->
 CEILING_REPEATS = 5
 
 
+def seconds(fn, calls: int, device: torch.device) -> float:
+    """Seconds for ``calls`` calls of ``fn`` on ``device``. On CUDA, events on the stream:
+    kernels run asynchronously, so the host clock would time their launch, not their work."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return time.perf_counter() - t0
+    torch.cuda.synchronize()  # start from an idle device
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()  # every stream done before the events are read
+    return start.elapsed_time(end) / 1000
+
+
+def best_rate(fn, images_per_call: int, device: torch.device, *, repeats: int, warmup: int,
+              calls: int = 1) -> float:
+    """Images/s of ``fn`` (``images_per_call`` images a call): ``warmup`` untimed calls (oneDNN
+    and cuDNN pick their kernels on the first ones), then the best of ``repeats`` timed runs of
+    ``calls`` calls (the best, because anything else on the machine only ever slows a run
+    down). InputError for ``repeats`` < 1."""
+    if repeats < 1:
+        raise InputError(f"repeats must be at least 1, not {repeats}")
+    for _ in range(warmup):
+        fn()
+    best = min(seconds(fn, calls, device) for _ in range(repeats))
+    return images_per_call * calls / best
+
+
+def model_alone_rate(device: torch.device, dtype: torch.dtype, batch_size: int, *,
+                     repeats: int, warmup: int, calls: int, num_classes: int = 1000) -> float:
+    """The "model alone" row of both tables (CPU and ``--device cuda``): images/s of ResNet-18
+    as the predictor runs it (``model.for_inference``: BatchNorm folded, ``dtype`` weights,
+    channels_last; normalize, softmax, top-5) on a uint8 3x224x224 batch of ``batch_size``
+    already on ``device``; ``best_rate`` of ``calls`` calls a run. A ceiling: the fastest this
+    model runs there. torch's thread count is the caller's."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = modellib.for_inference(resnet18(num_classes=num_classes), device, dtype)
+    x = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, device=device)
+    k = min(5, num_classes)
+
+    def step():
+        model(presets.normalize(x, dtype)).float().softmax(1).topk(k)
+
+    with torch.inference_mode():
+        return best_rate(step, batch_size, device, repeats=repeats, warmup=warmup,
+                         calls=calls)
+
+
 def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int,
                       num_classes: int = 1000, repeats: int = CEILING_REPEATS,
                       warmup: int = 3) -> float:
-    """Images/s of the model alone on pre-decoded uint8 3x224x224 batches, as the predictor
-    runs it (``model.for_inference``: BatchNorm folded, same dtype, channels_last; threads,
-    batch, normalize, softmax, top-5): the best of
-    ``repeats`` timed passes of at least ``n`` images each, after ``warmup`` untimed batches
-    (oneDNN picks its kernels on the first calls). A ceiling: the fastest this model runs here."""
-    from torchvision.models import resnet18
-
-    if repeats < 1:
-        raise InputError(f"repeats must be at least 1, not {repeats}")
+    """The CPU table's ceiling: ``model_alone_rate`` on the CPU with ``threads`` torch threads,
+    the best of ``repeats`` timed passes of at least ``n`` images each."""
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = modellib.for_inference(resnet18(num_classes=num_classes), "cpu", dtype)
-    x = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
-
-    def step():
-        model(presets.normalize(x, dtype)).float().softmax(1).topk(min(5, num_classes))
-
-    best = 0.0
-    with torch.inference_mode():
-        for _ in range(warmup):
-            step()
-        for _ in range(repeats):
-            t0, done = time.monotonic(), 0
-            while done < n:
-                step()
-                done += batch_size
-            best = max(best, done / (time.monotonic() - t0))
-    return best
+    return model_alone_rate(torch.device("cpu"), dtype, batch_size, repeats=repeats,
+                            warmup=warmup, calls=-(-n // batch_size), num_classes=num_classes)
 
 
 def eval_baseline_rate(root: str, batch_size: int, workers: int, threads: int,

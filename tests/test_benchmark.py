@@ -6,19 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench import cpu_table
 from jobs import benchmark
 from pipeline import benchmark as bench, data, presets
 from pipeline.errors import PipelineError, UsageError
 
 
 def test_a_job_faster_than_its_ceiling_fails_loudly():
-    benchmark.check_ceilings({"eval_vs_ceiling": 1.02, "eval_fp32_vs_ceiling_fp32": 0.7})
+    cpu_table.check_ceilings({"eval_vs_ceiling": 1.02, "eval_fp32_vs_ceiling_fp32": 0.7})
     with pytest.raises(PipelineError, match=r"eval_fp32_vs_ceiling_fp32 = 1.10 exceeds 1.02"):
-        benchmark.check_ceilings({"eval_vs_ceiling": 0.95, "eval_fp32_vs_ceiling_fp32": 1.1})
+        cpu_table.check_ceilings({"eval_vs_ceiling": 0.95, "eval_fp32_vs_ceiling_fp32": 1.1})
 
 
 def test_targets_are_judged_in_their_direction():
-    summary = benchmark.target_summary({"decode_per_core_vs_pil": 0.79, "eval_mem_ratio_4x": 1.2,
+    summary = cpu_table.target_summary({"decode_per_core_vs_pil": 0.79, "eval_mem_ratio_4x": 1.2,
                                         "unrelated": 3.0})
     assert summary == {
         "decode_per_core_vs_pil": {"op": ">=", "target": 0.8, "value": 0.79, "met": False},
@@ -60,20 +61,53 @@ def test_the_timed_decode_function_sees_what_the_ray_stage_sees(shard_set):
 def test_a_differential_rate_the_noise_swamped_is_not_a_figure():
     assert bench.differential_rate(10, 2.0, 40, 5.0) == 10.0
     assert np.isnan(bench.differential_rate(10, 2.0, 40, 1.9))
-    assert not benchmark.target_met("shard_vs_tar", float("nan"))
+    assert not cpu_table.target_met("shard_vs_tar_fsync", float("nan"))
 
 
 @pytest.mark.parametrize("argv", [["--quick"], [], ["--quick", "--batch-size", "8"]])
 def test_benchmark_training_rows_get_several_steady_steps_an_epoch(argv):
     from jobs import _cli, benchmark
 
-    cfg = _cli.parse(benchmark.BenchmarkConfig, argv, "benchmark")
-    assert benchmark.train_images(cfg) // cfg.batch_size >= benchmark.MIN_TRAIN_STEPS
+    cfg = benchmark.resolve(_cli.parse(benchmark.BenchmarkConfig, argv, "benchmark"))
+    assert cpu_table.train_images(cfg) // cfg.batch_size >= cpu_table.MIN_TRAIN_STEPS
 
 
 def test_benchmark_refuses_sizes_with_no_steady_step():
     from jobs import _cli, benchmark
 
-    cfg = _cli.parse(benchmark.BenchmarkConfig, ["--train-images", "48"], "benchmark")
+    cfg = benchmark.resolve(_cli.parse(benchmark.BenchmarkConfig, ["--train-images", "48"],
+                                       "benchmark"))
     with pytest.raises(UsageError, match="1 steps an epoch"):
-        benchmark.train_images(cfg)
+        cpu_table.train_images(cfg)
+
+
+def test_the_sharding_target_is_judged_against_tar_that_also_fsyncs(tmp_path):
+    """jobs.shard fsyncs every shard before it records it; `tar cf` alone does not: the target
+    (0.5x) is judged on the row that does the same work, the plain row has none."""
+    assert "shard_vs_tar_fsync" in cpu_table.TARGETS and "shard_vs_tar" not in cpu_table.TARGETS
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"x" * 100_000)
+    assert bench.tar_seconds(str(src), str(tmp_path / "a.tar"), fsync=True) > 0
+    assert (tmp_path / "a.tar").stat().st_size > 100_000
+
+
+def test_the_model_alone_is_one_definition_for_both_tables(monkeypatch):
+    """The CPU table's ceiling and the --device cuda table's first row time the same thing."""
+    import torch
+
+    from bench import gpu_table
+
+    rate = bench.model_alone_rate(torch.device("cpu"), torch.float32, 2, repeats=1, warmup=0,
+                                  calls=1, num_classes=10)
+    assert rate > 0
+    calls = []
+    monkeypatch.setattr(bench, "model_alone_rate",
+                        lambda device, dtype, batch, **kw: calls.append((device.type, dtype,
+                                                                         batch)) or 1.0)
+    bench.eval_ceiling_rate(torch.bfloat16, 4, 1, 8)
+    sz = gpu_table.Sizes(batch=4, images=0, equiv_images=0, repeats=1, calls=1, warmup=0)
+    assert gpu_table.model_rates(sz, torch.device("cpu"), torch.bfloat16) == {
+        "model_img_s": 1.0, "model_fp32_img_s": 1.0}
+    assert calls == [("cpu", torch.bfloat16, 4), ("cpu", torch.bfloat16, 4),
+                     ("cpu", torch.float32, 4)]

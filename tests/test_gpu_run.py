@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from bench import gpu_run
 from jobs import benchmark
 from pipeline import machine
@@ -107,4 +109,43 @@ def test_on_a_gpu_every_job_that_can_use_it_is_told_to_and_every_command_parses(
         assert _parses(cmds["finetune"]).crop_size == 224
     assert [n for n, _ in gpu_run.step_commands(str(tmp_path), "img", 192, 1, True)] == [
         "shard-val", "shard-train", "predict", "predict-decode-cuda", "finetune", "nightly-1",
-        "nightly-2", "gpu_check", "classify"]
+        "nightly-2", "benchmark-cuda", "classify"]
+    # the CPU rehearsal leaves out the steps that need CUDA
+    assert "benchmark-cuda" not in dict(gpu_run.step_commands(str(tmp_path), "img", 192, 0, True))
+    bench_cuda = dict(gpu_run.step_commands(str(tmp_path), "img", 192, 1, False, True))[
+        "benchmark-cuda"]
+    assert _parses(bench_cuda).device == "cuda" and _parses(bench_cuda).write_docs
+
+
+def _goal_steps(predict_rate: float, finetune_rate: float, nightly_s: float) -> list[dict]:
+    ran = {"exit": 0, "expected_exit": 0, "wall_s": 1.0}
+    return [{**ran, **s} for s in [
+        {"step": "predict", "ok": True, "steady_images_per_s": predict_rate / 2},
+        {"step": "predict-decode-cuda", "ok": True, "steady_images_per_s": predict_rate},
+        {"step": "finetune", "ok": True,
+         "epochs": [{"epoch": e, "train_images_per_s": 1.0, "train_steady_images_per_s": r,
+                     "train_first_step_seconds": 1.0, "val_top1": 10.0, "precision": "bf16"}
+                    for e, r in ((0, 1.0), (1, finetune_rate))]},
+        {"step": "nightly-2", "ok": True, "wall_s": nightly_s},
+        {"step": "benchmark-cuda", "ok": True,
+         "figures": {"model_img_s": 20_000.0, "nvjpeg_img_s": 7_000.0,
+                     "cpu_decode_img_s": 3_000.0}}]]
+
+
+def test_the_jobs_goals_are_judged_on_a_gpu_from_the_steps_figures_only():
+    goals = {g["key"]: g for g in gpu_run.judge_goals(
+        _record(steps=_goal_steps(6_000.0, 2_900.0, 59.0)))}
+    # the faster predict (nvJPEG) against the lower of its ceilings (nvJPEG's 7,000)
+    assert goals["predict_img_s"]["value"] == 6_000.0 and goals["predict_img_s"]["met"]
+    assert goals["predict_vs_ceiling"]["value"] == pytest.approx(6_000 / 7_000)
+    assert goals["predict_vs_ceiling"]["met"]
+    assert goals["finetune_img_s"]["value"] == 2_900.0 and goals["finetune_img_s"]["met"] is False
+    assert goals["nightly_wall_s"]["met"] is True
+    text = gpu_run.table(_record(steps=[]))
+    assert "Goals for one H200:" in text and "n/a" in text and " met" not in text
+    # a CPU rehearsal, or --quick, judges nothing
+    for kw in ({"gpus": 0}, {"quick": True}):
+        r = _record(steps=_goal_steps(6_000.0, 4_000.0, 10.0))
+        r.update(kw)
+        assert all(g["met"] is None for g in gpu_run.judge_goals(r))
+        assert "(not judged" in gpu_run.table(r)

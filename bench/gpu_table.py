@@ -1,9 +1,11 @@
-"""Measure the project's GPU paths on one machine, without Ray: `python -m jobs.gpu_check`.
+"""The ``--device cuda`` table of ``python -m jobs.benchmark``: the project's GPU paths measured
+directly on one machine, without Ray.
 
 What it measures, on generated ImageNet-like JPEGs (~500x375, ~110 KB, a few grayscale):
 
-1. the model alone: ResNet-18 at 224x224 on a device-resident batch, bf16 weights in
-   channels_last (the predictor's precision) and fp32;
+1. the model alone: ``pipeline.benchmark.model_alone_rate``, the CPU table's ceiling row on the
+   device: ResNet-18 at 224x224 on a device-resident batch, BatchNorm folded, channels_last,
+   softmax and top-5, in the predictor's precision (bf16) and fp32;
 2. ``pipeline.predict.Predictor`` (the class the Ray job runs) on pre-decoded uint8 batches,
    and its ratio to (1): what host-to-device copy, normalisation and top-k cost;
 3. decoding: the project's CPU path (``data.decode_image`` + ``presets.eval_image``) in a
@@ -14,37 +16,37 @@ What it measures, on generated ImageNet-like JPEGs (~500x375, ~110 KB, a few gra
 5. equivalence: the GPU bf16 model against the CPU fp32 model (same weights), and nvJPEG +
    GPU preset inputs against PIL + ``presets.eval_image`` inputs.
 
-It prints one Markdown table, the goals for one H200 (judged only on a CUDA device) and, on CUDA,
-an estimate of the nightly 50,000-image evaluation. Ray, webdataset and pandas are never
-imported: it runs on a bare GPU machine with torch, torchvision, pillow, numpy and pyarrow.
-Without CUDA the GPU-only rows read "no CUDA device: not measured" and the rest are measured on
-the CPU. Any error in a measured
-path raises with its traceback: a failure here is a finding, not something to summarise.
+It prints one Markdown table, the goals for one H200 and an estimate of the nightly
+50,000-image evaluation. Ray, webdataset and pandas are never imported: it runs on a bare GPU
+machine with torch, torchvision, pillow, numpy and pyarrow. ``measure(cfg, "cpu")`` (the tests)
+runs it on a CPU: the GPU-only rows read "no CUDA device: not measured" and no goal is judged.
+Any error in a measured path raises with its traceback: a failure here is a finding, not
+something to summarise.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime
 import io
-import dataclasses
-import json
 import multiprocessing
 import os
-import sys
-import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import resnet18
 
-from jobs import _cli
-from pipeline import data, machine, model as modellib, presets, synthetic, train_worker
+from pipeline import benchmark, data, machine, model as modellib, presets
+from pipeline import synthetic, train_worker
 from pipeline.predict import Predictor, PredictorSpec
 from pipeline.errors import InputError
+
+if TYPE_CHECKING:
+    from jobs.benchmark import BenchmarkConfig
 
 NOT_MEASURED = "no CUDA device: not measured"
 NIGHTLY_IMAGES, NIGHTLY_NODES = 50_000, 8
@@ -69,31 +71,6 @@ GOALS = (("model_img_s", 20_000, "model alone >= 20,000 images/s (bf16, channels
 
 
 @dataclass(frozen=True)
-class GpuCheckConfig:
-    """Measure the project's GPU paths on this machine, with no Ray or webdataset (it needs
-    only torch, torchvision, pillow, numpy and pyarrow): ResNet-18 alone at batch 256
-    in bf16 channels_last and fp32; the project's Predictor on pre-decoded uint8 batches and its
-    ratio to the model alone; JPEG decoding, the project's PIL path on every core against
-    nvJPEG plus the eval preset on the GPU; one fine-tuning step (train_step, bf16, SGD); and
-    equivalence (GPU bf16 vs CPU fp32 predictions, nvJPEG vs PIL pixels). Prints a Markdown
-    table, the goals for one H200 and, on CUDA, the nightly 50,000-image evaluation time they
-    imply. Without CUDA the GPU-only rows are marked not measured and the rest run on the CPU.
-    --json writes every figure. Copy the repository to a GPU machine and run it there."""
-    quick: bool = _cli.option(False, "tiny sizes (batch 8, few images, 2 repeats): a smoke test "
-                                     "that finishes on a CPU in well under a minute")
-    json: str = _cli.option("", "write the figures to this JSON file")
-    batch_size: int = _cli.option(0, "images per model call (0: 256, or 8 with --quick)")
-    images: int = _cli.option(0, "generated JPEGs for the decode rows (0: 1024, or 48 with "
-                                 "--quick)")
-    equiv_images: int = _cli.option(0, "images for the equivalence rows (0: 128, or 16 with "
-                                       "--quick)")
-    repeats: int = _cli.option(0, "timed repeats per figure, the best is kept (0: 5, or 2 "
-                                  "with --quick)")
-    weights: str = _cli.option("none", "model weights for the predictor and equivalence rows: "
-                                       "none (random init), DEFAULT, IMAGENET1K_V1 or a file")
-
-
-@dataclass(frozen=True)
 class Sizes:
     batch: int
     images: int
@@ -103,7 +80,8 @@ class Sizes:
     warmup: int  # untimed calls first: cudnn.benchmark and oneDNN pick their kernels here
 
 
-def sizes_for(cfg: GpuCheckConfig) -> Sizes:
+def sizes_for(cfg: BenchmarkConfig) -> Sizes:
+    """The sizes ``cfg``'s flags give (0: the defaults, smaller with --quick)."""
     q = cfg.quick
     return Sizes(batch=cfg.batch_size or (8 if q else 256),
                  images=cfg.images or (48 if q else 1024),
@@ -112,35 +90,12 @@ def sizes_for(cfg: GpuCheckConfig) -> Sizes:
                  calls=1 if q else 10, warmup=1 if q else 5)
 
 
-# --- timing ---------------------------------------------------------------------------------
-
-def _seconds(fn, calls: int, device: torch.device) -> float:
-    """Seconds for ``calls`` calls of ``fn``. On CUDA, events on the stream: kernels run
-    asynchronously, so the host clock would time their launch, not their work."""
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return time.perf_counter() - t0
-    torch.cuda.synchronize()  # start from an idle device
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()  # every stream done before the events are read
-    return start.elapsed_time(end) / 1000
-
-
 def best_rate(fn, images_per_call: int, sz: Sizes, device: torch.device,
               calls: int | None = None) -> float:
-    """Images/s of ``fn``: warm-up calls, then the best of ``sz.repeats`` timed runs (the best,
-    because anything else on the machine only ever slows a run down)."""
-    calls = sz.calls if calls is None else calls
-    for _ in range(sz.warmup):
-        fn()
-    best = min(_seconds(fn, calls, device) for _ in range(sz.repeats))
-    return images_per_call * calls / best
+    """``pipeline.benchmark.best_rate`` at the sizes ``sz`` (its repeats, warm-up and calls a
+    run unless ``calls`` is given)."""
+    return benchmark.best_rate(fn, images_per_call, device, repeats=sz.repeats,
+                               warmup=sz.warmup, calls=sz.calls if calls is None else calls)
 
 
 # --- generated JPEGs and the CPU decode pool ----------------------------------------------------
@@ -202,19 +157,11 @@ def cpu_decode_rate(pool, jpegs: list[bytes], cores: int, sz: Sizes) -> float:
 # --- model alone, predictor, train step --------------------------------------------------------
 
 def model_rates(sz: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
-    """Images/s of ResNet-18's forward pass alone on a normalised batch already on the device,
-    in the predictor's precision and in fp32 (both as the predictor runs them:
-    ``model.for_inference``, BatchNorm folded, channels_last)."""
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (sz.batch, 3, CROP, CROP), dtype=torch.uint8, device=device)
-    out = {}
-    for key, dt in (("model_img_s", dtype), ("model_fp32_img_s", torch.float32)):
-        net = modellib.for_inference(resnet18(num_classes=1000), device, dt)
-        inp = presets.normalize(x, dt)
-        with torch.inference_mode():
-            out[key] = best_rate(lambda: net(inp), sz.batch, sz, device)
-        del net, inp
-    return out
+    """Row 1: ``pipeline.benchmark.model_alone_rate`` (the CPU table's ceiling row) on
+    ``device``, in the predictor's precision and in fp32."""
+    return {key: benchmark.model_alone_rate(device, dt, sz.batch, repeats=sz.repeats,
+                                            warmup=sz.warmup, calls=sz.calls)
+            for key, dt in (("model_img_s", dtype), ("model_fp32_img_s", torch.float32))}
 
 
 def predictor_batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -224,7 +171,7 @@ def predictor_batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
             "label": rng.integers(0, 1000, n).astype(np.int64),
             "image": rng.integers(0, 256, (n, 3, CROP, CROP), dtype=np.uint8),
             "error": np.full(n, "", dtype=object),
-            "shard": np.full(n, "gpu-check", dtype=object)}
+            "shard": np.full(n, "benchmark-cuda", dtype=object)}
 
 
 def predictor_rate(sz: Sizes, device: torch.device, weights: str) -> tuple[float, str]:
@@ -371,10 +318,11 @@ def decode_equivalence(gpu_net: nn.Module, jpegs: list[bytes], pil: torch.Tensor
 
 # --- the run ----------------------------------------------------------------------------------
 
-def measure(cfg: GpuCheckConfig) -> dict:
-    """Every figure, in one run; GPU-only figures are None without CUDA."""
-    sz, cuda = sizes_for(cfg), torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+def measure(cfg: BenchmarkConfig, device: str = "cuda") -> dict:
+    """Every figure, in one run on ``device`` ("cuda", or "cpu" for the tests: the GPU-only
+    figures are then None)."""
+    sz, device = sizes_for(cfg), torch.device(device)
+    cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = cuda  # fixed shapes: let cuDNN pick the fastest kernels
     dtype = modellib.resolve_precision("auto", device)  # what the predictor and training use
     cores = len(os.sched_getaffinity(0))
@@ -404,7 +352,7 @@ def measure(cfg: GpuCheckConfig) -> dict:
     return r
 
 
-def gpu_rows(cfg: GpuCheckConfig, sz: Sizes, jpegs: list[bytes], dtype) -> dict:
+def gpu_rows(cfg: BenchmarkConfig, sz: Sizes, jpegs: list[bytes], dtype) -> dict:
     """nvJPEG decode and both equivalence rows."""
     out = {}
     out["nvjpeg_img_s"], out["nvjpeg_failed"], ok = nvjpeg_rate(jpegs, sz)
@@ -469,9 +417,11 @@ def table(r: dict) -> str:
          if gpu else NOT_MEASURED,
          f"top-1 agreement {r['nvjpeg_top1_agree_pct']:.1f}%" if gpu else ""),
     ]
-    lines = [f"GPU check on {r['device']}, {r['date']}, torch {r['torch']}, torchvision "
+    command = f", `{r['command']}`" if r.get("command") else ""
+    lines = [f"Measured {r['date']} on {r['device']}{command}: torch {r['torch']}, torchvision "
              f"{r['torchvision']}, {cores} CPU cores, weights {r['weights']}"
-             f"{' (--quick: tiny sizes, not comparable)' if r['quick'] else ''}",
+             f"{' (--quick: tiny sizes, not comparable)' if r['quick'] else ''}. Written by the "
+             f"harness: do not edit.",
              f"CPU: {machine.describe(r['machine'])}", "",
              "| # | measurement | what | result | compared with |", "|---|---|---|---|---|"]
     lines += [f"| {i} | {name} | {what} | {res} | {cmp} |"
@@ -509,17 +459,7 @@ def nightly_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    # No _cli.reports_errors: a failure in a measured path is the finding, keep its traceback.
-    cfg = _cli.parse(GpuCheckConfig, argv, "gpu_check")
-    r = measure(cfg)
-    print(f"{table(r)}\n{goals_text(r)}\n\n{nightly_text(r)}")
-    if cfg.json:
-        with open(cfg.json, "w") as f:
-            json.dump(r, f, indent=1, allow_nan=False)
-        print(f"\nfigures written to {cfg.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def report(r: dict) -> str:
+    """What ``python -m jobs.benchmark --device cuda`` prints and --write-docs writes: the
+    table, the goals and the nightly estimate."""
+    return f"{table(r)}\n{goals_text(r)}\n\n{nightly_text(r)}"

@@ -1,4 +1,5 @@
-"""jobs.gpu_check: runs without Ray or webdataset, measures what a CPU can, marks the rest."""
+"""``jobs.benchmark --device cuda`` (bench/gpu_table.py): needs no Ray or webdataset, measures
+what a CPU can when the tests run it there, marks the rest, and is refused without CUDA."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import time
 
 import pytest
 
-from jobs import gpu_check
+from bench import gpu_table
+from jobs import benchmark
+from pipeline import benchmark as bench
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CPU_RATES = ("model_img_s", "model_fp32_img_s", "predictor_img_s", "cpu_decode_img_s",
@@ -19,19 +22,26 @@ CPU_RATES = ("model_img_s", "model_fp32_img_s", "predictor_img_s", "cpu_decode_i
 GPU_FIGURES = ("nvjpeg_img_s", "nvjpeg_failed", "equiv_top1_agree_pct", "equiv_max_prob_diff",
                "nvjpeg_max_pixel_diff", "nvjpeg_top1_agree_pct")
 
-# The check as a bare GPU machine runs it: importing ray, webdataset or pandas (directly or
+# The table as a bare GPU machine runs it: importing ray, webdataset or pandas (directly or
 # through a pipeline module) raises ImportError, and the child says whether they are still
-# blocked.
+# blocked. On a CPU (the tests) the table runs on "cpu": jobs.benchmark refuses --device cuda
+# without CUDA.
 BLOCKED_RUN = """
-import sys
+import json, sys
 sys.modules["ray"] = None
 sys.modules["webdataset"] = None
 sys.modules["pandas"] = None
-from jobs import gpu_check
-rc = gpu_check.main(sys.argv[1:])
+import torch
+from jobs import _cli, benchmark
+from bench import gpu_table
+cfg = _cli.parse(benchmark.BenchmarkConfig, ["--device", "cuda", "--quick"], "benchmark")
+cfg = benchmark.dataclasses.replace(cfg, batch_size=8)  # resolve() without its CUDA check
+r = gpu_table.measure(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+print(gpu_table.report(r))
+with open(sys.argv[1], "w") as f:
+    json.dump(r, f, allow_nan=False)
 assert sys.modules["ray"] is None and sys.modules["webdataset"] is None
 assert sys.modules["pandas"] is None
-sys.exit(rc)
 """
 
 
@@ -39,7 +49,7 @@ sys.exit(rc)
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "g.json"
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--quick", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUN, str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     return proc, out, time.monotonic() - t0
 
@@ -55,13 +65,14 @@ def test_quick_run_prints_every_row_and_the_machine(quick_run):
     proc, _, _ = quick_run
     text = proc.stdout
     table = [ln for ln in text.splitlines() if ln.startswith("| ")]
-    for name in gpu_check.ROWS:
+    for name in gpu_table.ROWS:
         assert sum(f"| {name} |" in ln for ln in table) == 1, f"row {name!r} missing:\n{text}"
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    assert f"GPU check on {device}," in text and f"torch {torch.__version__}" in text
-    for goal in gpu_check.GOALS:
+    assert f" on {device}:" in text and f"torch {torch.__version__}" in text
+    assert "Written by the harness" in text
+    for goal in gpu_table.GOALS:
         assert goal[2] in text
 
 
@@ -80,24 +91,42 @@ def test_quick_run_json_has_cpu_rates_and_marks_gpu_rows(quick_run):
         return
     assert r["device"] == "CPU" and r["cuda"] is False and r["nightly"] is None
     for key in GPU_FIGURES:
-        assert r[key] is None and r["not_measured"][key] == gpu_check.NOT_MEASURED
+        assert r[key] is None and r["not_measured"][key] == gpu_table.NOT_MEASURED
     rows = {ln.split(" | ")[1]: ln for ln in proc.stdout.splitlines() if ln.startswith("| ")}
-    for name in (gpu_check.ROW_NVJPEG, gpu_check.ROW_EQUIV_MODEL, gpu_check.ROW_EQUIV_DECODE):
-        assert gpu_check.NOT_MEASURED in rows[name]
-    for name in (gpu_check.ROW_MODEL, gpu_check.ROW_PREDICTOR, gpu_check.ROW_CPU_DECODE,
-                 gpu_check.ROW_TRAIN):
-        assert gpu_check.NOT_MEASURED not in rows[name] and "images/s" in rows[name]
+    for name in (gpu_table.ROW_NVJPEG, gpu_table.ROW_EQUIV_MODEL, gpu_table.ROW_EQUIV_DECODE):
+        assert gpu_table.NOT_MEASURED in rows[name]
+    for name in (gpu_table.ROW_MODEL, gpu_table.ROW_PREDICTOR, gpu_table.ROW_CPU_DECODE,
+                 gpu_table.ROW_TRAIN):
+        assert gpu_table.NOT_MEASURED not in rows[name] and "images/s" in rows[name]
     # A CPU says nothing about an H200: no goal is judged.
     assert all(g["met"] is None for g in r["goals"])
     assert " met" not in proc.stdout and "MISSED" not in proc.stdout
 
 
-def test_help_says_what_it_measures_and_that_it_needs_no_ray(capsys):
+def test_help_says_what_each_device_measures_and_that_cuda_needs_no_ray(capsys):
     with pytest.raises(SystemExit) as e:
-        gpu_check.main(["--help"])
+        benchmark.main(["--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "no Ray" in text and "nvJPEG" in text and "Predictor" in text and "--quick" in text
+    assert "without Ray" in text and "nvJPEG" in text and "Predictor" in text
+    assert "--device {cpu,cuda}" in text and "--quick" in text
+
+
+def test_cuda_without_a_gpu_and_flags_for_the_other_table_are_refused(monkeypatch, capsys):
+    """A flag that sizes the other device's table would do nothing: one line, exit 2."""
+    import torch
+
+    from tests.conftest import run_job
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out = run_job(benchmark.main, ["--device", "cuda"], capsys)
+    assert code == 2 and "--device cuda: torch sees no CUDA device here" in out
+    code, out = run_job(benchmark.main, ["--train-crop", "64", "--device", "cuda"], capsys)
+    assert code == 2 and "--train-crop: only for --device cpu's table" in out
+    code, out = run_job(benchmark.main, ["--weights", "DEFAULT", "--repeats", "3"], capsys)
+    assert code == 2 and "--repeats, --weights: only for --device cuda's table" in out
+    cfg = benchmark.resolve(benchmark.BenchmarkConfig())
+    assert cfg.device == "cpu" and cfg.batch_size == 32
 
 
 def _figures(**kw) -> dict:
@@ -110,19 +139,19 @@ def _figures(**kw) -> dict:
 def test_goals_are_judged_only_on_cuda():
     r = _figures(model_img_s=25_000.0, predictor_vs_model=0.85, nvjpeg_img_s=5_000.0,
                  train_img_s=4_999.0)
-    met = {g["key"]: g["met"] for g in gpu_check.judge_goals(r)}
+    met = {g["key"]: g["met"] for g in gpu_table.judge_goals(r)}
     assert met == {"model_img_s": True, "predictor_vs_model": False, "nvjpeg_img_s": True,
                    "train_img_s": False}
-    r["goals"] = gpu_check.judge_goals(r)
-    text = gpu_check.goals_text(r)
+    r["goals"] = gpu_table.judge_goals(r)
+    text = gpu_table.goals_text(r)
     assert text.count(" met") == 2 and text.count("MISSED") == 2
     r = _figures(model_img_s=25_000.0, predictor_vs_model=0.95, cuda=False)
-    assert [g["met"] for g in gpu_check.judge_goals(r)] == [None] * 4
+    assert [g["met"] for g in gpu_table.judge_goals(r)] == [None] * 4
 
 
 def test_nightly_estimate_takes_the_slower_of_decode_and_predictor():
     r = {"predictor_img_s": 10_000.0, "cpu_decode_img_s": 2_500.0, "nvjpeg_img_s": 20_000.0}
-    cpu, nv = gpu_check.nightly_estimate(r)
+    cpu, nv = gpu_table.nightly_estimate(r)
     assert cpu["bound"] == "decode" and cpu["node_img_s"] == 2_500.0
     assert cpu["seconds_1_node"] == pytest.approx(20.0)
     assert cpu["seconds_8_nodes"] == pytest.approx(2.5)
@@ -138,16 +167,15 @@ def test_best_rate_times_the_calls_and_keeps_the_best_repeat():
 
     def fn():
         time.sleep(next(delays))
-    sz = gpu_check.Sizes(batch=4, images=0, equiv_images=0, repeats=2, calls=2, warmup=1)
-    rate = gpu_check.best_rate(fn, 4, sz, torch.device("cpu"))
+    rate = bench.best_rate(fn, 4, torch.device("cpu"), repeats=2, warmup=1, calls=2)
     assert 8 / 0.2 < rate <= 8 / 0.1  # the faster repeat (2 x 0.05 s), not the mean (8 / 0.25)
 
 
 def test_a_broken_jpeg_raises_in_the_decode_worker():
-    good = gpu_check._make_jpegs(0, 2)
-    assert gpu_check._decode_chunk(good) == 2
+    good = gpu_table._make_jpegs(0, 2)
+    assert gpu_table._decode_chunk(good) == 2
     with pytest.raises(OSError):  # PIL's UnidentifiedImageError: not swallowed, not counted
-        gpu_check._decode_chunk([good[0], good[1][:100]])
+        gpu_table._decode_chunk([good[0], good[1][:100]])
 
 
 def test_generated_jpegs_are_imagenet_like_and_reproducible():
@@ -155,7 +183,7 @@ def test_generated_jpegs_are_imagenet_like_and_reproducible():
 
     from PIL import Image
 
-    a, b = gpu_check._make_jpegs(40, 12), gpu_check._make_jpegs(40, 12)
+    a, b = gpu_table._make_jpegs(40, 12), gpu_table._make_jpegs(40, 12)
     assert a == b
     sizes = [Image.open(io.BytesIO(j)).size for j in a]
     assert all(300 <= min(s) and max(s) < 560 for s in sizes)
