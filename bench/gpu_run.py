@@ -9,7 +9,8 @@ and runs the jobs as a user runs them, each as its own `python -m jobs.NAME` pro
 that cluster, with their default flags where they fit:
 
   a. jobs.predict over the val shards (the predictor actor gets the GPU when there is one);
-  b. the same with --decode-device cuda (on a GPU only: it needs --use-gpu);
+  b. the same with --decode-device cuda (on a GPU only: it needs --use-gpu), decoding in the
+     tasks and then inside the predictor actor (--decode-in actor);
   c. jobs.finetune --use-gpu --num-workers 1, 2 epochs at crop 224 (--quick: 32), from random
      init (no weights can be downloaded there);
   d. jobs.nightly_eval over the val shards, twice (exit 0, then exit 0: same weights, no change);
@@ -99,7 +100,11 @@ def step_commands(out: str, images: str, n: int, gpus: int, quick: bool,
                                 *(["--classes-from", val] if split == "train" else [])])
             for split in ("val", "train")]
     # --decode-device cuda needs --use-gpu (the decode tasks share the actors' GPUs)
-    decode_cuda = [("predict-decode-cuda", ["--decode-device", "cuda"])] if gpus else []
+    # and the two places nvJPEG can run, to be measured against each other (issue 25 item 4):
+    # batched in the decode tasks, or inside the predictor actor (raw bytes in)
+    decode_cuda = [("predict-decode-cuda", ["--decode-device", "cuda"]),
+                   ("predict-decode-cuda-actor", ["--decode-device", "cuda", "--decode-in",
+                                                  "actor"])] if gpus else []
     for name, extra in (("predict", []), *decode_cuda):
         cmds.append((name, ["jobs.predict", "--data", val, "--weights", "none", "--out",
                             os.path.join(out, name), "--no-progress", *gpu_flags, *extra]))
@@ -261,7 +266,7 @@ def judge_goals(r: dict) -> list[dict]:
     bench = (steps.get("benchmark-cuda") or {}).get("figures") or {}
     ceiling = None
     if best and bench.get("model_img_s"):
-        decode = bench.get("nvjpeg_img_s") if best["step"].endswith("cuda") \
+        decode = bench.get("nvjpeg_img_s") if "decode-cuda" in best["step"] \
             else bench.get("cpu_decode_img_s")
         ceiling = min(v for v in (bench["model_img_s"], decode) if v)
     epochs = (steps.get("finetune") or {}).get("epochs") or []

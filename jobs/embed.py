@@ -11,7 +11,7 @@ from pipeline import predict
 
 # the options of jobs.predict that an embedding pass has (their help text is predict's own)
 _SHARED = ("batch_size", "precision", "use_gpu", "actors", "cpus_per_actor", "threads",
-           "decode_concurrency", "decode_device", "resize_size", "crop_size",
+           "decode_concurrency", "decode_device", "decode_in", "resize_size", "crop_size",
            "embedding_dtype", "max_failed_fraction", "verify_checksums", "progress")
 
 EmbedConfig = dataclasses.make_dataclass(

@@ -66,6 +66,12 @@ class PredictOptions:
                                      "pixels, for GPU clusters starved by JPEG decoding; needs "
                                      "--use-gpu); a decode task on a node without CUDA uses PIL",
                                      ["cpu", "cuda"])
+    decode_in: str = _opt("tasks", "where the JPEGs are decoded: tasks (Ray Data tasks beside "
+                                   "the predictor; the decoded pixels go to it through the "
+                                   "object store) or actor (inside each predictor actor, from the "
+                                   "raw bytes: with --decode-device cuda, nvJPEG on the actor's "
+                                   "own GPU and no pixels copied back to the host)",
+                          ["tasks", "actor"])
     resize_size: int = _opt(0, "resize shorter side to (0: the model's preset, else 256)")
     crop_size: int = _opt(0, "centre crop (0: the model's preset, else 224)")
     topk: int = _opt(5, "top-k indices and probabilities kept per image")
@@ -107,7 +113,8 @@ class PredictorSpec:
     actor starts (None: none); ``embedding_dtype`` (float16, float32) returns each image's
     pooled feature as ``embedding`` [N, 512] in that type ('': not returned); ``embed_only``:
     no head at all (the model's classes need not cover the data's): each row is the key, the
-    data's label and the embedding."""
+    data's label and the embedding; ``decode`` (an ``ActorDecode``): the batches are raw
+    WebDataset rows, decoded in the actor (None: decoded batches, contract 2)."""
     weights: str
     data_classes: list
     precision: str = "auto"
@@ -119,6 +126,19 @@ class PredictorSpec:
     warmup: tuple[int, int] | None = None
     embedding_dtype: str = ""  # float16 or float32: return each image's embedding; '': none
     embed_only: bool = False  # no head: the data's label and the embedding only
+    decode: "ActorDecode | None" = None  # raw rows in: the actor decodes them (--decode-in actor)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorDecode:
+    """How a predictor actor decodes the raw WebDataset rows it is given (``--decode-in
+    actor``): ``data.decode_batch`` with the eval ``transform``, the data's ``num_classes``
+    and ``max_pixels``, on ``device`` ("cuda": nvJPEG on the actor's GPU, the images staying
+    there; "cpu": PIL, the reference path)."""
+    transform: presets.EvalTransform
+    num_classes: int
+    max_pixels: int
+    device: str = "cpu"
 
 
 class Predictor:
@@ -141,6 +161,7 @@ class Predictor:
         self.backbone, self.head = modellib.split_for_inference(net, self.device, self.dtype)
         self.embedding_dtype = spec.embedding_dtype
         self.embed_only = spec.embed_only
+        self.decode = spec.decode
         if not self.embed_only:
             self.classes, index = scored_classes(data_classes, model_classes, spec.restrict)
             self.output_index = None if index is None else torch.from_numpy(index).to(
@@ -163,6 +184,11 @@ class Predictor:
         faults.kill_once("predictor_batch", batch=self.calls)
         start = time.time()
         with torch.inference_mode():
+            if self.decode is not None:  # raw rows: decoded here, on this actor's device
+                d = self.decode
+                batch = data.decode_batch(batch, d.transform, num_classes=d.num_classes,
+                                          max_pixels=d.max_pixels, device=d.device, epoch=0,
+                                          on_device=True)
             out = self._embed(batch) if self.embed_only else self._predict(batch)
         end = time.time()
         n = len(out["key"])
@@ -181,8 +207,7 @@ class Predictor:
         emb = (np.zeros((n, modellib.EMBEDDING_DIM), dtype=self.embedding_dtype)
                if self.embedding_dtype else None)
         if ok.any():
-            x = torch.from_numpy(batch["image"][ok]).to(self.device, non_blocking=True)
-            features = self.backbone(presets.normalize(x, self.dtype))
+            features = self.backbone(presets.normalize(self._images(batch, ok), self.dtype))
             logits = self.head(features)
             if emb is not None:
                 error = self._store(emb, ok, features, error)
@@ -204,6 +229,14 @@ class Predictor:
                 # GPUs that lack bf16)
                 "precision": np.full(n, modellib.precision_name(self.dtype), dtype=object)}
 
+    def _images(self, batch: dict, ok: np.ndarray) -> torch.Tensor:
+        """The decoded rows' uint8 images on the model's device: copied from the host, or, when
+        this actor decoded them on its GPU, selected where they are."""
+        images = batch["image"]
+        if torch.is_tensor(images):
+            return images[torch.from_numpy(ok).to(images.device)].to(self.device)
+        return torch.from_numpy(images[ok]).to(self.device, non_blocking=True)
+
     def _store(self, emb: np.ndarray, ok: np.ndarray, features: torch.Tensor,
                error: np.ndarray) -> np.ndarray:
         """Put the decoded rows' ``features`` into ``emb`` (the stored dtype); return the
@@ -223,8 +256,8 @@ class Predictor:
         ok = error == ""
         emb = np.zeros((n, modellib.EMBEDDING_DIM), dtype=self.embedding_dtype)
         if ok.any():
-            x = torch.from_numpy(batch["image"][ok]).to(self.device, non_blocking=True)
-            error = self._store(emb, ok, self.backbone(presets.normalize(x, self.dtype)), error)
+            error = self._store(emb, ok, self.backbone(presets.normalize(
+                self._images(batch, ok), self.dtype)), error)
         return {"key": batch["key"], "label": batch["label"], "embedding": emb, "error": error,
                 "shard": batch["shard"],
                 "precision": np.full(n, modellib.precision_name(self.dtype), dtype=object)}
@@ -373,7 +406,14 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
     read = data.ReadPlan(batch_size=opts.batch_size, num_cpus=plan.decode_cpus,
                          concurrency=opts.decode_concurrency or None,
                          device=opts.decode_device, num_gpus=plan.decode_gpus)
-    ds, manifest = data.read_decoded(manifest_path, presets.EvalTransform(preset), read)
+    transform = presets.EvalTransform(preset)
+    decode = None
+    if opts.decode_in == "actor":  # raw rows to the actors, which decode them
+        ds, manifest = data.read_raw(manifest_path, read)
+        decode = ActorDecode(transform, len(manifest.classes), manifest.max_pixels,
+                             opts.decode_device)
+    else:
+        ds, manifest = data.read_decoded(manifest_path, transform, read)
     spec = PredictorSpec(
         weights, manifest.classes, opts.precision, plan.use_gpu, opts.topk,
         num_threads=None if plan.use_gpu else opts.threads,
@@ -383,7 +423,8 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
         # starts, not on the data's first batch; at the largest batch the run has (a set
         # smaller than one batch: a warm-up at 64 cost 2.2 s of fp32 on AVX2 for 16 images)
         warmup=(max(1, min(opts.batch_size, manifest.total_samples)), preset.crop_size),
-        embedding_dtype=opts.embedding_dtype if opts.embeddings else "", embed_only=embed_only)
+        embedding_dtype=opts.embedding_dtype if opts.embeddings else "", embed_only=embed_only,
+        decode=decode)
     ds = ds.map_batches(
         Predictor, batch_size=opts.batch_size, compute=ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
@@ -503,7 +544,7 @@ def run_prediction(manifest_path: str, weights: str, out: str,
         opts = dataclasses.replace(opts, embeddings=True)
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
     plan = resources.plan_prediction(resources.current_cluster(), opts.actors, opts.use_gpu,
-                                     opts.cpus_per_actor, opts.decode_device)
+                                     opts.cpus_per_actor, opts.decode_device, opts.decode_in)
     storage.check_writable(out)
     run_id = publish.new_run_id()
     # One publisher per OUT: taken before anything in OUT changes (recover included), renewed
@@ -600,6 +641,7 @@ def _predict_under_lease(run: _Run, lease) -> dict:
                   if t_first and seen > first_n else 0.0)
         facts = {"wall_seconds": wall, "started_at": run.started,
                  "batch_size": opts.batch_size, "actors": opts.actors, "use_gpu": opts.use_gpu,
+                 "decode_device": opts.decode_device, "decode_in": opts.decode_in,
                  "steady_images_per_s": steady,
                  "startup_seconds": (t_first - t0) if t_first else wall,
                  **busy.facts(),

@@ -153,14 +153,15 @@ def plan_training(cluster: Cluster, num_workers: int, use_gpu: bool,
 
 
 def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor: float = 0.0,
-                    decode_device: str = "cpu") -> PredictPlan:
+                    decode_device: str = "cpu", decode_in: str = "tasks") -> PredictPlan:
     """Plan ``actors`` predictor actors and their decode tasks on ``cluster``.
 
     On CPU an actor reserves half a CPU by default (its torch threads use the node's cores
     whatever it reserves) and a decode task one CPU. Ray Data fuses operators whose resources
     are equal, and fused, an actor decodes and infers in turn, so the two never reserve the
     same amount. With ``decode_device="cuda"`` a decode task takes DECODE_GPU_SHARE of a GPU
-    and each actor the rest of its own. Raises ``UsageError`` when the plan cannot run on a
+    and each actor the rest of its own; with ``decode_in="actor"`` the actors decode on their
+    own GPU (whole) and the tasks only read the shards. Raises ``UsageError`` when the plan cannot run on a
     fixed cluster."""
     if actors < 1:
         raise UsageError(f"--actors must be at least 1, not {actors}")
@@ -168,7 +169,7 @@ def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor
         raise UsageError(f"--cpus-per-actor must be >= 0 (0: auto), not {cpus_per_actor:g}")
     check_decode_device(decode_device, use_gpu)
     _warn_unused_gpus(cluster, use_gpu, "the predictor actors run on CPUs")
-    gpu_decode = use_gpu and decode_device == "cuda"
+    gpu_decode = use_gpu and decode_device == "cuda" and decode_in == "tasks"
     gpus_per_actor = (1.0 - DECODE_GPU_SHARE if gpu_decode else 1.0) if use_gpu else 0.0
     if use_gpu and cluster.gpus < actors:
         _refuse_or_warn(cluster, f"--use-gpu with --actors {actors} needs {actors} GPUs")

@@ -283,3 +283,30 @@ def test_jobs_run_ray_data_without_its_operator_reservation(ray_local):
     ctx.op_resource_reservation_enabled, ctx.enable_progress_bars = True, True
     data.configure_context()
     assert ctx.op_resource_reservation_enabled is False and ctx.enable_progress_bars is False
+
+
+def test_batched_jpeg_decoding_takes_the_good_images_and_leaves_a_bad_one_to_pil(photo_shards):
+    """--decode-device cuda's path (``decode_on_device``: one batched decode_jpeg call, image by
+    image when one bad JPEG fails the batch), run here with torchvision's CPU decoder: the good
+    JPEGs are decoded and transformed, a truncated one is left to the PIL path, which records
+    it; the rest agree with PIL's pixels."""
+    _, out = photo_shards
+    raw = []
+    for s in shards.load_manifest(str(out / "val.json")).shards:
+        for key, parts in shards.read_tar_samples((out / s.file).read_bytes(), s.file):
+            raw.append({"__key__": key, "__url__": s.file, **parts})
+    jpegs = [i for i, r in enumerate(raw) if "jpg" in r]
+    assert len(jpegs) == 6 and len(raw) == 7  # and one PNG
+    bad = jpegs[1]
+    raw[bad] = {**raw[bad], "jpg": raw[bad]["jpg"][:len(raw[bad]["jpg"]) // 2]}  # truncated
+    transform = presets.EvalTransform(presets.Preset(80, 64))
+    tensors = torch.zeros((len(raw), 3, 64, 64), dtype=torch.uint8)
+    done = data.decode_on_device(raw, tensors, transform, 0, 2, shards.DEFAULT_MAX_PIXELS)
+    assert done == set(jpegs) - {bad}  # the PNG and the truncated JPEG are PIL's
+    columns = {k for r in raw for k in r}
+    pil = data.decode_batch({k: np.array([r.get(k) for r in raw], dtype=object)
+                             for k in columns}, transform, num_classes=2)
+    assert pil["error"][bad] and not any(pil["error"][i] for i in done)
+    for i in done:
+        assert np.abs(tensors[i].numpy().astype(int) - pil["image"][i].astype(int)).mean() < 2.0
+    assert data.decode_jpegs([], torch.device("cpu")) == []

@@ -102,13 +102,15 @@ def test_on_a_gpu_every_job_that_can_use_it_is_told_to_and_every_command_parses(
         cmds = dict(gpu_run.step_commands(str(tmp_path), str(tmp_path / "img"), 20_000, gpus,
                                           quick=False))
         assert ("predict-decode-cuda" in cmds) == bool(gpus)  # it needs --use-gpu
+        assert ("predict-decode-cuda-actor" in cmds) == bool(gpus)
         for name, argv in cmds.items():
             cfg = _parses(argv)
             if hasattr(cfg, "use_gpu"):
                 assert cfg.use_gpu == bool(gpus), name
         assert _parses(cmds["finetune"]).crop_size == 224
     assert [n for n, _ in gpu_run.step_commands(str(tmp_path), "img", 192, 1, True)] == [
-        "shard-val", "shard-train", "predict", "predict-decode-cuda", "finetune", "nightly-1",
+        "shard-val", "shard-train", "predict", "predict-decode-cuda",
+        "predict-decode-cuda-actor", "finetune", "nightly-1",
         "nightly-2", "benchmark-cuda", "classify"]
     # the CPU rehearsal leaves out the steps that need CUDA
     assert "benchmark-cuda" not in dict(gpu_run.step_commands(str(tmp_path), "img", 192, 0, True))

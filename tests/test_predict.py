@@ -157,3 +157,39 @@ def test_summary_records_the_precision_the_actors_ran(shard_set, tmp_path, ray_l
     assert summary["precision"] == "fp32"
     part = next((tmp_path / "o" / "predictions").glob("*.parquet"))
     assert pq.read_schema(part).metadata[b"precision"] == b"fp32"
+
+
+def test_decoding_in_the_predictor_actor_predicts_what_the_decode_tasks_do(
+        imagenet_like_shards, weights_file, tmp_path):
+    """--decode-in actor: raw rows to the actors, which decode them (PIL on a CPU, nvJPEG on a
+    GPU with --decode-device cuda): on a CPU the same pixels, so the same predictions."""
+    _, shard_dir = imagenet_like_shards
+    manifest = str(shard_dir / "val.json")
+    tasks = _predict(manifest, weights_file, str(tmp_path / "tasks"))
+    actor = _predict(manifest, weights_file, str(tmp_path / "actor"), decode_in="actor")
+    assert actor["decode_in"] == "actor" and tasks["decode_in"] == "tasks"
+    a, b = (metrics.read_predictions(str(tmp_path / d)).sort_values("key").reset_index(drop=True)
+            for d in ("tasks", "actor"))
+    assert len(a) == len(b) == 12 and list(a.key) == list(b.key)
+    assert list(a.pred) == list(b.pred) and list(a.label) == list(b.label)
+    assert np.allclose(np.stack(a.topk_prob), np.stack(b.topk_prob), atol=1e-6)
+    assert actor["top1"] == tasks["top1"]
+
+
+def test_images_already_on_the_predictors_device_are_taken_where_they_are(weights_file):
+    """An actor that decoded on its GPU holds the images as a device tensor: the predictor
+    selects the decoded rows there (here a CPU tensor) and predicts what it does from host
+    arrays."""
+    from pipeline import predict
+
+    p = predict.Predictor(predict.PredictorSpec(weights_file, modellib.imagenet_classes()[:3],
+                                                precision="fp32", use_gpu=False))
+    rng = np.random.default_rng(0)
+    batch = {"key": np.array(["a", "b", "c"], dtype=object), "label": np.array([0, 1, 2]),
+             "image": rng.integers(0, 256, (3, 3, 64, 64), dtype=np.uint8),
+             "error": np.array(["", "bad", ""], dtype=object),
+             "shard": np.array(["s"] * 3, dtype=object)}
+    host = p(batch)
+    device = p({**batch, "image": torch.from_numpy(batch["image"])})
+    assert list(host["pred"]) == list(device["pred"]) and host["pred"][1] == -1
+    assert np.allclose(host["topk_prob"], device["topk_prob"])

@@ -70,6 +70,12 @@ def test_gpu_decoding_leaves_a_share_of_each_gpu_to_the_decode_tasks():
         resources.plan_prediction(resources.Cluster(16, 1), 2, True)
 
 
+def test_decoding_in_the_actor_gives_it_the_whole_gpu_and_the_tasks_none():
+    plan = resources.plan_prediction(resources.Cluster(16, 1), 1, True, decode_device="cuda",
+                                     decode_in="actor")
+    assert plan.gpus_per_actor == 1.0 and plan.decode_gpus == 0.0
+
+
 def test_gpu_decoding_without_use_gpu_is_refused_instead_of_decoding_with_pil():
     """The decode tasks' GPU share is a share of the actors' GPUs: without --use-gpu there is
     none, and each task fell back to PIL without a word."""
