@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 NOT_MEASURED = "no CUDA device: not measured"
 NIGHTLY_IMAGES, NIGHTLY_NODES = 50_000, 8
-CROP, RESIZE = presets.CROP_SIZE, presets.RESIZE_SIZE
+CROP = presets.CROP_SIZE
 
 # Table row names (the tests look for them in the output).
 ROW_MODEL = "model alone"
@@ -216,37 +216,21 @@ def train_rate(sz: Sizes, device: torch.device, amp_dtype: torch.dtype) -> float
 
 # --- nvJPEG and the equivalence rows (CUDA only) -------------------------------------------------
 
-def nvjpeg_preset(raws: list[torch.Tensor]) -> torch.Tensor:
-    """JPEG byte tensors -> uint8 N x 3 x 224 x 224 on the GPU: one batched nvJPEG call, then
-    the eval preset (shorter side 256, bilinear, antialiased; centre crop 224) per image."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
-
-    imgs = decode_jpeg(raws, mode=ImageReadMode.RGB, device="cuda")
-    return torch.stack([TF.center_crop(TF.resize(im, [RESIZE], InterpolationMode.BILINEAR,
-                                                 antialias=True), [CROP]) for im in imgs])
+def nvjpeg_preset(raws: list[torch.Tensor], device: str = "cuda") -> torch.Tensor:
+    """JPEG byte tensors -> uint8 N x 3 x 224 x 224 on the GPU, as --decode-device cuda does it:
+    ``data.decode_jpegs`` (one batched nvJPEG call) and the eval preset on each GPU tensor
+    (``presets.EvalTransform.on_tensor``: shorter side 256, bilinear, antialiased; centre crop
+    224). For images nvJPEG decodes (``nvjpeg_decodable``). ``device`` "cpu": torchvision's
+    CPU decoder, the same code (the tests)."""
+    transform = presets.EvalTransform()
+    return torch.stack([transform.on_tensor(im) for im in data.decode_jpegs(raws, device)])
 
 
-def nvjpeg_decodable(raws: list[torch.Tensor], batch: int) -> list[int]:
-    """Indices nvJPEG decodes. A batched call fails whole on one bad image, so a failing batch
-    is retried image by image to count the images (not batches) it cannot take."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    ok = []
-    for s in range(0, len(raws), batch):
-        try:
-            decode_jpeg(raws[s:s + batch], mode=ImageReadMode.RGB, device="cuda")
-            ok += range(s, min(s + batch, len(raws)))
-            continue
-        except RuntimeError:
-            pass
-        for i in range(s, min(s + batch, len(raws))):
-            try:
-                decode_jpeg(raws[i], mode=ImageReadMode.RGB, device="cuda")
-                ok.append(i)
-            except RuntimeError:
-                pass
+def nvjpeg_decodable(raws: list[torch.Tensor], batch: int, device: str = "cuda") -> list[int]:
+    """Indices nvJPEG decodes (``data.decode_jpegs``, batch by batch: a batch that fails is
+    retried image by image there, so the images, not batches, it cannot take are counted)."""
+    ok = [s + j for s in range(0, len(raws), batch)
+          for j, im in enumerate(data.decode_jpegs(raws[s:s + batch], device)) if im is not None]
     if not ok:  # every image failing is a broken decoder or device, not data
         raise RuntimeError(f"nvJPEG decoded none of {len(raws)} generated JPEGs")
     return ok

@@ -189,3 +189,19 @@ def test_generated_jpegs_are_imagenet_like_and_reproducible():
     assert all(300 <= min(s) and max(s) < 560 for s in sizes)
     assert [Image.open(io.BytesIO(j)).mode for j in a].count("L") == 1  # number 49
     assert 50_000 < sum(map(len, a)) / len(a) < 200_000
+
+
+def test_the_nvjpeg_rows_run_the_pipelines_batched_decode_and_count_bad_images():
+    """The GPU rows' decode is ``data.decode_jpegs`` + the eval preset on tensors; run here
+    with torchvision's CPU decoder, the same code: a truncated JPEG is counted, not fatal."""
+    import torch
+
+    jpegs = gpu_table._make_jpegs(0, 4)
+    jpegs[2] = jpegs[2][:len(jpegs[2]) // 2]
+    raws = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+    ok = gpu_table.nvjpeg_decodable(raws, 3, "cpu")
+    assert ok == [0, 1, 3]
+    out = gpu_table.nvjpeg_preset([raws[i] for i in ok], "cpu")
+    assert out.shape == (3, 3, 224, 224) and out.dtype == torch.uint8
+    with pytest.raises(RuntimeError, match="decoded none of 1"):
+        gpu_table.nvjpeg_decodable([raws[2]], 3, "cpu")
