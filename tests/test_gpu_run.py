@@ -1,7 +1,6 @@
-"""The prepared GPU run's pieces that need no GPU and no Ray: the table a run prints and writes
-into docs/BENCHMARKS.md, the image generator, and the bundle script's usage. The whole run was
-rehearsed on the CPU with --quick (docs/BENCHMARKS.md, "The GPU run"); it takes minutes on 2 cores,
-too long for the suites."""
+"""The prepared GPU run: the table it prints and writes into docs/BENCHMARKS.md, the goals it
+judges, its commands (every job that can use the GPU is told to), the image generator, the
+bundle script's usage, and (slow, ~2.5 min) the whole run with --quick on the CPU."""
 
 from __future__ import annotations
 
@@ -151,3 +150,33 @@ def test_the_jobs_goals_are_judged_on_a_gpu_from_the_steps_figures_only():
         r.update(kw)
         assert all(g["met"] is None for g in gpu_run.judge_goals(r))
         assert "(not judged" in gpu_run.table(r)
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_run_goes_through_on_the_cpu_with_quick(tmp_path):
+    """The whole prepared run (bench/gpu_run.sh --quick: 192 images, every step as its own job
+    process on its own local Ray cluster), as it must go through before a GPU session spends
+    minutes on it: every step exits 0 and the figures the GPU run reports are there. ~2.5 min
+    on 2 cores (the steps that need CUDA are left out here)."""
+    import json
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([os.path.join(ROOT, "bench", "gpu_run.sh"), str(tmp_path / "gr"),
+                           "--quick"], capture_output=True, text=True, timeout=900, env=env,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    r = json.loads((tmp_path / "gr" / "gpu_run.json").read_text())
+    steps = {s["step"]: s for s in r["steps"]}
+    assert list(steps) == [n for n, _ in gpu_run.step_commands(
+        str(tmp_path / "gr"), "img", 192, 0, True)] and not r["failed"]
+    assert steps["predict"]["samples"] == 192 and steps["predict"]["failures"] == 0
+    assert 0 < steps["predict"]["predictor_busy_share"] <= 1
+    assert [e["epoch"] for e in steps["finetune"]["epochs"]] == [0, 1]
+    assert all(0 <= e["train_data_wait_share"] <= 1 for e in steps["finetune"]["epochs"])
+    assert steps["nightly-1"]["verdict"].startswith("first run")
+    assert steps["nightly-2"]["verdict"].startswith("no significant change")
+    assert steps["classify"]["lines"] == 4
+    assert all(g["met"] is None for g in r["goals"])  # a CPU judges no H200 goal
+    assert "| predict | 0 |" in proc.stdout and "Goals for one H200 (not judged" in proc.stdout
