@@ -83,6 +83,10 @@ def generate(root: str, n: int, cores: int) -> float:
     return time.monotonic() - t0
 
 
+# The steps that need CUDA: left out on a machine without it (the CPU rehearsal), and said so.
+CUDA_STEPS = ("predict-decode-cuda", "predict-decode-cuda-actor", "benchmark-cuda")
+
+
 def step_commands(out: str, images: str, n: int, gpus: int, quick: bool,
                   write_docs: bool = False) -> list[tuple[str, list[str]]]:
     """The run's steps in order, as (name, ``python -m`` arguments): shard val and train, the
@@ -231,6 +235,7 @@ def run(args) -> dict:
     finally:
         ray.shutdown()
     result["failed"] = [r["step"] for r in result["steps"] if not r["ok"]]
+    result["skipped"] = [] if gpus else list(CUDA_STEPS)
     result["goals"] = judge_goals(result)
     return result
 
@@ -339,6 +344,8 @@ def table(r: dict) -> str:
             fig = f"{s.get('lines')} JSON lines"
         exit_ = s["exit"] if s["ok"] else f"**{s['exit']}** (expected {s['expected_exit']})"
         rows.append(f"| {s['step']} | {exit_} | {s['wall_s']} s | {fig} |")
+    rows += [f"| {name} | skipped | | needs CUDA: not run on this machine |"
+             for name in r.get("skipped", [])]
     goals = r.get("goals") or judge_goals(r)
     return "\n".join([head, "", *rows, "", goals_text(goals, bool(r["gpus"]) and not r["quick"])])
 

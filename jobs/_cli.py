@@ -45,12 +45,23 @@ def repeated(help: str, metavar: str, required: bool = False):  # noqa: A002
 TYPES = {"int": int, "float": float, "str": str}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each flag's help, except where the help names its
+    default itself, or the default is empty (the help says what empty means): "(default: )"
+    said nothing, twice over after "(default: ./demo-<time>)"."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or "") or action.default in ("", None):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse(cls, argv=None, job: str = ""):
     """Parse ``argv`` into the frozen dataclass ``cls``; exits with usage on bad input."""
     parser = argparse.ArgumentParser(
         prog=f"python -m jobs.{job}",
         description=cls.__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata

@@ -57,7 +57,7 @@ class BenchmarkConfig:
                                        "with --quick; at least 3 batches)")
     train_crop: int = _cli.option(112, "cpu: training crop size (reduced from 224 for CPU "
                                        "speed)")
-    workdir: str = _cli.option("", "cpu: scratch folder (default: a temporary one, deleted)")
+    workdir: str = _cli.option("", "cpu: scratch folder, kept (empty: a temporary one, deleted)")
     equiv_images: int = _cli.option(0, "cuda: images for the equivalence rows (0: 128, or 16 "
                                        "with --quick)")
     repeats: int = _cli.option(0, "cuda: timed repeats per figure, the best is kept (0: 5, or "

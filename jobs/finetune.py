@@ -84,6 +84,8 @@ def run(cfg: FinetuneConfig) -> dict:
     for note in plan.notes:
         print(f"warning: {note}", file=sys.stderr)
     print(f"resources: {plan.resources.describe()}")
+    if plan.first_epoch == 0 and cfg.weights.lower() == "none":
+        print("weights: none -> a random init (no pretrained weights) for a new run")
     if plan.first_epoch >= cfg.epochs:
         print(f"run {cfg.name} has already trained {plan.first_epoch} of {cfg.epochs} epochs: "
               f"nothing to train (rerun with a higher --epochs to go on)")
@@ -101,12 +103,12 @@ def main(argv=None) -> int:
     train.check_inputs(cfg.train, cfg.val, cfg.weights)  # before Ray starts
     _cli.setup_logging()
     _cli.init_ray()
-    if cfg.weights.lower() == "none":
-        print("weights: none -> a random init (no pretrained weights) for a new run")
     out = run(cfg)
-    print(json.dumps({k: out.get(k) for k in ("epoch", "train_loss", "train_top1", "val_top1",
-                                               "val_top5", "train_images_per_s",
-                                               "train_data_wait_share", "model")}, indent=1))
+    # history.json counts epochs from 0; the epoch lines and this summary from 1
+    print(json.dumps({"epochs_trained": out["epoch"] + 1,
+                      **{k: out.get(k) for k in ("train_loss", "train_top1", "val_top1",
+                                                 "val_top5", "train_images_per_s",
+                                                 "train_data_wait_share", "model")}}, indent=1))
     # a run resumed from a checkpoint written before the data wait was timed has none
     if "train_data_wait_share" in out:
         print(f"last epoch: {timeshare.train_text(out['train_data_wait_share'])}")

@@ -178,21 +178,24 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The rows of ``_predict`` or ``_embed``, plus this call's timing on every row (the
         driver's ``BusyShare`` takes it; no Parquet column): ``TIMING_COLUMNS``, the call's
-        seconds shared out over its rows, this actor, and the call's start and end (this
-        actor's wall clock, seconds since the epoch)."""
+        seconds and those of its decoding (``--decode-in actor``; else 0) shared out over its
+        rows, this actor, and the call's start and end (this actor's wall clock, seconds since
+        the epoch)."""
         self.calls += 1
         faults.kill_once("predictor_batch", batch=self.calls)
-        start = time.time()
+        start = decoded = time.time()
         with torch.inference_mode():
             if self.decode is not None:  # raw rows: decoded here, on this actor's device
                 d = self.decode
                 batch = data.decode_batch(batch, d.transform, num_classes=d.num_classes,
                                           max_pixels=d.max_pixels, device=d.device, epoch=0,
                                           on_device=True)
+                decoded = time.time()
             out = self._embed(batch) if self.embed_only else self._predict(batch)
         end = time.time()
         n = len(out["key"])
         out.update({"_busy_s": np.full(n, (end - start) / max(n, 1)),
+                    "_decode_s": np.full(n, (decoded - start) / max(n, 1)),
                     "_actor": np.full(n, self.actor, dtype=object),
                     "_call_start": np.full(n, start), "_call_end": np.full(n, end)})
         return out
@@ -245,7 +248,7 @@ class Predictor:
         with np.errstate(over="ignore"):  # beyond float16's range: inf, caught next
             emb[ok] = features.float().cpu().numpy().astype(self.embedding_dtype)
         bad = ok & ~np.isfinite(emb).all(axis=1)
-        return np.where(bad, "non-finite embedding (NaN or inf in the pooled feature as "
+        return np.where(bad, f"{NON_FINITE} (NaN or inf in the pooled feature as "
                              f"{self.embedding_dtype})", error) if bad.any() else error
 
     def _embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -432,38 +435,51 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
     return ds, manifest
 
 
-TIMING_COLUMNS = ("_busy_s", "_actor", "_call_start", "_call_end")
+TIMING_COLUMNS = ("_busy_s", "_decode_s", "_actor", "_call_start", "_call_end")
 
 
 class BusyShare:
     """The predictor actors' busy share (``pipeline.timeshare``) from the timing columns of
     their output batches: each actor's seconds inside ``Predictor.__call__`` over the span from
-    the start of its first call to the end of its last, summed over the actors."""
+    the start of its first call to the end of its last, summed over the actors that made two
+    calls or more (one call's span is that call: always 100%, a figure that says nothing)."""
 
     def __init__(self):
-        self.actors: dict[str, list[float]] = {}  # actor -> [first start, last end, busy s]
+        # actor -> {"first", "last" (wall clock), "busy", "decode" (seconds), "calls" (starts)}
+        self.actors: dict[str, dict] = {}
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         for actor in set(batch["_actor"].tolist()):
             mine = batch["_actor"] == actor
-            a = self.actors.setdefault(actor, [float("inf"), float("-inf"), 0.0])
-            a[0] = min(a[0], float(batch["_call_start"][mine].min()))
-            a[1] = max(a[1], float(batch["_call_end"][mine].max()))
-            a[2] += float(batch["_busy_s"][mine].sum())
+            a = self.actors.setdefault(actor, {"first": float("inf"), "last": float("-inf"),
+                                               "busy": 0.0, "decode": 0.0, "calls": set()})
+            a["first"] = min(a["first"], float(batch["_call_start"][mine].min()))
+            a["last"] = max(a["last"], float(batch["_call_end"][mine].max()))
+            a["busy"] += float(batch["_busy_s"][mine].sum())
+            a["decode"] += float(batch["_decode_s"][mine].sum())
+            a["calls"].update(batch["_call_start"][mine].tolist())
 
     def facts(self) -> dict:
-        """summary.json's ``predictor_busy_share`` (None: no batch), ``predictor_busy_seconds``
-        and ``predictor_actors`` (the actors that predicted)."""
-        busy = sum(a[2] for a in self.actors.values())
-        span = sum(a[1] - a[0] for a in self.actors.values())
-        return {"predictor_busy_share": timeshare.share(busy, span),
-                "predictor_busy_seconds": busy, "predictor_actors": len(self.actors)}
+        """summary.json's ``predictor_busy_share`` (None: no actor made two calls),
+        ``predictor_busy_seconds`` and ``predictor_decode_seconds`` (all actors; decoding is
+        part of busy with ``--decode-in actor``), ``predictor_actors`` (the actors that
+        predicted) and ``predictor_calls``."""
+        timed = [a for a in self.actors.values() if len(a["calls"]) >= 2]
+        busy = sum(a["busy"] for a in timed)
+        return {"predictor_busy_share": timeshare.share(
+                    busy, sum(a["last"] - a["first"] for a in timed)),
+                "predictor_busy_seconds": sum(a["busy"] for a in self.actors.values()),
+                "predictor_decode_seconds": sum(a["decode"] for a in self.actors.values()),
+                "predictor_actors": len(self.actors),
+                "predictor_calls": sum(len(a["calls"]) for a in self.actors.values())}
 
 
 def busy_text(summary: dict) -> str:
     """``timeshare.predictor_text`` for a run's summary.json."""
     return timeshare.predictor_text(summary.get("predictor_busy_share"),
-                                    summary.get("predictor_actors", 0))
+                                    summary.get("predictor_actors", 0),
+                                    summary.get("predictor_decode_seconds", 0.0)
+                                    / max(summary.get("predictor_busy_seconds", 0.0), 1e-9))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -663,14 +679,30 @@ def _predict_under_lease(run: _Run, lease) -> dict:
                             f"published; the previous set in {out} is untouched") from e
     lease.check()  # LeaseLost: another run took OUT over; publish nothing
     publish.publish_or_roll_back(staging, out, run_id)
+    where = f"see {storage.join(out, 'failures.parquet')}"
+    why = failure_causes(failures, opts)
     if len(failures) == manifest.total_samples:  # nothing to score: no metric to report
-        raise FailedSamples(f"none of the {manifest.total_samples} samples could be decoded; "
-                            f"see {storage.join(out, 'failures.parquet')}")
+        raise FailedSamples(f"none of the {manifest.total_samples} samples gave a result "
+                            f"({why}); {where}")
     if failurelib.over_limit(len(failures), manifest.total_samples, opts.max_failed_fraction):
-        raise FailedSamples(f"{len(failures)} of {manifest.total_samples} samples failed to "
-                            f"decode (allowed: {opts.max_failed_fraction:.2%}); see "
-                            f"{storage.join(out, 'failures.parquet')}")
+        raise FailedSamples(f"{len(failures)} of {manifest.total_samples} samples failed "
+                            f"({why}; allowed: {opts.max_failed_fraction:.2%}); {where}")
     return summary
+
+
+NON_FINITE = "non-finite embedding"  # how a failed image's error starts when its vector was
+
+
+def failure_causes(failures: list[dict], opts: PredictOptions) -> str:
+    """The failed samples by cause, e.g. ``14 gave a non-finite embedding as float16 (beyond
+    its range: --embedding-dtype float32 keeps them)`` or ``3 could not be decoded``."""
+    vectors = sum(f["error"].startswith(NON_FINITE) for f in failures)
+    parts = [f"{len(failures) - vectors} could not be decoded"] if len(failures) > vectors else []
+    if vectors:
+        hint = (" (NaN or beyond float16's range of +-65,504: --embedding-dtype float32 keeps "
+                "those that are finite)" if opts.embedding_dtype == "float16" else "")
+        parts.append(f"{vectors} gave a non-finite embedding as {opts.embedding_dtype}{hint}")
+    return ", ".join(parts)
 
 
 REAL_LABELS_BUILTIN = "builtin"

@@ -12,12 +12,17 @@ of silently changing the train crops, the val split or the resume point:
 - ``latest_recorded_checkpoint``: the layout of Ray Train V2's ``checkpoint_manager_snapshot.json``
   (``_CheckpointManagerState``), the record of which checkpoint a rerun resumes from.
 
+- ``quiet_train_reports``: the logger through which each Ray Train V2 worker logs every
+  ``ray.train.report`` at INFO (the whole metrics dict and checkpoint, named by its module's
+  file path), which buried the jobs' own epoch lines.
+
 Everything else the pipeline uses of Ray is public API (``ray.data``, ``ray.train``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 from pipeline.errors import InputError
 
@@ -72,3 +77,14 @@ def latest_recorded_checkpoint(snapshot_text: str, where: str = SNAPSHOT_FILE
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{where} cannot be read ({type(e).__name__}: {e}): this Ray version "
                          f"writes another format, or the file is damaged") from e
+
+
+def quiet_train_reports() -> str:
+    """Raise to WARNING the logger that logs each ``ray.train.report`` in a Ray Train V2
+    worker ("Reporting training result N: TrainingReport(...)", ``ray/train/v2/_internal/
+    execution/context.py``, ``logging.getLogger(__file__)``): the epoch line says the same in
+    words. Call it in the worker; returns the logger's name."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    return context.__file__

@@ -42,7 +42,7 @@ class Cluster:
 
     def describe(self) -> str:
         """One phrase naming the cluster's CPUs and GPUs, for error and warning messages."""
-        return f"this Ray cluster has {self.cpus:g} CPUs and {self.gpus:g} GPUs"
+        return f"this Ray cluster has {count(self.cpus, 'CPU')} and {count(self.gpus, 'GPU')}"
 
 
 def current_cluster() -> Cluster:
@@ -70,7 +70,8 @@ class TrainPlan:
         rest" on a cluster that may grow) and the CPUs of one decode task."""
         gpu = ", 1 GPU" if self.use_gpu else ""
         data = "the rest" if self.data_cpus is None else f"{self.data_cpus:g} CPUs"
-        return (f"{self.num_workers} Train workers x ({self.cpus_per_worker:g} CPU{gpu}) + "
+        return (f"{count(self.num_workers, 'Train worker')} x ({self.cpus_per_worker:g} CPU{gpu})"
+                f" + "
                 f"data stage {data} (decode tasks of {self.decode_cpus:g} CPU)")
 
 
@@ -88,9 +89,15 @@ class PredictPlan:
         """One line for logs: actors x (CPUs, GPU share each) and the CPUs (and GPU share) of one
         decode task."""
         gpu = f", {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
-        return (f"{self.actors} predictor actors x ({self.cpus_per_actor:g} CPU{gpu}) + decode "
+        return (f"{count(self.actors, 'predictor actor')} x ({self.cpus_per_actor:g} CPU{gpu})"
+                f" + decode "
                 f"tasks of {self.decode_cpus:g} CPU"
                 + (f", {self.decode_gpus:g} GPU" if self.decode_gpus else ""))
+
+
+def count(n: float, noun: str) -> str:
+    """``n`` and ``noun``, plural when ``n`` is not 1: ``1 GPU``, ``2 GPUs``, ``0.5 CPUs``."""
+    return f"{n:g} {noun}{'' if n == 1 else 's'}"
 
 
 def _refuse_or_warn(cluster: Cluster, problem: str) -> None:
@@ -130,7 +137,7 @@ def plan_training(cluster: Cluster, num_workers: int, use_gpu: bool,
     _warn_unused_gpus(cluster, use_gpu, "the Train workers run on CPUs")
     if use_gpu and cluster.gpus < num_workers:
         _refuse_or_warn(cluster, f"--use-gpu with --num-workers {num_workers} needs "
-                                 f"{num_workers} GPUs")
+                                 f"{count(num_workers, 'GPU')}")
     cpus = cluster.cpus
     reserve = min(max(1.0, DATA_SHARE * cpus), cpus / 2)
     if cpus_per_worker == 0:
@@ -161,8 +168,8 @@ def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor
     are equal, and fused, an actor decodes and infers in turn, so the two never reserve the
     same amount. With ``decode_device="cuda"`` a decode task takes DECODE_GPU_SHARE of a GPU
     and each actor the rest of its own; with ``decode_in="actor"`` the actors decode on their
-    own GPU (whole) and the tasks only read the shards. Raises ``UsageError`` when the plan cannot run on a
-    fixed cluster."""
+    own GPU (whole) and the tasks only read the shards. Raises ``UsageError`` when the plan
+    cannot run on a fixed cluster."""
     if actors < 1:
         raise UsageError(f"--actors must be at least 1, not {actors}")
     if cpus_per_actor < 0:
@@ -172,7 +179,8 @@ def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor
     gpu_decode = use_gpu and decode_device == "cuda" and decode_in == "tasks"
     gpus_per_actor = (1.0 - DECODE_GPU_SHARE if gpu_decode else 1.0) if use_gpu else 0.0
     if use_gpu and cluster.gpus < actors:
-        _refuse_or_warn(cluster, f"--use-gpu with --actors {actors} needs {actors} GPUs")
+        _refuse_or_warn(cluster, f"--use-gpu with --actors {actors} needs "
+                                 f"{count(actors, 'GPU')}")
     if cpus_per_actor == 0:
         want = 1.0 if use_gpu else 0.5
         cpus_per_actor = _round_down(max(0.01, min(want, (cluster.cpus - 1.0) / actors)))

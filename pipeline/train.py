@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from pipeline import model as modellib, presets, ray_compat, train_worker
+from pipeline import model as modellib, presets, ray_compat, resources, train_worker
 from pipeline.errors import InputError, PipelineError, UsageError
 from pipeline.train_worker import LoopConfig, check_resumable, load_state
 
@@ -89,11 +89,13 @@ def per_worker_batch(train_samples: int, num_workers: int, batch_size: int) -> t
     if share < MIN_BATCH:
         raise UsageError(f"the train split has {train_samples} images: with --num-workers "
                          f"{num_workers} each worker gets {share}, fewer than a batch of "
-                         f"{MIN_BATCH}; use fewer workers or more images")
+                         f"{MIN_BATCH} (a training batch of 1 breaks BatchNorm); use fewer "
+                         f"workers or more images")
     if share >= batch_size:
         return batch_size, ""
     return share, (f"--batch-size {batch_size} is larger than each worker's share of the train "
-                   f"split ({train_samples} images / {num_workers} workers = {share}): using a "
+                   f"split ({train_samples} images / {resources.count(num_workers, 'worker')} "
+                   f"= {share}): using a "
                    f"per-worker batch of {share}, one step per epoch")
 
 
@@ -119,7 +121,7 @@ def plan_run(loop_config: LoopConfig, *, train_manifest: str, val_manifest: str,
     for settings that cannot run: a resource plan the cluster cannot give, too few train images
     for the workers, train and val class lists that differ, or a rerun of STORAGE/NAME whose
     settings differ from the run it would resume."""
-    from pipeline import resources, storage
+    from pipeline import storage
 
     storage_path = storage_path if storage.is_uri(storage_path) else os.path.abspath(storage_path)
     plan = resources.plan_training(cluster or resources.current_cluster(), num_workers, use_gpu,

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import failures as failurelib, faults, model as modellib, presets, timeshare
+from pipeline import failures as failurelib, faults, model as modellib, presets, ray_compat
+from pipeline import timeshare
 from pipeline.errors import UsageError
 
 STATE_FILE = "state.pt"
@@ -371,6 +372,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    ray_compat.quiet_train_reports()  # its INFO line per report buried the epoch line
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     cfg: LoopConfig = config["loop"]

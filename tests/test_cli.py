@@ -116,3 +116,20 @@ def test_bad_inputs_fail_before_ray_starts(job, argv, expected, tmp_path, monkey
     assert code in (1, 2) and fill(expected) in text, text
     assert text.startswith("error: ") and len(text.strip().splitlines()) == 1, text
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("job", ["shard", "predict", "finetune", "evaluate", "nightly_eval",
+                                 "classify", "embed", "probe", "benchmark", "demo"])
+def test_help_never_says_an_empty_or_a_second_default(job, capsys):
+    """argparse appended "(default: )" to every flag whose default is empty, and a second
+    "(default: )" where the help named its default itself."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"jobs.{job}").main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    import re
+
+    assert "(default: )" not in text and not re.search(r"\(default: [^)]*\) \(default:", text)
+    assert "(default: " in text  # the non-empty defaults are still shown

@@ -120,3 +120,19 @@ def test_a_non_finite_vector_is_a_failed_image_never_a_row(weights_file):
     assert out["error"][0] == "" and out["error"][3] == "bad jpeg"
     assert all(out["error"][i].startswith("non-finite embedding") for i in (1, 2))
     assert out["embedding"].shape == (4, 512) and out["embedding"].dtype == np.float16
+
+
+def test_a_run_stopped_by_non_finite_vectors_says_so_not_that_images_failed_to_decode():
+    """A newcomer's fine-tuned model gave pooled features beyond float16's range: 14 of 15
+    rows failed, and the job said they 'failed to decode' (they had decoded), without the way
+    out (--embedding-dtype float32)."""
+    from pipeline import predict
+
+    failures = [{"error": "non-finite embedding (NaN or inf in the pooled feature as float16)"}
+                ] * 14 + [{"error": "UnidentifiedImageError: cannot identify image file"}]
+    why = predict.failure_causes(failures, predict.PredictOptions(embeddings=True))
+    assert why.startswith("1 could not be decoded, 14 gave a non-finite embedding as float16")
+    assert "--embedding-dtype float32" in why
+    wide = predict.failure_causes(failures[:2], predict.PredictOptions(
+        embeddings=True, embedding_dtype="float32"))
+    assert wide == "2 gave a non-finite embedding as float32"

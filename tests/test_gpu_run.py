@@ -36,13 +36,19 @@ def test_the_table_has_a_row_per_step_with_its_figures_and_names_a_failure():
                      "val_top1": 10.5, "precision": "bf16"}]},
         {"step": "nightly-2", "exit": 0, "expected_exit": 0, "ok": True, "wall_s": 30.0,
          "verdict": "no significant change (exit 0)"},
+        {"step": "benchmark-cuda", "exit": 0, "expected_exit": 0, "ok": True, "wall_s": 70.0,
+         "figures": {"model_img_s": 21_000.0, "precision": "bf16", "predictor_img_s": 19_000.0,
+                     "cores": 16, "cpu_decode_img_s": 6_000.0, "nvjpeg_img_s": 8_000.0,
+                     "train_img_s": 4_000.0, "equiv_top1_agree_pct": 99.2}},
     ]
     text = gpu_run.table(_record(steps=steps))
     lines = text.splitlines()
     assert lines[0].startswith("GPU run 2026-12-04 23:10 UTC on NVIDIA H200 (1 GPU), CPU ")
     assert machine.describe() in lines[0] and "`python -m bench.gpu_run /tmp/gr`" in lines[0]
     rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| step")]
-    assert [r.split(" | ")[0] for r in rows] == ["| predict", "| finetune", "| nightly-2"]
+    assert [r.split(" | ")[0] for r in rows] == ["| predict", "| finetune", "| nightly-2",
+                                                 "| benchmark-cuda"]
+    assert "model alone 21,000.0 img/s (bf16)" in rows[3] and "nvJPEG 8,000.0 img/s" in rows[3]
     assert "5,100.0 img/s steady" in rows[0] and "bf16" in rows[0]
     assert "| **1** (expected 0) |" in rows[1] and "3,100.0 img/s steady" in rows[1]
     assert "verdict: no significant change (exit 0)" in rows[2]
@@ -179,4 +185,7 @@ def test_the_prepared_gpu_run_goes_through_on_the_cpu_with_quick(tmp_path):
     assert steps["nightly-2"]["verdict"].startswith("no significant change")
     assert steps["classify"]["lines"] == 4
     assert all(g["met"] is None for g in r["goals"])  # a CPU judges no H200 goal
+    assert r["skipped"] == list(gpu_run.CUDA_STEPS)  # and says which steps it left out
+    for name in gpu_run.CUDA_STEPS:
+        assert f"| {name} | skipped | | needs CUDA" in proc.stdout
     assert "| predict | 0 |" in proc.stdout and "Goals for one H200 (not judged" in proc.stdout

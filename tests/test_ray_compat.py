@@ -82,3 +82,15 @@ def test_building_the_jobs_datasets_uses_no_argument_ray_calls_deprecated(shard_
                                    predict.PredictOptions(decode_concurrency=1),
                                    presets.Preset(18, 16))
     assert not [r for r in caplog.records if "deprecated" in r.getMessage()], caplog.text
+
+
+def test_the_train_report_logger_is_the_one_ray_train_logs_each_report_with():
+    """Ray Train V2 logs every report at INFO from each worker, through a logger named by its
+    module's file: quiet_train_reports must name that logger, or the lines come back."""
+    from ray.train.v2._internal.execution import context
+
+    source = inspect.getsource(context)
+    assert "logger = logging.getLogger(__file__)" in source
+    assert 'f"Reporting training result {report_call_index}: {training_report} "' in source
+    name = ray_compat.quiet_train_reports()
+    assert name == context.__file__ and context.logger.getEffectiveLevel() == logging.WARNING

@@ -69,29 +69,38 @@ def test_a_one_step_epoch_says_the_data_wait_was_not_measured():
     assert "not measured" in timeshare.train_text(None)
 
 
-def _timed_rows(actor: str, calls: list[tuple[float, float, int]]) -> dict:
-    """Predictor output timing columns for ``calls`` of (start, end, rows) on one actor."""
-    rows = [(start, end, (end - start) / n) for start, end, n in calls for _ in range(n)]
+def _timed_rows(actor: str, calls: list[tuple[float, float, int]], decode: float = 0.0) -> dict:
+    """Predictor output timing columns for ``calls`` of (start, end, rows) on one actor, each
+    call spending ``decode`` seconds decoding."""
+    rows = [(start, end, (end - start) / n, decode / n) for start, end, n in calls
+            for _ in range(n)]
     return {"_actor": np.array([actor] * len(rows), dtype=object),
             "_call_start": np.array([r[0] for r in rows]),
             "_call_end": np.array([r[1] for r in rows]),
-            "_busy_s": np.array([r[2] for r in rows])}
+            "_busy_s": np.array([r[2] for r in rows]),
+            "_decode_s": np.array([r[3] for r in rows])}
 
 
 def test_predictor_busy_share_is_busy_seconds_over_each_actors_span():
     busy = predict.BusyShare()
-    # actor a: calls 0-1 and 3-4 (busy 2 s of a 4 s span); actor b: 10-12 (2 of 2 s)
-    a = _timed_rows("a", [(0.0, 1.0, 3), (3.0, 4.0, 5)])
+    # actor a: calls 0-1 and 3-4 (busy 2 s of a 4 s span); actor c: 5-6 and 6-8 (3 of 3 s);
+    # actor b: one call, 10-12 (its span is its call: 100% whatever the input did; left out)
+    a = _timed_rows("a", [(0.0, 1.0, 3), (3.0, 4.0, 5)], decode=0.5)
+    c = _timed_rows("c", [(5.0, 6.0, 2), (6.0, 8.0, 2)])
     b = _timed_rows("b", [(10.0, 12.0, 4)])
-    # the driver's batches need not be the actors': rows of both, split anywhere
-    both = {c: np.concatenate([a[c], b[c]]) for c in a}
-    busy.add({c: v[:5] for c, v in both.items()})
-    busy.add({c: v[5:] for c, v in both.items()})
+    # the driver's batches need not be the actors': rows of all, split anywhere
+    rows = {k: np.concatenate([a[k], c[k], b[k]]) for k in a}
+    busy.add({k: v[:5] for k, v in rows.items()})
+    busy.add({k: v[5:] for k, v in rows.items()})
     facts = busy.facts()
-    assert facts["predictor_actors"] == 2
-    assert facts["predictor_busy_seconds"] == pytest.approx(4.0)
-    assert facts["predictor_busy_share"] == pytest.approx(4.0 / 6.0)
+    assert facts["predictor_actors"] == 3 and facts["predictor_calls"] == 5
+    assert facts["predictor_busy_seconds"] == pytest.approx(7.0)
+    assert facts["predictor_decode_seconds"] == pytest.approx(1.0)
+    assert facts["predictor_busy_share"] == pytest.approx(5.0 / 7.0)
     assert predict.BusyShare().facts()["predictor_busy_share"] is None
+    one = predict.BusyShare()
+    one.add(b)
+    assert one.facts()["predictor_busy_share"] is None  # one call each: not a figure
 
 
 def test_the_busy_line_calls_a_waiting_predictor_input_bound():
@@ -99,3 +108,4 @@ def test_the_busy_line_calls_a_waiting_predictor_input_bound():
     assert "2 actors" in timeshare.predictor_text(0.3, 2)
     assert "input-bound" not in timeshare.predictor_text(0.9, 1)
     assert "not measured" in timeshare.predictor_text(None, 0)
+    assert "60% of that decoding" in timeshare.predictor_text(0.9, 1, 0.6)
