@@ -680,13 +680,15 @@ def _predict_under_lease(run: _Run, lease) -> dict:
     lease.check()  # LeaseLost: another run took OUT over; publish nothing
     publish.publish_or_roll_back(staging, out, run_id)
     where = f"see {storage.join(out, 'failures.parquet')}"
-    why = failure_causes(failures, opts)
+    why = failure_causes(failures, opts)  # "" when every failure is a decode failure
     if len(failures) == manifest.total_samples:  # nothing to score: no metric to report
-        raise FailedSamples(f"none of the {manifest.total_samples} samples gave a result "
-                            f"({why}); {where}")
+        raise FailedSamples(f"none of the {manifest.total_samples} samples "
+                            + (f"gave a result ({why})" if why else "could be decoded")
+                            + f"; {where}")
     if failurelib.over_limit(len(failures), manifest.total_samples, opts.max_failed_fraction):
-        raise FailedSamples(f"{len(failures)} of {manifest.total_samples} samples failed "
-                            f"({why}; allowed: {opts.max_failed_fraction:.2%}); {where}")
+        raise FailedSamples(f"{len(failures)} of {manifest.total_samples} samples failed"
+                            + (f" ({why};" if why else " to decode (")
+                            + f"allowed: {opts.max_failed_fraction:.2%}); {where}")
     return summary
 
 
@@ -694,14 +696,16 @@ NON_FINITE = "non-finite embedding"  # how a failed image's error starts when it
 
 
 def failure_causes(failures: list[dict], opts: PredictOptions) -> str:
-    """The failed samples by cause, e.g. ``14 gave a non-finite embedding as float16 (beyond
-    its range: --embedding-dtype float32 keeps them)`` or ``3 could not be decoded``."""
+    """The failed samples by cause where not all failed to decode, e.g. ``1 could not be
+    decoded, 14 gave a non-finite embedding as float16 (... --embedding-dtype float32 ...)``;
+    "" when every one failed to decode (the messages then say just that)."""
     vectors = sum(f["error"].startswith(NON_FINITE) for f in failures)
+    if not vectors:
+        return ""
     parts = [f"{len(failures) - vectors} could not be decoded"] if len(failures) > vectors else []
-    if vectors:
-        hint = (" (NaN or beyond float16's range of +-65,504: --embedding-dtype float32 keeps "
-                "those that are finite)" if opts.embedding_dtype == "float16" else "")
-        parts.append(f"{vectors} gave a non-finite embedding as {opts.embedding_dtype}{hint}")
+    hint = (" (NaN or beyond float16's range of +-65,504: --embedding-dtype float32 keeps "
+            "those that are finite)" if opts.embedding_dtype == "float16" else "")
+    parts.append(f"{vectors} gave a non-finite embedding as {opts.embedding_dtype}{hint}")
     return ", ".join(parts)
 
 

@@ -136,3 +136,4 @@ def test_a_run_stopped_by_non_finite_vectors_says_so_not_that_images_failed_to_d
     wide = predict.failure_causes(failures[:2], predict.PredictOptions(
         embeddings=True, embedding_dtype="float32"))
     assert wide == "2 gave a non-finite embedding as float32"
+    assert predict.failure_causes(failures[14:], predict.PredictOptions()) == ""  # decode only
