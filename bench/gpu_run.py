@@ -291,13 +291,10 @@ def judge_goals(r: dict) -> list[dict]:
 
 
 def goals_text(goals: list[dict], judged: bool) -> str:
-    lines = ["Goals for one H200" + ("" if judged else " (not judged: no GPU, or --quick)") + ":"]
-    for g in goals:
-        v = "n/a" if g["value"] is None else f"{g['value']:,.2f}" if g["value"] < 10 \
-            else f"{g['value']:,.0f}"
-        verdict = "" if g["met"] is None else " met" if g["met"] else " MISSED"
-        lines.append(f"- {g['goal']}: {v}{verdict}")
-    return "\n".join(lines)
+    from bench.gpu_table import goal_lines
+
+    judged_or_not = "" if judged else " (not judged: no GPU, or --quick)"
+    return goal_lines(f"Goals for one H200{judged_or_not}", goals)
 
 
 def _pct(v) -> str:

@@ -418,15 +418,22 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def goals_text(r: dict) -> str:
-    lines = ["", "Goals for one H200" + ("" if r["cuda"] else " (not judged: no CUDA device)")
-             + ":"]
-    for g in r["goals"]:
-        value = "not measured" if g["value"] is None else \
-            f"{g['value']:,.2f}" if g["target"] < 100 else f"{g['value']:,.0f}"
-        verdict = "" if g["met"] is None else (" met" if g["met"] else " MISSED")
-        lines.append(f"- {g['goal']}: {value}{verdict}")
+def goal_lines(title: str, goals: list[dict]) -> str:
+    """``title:`` and a line a goal: its words (``goal``), its figure (``value``: two decimals
+    under 10, else whole; "not measured" when None) and "met" or "MISSED" (``met``; nothing
+    when None: not judged). This table's goals and the GPU run's."""
+    lines = [f"{title}:"]
+    for g in goals:
+        v = g["value"]
+        shown = "not measured" if v is None else f"{v:,.2f}" if abs(v) < 10 else f"{v:,.0f}"
+        verdict = "" if g["met"] is None else " met" if g["met"] else " MISSED"
+        lines.append(f"- {g['goal']}: {shown}{verdict}")
     return "\n".join(lines)
+
+
+def goals_text(r: dict) -> str:
+    return "\n" + goal_lines("Goals for one H200" + ("" if r["cuda"] else
+                                                     " (not judged: no CUDA device)"), r["goals"])
 
 
 def nightly_text(r: dict) -> str:

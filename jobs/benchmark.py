@@ -111,20 +111,19 @@ def main(argv=None) -> int:
 
         results = gpu_table.measure(cfg, "cuda")
         results["command"] = command_line(argv)
-        section = gpu_table.report(results)
+        section, check = gpu_table.report(results), None
     else:
         from bench import cpu_table
 
         results, section = cpu_table.measure_table(cfg, command_line(argv))
+        check = cpu_table.check_ceilings
     print("\n" + section)
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(results, f, indent=1)
         print(f"\nfigures written to {cfg.json}")
-    if cfg.device == "cpu":
-        from bench import cpu_table
-
-        cpu_table.check_ceilings(results)  # after printing and --json: the figures show why
+    if check:
+        check(results)  # after printing and --json: the figures show why it failed
     if cfg.write_docs:
         write_docs_section(DOCS, section, DOCS_MARKER[cfg.device])
         print(f"\nwrote the results into {os.path.normpath(DOCS)}")

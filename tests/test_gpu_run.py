@@ -149,7 +149,7 @@ def test_the_jobs_goals_are_judged_on_a_gpu_from_the_steps_figures_only():
     assert goals["finetune_img_s"]["value"] == 2_900.0 and goals["finetune_img_s"]["met"] is False
     assert goals["nightly_wall_s"]["met"] is True
     text = gpu_run.table(_record(steps=[]))
-    assert "Goals for one H200:" in text and "n/a" in text and " met" not in text
+    assert "Goals for one H200:" in text and "not measured" in text and " met" not in text
     # a CPU rehearsal, or --quick, judges nothing
     for kw in ({"gpus": 0}, {"quick": True}):
         r = _record(steps=_goal_steps(6_000.0, 4_000.0, 10.0))
