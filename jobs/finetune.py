@@ -59,7 +59,8 @@ class FinetuneConfig:
     seed: int = _cli.option(0, "seed for init, shard order and augmentation")
     max_failures: int = _cli.option(2, "worker-group restarts from the last checkpoint")
     num_to_keep: int = _cli.option(2, "checkpoints kept")
-    decode_concurrency: int = _cli.option(0, "decode tasks at once (0: Ray Data decides)")
+    decode_concurrency: int = _cli.option(0, "decode tasks at once (0: the CPUs the plan leaves "
+                                             "to decoding, one task each)")
     max_failed_fraction: float = _cli.option(
         0.0, "stop (exit 1) after an epoch in which more than this fraction of train+val "
              "samples failed to decode; they are listed in STORAGE/NAME/failures.parquet")

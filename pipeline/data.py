@@ -1,7 +1,8 @@
 """Streaming shards through Ray Data into decoded batches (contract 2 in docs/DESIGN.md).
 
-Shards are read with ``ray.data.read_webdataset(decoder=None)``: members stay raw bytes and
-nothing is unpickled. Decoding happens in ``map_batches`` over whole read blocks, fused into the
+Shards are read a chunk of samples at a time (``shard_chunks``: one ranged read a task, found
+through the shard's sample index, ``pipeline.tarindex``): members stay raw bytes and nothing is
+unpickled. Decoding happens in ``map_batches`` over whole read blocks, fused into the
 read task (``decode_blocks``), with one named policy for bad samples:
 a sample that cannot be decoded keeps its row, with ``error`` set and a zero image, so it is
 counted exactly once downstream; programming errors (TypeError, AttributeError, ...) raise.
@@ -11,16 +12,27 @@ Rows: ``key`` str, ``label`` int64, ``image`` uint8 3xHxW, ``error`` str ("" whe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from pipeline import faults, images as imagelib, presets, ray_compat, shards
+from pipeline import faults, images as imagelib, presets, ray_compat, shards, storage, tarindex
+from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
 
 # What counts as bad data, not a bug: recorded per sample, never raised (``images.DECODE_ERRORS``,
 # the one list; UnidentifiedImageError is an OSError).
 DATA_ERRORS = imagelib.DECODE_ERRORS
+
+
+# Ray Data's downstream-capacity backpressure (its DownstreamCapacityBackpressurePolicy): an
+# operator starts no task, and takes no more of its tasks' output, while what it holds for its
+# consumer exceeds this many times what the consumer has in flight. Ray 2.60's default, pinned
+# here as the bound the jobs rely on (an environment variable of Ray's could change it).
+DOWNSTREAM_CAPACITY_RATIO = 2.0
 
 
 def configure_context() -> None:
@@ -29,19 +41,26 @@ def configure_context() -> None:
 
     - No progress bars: jobs log their own progress lines; bars garble ``ray job logs``.
     - No per-operator resource reservation (``op_resource_reservation_enabled``). With Ray's
-      default (half the cluster reserved, split between the operators), the fused read+decode
-      operator ran one task at a time on a 2-CPU cluster for most of a pass: measured
-      2026-11-29, 640 generated images in 32 shards, 1.0 of 2 tasks running on average, 440
-      images/s against 730 with the reservation off, at the same CPU per image. The jobs size
-      their operators themselves (``resources.plan_prediction``, ``plan_training``: predictor
-      actors and training workers hold their CPUs from the start), so the reservation only
-      idled cores.
+      default (half the cluster reserved, split between the operators), the read/decode stage
+      ran one task at a time on a 2-CPU cluster for most of a pass: measured again 2026-12-06,
+      5,000 ImageNet-size images on 2 cores, 295 images/s with it against 476 without (the
+      first measurement, 2026-11-29: 440 against 730 on 640 small images). The jobs size their
+      operators themselves (``resources.plan_prediction``, ``plan_training``).
+    - What bounds the decoded data in flight instead: the decode stage runs at most
+      ``ReadPlan.concurrency`` tasks (the plan's ``decode_tasks``), each a chunk of 64 images
+      (``tarindex.CHUNK_SAMPLES``), and starts the next only while its queued output is under
+      ``DOWNSTREAM_CAPACITY_RATIO`` times what the consumers have in flight. Without the task
+      cap Ray Data submitted every read task at once and the policy never applied; with whole
+      shards as tasks, one task's output was a shard's (~750 MB). Measured 2026-12-06, 5,000
+      ImageNet-size images through jobs.predict on a 300 MB object store: 718 MiB spilled
+      before, none after.
     """
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.op_resource_reservation_enabled = False
+    ctx.downstream_capacity_backpressure_ratio = DOWNSTREAM_CAPACITY_RATIO
 
 
 def decode_image(data: bytes, max_pixels: int = shards.DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -207,33 +226,110 @@ class ReadPlan:
     """How the fused read + decode stage runs: ``batch_size`` rows per decoded batch; each task
     reserves ``num_cpus`` (and ``num_gpus`` where ``device`` is "cuda": nvJPEG); at most
     ``concurrency`` tasks at once (None: Ray Data decides); ``shuffle_seed`` (train) shuffles
-    the shard order afresh, reproducibly, on each execution (None: manifest order)."""
+    the order of the chunks afresh, reproducibly, on each execution (None: manifest order);
+    each task reads and decodes ``chunk_samples`` samples (``tarindex.CHUNK_SAMPLES``)."""
     batch_size: int = 64
     num_cpus: float = 1.0
     concurrency: int | None = None
     device: str = "cpu"
     num_gpus: float = 0.0
     shuffle_seed: int | None = None
+    chunk_samples: int = tarindex.CHUNK_SAMPLES
+
+
+def read_chunk(chunk: tarindex.Chunk):
+    """One chunk's raw rows as an Arrow table: ``__key__`` and ``__url__`` (the shard's path)
+    strings, and one binary column per member extension (``cls``, ``json``, ``jpg``, ...), null
+    where a sample lacks that member: the rows ``ray.data.read_webdataset(decoder=None)`` gives,
+    so ``shards.validate_sample`` judges each the same way. Nothing is decoded or unpickled.
+    Raises InputError naming the shard when its bytes end early or are not tar members."""
+    import pyarrow as pa
+
+    data = storage.read_range(chunk.path, chunk.start, chunk.end - chunk.start)
+    if len(data) != chunk.end - chunk.start:
+        raise InputError(f"{chunk.path}: ends at byte {chunk.start + len(data)}, before the "
+                         f"{chunk.end} its manifest records (truncated?)")
+    samples = tarindex.read_members(data, chunk.path)
+    if len(samples) != chunk.samples:
+        raise InputError(f"{chunk.path}: bytes {chunk.start}-{chunk.end} hold {len(samples)} "
+                         f"samples where its manifest's index says {chunk.samples}")
+    exts = sorted({ext for _, members in samples for ext in members})
+    columns = {"__key__": pa.array([k for k, _ in samples], pa.string()),
+               "__url__": pa.array([chunk.path] * len(samples), pa.string())}
+    for ext in exts:
+        columns[ext] = pa.array([m.get(ext) for _, m in samples], pa.binary())
+    return pa.table(columns)
+
+
+def chunk_order(chunks: list, shuffle_seed: int | None, execution: int) -> list:
+    """``chunks`` in the order execution number ``execution`` reads them: as given without a
+    seed, else a permutation drawn from (``shuffle_seed``, ``execution``): reproducible, and
+    new on each pass over a train set."""
+    if shuffle_seed is None:
+        return list(chunks)
+    rng = np.random.default_rng([shuffle_seed, execution])
+    return [chunks[i] for i in rng.permutation(len(chunks))]
+
+
+def shard_chunks(manifest: shards.Manifest, chunk_samples: int = tarindex.CHUNK_SAMPLES,
+                 shuffle_seed: int | None = None):
+    """The ``ray.data.Datasource`` that reads ``manifest``'s shards in chunks of about
+    ``chunk_samples`` samples. Shards whose records carry no sample index (written before it
+    was recorded) have their tar headers read here, once, with a line saying so."""
+    import functools
+
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    chunks, scanned = [], 0
+    for path, rec in zip(manifest.shard_paths, manifest.shards):
+        scanned += rec.index is None
+        chunks += tarindex.chunks_of(path, rec.samples, shards.shard_index(path, rec),
+                                     chunk_samples)
+    if scanned:
+        log.info("%d of %d shards of %s carry no sample index (sharded before it was "
+                 "recorded): read it off their tar headers; rerun jobs.shard into the same "
+                 "folder to store it", scanned, len(manifest.shards), manifest.path)
+
+    class _Source(Datasource):
+        def estimate_inmemory_data_size(self):
+            return sum(c.end - c.start for c in chunks)
+
+        def get_name(self):
+            return "ReadShards"
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            order = chunk_order(chunks, shuffle_seed, ray_compat.execution_count(data_context))
+            return [ReadTask(functools.partial(_read_task, c, per_task_row_limit),
+                             BlockMetadata(num_rows=c.samples, size_bytes=c.end - c.start,
+                                           input_files=[c.path], exec_stats=None),
+                             per_task_row_limit=per_task_row_limit)
+                    for c in order]
+
+    return _Source()
+
+
+def _read_task(chunk: tarindex.Chunk, limit: int | None):
+    table = read_chunk(chunk)
+    yield table if limit is None else table.slice(0, limit)
 
 
 def read_raw(manifest_path: str, plan: ReadPlan = ReadPlan()):
-    """A Ray Dataset of the raw WebDataset rows (``__key__``, ``__url__``, ``cls`` and each
-    member's bytes, nothing decoded or unpickled) of the shards a manifest lists, one read task
-    per shard reserving ``plan.num_cpus``, in ``plan.shuffle_seed``'s order; and the manifest.
-    What ``read_decoded`` decodes, and what a predictor that decodes in its own actor takes."""
+    """A Ray Dataset of the raw WebDataset rows (``read_chunk``: ``__key__``, ``__url__``,
+    ``cls`` and each member's bytes, nothing decoded or unpickled) of the shards a manifest
+    lists, one read task per chunk of ``plan.chunk_samples`` samples reserving
+    ``plan.num_cpus``, in ``plan.shuffle_seed``'s order; and the manifest. What
+    ``read_decoded`` decodes, and what a predictor that decodes in its own actor takes."""
     import ray
-    from ray.data import FileShuffleConfig
 
     manifest = shards.load_manifest(manifest_path)
-    shuffle = None
-    if plan.shuffle_seed is not None:
-        shuffle = FileShuffleConfig(seed=plan.shuffle_seed, reseed_after_execution=True)
+    source = shard_chunks(manifest, plan.chunk_samples, plan.shuffle_seed)
     # Read tasks reserve what the decode tasks reserve (Ray's default is one CPU each): the
     # two then fuse, and a plan that left the data stage a fraction of a CPU cannot wait
     # forever on a read task (resources.py).
-    ds = ray.data.read_webdataset(manifest.shard_paths, decoder=None, shuffle=shuffle,
-                                  override_num_blocks=len(manifest.shard_paths),
-                                  num_cpus=plan.num_cpus)
+    ds = ray.data.read_datasource(source, override_num_blocks=-(-manifest.total_samples
+                                                                // plan.chunk_samples),
+                                  num_cpus=plan.num_cpus, concurrency=plan.concurrency)
     return ds, manifest
 
 

@@ -61,7 +61,8 @@ class PredictOptions:
     actors: int = _opt(1, "predictor actors (on a GPU cluster: the number of GPUs)")
     cpus_per_actor: float = _opt(0.0, CPUS_PER_ACTOR_HELP)
     threads: int = _opt(0, THREADS_HELP)
-    decode_concurrency: int = _opt(0, "decode tasks at once (0: Ray Data decides)")
+    decode_concurrency: int = _opt(0, "decode tasks at once (0: the CPUs the plan leaves to "
+                                      "decoding, one task each)")
     decode_device: str = _opt("cpu", "cuda: decode JPEGs with nvJPEG on the GPU (near-identical "
                                      "pixels, for GPU clusters starved by JPEG decoding; needs "
                                      "--use-gpu); a decode task on a node without CUDA uses PIL",
@@ -407,7 +408,7 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
     from ray.data import ActorPoolStrategy
 
     read = data.ReadPlan(batch_size=opts.batch_size, num_cpus=plan.decode_cpus,
-                         concurrency=opts.decode_concurrency or None,
+                         concurrency=opts.decode_concurrency or plan.decode_tasks,
                          device=opts.decode_device, num_gpus=plan.decode_gpus)
     transform = presets.EvalTransform(preset)
     decode = None

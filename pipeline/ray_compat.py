@@ -31,15 +31,19 @@ RAY_VERSION = "2.60.0"  # what these were read from and the tests pin
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of reported checkpoints
 
 
-def execution_count() -> int:
+def execution_count(context=None) -> int:
     """How many times Ray Data has executed the dataset whose task calls this, before this
     execution (0 outside Ray Data, and where Ray is not installed): the epoch of a dataset that
-    is iterated once per epoch, counted from 0 in every new driver run."""
-    try:
-        from ray.data import DataContext
-    except ImportError:
-        return 0
-    return int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
+    is iterated once per epoch, counted from 0 in every new driver run. ``context``: the
+    ``DataContext`` to read (a datasource's ``get_read_tasks`` is handed the one of the
+    execution it plans); default: the current one."""
+    if context is None:
+        try:
+            from ray.data import DataContext
+        except ImportError:
+            return 0
+        context = DataContext.get_current()
+    return int(getattr(context, "_execution_idx", 0) or 0)
 
 
 def exact_val_data_config(execution_options=None):

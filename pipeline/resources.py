@@ -64,15 +64,17 @@ class TrainPlan:
     cpus_per_worker: float
     data_cpus: float | None
     decode_cpus: float
+    decode_tasks: int = 1
 
     def describe(self) -> str:
         """One line for logs: workers x (CPUs, GPU each), the CPUs left to the data stage ("the
-        rest" on a cluster that may grow) and the CPUs of one decode task."""
+        rest" on a cluster that may grow), and how many decode tasks of how many CPUs."""
         gpu = ", 1 GPU" if self.use_gpu else ""
         data = "the rest" if self.data_cpus is None else f"{self.data_cpus:g} CPUs"
         return (f"{count(self.num_workers, 'Train worker')} x ({self.cpus_per_worker:g} CPU{gpu})"
                 f" + "
-                f"data stage {data} (decode tasks of {self.decode_cpus:g} CPU)")
+                f"data stage {data} (up to {count(self.decode_tasks, 'decode task')} of "
+                f"{self.decode_cpus:g} CPU)")
 
 
 @dataclass(frozen=True)
@@ -84,14 +86,15 @@ class PredictPlan:
     gpus_per_actor: float
     decode_cpus: float
     decode_gpus: float
+    decode_tasks: int = 1
 
     def describe(self) -> str:
-        """One line for logs: actors x (CPUs, GPU share each) and the CPUs (and GPU share) of one
-        decode task."""
+        """One line for logs: actors x (CPUs, GPU share each) and how many decode tasks of how
+        many CPUs (and GPU share)."""
         gpu = f", {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
         return (f"{count(self.actors, 'predictor actor')} x ({self.cpus_per_actor:g} CPU{gpu})"
-                f" + decode "
-                f"tasks of {self.decode_cpus:g} CPU"
+                f" + up to {count(self.decode_tasks, 'decode task')} of "
+                f"{self.decode_cpus:g} CPU"
                 + (f", {self.decode_gpus:g} GPU" if self.decode_gpus else ""))
 
 
@@ -155,8 +158,9 @@ def plan_training(cluster: Cluster, num_workers: int, use_gpu: bool,
                                  f"--cpus-per-worker (0: auto) or --num-workers")
     # On a cluster that may grow, Ray Data gets no fixed limit: nodes still to come add CPUs.
     limit = None if cluster.can_grow else data_cpus
-    return TrainPlan(num_workers, use_gpu, cpus_per_worker, limit,
-                     min(1.0, data_cpus) if data_cpus else 1.0)
+    decode_cpus = min(1.0, data_cpus) if data_cpus else 1.0
+    return TrainPlan(num_workers, use_gpu, cpus_per_worker, limit, decode_cpus,
+                     decode_slots(data_cpus, decode_cpus))
 
 
 def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor: float = 0.0,
@@ -194,8 +198,25 @@ def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor
         _refuse_or_warn(cluster, f"--actors {actors} x --cpus-per-actor {cpus_per_actor:g} = "
                                  f"{actors * cpus_per_actor:g} CPUs leaves no CPU to decode the "
                                  f"images: lower --cpus-per-actor (0: auto) or --actors")
+    tasks = decode_slots(left, decode_cpus)
+    if gpu_decode:  # each decode task also takes DECODE_GPU_SHARE of a GPU: one a GPU
+        tasks = min(tasks, max(1, int(cluster.gpus)))
     return PredictPlan(actors, use_gpu, cpus_per_actor, gpus_per_actor, decode_cpus,
-                       DECODE_GPU_SHARE if gpu_decode else 0.0)
+                       DECODE_GPU_SHARE if gpu_decode else 0.0, tasks)
+
+
+def decode_slots(cpus: float, decode_cpus: float) -> int:
+    """How many decode tasks of ``decode_cpus`` the ``cpus`` left to decoding hold at once (at
+    least 1): the most the read/decode stage runs, and so submits, at a time.
+
+    Ray Data's per-operator reservation is off (``data.configure_context``), and without it
+    nothing else caps how many read tasks it submits: it submitted every chunk of a set at once,
+    they queued for CPUs ahead of the predictor actor's start, and their decoded output ran
+    ahead of the model until it spilled (590 MiB at 5,000 images, 5.9 GB at 50,000). With the
+    cap, Ray Data's downstream-capacity backpressure holds the next task back while the
+    consumers have enough queued (``data.configure_context``). On a cluster that may grow, the
+    count is the CPUs it has now; --decode-concurrency sets it."""
+    return max(1, int(cpus / decode_cpus + 1e-6)) if decode_cpus > 0 else 1
 
 
 def _round_down(cpus: float) -> float:

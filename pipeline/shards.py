@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from PIL import UnidentifiedImageError
 
-from pipeline import faults, images, storage
+from pipeline import faults, images, storage, tarindex
 from pipeline.sources import Source
 from pipeline.errors import InputError
 
@@ -302,6 +302,9 @@ def write_shard(root: str, out: str, split: str, index: int, members: list[Membe
         except InputError:  # a damaged record of an earlier run: build the shard again
             old = {}
         if old.get("plan") == digest and integrity_problem(Shard.from_record(old), path) is None:
+            if "index" not in old:  # written before shards carried their sample index
+                old["index"] = _scan_index(path)
+                storage.write_text_atomic(part, json.dumps(old))
             return dict(old, reused=True)
     built = build_shard(root, members, class_index, max_pixels, check)
     keys = built.keys
@@ -310,7 +313,8 @@ def write_shard(root: str, out: str, split: str, index: int, members: list[Membe
               "sha256": hashlib.sha256(built.data).hexdigest(),
               "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None,
               "plan": digest, "skipped": built.skipped, "source_bytes": built.source_bytes,
-              "image_exts": built.image_exts}
+              "image_exts": built.image_exts,
+              "index": tarindex.sample_index_of_bytes(built.data, name=name)}
     storage.write_text_atomic(part, json.dumps(record))
     return dict(record, reused=False)
 
@@ -388,6 +392,19 @@ def write_timm_info(out: str) -> str:
     return path
 
 
+def _scan_index(path: str) -> dict:
+    """``tarindex.sample_index`` of the shard file at ``path`` (its headers only)."""
+    fs, p = storage.resolve(path)
+    with fs.open_input_file(p) as f:
+        return tarindex.sample_index(f, name=path)
+
+
+def shard_index(path: str, rec: "Shard") -> dict:
+    """The sample index of the shard at ``path``: its record's, or (a shard written before the
+    index was recorded) read off its tar headers."""
+    return rec.index if rec.index else _scan_index(path)
+
+
 @functools.cache
 def _remote_write_shard():
     """One Ray remote function per process: exported to the cluster once, not on every call."""
@@ -400,7 +417,8 @@ def _manifest(source, plan, records, samples_per_shard, seed, max_pixels, check)
     bad = {s["path"] for r in records for s in r["skipped"]}
     stored = Counter(m.class_id for shard in plan for m in shard if m.path not in bad)
     skipped = list(source.skipped) + [s for r in records for s in r["skipped"]]
-    shards = [{k: r[k] for k in ("file", "samples", "bytes", "sha256", "first_key", "last_key")}
+    shards = [{k: r[k] for k in ("file", "samples", "bytes", "sha256", "first_key", "last_key",
+                                 "index")}
               for r in records if r["samples"] > 0]
     # images per member extension over the split (a shard reused from before this was recorded
     # makes it unknown: None), for readers that need their columns named (pipeline/readers.py)
@@ -426,13 +444,14 @@ def _manifest(source, plan, records, samples_per_shard, seed, max_pixels, check)
 @dataclass(frozen=True)
 class Shard:
     """One shard's record in a manifest: its file (relative to the manifest), samples, size in
-    bytes, sha256 and first and last key."""
+    bytes, sha256, first and last key, and sample index (``pipeline.tarindex``)."""
     file: str
     samples: int
     bytes: int
     sha256: str
     first_key: str | None
     last_key: str | None
+    index: dict | None = None  # tarindex's sample index; None in manifests from before it
 
     @classmethod
     def from_record(cls, record: dict) -> "Shard":

@@ -166,6 +166,17 @@ def read_bytes(path: str) -> bytes:
     return retrying(fs, f"reading {p}", read)
 
 
+def read_range(path: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of the file at ``path`` from byte ``offset`` (one ranged request on an
+    object store); fewer when the file ends first. Errors as ``read_bytes``."""
+    fs, p = resolve(path)
+
+    def read() -> bytes:
+        with fs.open_input_file(p) as f:
+            return f.read_at(length, offset)
+    return retrying(fs, f"reading bytes {offset}-{offset + length} of {p}", read)
+
+
 def read_text(path: str) -> str:
     """The file at ``path`` decoded as UTF-8; errors as ``read_bytes``, and InputError naming the
     file when it is not UTF-8 text (a binary file given where a manifest or list belongs)."""

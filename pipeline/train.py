@@ -169,7 +169,7 @@ def fit(run: RunPlan, *, max_failures: int = 1, num_to_keep: int = 2,
     cfg, plan = run.loop_config, run.resources
     first_epoch = resume_epoch(run.storage_path, run.name)
     read = data.ReadPlan(batch_size=cfg.batch_size, num_cpus=plan.decode_cpus,
-                         concurrency=decode_concurrency)
+                         concurrency=decode_concurrency or plan.decode_tasks)
     train_ds, _ = data.read_decoded(
         run.train_manifest,
         presets.TrainTransform(cfg.crop_size, seed=cfg.seed, epoch_offset=first_epoch,

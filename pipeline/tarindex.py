@@ -1,0 +1,107 @@
+"""A shard's sample index, and the chunks of samples that read tasks take (contract 1 in
+docs/DESIGN.md).
+
+A shard holds up to ``--samples-per-shard`` samples (5,000 by default: ~530 MB of ImageNet
+JPEGs). Read whole, one shard is one Ray task: nothing is decoded until its bytes are in, and
+once started the task decodes all of it (~750 MB of 224-pixel batches) however far ahead of the
+model that runs. So reads go a chunk of samples at a time: one ranged read of a contiguous byte
+range per task, found through the shard's sample index.
+
+The index (a shard record's ``index`` in the manifest): ``{"every": E, "offsets": [...]}``, the
+byte offset where the first member header of sample 0, E, 2E, ... starts, then the offset where
+the last sample's data ends. jobs.shard writes it; ``sample_index`` rebuilds it from a tar's
+headers for shards written before it was recorded. Samples are grouped as everywhere in this
+project: members are adjacent, the key is a member name up to its first '.'.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+
+from pipeline.errors import InputError
+
+INDEX_EVERY = 64  # samples between two index offsets: 20,000 offsets for ImageNet train
+CHUNK_SAMPLES = 64
+
+
+def sample_index(fileobj, every: int = INDEX_EVERY, name: str = "shard") -> dict:
+    """The sample index (module doc) of the tar in ``fileobj`` (seekable: member data is
+    skipped, not read). Raises InputError naming ``name`` when the tar cannot be read."""
+    if every < 1:
+        raise ValueError(f"every must be at least 1, not {every}")
+    offsets, key, n, end = [], None, 0, 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                k = info.name.partition(".")[0]
+                if k != key:
+                    if n % every == 0:
+                        offsets.append(info.offset)
+                    key, n = k, n + 1
+                end = info.offset_data + _padded(info.size)
+    except tarfile.TarError as e:
+        raise InputError(f"{name}: not a readable tar ({e})") from None
+    return {"every": every, "offsets": offsets + [end]}
+
+
+def sample_index_of_bytes(data: bytes, every: int = INDEX_EVERY, name: str = "shard") -> dict:
+    """``sample_index`` of a tar held in memory."""
+    return sample_index(io.BytesIO(data), every, name)
+
+
+def _padded(size: int) -> int:
+    return size + (-size % tarfile.BLOCKSIZE)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Samples ``first`` .. ``first + samples - 1`` of the shard at ``path``: bytes ``start`` to
+    ``end`` (exclusive) of it."""
+    path: str
+    first: int
+    samples: int
+    start: int
+    end: int
+
+
+def chunks_of(path: str, samples: int, index: dict, chunk_samples: int = CHUNK_SAMPLES
+              ) -> list[Chunk]:
+    """The shard at ``path`` (``samples`` samples, its ``index``) as chunks of about
+    ``chunk_samples`` samples (rounded up to whole index steps). Raises InputError when the index
+    does not fit the sample count (a manifest edited by hand, or of another shard)."""
+    every, offsets = int(index["every"]), list(index["offsets"])
+    steps = -(-samples // every)  # index entries that start a sample
+    if len(offsets) != steps + 1 or offsets != sorted(offsets):
+        raise InputError(f"{path}: the manifest's sample index ({len(offsets)} offsets every "
+                         f"{every}) does not fit its {samples} samples: reshard with jobs.shard")
+    per = max(1, -(-chunk_samples // every))  # index steps a chunk
+    out = []
+    for s in range(0, steps, per):
+        e = min(s + per, steps)
+        first = s * every
+        out.append(Chunk(path, first, min(e * every, samples) - first, offsets[s], offsets[e]))
+    return out
+
+
+def read_members(data: bytes, name: str) -> list[tuple[str, dict[str, bytes]]]:
+    """The samples in ``data`` (whole tar members, as a chunk's byte range holds them, with or
+    without the archive's end blocks) as (key, {extension: bytes}) in order, members grouped by
+    key as they are adjacent. Raises InputError naming ``name`` when the bytes are not tar
+    members. Extensions are not checked here: ``shards.validate_sample`` judges each sample."""
+    samples = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, _, ext = info.name.partition(".")
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                samples[-1][1][ext] = tar.extractfile(info).read()
+    except tarfile.TarError as e:
+        raise InputError(f"{name}: not a readable tar ({e})") from None
+    return samples
