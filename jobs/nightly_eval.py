@@ -56,7 +56,9 @@ class NightlyConfig(predict.PredictOptions):
                                                   "outside it fails the run (exit 5)")
     top_n: int = _cli.option(10, "classes and confused pairs listed in the report")
     latest: bool = _cli.option(True, "also copy the report to HISTORY/latest.html")
-    progress: bool = _cli.option(False, "show a progress bar (off: cron logs stay readable)")
+    progress: bool = _cli.option(True, "show each set's progress: a bar on a terminal, else a "
+                                       "line about every 10%% or minute (images done, rate, "
+                                       "ETA), readable in a cron log")
 
 
 @dataclass(frozen=True)

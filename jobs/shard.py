@@ -57,7 +57,8 @@ class ShardConfig:
              "still written; a rerun with a higher value reuses them)")
     verify: str = _cli.option("", "verify the shards of this manifest (or of every manifest in "
                                   "this folder) instead of sharding")
-    progress: bool = _cli.option(True, "show a progress bar")
+    progress: bool = _cli.option(True, "show progress: a bar on a terminal, else a line about "
+                                       "every 10%% or minute (images done, rate, ETA)")
 
 
 def verify(path: str) -> int:

@@ -252,7 +252,8 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
         kind = published.dataset_kind(manifests[s.name])
         try:
             summary = predict.run_prediction(s.manifest, weights, out,
-                                             dataclasses.replace(opts, real_labels=s.real_labels))
+                                             dataclasses.replace(opts, real_labels=s.real_labels),
+                                             label=s.name)
         except UsageError:
             raise
         except USER_ERRORS as e:  # FailedSamples too: not recorded (a bug still raises)

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import data, faults, model as modellib, presets, publish, shards, storage, timeshare
+from pipeline import data, faults, model as modellib, presets, progress, publish, shards, storage
+from pipeline import timeshare
 from pipeline import lease as leaselib
 from pipeline import failures as failurelib
 from pipeline.errors import InputError, PipelineError, UsageError
@@ -94,7 +95,8 @@ class PredictOptions:
                                    "`embedding` column (fixed_size_list[512])")
     embedding_dtype: str = _opt("float16", "the embedding column's type (float16: 1 KB an "
                                            "image, half of float32)", ["float16", "float32"])
-    progress: bool = _opt(True, "show a progress bar")
+    progress: bool = _opt(True, "show progress: a bar on a terminal, else a line about every "
+                                "10%% or minute (images done, rate, ETA)")
 
     @classmethod
     def of(cls, config) -> "PredictOptions":
@@ -537,7 +539,7 @@ def check_inputs(manifest_path: str, weights: str, opts: PredictOptions | None =
 def run_prediction(manifest_path: str, weights: str, out: str,
                    opts: PredictOptions | None = None, *,
                    lease_seconds: float = leaselib.DEFAULT_SECONDS, embed_only: bool = False,
-                   **overrides) -> dict:
+                   label: str = "", **overrides) -> dict:
     """Predict every image a manifest lists into ``out`` and publish it exactly once
     (``pipeline.publish``); return the published summary (contract 3 in docs/DESIGN.md).
 
@@ -553,7 +555,9 @@ def run_prediction(manifest_path: str, weights: str, out: str,
 
     ``embed_only`` (jobs.embed): the rows are key, label (the data's class index), class_id and
     embedding; no head runs, so the model's classes need not cover the data's (an ImageNet
-    backbone on a new task); summary.json has counts and provenance, no metrics."""
+    backbone on a new task); summary.json has counts and provenance, no metrics. ``label``
+    names the run in its progress lines (the nightly's set name; default: the job and the
+    manifest's split)."""
     from pipeline import resources
 
     opts = dataclasses.replace(opts or PredictOptions(), **overrides)
@@ -568,7 +572,8 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     # while the run lives, released at the end, also on failure (pipeline/lease.py).
     with leaselib.Lease(out, run_id, lease_seconds) as lease:
         return _predict_under_lease(
-            _Run(manifest_path, weights, out, opts, plan, run_id, started, t0, embed_only), lease)
+            _Run(manifest_path, weights, out, opts, plan, run_id, started, t0, embed_only,
+                 label), lease)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -584,11 +589,11 @@ class _Run:
     started: str
     t0: float
     embed_only: bool = False
+    label: str = ""
 
 
 def _predict_under_lease(run: _Run, lease) -> dict:
     import ray
-    from tqdm import tqdm
 
     manifest_path, weights, out, opts, plan = (run.manifest_path, run.weights, run.out,
                                                run.opts, run.plan)
@@ -622,8 +627,8 @@ def _predict_under_lease(run: _Run, lease) -> dict:
         keys, failures, t_first, seen, first_n = set(), [], None, 0, 0
         busy = BusyShare()
         per_shard, ran = collections.Counter(), set()
-        with tqdm(total=manifest.total_samples, unit="img", desc="predict",
-                  disable=not opts.progress) as bar:
+        name = f"{'embed' if run.embed_only else 'predict'} {run.label or manifest.split}"
+        with progress.Progress(manifest.total_samples, name, enabled=opts.progress) as bar:
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                     if t_first is None:  # steady state starts once the first batch is out

@@ -24,6 +24,7 @@ from typing import NamedTuple
 from PIL import UnidentifiedImageError
 
 from pipeline import faults, images, storage, tarindex
+from pipeline import progress as progresslib
 from pipeline.sources import Source
 from pipeline.errors import InputError
 
@@ -327,7 +328,6 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
     ``check`` is how each source file is checked before it is stored (see CHECKS and
     inspect_image): "header" (default) or "decode"."""
     import ray
-    from tqdm import tqdm
 
     if check not in CHECKS:
         raise InputError(f"check must be one of {CHECKS}, not {check!r}")
@@ -343,8 +343,7 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
                         check): i
             for i, shard in enumerate(plan)}
     records, start = [None] * len(plan), time.monotonic()
-    with tqdm(total=len(members), unit="img", desc=f"shard {source.split}",
-              disable=not progress) as bar:
+    with progresslib.Progress(len(members), f"shard {source.split}", enabled=progress) as bar:
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -352,7 +351,6 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
             records[refs[done[0]]] = rec
             faults.point("shard_after_first_shard")
             bar.update(len(plan[refs[done[0]]]))
-            bar.set_postfix(MB_s=f"{sum(r['bytes'] for r in records if r) / 1e6 / max(time.monotonic() - start, 1e-9):.1f}")
     manifest = _manifest(source, plan, records, samples_per_shard, seed, max_pixels, check)
     storage.write_text_atomic(storage.join(out, f"{source.split}.json"),
                               json.dumps(manifest, indent=1))

@@ -91,8 +91,8 @@ def read_members(data: bytes, name: str) -> list[tuple[str, dict[str, bytes]]]:
     """The samples in ``data`` (whole tar members, as a chunk's byte range holds them, with or
     without the archive's end blocks) as (key, {extension: bytes}) in order, members grouped by
     key as they are adjacent. Raises InputError naming ``name`` when the bytes are not tar
-    members. Extensions are not checked here: ``shards.validate_sample`` judges each sample."""
-    samples = []
+    members, or a sample's members are not adjacent. Extensions are not checked here: ``shards.validate_sample`` judges each sample."""
+    samples, seen = [], set()
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for info in tar:
@@ -100,6 +100,9 @@ def read_members(data: bytes, name: str) -> list[tuple[str, dict[str, bytes]]]:
                     continue
                 key, _, ext = info.name.partition(".")
                 if not samples or samples[-1][0] != key:
+                    if key in seen:
+                        raise InputError(f"{name}: members of sample {key} are not adjacent")
+                    seen.add(key)
                     samples.append((key, {}))
                 samples[-1][1][ext] = tar.extractfile(info).read()
     except tarfile.TarError as e:

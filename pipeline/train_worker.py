@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pipeline import failures as failurelib, faults, model as modellib, presets, ray_compat
-from pipeline import timeshare
+from pipeline import progress, timeshare
 from pipeline.errors import UsageError
 
 STATE_FILE = "state.pt"
@@ -225,6 +225,11 @@ def train_one_epoch(state: TrainState, batches, cfg: LoopConfig, epoch: int):
         batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
         local_shuffle_buffer_size=buffer or None,
         local_shuffle_seed=(cfg.seed * 1000 + epoch) if buffer else None))
+    world = cfg.world_size or 1
+    # rank 0's rows times the world size: every worker holds an equal share (drop_last)
+    bar = progress.Progress(cfg.train_samples, f"epoch {epoch + 1}/{cfg.epochs} train",
+                            enabled=rank == 0 and cfg.train_samples > 0, tty=False,
+                            emit=logging.getLogger(__name__).info)
     for step in itertools.count():
         asked = time.monotonic()
         batch = next(stream, None)
@@ -245,6 +250,7 @@ def train_one_epoch(state: TrainState, batches, cfg: LoopConfig, epoch: int):
         loss_sum += float(loss.detach()) * n_ok
         correct += int(((logits.argmax(1) == labels) & ok).sum())
         done = time.monotonic()
+        bar.update(len(ok) * world)
         if first_step_end is None:
             first_step_end, first_rows = done, len(ok)
         else:
@@ -254,7 +260,6 @@ def train_one_epoch(state: TrainState, batches, cfg: LoopConfig, epoch: int):
     seen, correct, loss_sum, failed, steady_rows, wait, compute = _all_reduce(
         [seen, correct, loss_sum, len(failures), steady_rows, wait, compute], device)
     seconds, first_step = _all_reduce([end - t0, (first_step_end or end) - t0], device, op="max")
-    world = cfg.world_size or 1
     return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
             "train_images": int(seen), "train_failed": int(failed), "train_seconds": seconds,
             # The first step waits for the epoch's data pipeline to start and fill the shuffle

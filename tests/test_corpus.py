@@ -24,6 +24,7 @@ from PIL import Image
 
 from jobs import predict as predict_job, shard as shard_job
 from pipeline import shards
+from pipeline.errors import InputError
 from tests.conftest import (check_readme_table, photo_like, read_tar_members, render_table,
                             write_tar_members)
 
@@ -246,14 +247,22 @@ def test_empty_split_is_refused(tmp_path, ray_local, capsys):
 # ------------------------------------------------------- damaged shards (verify and predict)
 
 def _reseal(folder):
-    """Update the manifest's size and sha256 to the shards' current bytes: a damaged shard from
-    a producer whose manifest matches it, so only the content checks can catch it."""
+    """Update the manifest's size, sha256 and sample index to the shards' current bytes: a
+    damaged shard from a producer whose manifest matches it, so only the content checks can
+    catch it. A tar whose headers cannot be indexed gets no index, as from a producer from before
+    the index (the reader then reads it off the tar)."""
+    from pipeline import tarindex
+
     mpath = folder / "val.json"
     m = json.loads(mpath.read_text())
     for s in m["shards"]:
         data = (folder / s["file"]).read_bytes()
         s["bytes"] = len(data)
         s["sha256"] = __import__("hashlib").sha256(data).hexdigest()
+        try:
+            s["index"] = tarindex.sample_index_of_bytes(data)
+        except InputError:
+            s.pop("index", None)
     mpath.write_text(json.dumps(m))
 
 
