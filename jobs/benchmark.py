@@ -16,10 +16,10 @@ from pipeline import docsection
 from pipeline.errors import UsageError
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "BENCHMARKS.md")
-DOCS_MARKER = {"cpu": "benchmark", "cuda": "benchmark-cuda"}
+DOCS_MARKER = {"cpu": "benchmark", "cuda": "benchmark-cuda", "scale": "benchmark-scale"}
 DOCS_BEGIN, DOCS_END = docsection.markers(DOCS_MARKER["cpu"])
 # flag -> the one device whose table it sizes (given for the other, it would do nothing)
-DEVICE_ONLY = {"train_images": "cpu", "train_crop": "cpu", "workdir": "cpu",
+DEVICE_ONLY = {"train_images": "cpu", "train_crop": "cpu", "workdir": "cpu", "scale": "cpu",
                "equiv_images": "cuda", "repeats": "cuda", "weights": "cuda"}
 
 
@@ -41,7 +41,13 @@ class BenchmarkConfig:
     against batched nvJPEG, one fine-tuning step, and GPU bf16 against CPU fp32 predictions;
     the goals for one H200 and the nightly time they imply. Needs a CUDA device.
 
-    Both print a table headed by the machine (CPU, instruction sets, what --precision auto
+    --scale N: instead of the CPU table, the jobs at the size they are for (bench/scale.py):
+    predict, the nightly and one fine-tuning epoch over N ImageNet-size images on a Ray head
+    with a 300 MB object store (5,000 images act as a 50,000-image nightly on a default one):
+    the steady rate against the CPU bound, the predictor's busy share, start-up, bytes spilled
+    and the growth of peak memory, each against its target.
+
+    Each prints a table headed by the machine (CPU, instruction sets, what --precision auto
     ran); --json writes every figure; --write-docs writes the table into docs/BENCHMARKS.md."""
     device: str = _cli.option("cpu", "cpu: the jobs through Ray against their baselines; cuda: "
                                      "the GPU paths on one GPU", ["cpu", "cuda"])
@@ -58,6 +64,8 @@ class BenchmarkConfig:
     train_crop: int = _cli.option(112, "cpu: training crop size (reduced from 224 for CPU "
                                        "speed)")
     workdir: str = _cli.option("", "cpu: scratch folder, kept (empty: a temporary one, deleted)")
+    scale: int = _cli.option(0, "cpu: run the scale rows over this many ImageNet-size images "
+                                "instead of the table (5000: ~15 minutes on 2 cores; 0: no)")
     equiv_images: int = _cli.option(0, "cuda: images for the equivalence rows (0: 128, or 16 "
                                        "with --quick)")
     repeats: int = _cli.option(0, "cuda: timed repeats per figure, the best is kept (0: 5, or "
@@ -112,6 +120,11 @@ def main(argv=None) -> int:
         results = gpu_table.measure(cfg, "cuda")
         results["command"] = command_line(argv)
         section, check = gpu_table.report(results), None
+    elif cfg.scale:
+        from bench import scale
+
+        results = scale.run(cfg.scale, cfg.workdir)
+        section, check = scale.report(results, command_line(argv)), None
     else:
         from bench import cpu_table
 
@@ -125,7 +138,7 @@ def main(argv=None) -> int:
     if check:
         check(results)  # after printing and --json: the figures show why it failed
     if cfg.write_docs:
-        write_docs_section(DOCS, section, DOCS_MARKER[cfg.device])
+        write_docs_section(DOCS, section, DOCS_MARKER["scale" if cfg.scale else cfg.device])
         print(f"\nwrote the results into {os.path.normpath(DOCS)}")
     return 0
 

@@ -97,26 +97,24 @@ def pil_decode_rate(files: list[str]) -> tuple[float, float]:
 
 
 def raw_batches(manifest_path: str, batch_size: int = 64) -> list[dict]:
-    """A manifest's samples as the decode stage receives them from ``read_webdataset``: dicts of
-    equal-length object arrays (``__key__``, ``__url__``, ``cls``, the image members; None where
-    a sample lacks a member), ``batch_size`` rows each."""
-    from pipeline import shards, storage
+    """A manifest's samples as the decode stage receives them from its reader
+    (``data.read_chunk`` over chunks of ``batch_size`` samples, in Ray Data's numpy format):
+    dicts of equal-length object arrays (``__key__``, ``__url__``, ``cls``, the image members;
+    None where a sample lacks a member)."""
+    from pipeline import shards, tarindex
 
     manifest = shards.load_manifest(manifest_path)
-    rows = []
-    for path in manifest.shard_paths:
-        for key, parts in shards.read_tar_samples(storage.read_bytes(path), path):
-            rows.append({"__key__": key, "__url__": path, **parts})
-    names = sorted({k for r in rows for k in r})
     out = []
-    for i in range(0, len(rows), batch_size):
-        part = rows[i:i + batch_size]
-        batch = {}
-        for name in names:
-            col = np.empty(len(part), dtype=object)
-            col[:] = [r.get(name) for r in part]
-            batch[name] = col
-        out.append(batch)
+    for path, rec in zip(manifest.shard_paths, manifest.shards):
+        for chunk in tarindex.chunks_of(path, rec.samples, shards.shard_index(path, rec),
+                                        batch_size):
+            table = data.read_chunk(chunk)
+            batch = {}
+            for name in table.column_names:
+                col = np.empty(table.num_rows, dtype=object)
+                col[:] = table.column(name).to_pylist()
+                batch[name] = col
+            out.append(batch)
     return out
 
 

@@ -242,23 +242,46 @@ def read_chunk(chunk: tarindex.Chunk):
     strings, and one binary column per member extension (``cls``, ``json``, ``jpg``, ...), null
     where a sample lacks that member: the rows ``ray.data.read_webdataset(decoder=None)`` gives,
     so ``shards.validate_sample`` judges each the same way. Nothing is decoded or unpickled.
-    Raises InputError naming the shard when its bytes end early or are not tar members."""
+
+    A shard changed since its manifest was written (rewritten in place, read with
+    --no-verify-checksums) no longer fits its index: the chunk's samples are then found by
+    reading the shard's own headers, with a warning, so a valid tar reads as it is. Raises
+    InputError naming the shard when it is truncated or its bytes are not a readable tar."""
     import pyarrow as pa
 
-    data = storage.read_range(chunk.path, chunk.start, chunk.end - chunk.start)
-    if len(data) != chunk.end - chunk.start:
-        raise InputError(f"{chunk.path}: ends at byte {chunk.start + len(data)}, before the "
-                         f"{chunk.end} its manifest records (truncated?)")
-    samples = tarindex.read_members(data, chunk.path)
-    if len(samples) != chunk.samples:
-        raise InputError(f"{chunk.path}: bytes {chunk.start}-{chunk.end} hold {len(samples)} "
-                         f"samples where its manifest's index says {chunk.samples}")
+    samples = _chunk_samples(chunk)
     exts = sorted({ext for _, members in samples for ext in members})
     columns = {"__key__": pa.array([k for k, _ in samples], pa.string()),
                "__url__": pa.array([chunk.path] * len(samples), pa.string())}
     for ext in exts:
         columns[ext] = pa.array([m.get(ext) for _, m in samples], pa.binary())
     return pa.table(columns)
+
+
+def _chunk_samples(chunk: tarindex.Chunk) -> list:
+    data = storage.read_range(chunk.path, chunk.start, chunk.end - chunk.start)
+    try:
+        samples = tarindex.read_members(data, chunk.path)
+        if len(data) == chunk.end - chunk.start and len(samples) == chunk.samples:
+            return samples
+    except InputError:
+        pass
+    # The bytes do not hold the samples the index says: find them by the shard's own headers.
+    fs, p = storage.resolve(chunk.path)
+    with fs.open_input_file(p) as f:
+        size = f.size()
+        offsets = tarindex.sample_index(f, every=1, name=chunk.path)["offsets"]
+    if size < offsets[-1]:  # the headers promise data past the end of the file
+        raise InputError(f"{chunk.path}: ends at byte {size}, inside its last member's data, "
+                         f"which ends at {offsets[-1]} (truncated)")
+    count = len(offsets) - 1
+    log.warning("%s does not fit its manifest's sample index (changed since it was written?): "
+                "read samples %d-%d by its own headers", chunk.path, chunk.first,
+                chunk.first + chunk.samples - 1)
+    if chunk.first >= count:
+        return []  # the shard now holds fewer samples: the run's coverage check says so
+    start, end = offsets[chunk.first], offsets[min(chunk.first + chunk.samples, count)]
+    return tarindex.read_members(storage.read_range(chunk.path, start, end - start), chunk.path)
 
 
 def chunk_order(chunks: list, shuffle_seed: int | None, execution: int) -> list:

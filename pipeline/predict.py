@@ -606,8 +606,8 @@ def _predict_under_lease(run: _Run, lease) -> dict:
     classes_out, subset, real = inputs.classes_out, inputs.subset, inputs.real
     # a model.pt knows the preset it was trained at; --resize-size/--crop-size override it
     preset = loaded.eval_preset.with_sizes(opts.resize_size, opts.crop_size)
-    if opts.verify_checksums:
-        shards.check_checksums(manifest_path, manifest)
+    # the shards' sha256 checked beside the run, not before it; known before anything publishes
+    checksums = shards.Checksums(manifest_path, manifest) if opts.verify_checksums else None
     ds, manifest = prediction_dataset(manifest_path, weights, plan, opts, preset, run.embed_only)
     k = min(opts.topk, len(classes_out))
     class_ids = np.array([c["id"] for c in manifest.classes], dtype=object)
@@ -652,8 +652,14 @@ def _predict_under_lease(run: _Run, lease) -> dict:
                                      else _to_table(good, k))
                     seen += len(batch["key"])
                     bar.update(len(batch["key"]))
+                    if checksums:
+                        checksums.raise_if_bad()  # a bad shard stops the run when found
             except ray.exceptions.RayTaskError as e:
+                if checksums:  # a shard that fails its checksum: that is what to report
+                    checksums.raise_if_bad(wait=True)
                 raise _read_error(e, manifest_path) from None
+        if checksums:
+            checksums.raise_if_bad(wait=True)
         writer.close()
         check_coverage(manifest, manifest_path, seen, len(keys), per_shard)
         faults.point("before_publish")

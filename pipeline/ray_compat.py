@@ -92,3 +92,22 @@ def quiet_train_reports() -> str:
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
     return context.__file__
+
+
+def spilled_bytes() -> int:
+    """Bytes the connected Ray cluster has spilled from its object store to disk since it
+    started, to the MiB: the counter `ray memory --stats-only` prints ("Spilled N MiB, M
+    objects"), through the same private call (``memory_summary``). 0 when the summary names no
+    spill (Ray prints the line only once something spilled); a summary without its "Plasma
+    memory usage" heading raises, so a changed format cannot read as 0 forever."""
+    import re
+
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    if "Plasma memory usage" not in text:
+        raise RuntimeError(f"Ray's memory summary changed form (ray_compat.spilled_bytes): "
+                           f"{text[:300]!r}")
+    m = re.search(r"Spilled (\d+) MiB", text)
+    return int(m.group(1)) * 2**20 if m else 0

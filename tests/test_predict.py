@@ -105,7 +105,7 @@ def test_decoding_runs_in_tasks_beside_the_predictor_not_fused_into_it(shard_set
         predict.PredictOptions(batch_size=4, precision="fp32"), presets.Preset(256, 224))
     ds.explain()
     plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
-    assert "TaskPoolMapOperator[ReadWebDataset->MapBatches(decode_blocks)]" in plan, plan
+    assert "TaskPoolMapOperator[ReadReadShards->MapBatches(decode_blocks)]" in plan, plan
     assert "ActorPoolMapOperator[MapBatches(Predictor)]" in plan, plan
 
 

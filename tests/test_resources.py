@@ -94,3 +94,22 @@ def test_a_gpu_cluster_left_idle_without_use_gpu_is_warned_about(plan, caplog):
     plan(gpus, True)
     plan(resources.Cluster(16, 0), False)
     assert "--use-gpu" not in caplog.text
+
+
+@pytest.mark.parametrize("cluster,actors,tasks", [(TWO_CPUS, 1, 1), (TWO_CPUS, 2, 1),
+                                                 (resources.Cluster(16, 0), 1, 15),
+                                                 (resources.Cluster(16, 1), 1, 15)])
+def test_prediction_plans_cap_the_decode_tasks_at_the_cpus_left_to_decoding(cluster, actors,
+                                                                             tasks):
+    # Without a cap Ray Data submitted every read task at once: they queued ahead of the
+    # predictor actor and their output ran ahead of the model until it spilled.
+    plan = resources.plan_prediction(cluster, actors, cluster.gpus > 0)
+    assert plan.decode_tasks == tasks
+    assert actors * plan.cpus_per_actor + tasks * plan.decode_cpus <= cluster.cpus + 1e-9
+    assert f"up to {tasks} decode task" in plan.describe()
+
+
+def test_training_plans_cap_the_decode_tasks_at_the_data_stages_cpus():
+    plan = resources.plan_training(resources.Cluster(16, 0), 1, False)
+    assert plan.decode_tasks == int(plan.data_cpus / plan.decode_cpus) >= 1
+    assert resources.plan_training(TWO_CPUS, 1, False).decode_tasks == 1
