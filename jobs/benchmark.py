@@ -65,7 +65,7 @@ class BenchmarkConfig:
                                        "speed)")
     workdir: str = _cli.option("", "cpu: scratch folder, kept (empty: a temporary one, deleted)")
     scale: int = _cli.option(0, "cpu: run the scale rows over this many ImageNet-size images "
-                                "instead of the table (5000: ~15 minutes on 2 cores; 0: no)")
+                                "instead of the table (5000: ~25 minutes on 2 cores; 0: no)")
     equiv_images: int = _cli.option(0, "cuda: images for the equivalence rows (0: 128, or 16 "
                                        "with --quick)")
     repeats: int = _cli.option(0, "cuda: timed repeats per figure, the best is kept (0: 5, or "

@@ -54,6 +54,8 @@ def configure_context() -> None:
       shards as tasks, one task's output was a shard's (~750 MB). Measured 2026-12-06, 5,000
       ImageNet-size images through jobs.predict on a 300 MB object store: 718 MiB spilled
       before, none after.
+    - And at most ``output_budget_bytes`` in any operator's output at any time
+      (``ray_compat.bound_operator_outputs``): the bound that holds before the consumers start.
     """
     from ray.data import DataContext
 
@@ -61,6 +63,24 @@ def configure_context() -> None:
     ctx.enable_progress_bars = False
     ctx.op_resource_reservation_enabled = False
     ctx.downstream_capacity_backpressure_ratio = DOWNSTREAM_CAPACITY_RATIO
+    ray_compat.bound_operator_outputs(ctx, output_budget_bytes())
+
+
+# The share of the smallest node's object store one operator's output may hold (the decoded
+# batches waiting for the model or the Train workers). Ray's downstream-capacity policy has
+# nothing to measure until a consumer runs: while the predictor actor or the Train workers
+# started (8-15 s on 2 cores), the decode stage ran on unbounded and a fine-tuning epoch over
+# 5,000 images spilled 257 MiB of a 300 MB store.
+OUTPUT_STORE_SHARE = 0.25
+
+
+def output_budget_bytes() -> int | None:
+    """OUTPUT_STORE_SHARE of the smallest object store among the cluster's live nodes (None
+    without a running Ray)."""
+    from pipeline import resources
+
+    store = resources.node_object_store_bytes()
+    return int(OUTPUT_STORE_SHARE * store) if store else None
 
 
 def decode_image(data: bytes, max_pixels: int = shards.DEFAULT_MAX_PIXELS) -> Image.Image:

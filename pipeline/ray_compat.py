@@ -12,6 +12,13 @@ of silently changing the train crops, the val split or the resume point:
 - ``latest_recorded_checkpoint``: the layout of Ray Train V2's ``checkpoint_manager_snapshot.json``
   (``_CheckpointManagerState``), the record of which checkpoint a rerun resumes from.
 
+- ``bound_operator_outputs``: a Ray Data backpressure policy of the pipeline's own
+  (``OutputBudgetPolicy``, on ``BackpressurePolicy``, ``ResourceManager.get_mem_op_outputs`` and
+  the ``backpressure_policies.enabled`` config key), which caps the bytes an operator's output
+  holds in the object store. Ray's own policies leave it unbounded while the per-operator
+  reservation is off and no consumer has started (data.configure_context says why).
+- ``spilled_bytes``: Ray's spill counter, as ``ray memory --stats-only`` prints it.
+
 - ``quiet_train_reports``: the logger through which each Ray Train V2 worker logs every
   ``ray.train.report`` at INFO (the whole metrics dict and checkpoint, named by its module's
   file path), which buried the jobs' own epoch lines.
@@ -111,3 +118,51 @@ def spilled_bytes() -> int:
                            f"{text[:300]!r}")
     m = re.search(r"Spilled (\d+) MiB", text)
     return int(m.group(1)) * 2**20 if m else 0
+
+
+OUTPUT_BUDGET_KEY = "resnet_pipeline.output_budget_bytes"
+
+
+try:  # the base of the policy below; this module imports without Ray too
+    from ray.data._internal.execution.backpressure_policy import (
+        BackpressurePolicy as _PolicyBase)
+except ImportError:  # pragma: no cover - Ray is a dependency; the GPU bundle strips no Data
+    _PolicyBase = object
+
+
+class OutputBudgetPolicy(_PolicyBase):
+    """No new task, and no more of its tasks' output read, while an operator's output (queued,
+    and held by the operators after it) holds the context's ``OUTPUT_BUDGET_KEY`` bytes."""
+
+    @property
+    def name(self) -> str:
+        return "OutputBudget"
+
+    def _over(self, op) -> bool:
+        budget = self._data_context.get_config(OUTPUT_BUDGET_KEY)
+        if not budget:
+            return False
+        used = self._resource_manager.get_mem_op_outputs(op, include_ineligible_downstream=True)
+        return used >= budget
+
+    def can_add_input(self, op) -> bool:
+        return not self._over(op)
+
+    def max_task_output_bytes_to_read(self, op):
+        return 0 if self._over(op) else None
+
+
+def bound_operator_outputs(context, budget_bytes: int | None) -> None:
+    """Add ``OutputBudgetPolicy`` with ``budget_bytes`` (None: leave Ray's policies as they
+    are) to the backpressure policies of ``context`` (a ``DataContext``: the datasets built
+    from it carry it, also into Ray Train's split coordinator). Ray's escape hatch for a
+    starved pipeline (``OutputBackpressureGuard``) still releases one block at a time, so the
+    cap cannot deadlock."""
+    from ray.data._internal.execution.backpressure_policy import (
+        ENABLED_BACKPRESSURE_POLICIES, ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY)
+
+    if not budget_bytes:
+        return
+    context.set_config(OUTPUT_BUDGET_KEY, int(budget_bytes))
+    context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
+                       [*ENABLED_BACKPRESSURE_POLICIES, OutputBudgetPolicy])

@@ -223,3 +223,31 @@ def _round_down(cpus: float) -> float:
     """To a hundredth: Ray's resource arithmetic is exact to 1e-4, and 0.333 + 0.333 + 0.333
     must fit in 1 where 1/3 * 3 may not."""
     return max(0.01, int(cpus * 100) / 100)
+
+
+# The share of a node's object store the local shuffle buffers of the Train workers on it may
+# hold: the buffer keeps its rows as zero-copy views of the decoded blocks, so a buffer holds
+# object store memory, and buffers the size of the store made the rest of the epoch spill.
+SHUFFLE_STORE_SHARE = 0.25
+
+
+def node_object_store_bytes() -> int | None:
+    """The smallest object store of the cluster's live nodes (bytes); None without Ray
+    running or where no node reports one."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    stores = [n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n["Alive"]]
+    stores = [s for s in stores if s > 0]
+    return int(min(stores)) if stores else None
+
+
+def shuffle_buffer_cap(store_bytes: int | None, num_workers: int, crop_size: int) -> int | None:
+    """The most rows each Train worker's local shuffle buffer may hold so that ``num_workers``
+    buffers of uint8 3 x crop x crop images on one node take at most SHUFFLE_STORE_SHARE of its
+    object store (``store_bytes``); None when the store is not known."""
+    if not store_bytes:
+        return None
+    row = 3 * crop_size * crop_size
+    return max(1, int(SHUFFLE_STORE_SHARE * store_bytes / max(num_workers, 1) / row))

@@ -9,6 +9,7 @@ A rerun with the same storage_path and name resumes from the checkpoint Ray Trai
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -135,6 +136,15 @@ def plan_run(loop_config: LoopConfig, *, train_manifest: str, val_manifest: str,
     cfg = replace(loop_config, batch_size=batch, classes=tuple(train_m.classes),
                   num_classes=len(train_m.classes), train_samples=train_m.total_samples,
                   world_size=num_workers)
+    cap = resources.shuffle_buffer_cap(resources.node_object_store_bytes(), num_workers,
+                                       cfg.crop_size)
+    if cap is not None and cfg.shuffle_buffer > cap:
+        note_cap = (f"--shuffle-buffer {cfg.shuffle_buffer} lowered to {cap} rows a worker: "
+                    f"{num_workers} buffers of {cfg.crop_size}-pixel images may hold "
+                    f"{resources.SHUFFLE_STORE_SHARE:.0%} of a node's object store, not more "
+                    f"(more made the epoch spill to disk)")
+        logging.getLogger(__name__).warning(note_cap)
+        cfg = replace(cfg, shuffle_buffer=cap)
     saved = recorded_config(storage_path, name)
     if saved is not None:
         check_resumable(saved, cfg)

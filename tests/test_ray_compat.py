@@ -94,3 +94,38 @@ def test_the_train_report_logger_is_the_one_ray_train_logs_each_report_with():
     assert 'f"Reporting training result {report_call_index}: {training_report} "' in source
     name = ray_compat.quiet_train_reports()
     assert name == context.__file__ and context.logger.getEffectiveLevel() == logging.WARNING
+
+
+def test_the_output_budget_policy_joins_rays_own_backpressure_policies(ray_local):
+    """Ray Data builds its policies from this config key and calls these two methods: the
+    budget holds the decode stage's output while no consumer has started (data.py)."""
+    from ray.data import DataContext
+    from ray.data._internal.execution.backpressure_policy import (
+        ENABLED_BACKPRESSURE_POLICIES, ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
+        BackpressurePolicy)
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    from pipeline import resources
+
+    data.configure_context()
+    ctx = DataContext.get_current()
+    policies = ctx.get_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY)
+    assert policies == [*ENABLED_BACKPRESSURE_POLICIES, ray_compat.OutputBudgetPolicy]
+    assert issubclass(ray_compat.OutputBudgetPolicy, BackpressurePolicy)
+    assert ctx.get_config(ray_compat.OUTPUT_BUDGET_KEY) == int(
+        data.OUTPUT_STORE_SHARE * resources.node_object_store_bytes())
+    assert "include_ineligible_downstream" in inspect.signature(
+        ResourceManager.get_mem_op_outputs).parameters
+
+    class Usage:  # what the policy reads of Ray's resource manager
+        def __init__(self, used):
+            self.used = used
+
+        def get_mem_op_outputs(self, op, include_ineligible_downstream):
+            return self.used
+
+    budget = ctx.get_config(ray_compat.OUTPUT_BUDGET_KEY)
+    under = ray_compat.OutputBudgetPolicy(ctx, {}, Usage(budget - 1))
+    over = ray_compat.OutputBudgetPolicy(ctx, {}, Usage(budget))
+    assert under.can_add_input("op") and under.max_task_output_bytes_to_read("op") is None
+    assert not over.can_add_input("op") and over.max_task_output_bytes_to_read("op") == 0

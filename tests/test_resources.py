@@ -113,3 +113,11 @@ def test_training_plans_cap_the_decode_tasks_at_the_data_stages_cpus():
     plan = resources.plan_training(resources.Cluster(16, 0), 1, False)
     assert plan.decode_tasks == int(plan.data_cpus / plan.decode_cpus) >= 1
     assert resources.plan_training(TWO_CPUS, 1, False).decode_tasks == 1
+
+
+def test_the_shuffle_buffers_are_capped_at_a_quarter_of_a_nodes_object_store():
+    # 2 workers of 224-pixel rows (150,528 bytes) on a 300 MB store: 75 MB for both buffers
+    assert resources.shuffle_buffer_cap(300_000_000, 2, 224) == 249
+    assert resources.shuffle_buffer_cap(None, 2, 224) is None
+    # a default store (30% of 24 GB) leaves the default 1,000 rows as they are
+    assert resources.shuffle_buffer_cap(int(0.3 * 24e9), 2, 224) > 1000
