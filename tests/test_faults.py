@@ -275,7 +275,10 @@ def test_predict_on_two_nodes_survives_losing_the_worker_node(loopback_cluster, 
     c = loopback_cluster
     c.start_worker(cpus=2, env={faults.HOLD: f"decode_batch:{gate}"})
     images, shard_dir, out = tmp_path / "images", tmp_path / "shards", tmp_path / "eval"
-    synthetic.generate_image_folder(str(images), {"val": 8}, num_classes=3, seed=5,
+    # 32 shards of 3: 32 decode tasks, so while the head's one free CPU is busy some must go
+    # to the worker node (with 8 tasks the head once decoded them all before any got there,
+    # and the job ended before the node could be lost)
+    synthetic.generate_image_folder(str(images), {"val": 32}, num_classes=3, seed=5,
                                     size_range=(48, 96))
     manifest = _shard_in_process(images, "val", shard_dir, 3)
     job = c.job_id("predict")
@@ -296,13 +299,13 @@ def test_predict_on_two_nodes_survives_losing_the_worker_node(loopback_cluster, 
     assert status == "SUCCEEDED", log[-6000:]
     assert len(c.nodes()) == 1  # only the head is left
     df = metrics.read_predictions(str(out))
-    assert len(df) == df["key"].nunique() == 24, log[-3000:]
-    assert json.loads((out / "summary.json").read_text())["manifest_samples"] == 24
+    assert len(df) == df["key"].nunique() == 96, log[-3000:]
+    assert json.loads((out / "summary.json").read_text())["manifest_samples"] == 96
     print(f"node loss: {killed} processes killed; job finished {recovered_s:.0f} s later")
     record("the worker node of a two-node cluster (its raylet, object store and Ray workers) "
            "SIGKILLed while one of its decode tasks runs", "jobs.predict",
            "Ray marks the node dead and reruns its tasks on the head; the job succeeds with "
-           "exactly one row per image (24 of 24, no duplicate key)")
+           "exactly one row per image (96 of 96, no duplicate key)")
 
 
 BLOCKER = """
