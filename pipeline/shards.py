@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import random
 import tarfile
@@ -545,25 +544,14 @@ def shard_paths(manifest_path: str, manifest: Manifest) -> list[str]:
 
 
 def read_tar_samples(data: bytes, name: str) -> list[tuple[str, dict[str, bytes]]]:
-    """Group a shard's members by key, checking WebDataset's adjacency rule; raise on damage."""
-    samples, seen = [], set()
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                key, _, ext = info.name.partition(".")
-                if ext not in MEMBER_EXTS:
-                    raise InputError(f"{name}: member {info.name} is not an image, .cls or "
-                                     f".json (refused, never unpickled)")
-                if not samples or samples[-1][0] != key:
-                    if key in seen:
-                        raise InputError(f"{name}: members of sample {key} are not adjacent")
-                    seen.add(key)
-                    samples.append((key, {}))
-                samples[-1][1][ext] = tar.extractfile(info).read()
-    except tarfile.TarError as e:
-        raise InputError(f"{name}: not a readable tar ({e})") from None
+    """Group a shard's members by key, checking WebDataset's adjacency rule and that every
+    member is an image, ``cls`` or ``json`` (``tarindex.read_members``); raise on damage."""
+    samples = tarindex.read_members(data, name)
+    for key, members in samples:
+        for ext in members:
+            if ext not in MEMBER_EXTS:
+                raise InputError(f"{name}: member {key}.{ext} is not an image, .cls or "
+                                 f".json (refused, never unpickled)")
     return samples
 
 
