@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 
-from pipeline import benchmark as measure, machine, ray_compat, shards, sources, synthetic
+from pipeline import benchmark as measure, machine, synthetic
 
 STORE_MB = 300  # the object store of the scale head: 5,000 images act as 50,000 do on a default
 DISTINCT = 1000  # generated photos; the rest of the N images are copies of them
@@ -209,13 +209,12 @@ def measure_scale(n: int, work: str, store_mb: int = STORE_MB) -> dict:
     r["scale_model_alone_img_s"] = measure.eval_ceiling_rate(dtype, 64, threads, 256, 10)
     head = Head(SCALE_CPUS, store_mb)
     try:
-        env, jobs = head.env, []
+        env = head.env
 
         def job(name, *args):
             before = head.spilled()
             out = run_job(list(args), env, os.path.join(work, f"{name}.log"))
             out["spilled"] = head.spilled() - before
-            jobs.append(name)
             return out
 
         shard = job("shard", "jobs.shard", "--source", img, "--split", "val", "--out", sh,

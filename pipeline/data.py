@@ -12,6 +12,7 @@ Rows: ``key`` str, ``label`` int64, ``image`` uint8 3xHxW, ``error`` str ("" whe
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -287,10 +288,7 @@ def _chunk_samples(chunk: tarindex.Chunk) -> list:
     except InputError:
         pass
     # The bytes do not hold the samples the index says: find them by the shard's own headers.
-    fs, p = storage.resolve(chunk.path)
-    with fs.open_input_file(p) as f:
-        size = f.size()
-        offsets = tarindex.sample_index(f, every=1, name=chunk.path)["offsets"]
+    size, offsets = _own_offsets(chunk.path, storage.size(chunk.path))
     if size < offsets[-1]:  # the headers promise data past the end of the file
         raise InputError(f"{chunk.path}: ends at byte {size}, inside its last member's data, "
                          f"which ends at {offsets[-1]} (truncated)")
@@ -302,6 +300,15 @@ def _chunk_samples(chunk: tarindex.Chunk) -> list:
         return []  # the shard now holds fewer samples: the run's coverage check says so
     start, end = offsets[chunk.first], offsets[min(chunk.first + chunk.samples, count)]
     return tarindex.read_members(storage.read_range(chunk.path, start, end - start), chunk.path)
+
+
+@functools.lru_cache(maxsize=4)
+def _own_offsets(path: str, size: int) -> tuple[int, list[int]]:
+    """(size, every sample's offset) of the shard at ``path``, read off its tar headers; kept
+    per worker process, so the chunks of one changed shard that land there scan it once."""
+    fs, p = storage.resolve(path)
+    with fs.open_input_file(p) as f:
+        return size, tarindex.sample_index(f, every=1, name=path)["offsets"]
 
 
 def chunk_order(chunks: list, shuffle_seed: int | None, execution: int) -> list:
@@ -319,8 +326,6 @@ def shard_chunks(manifest: shards.Manifest, chunk_samples: int = tarindex.CHUNK_
     """The ``ray.data.Datasource`` that reads ``manifest``'s shards in chunks of about
     ``chunk_samples`` samples. Shards whose records carry no sample index (written before it
     was recorded) have their tar headers read here, once, with a line saying so."""
-    import functools
-
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
