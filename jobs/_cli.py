@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from pipeline.errors import USER_ERRORS, UsageError
+from pipeline.errors import USER_ERRORS, exit_code_of
 
 
 def option(default: Any, help: str, choices=None, required: bool = False):  # noqa: A002
@@ -122,6 +122,13 @@ def init_ray(num_cpus: int | None = None):
     data.configure_context()
 
 
+def deadline_option(default: str):
+    """The --deadline flag (``pipeline.deadline``): a duration, ``0`` for none."""
+    from pipeline import deadline
+
+    return option(default, deadline.DEADLINE_HELP)
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -133,7 +140,8 @@ def dump(obj) -> str:
 
 def reports_errors(main):
     """Decorator for a job's main(): user errors (``errors.USER_ERRORS``: the project's own
-    types and OSError) become `error: ...` on stderr and exit 1, a UsageError exit 2;
+    types and OSError) become `error: ...` on stderr and exit 1, a UsageError exit 2, one with
+    an ``exit_code`` (``pipeline.errors``: 6 deadline, 7 --max-wait, 8 overlapping night) that;
     RESNET_PIPELINE_DEBUG=1 re-raises them with their traceback. Anything else, a ValueError
     from numpy or torch included, keeps its traceback: a bug."""
     import functools
@@ -146,5 +154,5 @@ def reports_errors(main):
             if os.environ.get("RESNET_PIPELINE_DEBUG"):
                 raise
             print(f"error: {str(e).strip()}", file=sys.stderr)
-            return 2 if isinstance(e, UsageError) else 1
+            return exit_code_of(e)
     return wrapper

@@ -7,12 +7,12 @@ import dataclasses
 import sys
 
 from jobs import _cli
-from pipeline import predict
+from pipeline import deadline, predict
 
 # the options of jobs.predict that an embedding pass has (their help text is predict's own)
 _SHARED = ("batch_size", "precision", "use_gpu", "actors", "cpus_per_actor", "threads",
            "decode_concurrency", "decode_device", "decode_in", "resize_size", "crop_size",
-           "embedding_dtype", "max_failed_fraction", "verify_checksums", "progress")
+           "embedding_dtype", "max_failed_fraction", "verify_checksums", "progress", "max_wait")
 
 EmbedConfig = dataclasses.make_dataclass(
     "EmbedConfig",
@@ -22,7 +22,8 @@ EmbedConfig = dataclasses.make_dataclass(
                                                "a file (state_dict or model.pt); its head is "
                                                "not used, so its classes need not be the "
                                                "data's")),
-     ("out", "str", _cli.option("", "output folder (local or s3://...)", required=True))]
+     ("out", "str", _cli.option("", "output folder (local or s3://...)", required=True)),
+     ("deadline", "str", _cli.deadline_option("0"))]
     + [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
        for f in dataclasses.fields(predict.PredictOptions) if f.name in _SHARED],
     frozen=True)
@@ -46,10 +47,12 @@ def run(cfg) -> dict:
 @_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(EmbedConfig, argv, "embed")
+    budget = deadline.parse_duration("--deadline", cfg.deadline)
     predict.check_inputs(cfg.data, cfg.weights, options(cfg), embed_only=True)  # before Ray
-    _cli.setup_logging()
-    _cli.init_ray()
-    summary = run(cfg)  # FailedSamples: reported by reports_errors, exit 1
+    with deadline.job_deadline(budget):  # DeadlineExceeded: exit 6
+        _cli.setup_logging()
+        _cli.init_ray()
+        summary = run(cfg)  # FailedSamples: reported by reports_errors, exit 1
     print(f"{summary['samples']} embeddings ({summary['embedding']['dtype']}, "
           f"{summary['embedding']['dim']}-d), {summary['failures']} failed; "
           f"{summary['images_per_s']:.1f} images/s ({summary['precision']}); "

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import presets, timeshare, train
+from pipeline import deadline, presets, timeshare, train
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class FinetuneConfig:
     max_failed_fraction: float = _cli.option(
         0.0, "stop (exit 1) after an epoch in which more than this fraction of train+val "
              "samples failed to decode; they are listed in STORAGE/NAME/failures.parquet")
+    max_wait: str = _cli.option("15m", deadline.MAX_WAIT_HELP)
+    deadline: str = _cli.deadline_option("0")  # after max_wait: it hides the module here
 
 
 def loop_config(cfg: FinetuneConfig) -> train.LoopConfig:
@@ -93,18 +95,31 @@ def run(cfg: FinetuneConfig) -> dict:
     elif plan.first_epoch:
         print(f"resuming run {cfg.name} at epoch {plan.first_epoch + 1} of {cfg.epochs}, from the "
               f"last checkpoint Ray Train recorded")
-    return train.run_planned(plan, job_config=_cli.to_dict(cfg), max_failures=cfg.max_failures,
-                             num_to_keep=cfg.num_to_keep,
-                             decode_concurrency=cfg.decode_concurrency or None)
+    try:
+        return train.run_planned(plan, job_config=_cli.to_dict(cfg),
+                                 max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
+                                 decode_concurrency=cfg.decode_concurrency or None,
+                                 max_wait=deadline.parse_duration("--max-wait", cfg.max_wait))
+    except deadline.DeadlineExceeded as e:
+        kept = train.recorded_checkpoint(cfg.storage_path, cfg.name)
+        raise deadline.DeadlineExceeded(
+            f"{e}. " + (f"{kept[1] + 1} of {cfg.epochs} epochs were done; the last "
+                        f"checkpoint ({kept[0]}) is kept: the same command resumes from it"
+                        if kept else
+                        "No epoch had finished, so no checkpoint: the same command starts "
+                        "over")) from None
 
 
 @_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(FinetuneConfig, argv, "finetune")
+    budget = deadline.parse_duration("--deadline", cfg.deadline)
+    deadline.parse_duration("--max-wait", cfg.max_wait)
     train.check_inputs(cfg.train, cfg.val, cfg.weights)  # before Ray starts
-    _cli.setup_logging()
-    _cli.init_ray()
-    out = run(cfg)
+    with deadline.job_deadline(budget):  # DeadlineExceeded: exit 6, the checkpoints kept
+        _cli.setup_logging()
+        _cli.init_ray()
+        out = run(cfg)
     # history.json counts epochs from 0; the epoch lines and this summary from 1
     print(json.dumps({"epochs_trained": out["epoch"] + 1,
                       **{k: out.get(k) for k in ("train_loss", "train_top1", "val_top1",

@@ -4,11 +4,13 @@ significant regression or on a published accuracy the pipeline no longer reprodu
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import nightly, predict, regression, resources
+from pipeline import deadline, nightly, predict, regression, resources
+from pipeline.errors import USER_ERRORS, UsageError, exit_code_of
 
 
 @dataclass(frozen=True)
@@ -22,10 +24,15 @@ class NightlyConfig(predict.PredictOptions):
     set) into the run folder. A change is significant only if p < --alpha AND the top-1 change
     exceeds --min-effect percentage points. Exit codes, for the worst set: 0 nothing regressed
     (also the first run), 1 a set failed (e.g. more decode failures than --max-failed-fraction;
-    it is not recorded in the history), 2 bad arguments (a missing manifest, weights or labels file, an unknown --baseline), 3
-    significant top-1 regression, 4 not comparable: the previous or baseline run used a different
-    data manifest (sha256 differs), 5 pipeline fidelity: a published accuracy lies outside the
-    measured 95% interval widened by --fidelity-tolerance. Severity: 5 > 3 > 1 > 4 > 0."""
+    recorded in the history as failed), 2 bad arguments (a missing manifest, weights or labels
+    file, an unknown --baseline), 3 significant top-1 regression, 4 not comparable: the previous
+    or baseline run used a different data manifest (sha256 differs), 5 pipeline fidelity: a
+    published accuracy lies outside the measured 95% interval widened by --fidelity-tolerance,
+    6 --deadline exceeded (the set at work and those after it are recorded as "deadline
+    exceeded"), 7 the cluster did not give the plan's resources within --max-wait, 8 the
+    previous night on the same --history still runs (this one did not start). Severity: 5 > 3
+    > 6 > 1 > 4 > 0. Every night that starts leaves a history row per set and a report, and
+    names a previous night whose driver died ("did not finish")."""
     data: tuple = _cli.repeated("a set to evaluate, repeatable: NAME=MANIFEST (e.g. "
                                 "val=shards/val.json v2=shards-v2/val.json), or a bare MANIFEST "
                                 "(named after its file: val.json -> val)", "[NAME=]MANIFEST",
@@ -56,6 +63,11 @@ class NightlyConfig(predict.PredictOptions):
                                                   "outside it fails the run (exit 5)")
     top_n: int = _cli.option(10, "classes and confused pairs listed in the report")
     latest: bool = _cli.option(True, "also copy the report to HISTORY/latest.html")
+    deadline: str = _cli.deadline_option("8h")
+    notify_command: str = _cli.option("", "a command run (through /bin/sh) when the night exits "
+                                          "non-zero, with the night's JSON summary (nightly.json, "
+                                          "or the error) on stdin: wire in a Slack or pager "
+                                          "script. Its own failure is a warning")
     progress: bool = _cli.option(True, "show each set's progress: a bar on a terminal, else a "
                                        "line about every 10%% or minute (images done, rate, "
                                        "ETA), readable in a cron log")
@@ -75,8 +87,21 @@ def check(cfg: NightlyConfig) -> Checked:
     for values that cannot work, SuiteError (exit 2) for sets or files that are not there."""
     rule = regression.RegressionRule(cfg.alpha, cfg.min_effect, cfg.fidelity_tolerance)
     resources.check_decode_device(cfg.decode_device, cfg.use_gpu)
+    deadline.parse_duration("--deadline", cfg.deadline)
+    deadline.parse_duration("--max-wait", cfg.max_wait)
     sets = nightly.parse_sets(cfg.data, cfg.real_labels)
-    return Checked(sets, nightly.check_inputs(sets, cfg.weights, cfg.published), rule)
+    table = nightly.check_inputs(sets, cfg.weights, cfg.published)
+    opts = predict.PredictOptions.of(cfg)
+    for s in sets:  # what needs the model's classes too (ReaL labels on non-ImageNet classes)
+        if s.real_labels:
+            try:
+                predict.resolve_inputs(s.manifest, cfg.weights,
+                                       dataclasses.replace(opts, real_labels=s.real_labels))
+            except UsageError:
+                raise
+            except USER_ERRORS:  # weights that do not load: the set fails in the night, recorded
+                pass
+    return Checked(sets, table, rule)
 
 
 def run(cfg: NightlyConfig, checked: Checked) -> nightly.NightlyResult:
@@ -88,13 +113,47 @@ def run(cfg: NightlyConfig, checked: Checked) -> nightly.NightlyResult:
         published_table=checked.published_table)
 
 
-@_cli.reports_errors
+def notify(command: str, summary: dict) -> None:
+    """Run --notify-command with ``summary`` (JSON) on stdin; a warning when it fails or takes
+    over NOTIFY_SECONDS: the night's own exit code stands either way."""
+    try:
+        done = subprocess.run(["/bin/sh", "-c", command], input=_cli.dump(summary), text=True,
+                              timeout=NOTIFY_SECONDS, capture_output=True)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"warning: --notify-command failed: {e}", file=sys.stderr)
+        return
+    if done.returncode:
+        print(f"warning: --notify-command exited {done.returncode}: "
+              f"{(done.stderr or done.stdout).strip()[-300:]}", file=sys.stderr)
+
+
+NOTIFY_SECONDS = 60
+
+
 def main(argv=None) -> int:
+    """The job: the night's exit code (see NightlyConfig); --notify-command hears of any that
+    is not 0, an error before the night started included."""
     cfg = _cli.parse(NightlyConfig, argv, "nightly_eval")
-    checked = check(cfg)  # exit 2 before Ray starts
-    _cli.setup_logging()
-    _cli.init_ray()
-    result = run(cfg, checked)  # an unknown --baseline: exit 2 before predicting
+    summary: dict = {}
+    code = _cli.reports_errors(lambda _: night(cfg, summary))(None)
+    if code and cfg.notify_command:
+        notify(cfg.notify_command, summary)
+    return code
+
+
+def night(cfg: NightlyConfig, summary: dict) -> int:
+    """Check, run and print one night; ``summary`` gets nightly.json's content."""
+    try:
+        checked = check(cfg)  # exit 2 before Ray starts
+        with deadline.job_deadline(deadline.parse_duration("--deadline", cfg.deadline)):
+            _cli.setup_logging()
+            _cli.init_ray()
+            result = run(cfg, checked)  # an unknown --baseline: exit 2 before predicting
+    except USER_ERRORS as e:  # reported by reports_errors; the summary says it too
+        summary.update(verdict="error", exit_code=exit_code_of(e), error=str(e).strip(),
+                       history=cfg.history)
+        raise
+    summary.update(result.record)
     print(nightly.format_result(result, checked.rule))
     for r in result.sets:
         if r.error:

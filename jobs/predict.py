@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import metrics, predict
+from pipeline import deadline, metrics, predict
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class PredictConfig(predict.PredictOptions):
     weights: str = _cli.option("DEFAULT", "DEFAULT, IMAGENET1K_V1, none, or a file (state_dict "
                                           "or model.pt from jobs.finetune)")
     out: str = _cli.option("", "output folder (local or s3://...)", required=True)
+    deadline: str = _cli.deadline_option("0")
 
 
 def run(cfg: PredictConfig) -> dict:
@@ -29,10 +30,12 @@ def run(cfg: PredictConfig) -> dict:
 @_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(PredictConfig, argv, "predict")
+    budget = deadline.parse_duration("--deadline", cfg.deadline)
     predict.check_inputs(cfg.data, cfg.weights, predict.PredictOptions.of(cfg))  # before Ray
-    _cli.setup_logging()
-    _cli.init_ray()
-    summary = run(cfg)  # FailedSamples: reported by reports_errors, exit 1
+    with deadline.job_deadline(budget):  # DeadlineExceeded: exit 6
+        _cli.setup_logging()
+        _cli.init_ray()
+        summary = run(cfg)  # FailedSamples: reported by reports_errors, exit 1
     print(metrics.format_table(summary))
     print(f"{summary['images_per_s']:.1f} images/s overall ({summary['precision']}); "
           f"predictions: {cfg.out}/predictions/, summary: {cfg.out}/summary.json")

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import InputError, UsageError
-from pipeline.regression import Comparison, RegressionRule, same_data
+from pipeline.regression import NO_METRICS, Comparison, RegressionRule, same_data
 
 
 def _column(arrow_type: pa.DataType, doc: str = ""):
@@ -74,6 +74,8 @@ class HistoryRow:
     alpha: object = _column(pa.float64())
     min_effect: object = _column(pa.float64())
     verdict: object = _column(pa.string())
+    error: object = _column(pa.string(), 'why a set has no metrics (verdict "failed", "deadline '
+                                         'exceeded" or "did not finish"); null otherwise')
 
 
 HISTORY_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in fields(HistoryRow)])
@@ -192,6 +194,18 @@ def history_row(run_id: str, summary: dict, predictions_dir: str,
         alpha=rule.alpha, min_effect=rule.min_effect, verdict=verdict))
 
 
+def unfinished_row(run_id: str, started: str, dataset: str, kind: str, manifest: str,
+                   verdict: str, error: str, rule: RegressionRule) -> dict:
+    """The history row of a set that has no metrics: it failed, the deadline stopped it (or
+    came before it), or its night's driver ended mid-run (``regression.NO_METRICS``). ``error``
+    says why; the metric columns are null, so the trend shows the night as a gap with its
+    verdict, and ``references`` never compares with it."""
+    return asdict(HistoryRow(
+        date=pd.Timestamp(started).to_pydatetime(), run_id=run_id, dataset=dataset,
+        dataset_kind=kind, data_manifest=manifest, alpha=rule.alpha, min_effect=rule.min_effect,
+        verdict=verdict, error=error))
+
+
 def _finite(x: float | None) -> float | None:
     return None if x is None or x != x else x  # NaN (a refused comparison) is stored as null
 
@@ -211,8 +225,12 @@ def references(history: pd.DataFrame, baseline: str, dataset: str,
     evaluate this set. With ``current`` (this run's summary), the previous run is the latest one
     over the same data (``same_data``), so one night on other data does not make the next night
     not comparable too; when no earlier run used this data, it is the latest run (and the
-    comparison says why it cannot be made)."""
-    rows = history[history["dataset"] == dataset].to_dict("records")
+    comparison says why it cannot be made). Rows without metrics (a failed set, a deadline, a
+    night that did not finish) are never a reference."""
+    own = history["dataset"] == dataset
+    if "verdict" in history.columns:
+        own &= ~history["verdict"].isin(NO_METRICS)
+    rows = history[own].to_dict("records")
     refs: list[tuple[str, dict | None]] = []
     if rows:
         same = [r for r in rows if current is not None and same_data(current, r)]

@@ -339,6 +339,8 @@ class Lease:
         self.started = time.time()
         self.token = None
         self.lost = ""
+        self.taken_from: Holder | None = None  # the expired or dead holder acquire took over
+        self.taken_because = ""  # and why it could (Holder.dead_reason)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -370,6 +372,7 @@ class Lease:
                 log.warning("took over the lease on %s from %s: %s", self.out,
                             holder.describe(), reason)
                 self.token = token
+                self.taken_from, self.taken_because = holder, reason
                 return self
         raise LeaseHeld(f"the lease on {self.out} kept changing hands: another run is starting "
                         f"there; nothing done")

@@ -22,11 +22,13 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import metrics, storage
-from pipeline.errors import USER_ERRORS, UsageError
+from pipeline import deadline, metrics, storage
+from pipeline.errors import EXIT_OVERLAP, USER_ERRORS, PipelineError, UsageError, exit_code_of
 from pipeline.history import (HISTORY_SCHEMA, append_history, check_baseline, history_row,
+                              unfinished_row,
                               read_history, references)
-from pipeline.regression import (FAILED, FIDELITY, NOT_COMPARABLE, Comparison, RegressionRule,
+from pipeline.regression import (DEADLINE, DID_NOT_FINISH, FAILED, FIDELITY, NO_METRICS,
+                                 NOT_COMPARABLE, RUNNING, Comparison, RegressionRule,
                                  comparability_problem, compare_correctness, comparison_dicts,
                                  describe, exit_code, worst)
 
@@ -205,6 +207,8 @@ class NightlyResult:
     exit_code: int
     report_md: str
     report_html: str
+    record: dict = field(default_factory=dict)  # nightly.json's content
+    notes: list = field(default_factory=list)  # lines about the night as a whole
 
     @property
     def summary(self) -> dict | None:
@@ -215,6 +219,15 @@ class NightlyResult:
     def comparisons(self) -> list[Comparison]:
         """Every set's comparisons, in set order."""
         return [c for s in self.sets for c in s.comparisons]
+
+
+class NightRunning(PipelineError):
+    """The previous night on this history folder still holds its lease (exit 8): this night did
+    not start, and wrote nothing."""
+    exit_code = EXIT_OVERLAP
+
+
+NIGHT_LEASE_SECONDS = 120.0  # the night's lease on HISTORY: renewed every 40 s while it lives
 
 
 def run_nightly(data, weights: str, history: str, *, baseline: str = "",
@@ -231,80 +244,227 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
     points; ``rule`` also says when a change is significant (``regression.RegressionRule``).
     ``config`` (the job's resolved config) is recorded in nightly.json. Raises
     ``history.BaselineNotFound`` (before predicting) and what ``run_prediction`` raises for
-    resources;
-    a set whose data or weights fail is recorded as failed and the others still run.
-    """
-    import dataclasses
+    resources.
 
-    from pipeline import predict, published, shards
+    One night at a time per history folder: the run holds HISTORY's lease (``pipeline.lease``)
+    from before it reads the history to its end; NightRunning (exit 8, nothing written) while
+    another night holds it. A night whose driver died leaves a lease that expires (or, on the
+    same machine, whose process is gone); the next night takes it over and records the dead
+    night as "did not finish" (``name_unfinished``).
+
+    Every night leaves one history row per set and a report, whatever the outcome: a set whose
+    data or weights fail is recorded as failed and the others still run; when the job's
+    deadline (``pipeline.deadline``) runs out, the set at work and those after it are recorded
+    as "deadline exceeded" and the report says how far it got; an error that ends the night
+    early (a resource plan refused, --max-wait) is recorded, then raised.
+    """
+    from pipeline import lease as leaselib, predict, published, shards
 
     sets = parse_sets([data]) if isinstance(data, str) else list(data)
     table = published.BUILTIN if published_table is None else published_table
-    opts = predict_options or predict.PredictOptions()
-    old = read_history(history)
-    check_baseline(old, baseline)  # a bad --baseline fails before predicting
-    manifests = {s.name: shards.load_manifest(s.manifest) for s in sets}  # fail before predicting
     run_id = new_run_id()
-    run_dir = storage.join(history, "runs", run_id)
-    results, rows = [], []
-    for s in sets:
-        out = storage.join(run_dir, s.name)
-        kind = published.dataset_kind(manifests[s.name])
+    try:
+        night = leaselib.Lease(history, run_id, NIGHT_LEASE_SECONDS)
+        night.__enter__()
+    except leaselib.LeaseHeld:
+        holder = leaselib.read_holder(history)
+        who = holder.describe() if holder else "another night"
+        raise NightRunning(f"previous night still running: {who}. This night ({run_id}) did not "
+                           f"start; nothing written") from None
+    try:
+        old = read_history(history)
+        check_baseline(old, baseline)  # a bad --baseline fails before predicting
+        manifests = {s.name: shards.load_manifest(s.manifest) for s in sets}
+        night_notes = name_unfinished(history, night, run_id, rule)
+        if night_notes:
+            old = read_history(history)
+        return _Night(sets, manifests, weights, history, run_id, old, baseline, rule,
+                      predict_options or predict.PredictOptions(), table, night_notes,
+                      config).run(latest, top_n)
+    finally:
+        night.__exit__(None, None, None)
+
+
+def name_unfinished(history: str, night, run_id: str, rule: RegressionRule) -> list[str]:
+    """When this night (``run_id``) took the history's lease over from a night whose driver
+    died (``night.taken_from``): record that night as "did not finish", a history row per set
+    it was running (unless it wrote one) and its nightly.json's verdict, and return the line
+    that says so (for the terminal and the report). [] when there is none."""
+    holder = night.taken_from
+    if holder is None:
+        return []
+    run_dir = storage.join(history, "runs", holder.run_id)
+    path = storage.join(run_dir, "nightly.json")
+    try:
+        record = storage.read_json(path)
+    except (OSError, ValueError):
+        record = None
+    why = (f"its driver (pid {holder.pid} on {holder.host}) ended without finishing: "
+           f"{night.taken_because}; named by run {run_id}")
+    line = f"previous night {holder.run_id} did not finish: {why}"
+    if record is None or record.get("verdict") != RUNNING:
+        return [line] if record is None else []
+    recorded = set(read_history(history).query("run_id == @holder.run_id")["dataset"])
+    for s in record.get("sets", []):
+        if s["name"] not in recorded:
+            with deadline.deferred():
+                append_history(history, unfinished_row(
+                    holder.run_id, record["started_at"], s["name"], s.get("kind", ""),
+                    s.get("manifest", ""), DID_NOT_FINISH, why, rule))
+    record.update(verdict=DID_NOT_FINISH, exit_code=None, error=why)
+    write_run_record(run_dir, record)
+    return [line]
+
+
+@dataclass
+class _Night:
+    """One night under HISTORY's lease: what ``run_nightly`` resolved, and what it runs."""
+    sets: list
+    manifests: dict
+    weights: str
+    history: str
+    run_id: str
+    old: pd.DataFrame  # the history as read before this night
+    baseline: str
+    rule: RegressionRule
+    opts: object  # predict.PredictOptions
+    table: list  # the published figures to check
+    notes: list  # lines about the night as a whole (a previous night that did not finish)
+    config: dict | None = None
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.history, "runs", self.run_id)
+
+    def record(self, verdict: str, code, results: list, started: str, error: str = "") -> dict:
+        """nightly.json's content: the night's verdict and exit code, and per set what it got."""
+        done = {r.name: r for r in results}
+        return {
+            "run_id": self.run_id, "started_at": started, "verdict": verdict, "exit_code": code,
+            "error": error, "notes": self.notes, **asdict(self.rule),
+            "sets": [_set_record(s, self.manifests[s.name], done.get(s.name)) for s in self.sets],
+            "config": self.config}
+
+    def run(self, latest: bool, top_n: int) -> NightlyResult:
+        started = time_now()
+        write_run_record(self.run_dir, self.record(RUNNING, None, [], started))
+        results, raised, stopped = [], None, ""
         try:
-            summary = predict.run_prediction(s.manifest, weights, out,
-                                             dataclasses.replace(opts, real_labels=s.real_labels),
-                                             label=s.name)
-        except UsageError:
+            for s in self.sets:
+                if stopped:
+                    results.append(self.unfinished(s, DEADLINE, f"not started: {stopped}"))
+                    continue
+                try:
+                    with deadline.translated():
+                        results.append(self.one_set(s))
+                except deadline.DeadlineExceeded as e:
+                    stopped = str(e).strip()
+                    results.append(self.unfinished(s, DEADLINE, stopped))
+        except (UsageError, deadline.ResourcesUnavailable, KeyboardInterrupt) as e:
+            raised = e  # the night cannot go on: the sets not done are recorded as failed
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            results += [self.unfinished(s, FAILED, why) for s in self.sets[len(results):]]
+        verdict = worst(r.verdict for r in results)
+        code = exit_code_of(raised) if isinstance(raised, Exception) else exit_code(verdict)
+        # the record and the report are short writes: a deadline running out during them
+        # does not leave the night without either (deferred, then dropped)
+        with deadline.deferred(drop=True):
+            record = self.record(verdict, code, results, started,
+                                 error=str(raised or stopped).strip())
+            write_run_record(self.run_dir, record)
+            history_now = read_history(self.history)
+            md, page = _write_reports(self.run_id, self.run_dir, history_now, results, verdict,
+                                      self.rule, storage.join(self.history, "latest.html")
+                                      if latest else None, top_n, self.notes)
+        if raised is not None:
+            raise raised
+        return NightlyResult(self.run_id, self.run_dir, results, verdict, code, md, page,
+                             record, self.notes)
+
+    def one_set(self, s: EvalSet) -> SetResult:
+        """Predict set ``s``, compare it, check it and write its history row. A set whose data
+        or weights fail is recorded as failed."""
+        import dataclasses
+
+        from pipeline import predict, published
+
+        out = storage.join(self.run_dir, s.name)
+        kind = published.dataset_kind(self.manifests[s.name])
+        try:
+            with deadline.doing(f"predicting set {s.name}"):
+                summary = predict.run_prediction(
+                    s.manifest, self.weights, out,
+                    dataclasses.replace(self.opts, real_labels=s.real_labels), label=s.name)
+        except (UsageError, deadline.DeadlineExceeded, deadline.ResourcesUnavailable):
             raise
-        except USER_ERRORS as e:  # FailedSamples too: not recorded (a bug still raises)
-            results.append(SetResult(s.name, kind, out, None, [], [], FAILED,
-                                     str(e).strip().splitlines()[0]))
-            continue
+        except USER_ERRORS as e:  # FailedSamples too (a bug still raises)
+            return self.unfinished(s, FAILED, str(e).strip().splitlines()[0])
         current = load_correctness(out)
-        meta = {**summary, "run_id": run_id, "dataset": s.name}
-        refs = references(old, baseline, s.name, meta)
-        notes = [f"baseline run {baseline} did not evaluate set {s.name!r}: compared with its "
-                 f"previous run only" for role, ref in refs if ref is None]
-        comparisons = [compare_with(role, ref, meta, current, rule)
+        meta = {**summary, "run_id": self.run_id, "dataset": s.name}
+        refs = references(self.old, self.baseline, s.name, meta)
+        notes = [f"baseline run {self.baseline} did not evaluate set {s.name!r}: compared with "
+                 f"its previous run only" for role, ref in refs if ref is None]
+        comparisons = [compare_with(role, ref, meta, current, self.rule)
                        for role, ref in refs if ref is not None]
-        checked = published.check(summary, kind, s.name, table, rule.fidelity_tolerance)
+        checked = published.check(summary, kind, s.name, self.table, self.rule.fidelity_tolerance)
         verdict = worst([c.outcome for c in comparisons]
                         + [FIDELITY for f in checked.applied if not f.ok])
-        rows.append(history_row(run_id, summary, out, comparisons, verdict, rule, s.name, kind,
-                                checked.applied))
-        append_history(history, rows[-1])
-        results.append(SetResult(s.name, kind, out, summary, comparisons, checked.applied,
-                                 verdict, notes=notes, not_applicable=checked.not_applicable))
-    verdict = worst(r.verdict for r in results)
-    write_run_record(run_dir, {
-        "run_id": run_id, "verdict": verdict, "exit_code": exit_code(verdict),
-        **asdict(rule),  # alpha, min_effect, fidelity_tolerance
-        "sets": [{"name": r.name, "kind": r.kind, "predictions_dir": r.run_dir,
-                  "prediction_run_id": (r.summary or {}).get("run_id"), "verdict": r.verdict,
-                  "error": r.error, "notes": r.notes,
-                  "comparisons": comparison_dicts(r.comparisons),
-                  "fidelity": [asdict(f) for f in r.fidelity],
-                  "fidelity_not_applicable": [dict(asdict(n), line=n.describe())
-                                              for n in r.not_applicable]} for r in results],
-        "config": config})
-    # the history as this run knows it: what it read, and its own rows (no second read)
-    table = pd.concat([old, pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA).to_pandas()],
-                      ignore_index=True) if rows else old
-    md, page = _write_reports(run_id, run_dir, table, results, verdict, rule,
-                              storage.join(history, "latest.html") if latest else None, top_n)
-    return NightlyResult(run_id, run_dir, results, verdict, exit_code(verdict), md, page)
+        with deadline.deferred():
+            append_history(self.history, history_row(
+                self.run_id, summary, out, comparisons, verdict, self.rule, s.name, kind,
+                checked.applied))
+        return SetResult(s.name, kind, out, summary, comparisons, checked.applied, verdict,
+                         notes=notes, not_applicable=checked.not_applicable)
+
+    def unfinished(self, s: EvalSet, verdict: str, error: str) -> SetResult:
+        """The result, and the history row, of a set without metrics (``NO_METRICS``)."""
+        from pipeline import published
+
+        kind = published.dataset_kind(self.manifests[s.name])
+        with deadline.deferred():
+            append_history(self.history, unfinished_row(
+                self.run_id, time_now(), s.name, kind, s.manifest, verdict, error, self.rule))
+        return SetResult(s.name, kind, storage.join(self.run_dir, s.name), None, [], [],
+                         verdict, error)
+
+
+def time_now() -> str:
+    """Now, UTC, ISO 8601 (as summary.json's started_at)."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _set_record(s: EvalSet, manifest, r: SetResult | None) -> dict:
+    """One set in nightly.json: what it is, and once done what it got."""
+    from pipeline import published
+
+    base = {"name": s.name, "manifest": s.manifest, "kind": published.dataset_kind(manifest)}
+    if r is None:
+        return {**base, "verdict": RUNNING}
+    return {**base, "predictions_dir": r.run_dir,
+            "prediction_run_id": (r.summary or {}).get("run_id"), "verdict": r.verdict,
+            "error": r.error, "notes": r.notes,
+            "comparisons": comparison_dicts(r.comparisons),
+            "fidelity": [asdict(f) for f in r.fidelity],
+            "fidelity_not_applicable": [dict(asdict(n), line=n.describe())
+                                        for n in r.not_applicable]}
 
 
 def _write_reports(run_id: str, run_dir: str, table: pd.DataFrame, results: list[SetResult],
                    verdict: str, rule: RegressionRule, latest: str | None,
-                   top_n: int) -> tuple[str, str]:
-    """report.md and report.html of the run (and a copy of the page at ``latest``)."""
+                   top_n: int, notes: list = ()) -> tuple[str, str]:
+    """report.md and report.html of the run (and a copy of the page at ``latest``); ``notes``:
+    lines about the night as a whole."""
     from pipeline import report
 
-    sections = [report.suite_section(run_id, results, verdict, rule)]
+    sections = [report.suite_section(run_id, results, verdict, rule, notes)]
     for r in results:
-        if r.summary is None:
-            sections.append(report.Section(f"{r.name}: failed", r.error))
+        if r.summary is None:  # no metrics: why, and the set's trend with this night in it
+            own = table[table["dataset"] == r.name]
+            sections.append(report.Section(f"{r.name}: {r.verdict}", r.error))
+            if len(own):
+                sections.append(report.history_section(own, prefix=f"{r.name}: "))
             continue
         # per-class changes only mean something against a comparable previous run
         prev = next((c for c in r.comparisons if c.role == "previous"
@@ -325,11 +485,11 @@ def _write_reports(run_id: str, run_dir: str, table: pd.DataFrame, results: list
 def format_result(result: NightlyResult, rule: RegressionRule) -> str:
     """The terminal summary: per set its metrics, comparisons and fidelity checks, then the
     verdict and where the outputs are."""
-    lines = []
+    lines = list(result.notes)
     for r in result.sets:
         lines.append(f"== set {r.name}" + (f" ({r.kind})" if r.kind else "") + f": {r.verdict}")
         if r.summary is None:
-            lines.append(f"failed: {r.error}")
+            lines.append(f"{r.verdict}: {r.error}")
             continue
         lines.append(metrics.format_table(r.summary))
         lines += [describe(c, rule) for c in r.comparisons] or [

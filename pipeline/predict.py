@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import data, faults, model as modellib, presets, progress, publish, shards, storage
+from pipeline import (data, deadline, faults, model as modellib, presets, progress, publish,
+                      shards, storage)
 from pipeline import timeshare
 from pipeline import lease as leaselib
 from pipeline import failures as failurelib
@@ -97,6 +98,7 @@ class PredictOptions:
                                            "image, half of float32)", ["float16", "float32"])
     progress: bool = _opt(True, "show progress: a bar on a terminal, else a line about every "
                                 "10%% or minute (images done, rate, ETA)")
+    max_wait: str = _opt("15m", deadline.MAX_WAIT_HELP)
 
     @classmethod
     def of(cls, config) -> "PredictOptions":
@@ -521,6 +523,17 @@ def resolve_inputs(manifest_path: str, weights: str, opts: PredictOptions,
     if real is not None and opts.topk < 5:
         raise UsageError(f"--real-labels scores top-5 from the kept top-k: --topk "
                          f"{opts.topk} must be at least 5")
+    if real is not None:
+        from pipeline import sources
+
+        wnids = set(sources.imagenet_wnids())
+        others = [c["id"] for c in classes_out if c["id"] not in wnids]
+        if others:
+            raise UsageError(
+                f"--real-labels {opts.real_labels}: ReaL labels are ImageNet classes, but the "
+                f"classes scored here are not ImageNet wnids (e.g. {others[0]!r}, from "
+                f"{'the weights ' + weights if loaded.classes else 'the data ' + manifest_path})"
+                f": drop --real-labels for this data")
     return Inputs(loaded, manifest, classes_model, classes_out, subset, real)
 
 
@@ -533,6 +546,7 @@ def check_inputs(manifest_path: str, weights: str, opts: PredictOptions | None =
     from pipeline import resources
 
     resources.check_decode_device(opts.decode_device, opts.use_gpu)
+    deadline.parse_duration("--max-wait", opts.max_wait)
     resolve_inputs(manifest_path, weights, opts, embed_only)
 
 
@@ -566,14 +580,45 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
     plan = resources.plan_prediction(resources.current_cluster(), opts.actors, opts.use_gpu,
                                      opts.cpus_per_actor, opts.decode_device, opts.decode_in)
+    with deadline.doing(f"waiting for the resources of {plan.describe()}"):
+        resources.await_resources(plan.needs(),
+                                  deadline.parse_duration("--max-wait", opts.max_wait),
+                                  what=f"the plan ({plan.describe()})")
     storage.check_writable(out)
     run_id = publish.new_run_id()
     # One publisher per OUT: taken before anything in OUT changes (recover included), renewed
     # while the run lives, released at the end, also on failure (pipeline/lease.py).
-    with leaselib.Lease(out, run_id, lease_seconds) as lease:
-        return _predict_under_lease(
-            _Run(manifest_path, weights, out, opts, plan, run_id, started, t0, embed_only,
-                 label), lease)
+    try:
+        with deadline.translated(), leaselib.Lease(out, run_id, lease_seconds) as lease:
+            return _predict_under_lease(
+                _Run(manifest_path, weights, out, opts, plan, run_id, started, t0, embed_only,
+                     label), lease)
+    except (deadline.DeadlineExceeded, deadline.ResourcesUnavailable) as e:
+        raise type(e)(f"{e}. " + (
+            f"This run had published {out} just before" if _published_run(out) == run_id else
+            f"Nothing published to {out}: what it held before stays whole")) from None
+
+
+def _no_first_batch(max_wait: float, plan):
+    """The ResourcesUnavailable of a run whose first batch did not come within --max-wait."""
+    from pipeline import resources
+
+    cluster = resources.current_cluster().describe()
+
+    def exception(elapsed: float):
+        return deadline.ResourcesUnavailable(
+            f"no batch came back within --max-wait {deadline.duration_text(max_wait)} of the "
+            f"start: the plan's actors or decode tasks could not start ({plan.describe()}; "
+            f"{cluster} in all, and other jobs may hold some)")
+    return exception
+
+
+def _published_run(out: str) -> str:
+    """The run id OUT/_SUCCESS names ('' when there is none or it cannot be read)."""
+    try:
+        return storage.read_text(storage.join(out, "_SUCCESS")).strip()
+    except OSError:
+        return ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -628,9 +673,14 @@ def _predict_under_lease(run: _Run, lease) -> dict:
         busy = BusyShare()
         per_shard, ran = collections.Counter(), set()
         name = f"{'embed' if run.embed_only else 'predict'} {run.label or manifest.split}"
+        max_wait = deadline.parse_duration("--max-wait", opts.max_wait)
+        first_wait = deadline.arm(deadline.Budget(max_wait, _no_first_batch(max_wait, plan))
+                                  ) if max_wait else None
         with progress.Progress(manifest.total_samples, name, enabled=opts.progress) as bar:
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    deadline.disarm(first_wait)  # the actors and decode tasks run
+                    deadline.check()  # a deadline outside the main thread stops here
                     if t_first is None:  # steady state starts once the first batch is out
                         t_first, first_n = time.monotonic(), len(batch["key"])
                     bad = batch["error"] != ""
@@ -658,6 +708,8 @@ def _predict_under_lease(run: _Run, lease) -> dict:
                 if checksums:  # a shard that fails its checksum: that is what to report
                     checksums.raise_if_bad(wait=True)
                 raise _read_error(e, manifest_path) from None
+            finally:
+                deadline.disarm(first_wait)
         if checksums:
             checksums.raise_if_bad(wait=True)
         writer.close()
@@ -689,8 +741,9 @@ def _predict_under_lease(run: _Run, lease) -> dict:
     except OSError as e:  # a store that kept failing after storage's retries, a full disk
         raise PipelineError(f"writing this run's outputs into {staging} failed ({e}): nothing "
                             f"published; the previous set in {out} is untouched") from e
-    lease.check()  # LeaseLost: another run took OUT over; publish nothing
-    publish.publish_or_roll_back(staging, out, run_id)
+    with deadline.deferred():  # a deadline never cuts the switch in half
+        lease.check()  # LeaseLost: another run took OUT over; publish nothing
+        publish.publish_or_roll_back(staging, out, run_id)
     where = f"see {storage.join(out, 'failures.parquet')}"
     why = failure_causes(failures, opts)  # "" when every failure is a decode failure
     if len(failures) == manifest.total_samples:  # nothing to score: no metric to report

@@ -24,6 +24,15 @@ MIN_SECONDS = 10.0  # ... but not more often than this: short work says nothing 
 MAX_SECONDS = 60.0  # ... and at least this often while anything moves
 
 
+_running: list = []  # the Progress objects not yet closed, oldest first
+
+
+def current_line() -> str:
+    """The plain line of the newest running Progress ('' when none): how far the job got, for a
+    deadline's message (``pipeline.deadline.activity``)."""
+    return _running[-1].line() if _running else ""
+
+
 def eta_text(seconds: float) -> str:
     """``seconds`` as ``m:ss`` or ``h:mm:ss``."""
     s = int(round(max(seconds, 0)))
@@ -51,6 +60,7 @@ class Progress:
             self.bar = tqdm(total=self.total, unit=unit[:3], desc=name)
         self.t_first = self.n_first = None  # the first update: where the steady rate starts
         self.t_line, self.n_line = clock(), 0  # the last line written
+        _running.append(self)
 
     def __enter__(self) -> "Progress":
         return self
@@ -94,6 +104,8 @@ class Progress:
         return text
 
     def close(self) -> None:
+        if self in _running:
+            _running.remove(self)
         if self.bar is not None:
             self.bar.close()
             self.bar = None

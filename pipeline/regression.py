@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 from scipy.stats import binomtest
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REGRESSION, EXIT_NOT_COMPARABLE = 0, 1, 2, 3, 4
-EXIT_FIDELITY = 5
+from pipeline.errors import EXIT_DEADLINE, EXIT_FAILED, EXIT_OK
+
+EXIT_REGRESSION, EXIT_NOT_COMPARABLE, EXIT_FIDELITY = 3, 4, 5
 
 FIRST_RUN = "first run"
 NO_CHANGE = "no significant change"
@@ -26,14 +27,21 @@ REGRESSION = "significant regression"
 NOT_COMPARABLE = "not comparable"
 FAILED = "failed"
 FIDELITY = "pipeline fidelity failure"
+DEADLINE = "deadline exceeded"  # the set was stopped by --deadline, or not reached before it
+RUNNING = "running"  # nightly.json of a night still at work
+DID_NOT_FINISH = "did not finish"  # a night whose driver ended mid-run, as the next one records it
+NO_METRICS = (FAILED, DEADLINE, DID_NOT_FINISH)  # history rows without predictions
 # The overall verdict is the most severe outcome of the comparisons, over every set. A measured
 # regression outranks a refused comparison and a set that failed: it is the alarm the nightly
 # job exists to raise. A published accuracy outside the measured interval outranks everything:
-# the pipeline itself is off, so no figure of the run can be trusted.
-SEVERITY = [FIRST_RUN, NO_CHANGE, IMPROVEMENT, NOT_COMPARABLE, FAILED, REGRESSION, FIDELITY]
+# the pipeline itself is off, so no figure of the run can be trusted. A set the deadline stopped
+# ranks above one that failed (the night ran out of time, the rest of its sets untried) and
+# below a measured regression.
+SEVERITY = [FIRST_RUN, NO_CHANGE, IMPROVEMENT, NOT_COMPARABLE, FAILED, DEADLINE, REGRESSION,
+            FIDELITY]
 EXIT_CODES = {FIRST_RUN: EXIT_OK, NO_CHANGE: EXIT_OK, IMPROVEMENT: EXIT_OK,
               NOT_COMPARABLE: EXIT_NOT_COMPARABLE, FAILED: EXIT_FAILED,
-              REGRESSION: EXIT_REGRESSION, FIDELITY: EXIT_FIDELITY}
+              DEADLINE: EXIT_DEADLINE, REGRESSION: EXIT_REGRESSION, FIDELITY: EXIT_FIDELITY}
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,11 @@ def plot_history(history: pd.DataFrame) -> bytes:
     bad = h.index[h["verdict"] == "significant regression"]
     ax.scatter(bad, h.loc[bad, "top1"], s=120, facecolors="none", edgecolors="red",
                label="significant regression", zorder=3)
+    # nights without metrics (failed, deadline exceeded, did not finish): a mark at the bottom
+    gap = h.index[h["top1"].isna()]
+    if len(gap):
+        ax.scatter(gap, [0.0] * len(gap), marker="x", s=80, color="black", zorder=3,
+                   label="no metrics (" + ", ".join(sorted(set(h.loc[gap, "verdict"]))) + ")")
     ax.set_xticks(x, [str(r)[:15] for r in h["run_id"]], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("accuracy %")
     ax.set_title("top-1 / top-5 per run (95% Wilson intervals)")
@@ -167,16 +172,25 @@ def comparison_section(comparisons: list[dict]) -> Section:
                     "change pp", "lost", "gained", "p (McNemar exact)", "outcome"], rows)
 
 
-def history_section(history: pd.DataFrame) -> Section:
+def history_section(history: pd.DataFrame, prefix: str = "") -> Section:
     """The last HISTORY_RUNS_SHOWN (60) runs of the history table: date, top-1/top-5 % with 95%
-    Wilson intervals, samples and verdict per run, plus ``plot_history``'s plot."""
+    Wilson intervals, samples and verdict per run, plus ``plot_history``'s plot. A night
+    without metrics (failed, deadline exceeded, did not finish) is a row with its verdict and
+    why, and a mark on the plot."""
     h = history.tail(HISTORY_RUNS_SHOWN)
-    rows = [[str(r.date)[:19], r.run_id, f"{r.top1:.2f}", _ci(r.top1_ci95_lo, r.top1_ci95_hi),
-             f"{r.top5:.2f}", _ci(r.top5_ci95_lo, r.top5_ci95_hi), r.samples, r.verdict]
-            for r in h.itertuples()]
-    return Section("Top-1 / top-5 over time", f"The last {len(h)} runs of the history table.",
+
+    def row(r) -> list:
+        if r.top1 != r.top1 or r.top1 is None:  # no metrics: say why instead
+            why = getattr(r, "error", None) or ""
+            return [str(r.date)[:19], r.run_id, "", "", "", "", "",
+                    f"{r.verdict}: {why}" if why else r.verdict]
+        samples = "" if r.samples != r.samples else int(r.samples)
+        return [str(r.date)[:19], r.run_id, f"{r.top1:.2f}", _ci(r.top1_ci95_lo, r.top1_ci95_hi),
+                f"{r.top5:.2f}", _ci(r.top5_ci95_lo, r.top5_ci95_hi), samples, r.verdict]
+    return Section(prefix + "Top-1 / top-5 over time",
+                   f"The last {len(h)} runs of the history table.",
                    ["date (UTC)", "run", "top-1 %", "95% CI", "top-5 %", "95% CI", "samples",
-                    "verdict"], rows, plot_history(h))
+                    "verdict"], [row(r) for r in h.itertuples()], plot_history(h))
 
 
 def changes_section(summary: dict, reference: dict | None, reference_run_id: str,
@@ -255,7 +269,7 @@ def fidelity_section(fidelity: list, not_applicable: list = ()) -> Section:
                     "tolerance pp", "outcome", "source"], rows)
 
 
-def suite_section(run_id: str, results: list, verdict: str, rule) -> Section:
+def suite_section(run_id: str, results: list, verdict: str, rule, night_notes=()) -> Section:
     """All sets side by side (``nightly.SetResult`` records): samples, top-1/top-5 % with 95%
     intervals, ReaL top-1, the change against the set's previous run and its McNemar p, the
     published figure and the set's verdict. The overall verdict is the worst set's."""
@@ -263,7 +277,8 @@ def suite_section(run_id: str, results: list, verdict: str, rule) -> Section:
     for r in results:
         s = r.summary
         if s is None:
-            rows.append([r.name, r.kind, "", "", "", "", "", "", "", "", r.verdict])
+            rows.append([r.name, r.kind, "", "", "", "", "", "", "", "",
+                         f"{r.verdict}: {r.error}" if r.error else r.verdict])
             continue
         prev = next((c for c in r.comparisons if c.role == "previous"), None)
         delta = "" if prev is None or prev.outcome == "not comparable" else \
@@ -276,7 +291,8 @@ def suite_section(run_id: str, results: list, verdict: str, rule) -> Section:
                      f"{s['top5']:.2f} ({_ci(*s['top5_ci95'])})",
                      _pct(s.get("real_top1")), s.get("scored_over", ""), delta, p, pub,
                      r.verdict])
-    notes = " ".join(n + "." for r in results for n in getattr(r, "notes", []))
+    notes = " ".join(n.rstrip(".") + "." for n in [*night_notes, *(
+        n for r in results for n in getattr(r, "notes", []))])
     text = (f"Run {run_id}. Verdict: **{verdict}** (the worst of its sets). A change is "
             f"significant only if McNemar's exact p < alpha = {rule.alpha:g} AND the top-1 "
             f"change exceeds min-effect = {rule.min_effect:g} percentage points, each set "

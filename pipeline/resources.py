@@ -76,6 +76,12 @@ class TrainPlan:
                 f"data stage {data} (up to {count(self.decode_tasks, 'decode task')} of "
                 f"{self.decode_cpus:g} CPU)")
 
+    def needs(self) -> tuple[float, float]:
+        """(CPUs, GPUs) the plan holds at once to make progress: every worker and one decode
+        task."""
+        return (self.num_workers * self.cpus_per_worker + self.decode_cpus,
+                float(self.num_workers) if self.use_gpu else 0.0)
+
 
 @dataclass(frozen=True)
 class PredictPlan:
@@ -97,6 +103,12 @@ class PredictPlan:
                 f"{self.decode_cpus:g} CPU"
                 + (f", {self.decode_gpus:g} GPU" if self.decode_gpus else ""))
 
+    def needs(self) -> tuple[float, float]:
+        """(CPUs, GPUs) the plan holds at once to make progress: every actor and one decode
+        task."""
+        return (self.actors * self.cpus_per_actor + self.decode_cpus,
+                self.actors * self.gpus_per_actor + self.decode_gpus)
+
 
 def count(n: float, noun: str) -> str:
     """``n`` and ``noun``, plural when ``n`` is not 1: ``1 GPU``, ``2 GPUs``, ``0.5 CPUs``."""
@@ -105,10 +117,59 @@ def count(n: float, noun: str) -> str:
 
 def _refuse_or_warn(cluster: Cluster, problem: str) -> None:
     if cluster.can_grow:
-        log.warning("%s; %s now. Waiting for the autoscaler to add nodes (stop the job if this "
-                    "cluster cannot grow)", problem, cluster.describe())
+        log.warning("%s; %s now. Waiting for the autoscaler to add nodes, at most --max-wait",
+                    problem, cluster.describe())
         return
     raise UsageError(f"{problem}; {cluster.describe()}")
+
+
+WAIT_POLL_SECONDS = 5.0  # how often a waiting plan looks at the cluster again
+WAIT_LINE_SECONDS = 60.0  # how often it says what it waits for
+
+
+def await_resources(needs: tuple[float, float], max_wait: float, *, what: str = "this job",
+                    cluster_now=None, clock=None, sleep=None, emit=None) -> Cluster:
+    """Return the cluster once it holds ``needs`` (CPUs, GPUs) in all; on a cluster that may
+    grow, wait for its nodes at most ``max_wait`` seconds (0: no limit), saying every
+    WAIT_LINE_SECONDS what is missing. Raises ``deadline.ResourcesUnavailable`` (exit 7) naming
+    the resources when they do not come. ``cluster_now``, ``clock``, ``sleep`` and ``emit``
+    (default: ``current_cluster``, monotonic time, ``time.sleep``, this module's logger) are for
+    tests."""
+    import time
+
+    from pipeline import deadline
+
+    cluster_now = cluster_now or current_cluster
+    clock, sleep = clock or time.monotonic, sleep or time.sleep
+    emit = emit or log.warning
+    cpus, gpus = needs
+    t0 = clock()
+    last_line = None
+    while True:
+        cluster = cluster_now()
+        missing = [count(n - have, noun) for n, have, noun in
+                   ((cpus, cluster.cpus, "CPU"), (gpus, cluster.gpus, "GPU"))
+                   if n - have > 1e-6]
+        if not missing:
+            return cluster
+        waited = clock() - t0
+        want = f"{what} needs {count(cpus, 'CPU')}" + (f" and {count(gpus, 'GPU')}" if gpus
+                                                      else "")
+        if max_wait > 0 and waited >= max_wait:
+            raise deadline.ResourcesUnavailable(
+                f"{want}, {cluster.describe()} after waiting "
+                f"{deadline.duration_text(waited)} (--max-wait "
+                f"{deadline.duration_text(max_wait)}): {' and '.join(missing)} short. Stopped "
+                f"before any work; nothing written. Add nodes of that kind to the cluster, or "
+                f"plan smaller (--actors, --num-workers, no --use-gpu)")
+        if last_line is None or clock() - last_line >= WAIT_LINE_SECONDS:
+            limit = deadline.duration_text(max_wait) if max_wait > 0 else "none"
+            emit(f"waiting for resources: {want}; {cluster.describe()} ("
+                 f"{' and '.join(missing)} short), {deadline.duration_text(waited)} of --max-wait "
+                 f"{limit}")
+            last_line = clock()
+        sleep(WAIT_POLL_SECONDS if max_wait <= 0 else
+              min(WAIT_POLL_SECONDS, max(0.0, max_wait - waited)))
 
 
 def check_decode_device(decode_device: str, use_gpu: bool) -> None:

@@ -166,17 +166,42 @@ def recorded_config(storage_path: str, name: str) -> dict | None:
     return None if state is None else state["config"]
 
 
+GROUP_START_SECONDS = 60.0  # Ray Train V2's own default for one worker-group start
+# Ray Train V2's errors (ray.train.v2._internal.exceptions, by name: an internal module) for a
+# worker group that did not start: its placement group waited past the start timeout, it failed
+# to start, or the autoscaler's configured maximum cannot hold it
+GROUP_START_ERRORS = ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError",
+                      "InsufficientClusterResourcesError")
+
+
 def fit(run: RunPlan, *, max_failures: int = 1, num_to_keep: int = 2,
-        decode_concurrency: int | None = None):
+        decode_concurrency: int | None = None, max_wait: float = 0.0):
     """Run (or resume) a planned fine-tuning run (``plan_run``); return (ray.train.Result, the
-    last checkpoint's state, the resolved loop config)."""
+    last checkpoint's state, the resolved loop config).
+
+    ``max_wait`` (seconds, 0: no limit) bounds the wait for resources: first for the cluster
+    to hold the plan (``resources.await_resources``), then Ray Train's retries of a worker
+    group that cannot start: each try waits at most GROUP_START_SECONDS (or ``max_wait`` when
+    shorter), and ``FailureConfig.controller_failure_limit`` stops them after ``max_wait`` in
+    all (Ray's default, -1, retries forever). Raises ``deadline.ResourcesUnavailable`` (exit 7)
+    for either."""
+    import math
+    import os
+
     import ray.train
     from ray.data import ExecutionOptions, ExecutionResources
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline import data
+    from pipeline import data, deadline, resources
 
     cfg, plan = run.loop_config, run.resources
+    with deadline.doing(f"waiting for the resources of {plan.describe()}"):
+        resources.await_resources(plan.needs(), max_wait, what=f"the plan ({plan.describe()})")
+    controller_limit = -1
+    if max_wait > 0:  # read by Ray Train's controller, which the driver's environment reaches
+        start = min(GROUP_START_SECONDS, max_wait)
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{start:g}"
+        controller_limit = max(1, math.ceil(max_wait / start) - 1)
     first_epoch = resume_epoch(run.storage_path, run.name)
     read = data.ReadPlan(batch_size=cfg.batch_size, num_cpus=plan.decode_cpus,
                          concurrency=decode_concurrency or plan.decode_tasks)
@@ -200,11 +225,21 @@ def fit(run: RunPlan, *, max_failures: int = 1, num_to_keep: int = 2,
                                   **({"GPU": 1} if plan.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=run.name, storage_path=run.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures, controller_failure_limit=controller_limit),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep)),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ray_compat.exact_val_data_config(options))
-    result = trainer.fit()
+    try:
+        with deadline.doing(f"fine-tuning run {run.name}"), deadline.translated():
+            result = trainer.fit()
+    except ray.train.ControllerError as e:
+        if type(e.controller_failure).__name__ not in GROUP_START_ERRORS:
+            raise
+        raise deadline.ResourcesUnavailable(
+            f"Ray Train could not start the worker group of run {run.name} "
+            f"({plan.describe()}) within --max-wait {deadline.duration_text(max_wait)}: "
+            f"{str(e.controller_failure).splitlines()[0]}") from None
     if result.checkpoint is None:
         raise PipelineError(f"run {run.name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -212,7 +247,7 @@ def fit(run: RunPlan, *, max_failures: int = 1, num_to_keep: int = 2,
 
 
 def run_planned(plan: RunPlan, *, job_config: dict, max_failures: int = 1, num_to_keep: int = 2,
-                decode_concurrency: int | None = None) -> dict:
+                decode_concurrency: int | None = None, max_wait: float = 0.0) -> dict:
     """Run a checked fine-tuning run (``plan_run``) to its end and write its outputs under
     STORAGE/NAME: config.json (``job_config`` plus the resolved plan), checkpoints, history.json,
     failures.parquet and model.pt (contract 4 in docs/DESIGN.md). A run whose every epoch is
@@ -231,7 +266,7 @@ def run_planned(plan: RunPlan, *, job_config: dict, max_failures: int = 1, num_t
         state = recorded_state(plan.storage_path, plan.name)
     else:
         _, state, cfg = fit(plan, max_failures=max_failures, num_to_keep=num_to_keep,
-                            decode_concurrency=decode_concurrency)
+                            decode_concurrency=decode_concurrency, max_wait=max_wait)
     failures_path = storage.join(run_dir, "failures.parquet")
     failurelib.write(failures_path, state.get("failures", []))
     storage.write_text_atomic(storage.join(run_dir, "history.json"),

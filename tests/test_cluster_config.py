@@ -41,7 +41,7 @@ NIGHTLY_CMD = (
     f"--working-dir {PROJECT_DIR} -- python -m jobs.nightly_eval "
     "--data s3://{b}/imagenet-shards/val.json "
     "--weights s3://{b}/models/current/model.pt "
-    "--history s3://{b}/nightly"
+    "--history s3://{b}/nightly --deadline 8h --max-wait 30m"
 )
 
 # GPUs per instance for the types this config may use; anything else must

@@ -127,3 +127,55 @@ def _users_token_untouched():
     before = path.read_bytes() if path.exists() else None
     yield
     assert (path.read_bytes() if path.exists() else None) == before, path
+
+
+def _job(c, *args, max_seconds: float) -> tuple[int, str, float]:
+    """``python -m jobs...`` as a driver joined to the session's cluster through RAY_ADDRESS
+    (a cluster that may grow, as jobs submitted to cluster.yaml's are): exit code, output and
+    seconds taken."""
+    import subprocess
+    import sys
+
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", *map(str, args)],
+                          env={**c.env, "RAY_ADDRESS": c.address}, cwd=raycluster.ROOT,
+                          capture_output=True, text=True, timeout=max_seconds)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
+
+
+@pytest.mark.timeout(900)
+def test_plans_the_cluster_cannot_hold_stop_after_max_wait(loopback_cluster, tmp_path):
+    """Issue 37: on a cluster joined through RAY_ADDRESS a plan is accepted and waits for the
+    autoscaler, but at most --max-wait: a GPU plan on this CPU-only cluster (the pre-flight wait
+    for the cluster's resources), and a Train worker group of 3 CPUs on two nodes of 2 (enough
+    CPUs in all, no node to place it: Ray Train's own group-start retries, bounded through
+    FailureConfig.controller_failure_limit). Both exit 7 naming what they waited for."""
+    from pipeline import synthetic
+
+    c = loopback_cluster
+    c.start_worker(cpus=2)
+    c.wait_for_nodes(2)
+    images, shard_dir = tmp_path / "images", tmp_path / "shards"
+    synthetic.generate_image_folder(str(images), {"train": 4, "val": 2}, num_classes=2, seed=3,
+                                    size_range=(48, 64))
+    for split in ("train", "val"):
+        code, log, _ = _job(c, "jobs.shard", "--source", images / split, "--split", split,
+                            "--out", shard_dir, "--no-progress", max_seconds=300)
+        assert code == 0, log[-3000:]
+
+    code, log, took = _job(c, "jobs.predict", "--data", shard_dir / "val.json", "--weights",
+                           "none", "--out", tmp_path / "eval", "--use-gpu", "--max-wait", "8s",
+                           max_seconds=300)
+    assert code == 7, log[-3000:]
+    assert "1 GPU short" in log and "--max-wait 8s" in log and "nothing written" in log, log
+    assert "waiting for resources:" in log  # said what it waits for, before giving up
+    assert not (tmp_path / "eval").exists()
+
+    code, log, took = _job(c, "jobs.finetune", "--train", shard_dir / "train.json", "--val",
+                           shard_dir / "val.json", "--weights", "none", "--epochs", "1",
+                           "--num-workers", "1", "--cpus-per-worker", "3", "--max-wait", "20s",
+                           "--storage-path", tmp_path / "runs", "--name", "t",
+                           max_seconds=400)
+    assert code == 7, log[-4000:]
+    assert "could not start the worker group" in log and "--max-wait 20s" in log, log[-3000:]
+    print(f"finetune with a worker group no node can hold stopped after {took:.0f} s")

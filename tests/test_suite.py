@@ -449,9 +449,11 @@ def test_a_v2_release_is_judged_by_its_own_figure_only(suite, heads, tmp_path):
 
 # --- the history: append-only, concurrent, migrated ---------------------------------------------
 
-def test_two_nightly_runs_at_once_both_land(suite, heads, tmp_path, ray_local):
-    """Two runs into one history at the same time (threads sharing the test's Ray cluster): two
-    rows, where the read-append-rewrite table lost one."""
+def test_two_nightly_runs_at_once_one_runs_the_other_is_refused(suite, heads, tmp_path,
+                                                               ray_local):
+    """Two runs into one history at the same time (threads sharing the test's Ray cluster): one
+    night at a time (issue 37: the history's lease), so one lands and the other stops at once
+    with NightRunning (exit 8), naming the night that runs, having written nothing."""
     history = str(tmp_path / "history")
     results, errors = [], []
 
@@ -470,9 +472,11 @@ def test_two_nightly_runs_at_once_both_land(suite, heads, tmp_path, ray_local):
         th.start()
     for th in threads:
         th.join(timeout=600)
-    assert not errors and len(results) == 2
+    assert len(results) == 1 and len(errors) == 1, errors
+    assert isinstance(errors[0], nightly.NightRunning) and errors[0].exit_code == 8
+    assert "previous night still running: run " + results[0].run_id in str(errors[0])
     t = historylib.read_history(history)
-    assert len(t) == 2 and t["run_id"].is_unique and set(t["dataset"]) == {"val"}
+    assert list(t["run_id"]) == [results[0].run_id] and set(t["dataset"]) == {"val"}
 
 
 def test_rows_written_in_the_same_second_by_many_writers_all_land(tmp_path):
