@@ -86,7 +86,11 @@ def parse(cls, argv=None, job: str = ""):
         else:
             kw["default"] = f.default
         parser.add_argument(flag, type=TYPES[typ], choices=meta.get("choices"), **kw)
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray's own progress, plan and checkpoint lines (without "
+                             "it they stay in Ray's session logs, /tmp/ray/session_latest/logs)")
     args = vars(parser.parse_args(argv))
+    VERBOSE["on"] = args.pop("verbose")
     for name, value in args.items():  # every *_fraction flag is a fraction, never a percent
         if name.endswith("_fraction") and not 0 <= value <= 1:
             parser.error(f"--{name.replace('_', '-')} is a fraction in [0, 1] (0.05 is 5%), "
@@ -106,17 +110,31 @@ def setup_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+VERBOSE = {"on": False}  # --verbose, which every job takes (``parse``)
+
+
 def init_ray(num_cpus: int | None = None):
-    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local one."""
+    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local one. Without
+    --verbose, Ray's own progress, plan and checkpoint lines stay in its session logs
+    (``ray_compat.quiet_ray_logs``); the job's own lines, warnings and errors are printed."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    remote = bool(os.environ.get("RAY_ADDRESS"))
+    level = logging.INFO
+    if not VERBOSE["on"]:
+        from pipeline import ray_compat
+
+        ray_compat.quiet_ray_logs(local=not remote)
+        level = logging.WARNING  # "Started a local Ray instance", "Connecting to ..."
+    if remote:
+        ray.init(log_to_driver=True, logging_level=level)
     else:
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, log_to_driver=True, logging_level=level)
     from pipeline import data
 
     data.configure_context()

@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     print(metrics.format_table(new))
     if cfg.write:
         storage.write_text_atomic(summary_path, json.dumps({**old, **new}, indent=1))
+        print(f"wrote {len(new)} recomputed metrics into {summary_path} ("
+              f"{'updated' if old else 'new'}; other keys kept)")
     return 0
 
 

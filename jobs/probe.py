@@ -3,6 +3,7 @@ first try of a backbone's features on a new task, written as a model.pt the othe
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
         print(f"warning: {result.sweep_note}", file=sys.stderr)
     print(_line("linear probe", result.val))
     print(_line(f"kNN (k={result.knn['k']})", result.knn))
-    print(f"model: {cfg.out} (sha256 {sha[:12]}), report: {report}")
+    shown = [p if "://" in p else os.path.abspath(p) for p in (cfg.out, report)]  # alike
+    print(f"model: {shown[0]} (sha256 {sha[:12]}), report: {shown[1]}")
     return 0
 
 

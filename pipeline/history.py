@@ -60,7 +60,7 @@ class HistoryRow:
     published_top1: object = _column(pa.float64(), 'the published figures checked (fidelity)')
     published_real_top1: object = _column(pa.float64())
     published_source: object = _column(pa.string())
-    fidelity: object = _column(pa.string(), '"ok", "failed", or null when no published figure applied (nightly.json says why)')
+    fidelity: object = _column(pa.string(), '"ok", "failed", "not applicable" (no published figure applied: nightly.json says why), or null (a set without metrics, or a row from before)')
     precision: object = _column(pa.string())
     wall_seconds: object = _column(pa.float64())
     images_per_s: object = _column(pa.float64())

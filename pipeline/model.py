@@ -104,8 +104,11 @@ def _load_torchvision(spec: str) -> LoadedWeights:
     except Exception as e:
         cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
         raise PipelineError(f"could not get torchvision weights {spec} ({weights.url}): {e}. "
-                           f"Offline, copy that file to {cache} or pass --weights PATH "
-                           f"(--weights none: random initialisation, to try the pipeline)") from None
+                           f"Offline, copy that file to {cache}, or pass --weights PATH: a "
+                           f"state_dict or a model.pt, e.g. DIR/runs/demo/model.pt, which "
+                           f"`python -m jobs.demo` trains and prints as \"model\" (every "
+                           f"job takes one; jobs.predict, embed, finetune and nightly_eval "
+                           f"also take --weights none, a random init)") from None
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     sha = storage.sha256_file(path) if os.path.exists(path) else None
     return LoadedWeights(state_dict, imagenet_classes(), f"torchvision/resnet18/{weights.name}",

@@ -409,10 +409,12 @@ class _Night:
         checked = published.check(summary, kind, s.name, self.table, self.rule.fidelity_tolerance)
         verdict = worst([c.outcome for c in comparisons]
                         + [FIDELITY for f in checked.applied if not f.ok])
+        row = history_row(self.run_id, summary, out, comparisons, verdict, self.rule, s.name,
+                          kind, checked.applied)
+        if row["fidelity"] is None and checked.not_applicable:  # as the report says it
+            row["fidelity"] = "not applicable"
         with deadline.deferred():
-            append_history(self.history, history_row(
-                self.run_id, summary, out, comparisons, verdict, self.rule, s.name, kind,
-                checked.applied))
+            append_history(self.history, row)
         return SetResult(s.name, kind, out, summary, comparisons, checked.applied, verdict,
                          notes=notes, not_applicable=checked.not_applicable)
 

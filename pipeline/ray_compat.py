@@ -23,6 +23,10 @@ of silently changing the train crops, the val split or the resume point:
   ``ray.train.report`` at INFO (the whole metrics dict and checkpoint, named by its module's
   file path), which buried the jobs' own epoch lines.
 
+- ``quiet_ray_logs``: Ray Data's logging configuration (``ray.data._internal.logging``'s
+  ``DEFAULT_CONFIG``, read from the file ``RAY_DATA_LOGGING_CONFIG`` names) and the names of the
+  loggers of Ray's token-auth notice and Ray Data's "progress bars disabled" notice.
+
 Everything else the pipeline uses of Ray is public API (``ray.data``, ``ray.train``).
 """
 
@@ -166,3 +170,59 @@ def bound_operator_outputs(context, budget_bytes: int | None) -> None:
     context.set_config(OUTPUT_BUDGET_KEY, int(budget_bytes))
     context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
                        [*ENABLED_BACKPRESSURE_POLICIES, OutputBudgetPolicy])
+
+
+# --- quiet by default: Ray's own progress lines in its session logs, not on the terminal ------
+
+QUIET = {"on": False}
+# Ray's notices that say nothing about the job: "Token authentication is enabled for this Ray
+# cluster" (a local cluster the job starts itself) and "Progress bars disabled" (the jobs print
+# their own progress lines, pipeline.progress)
+NOTICE_LOGGERS = ("ray._private.authentication.authentication_token_setup",
+                  "ray.data._internal.progress")
+
+
+def quiet_ray_logs(local: bool) -> None:
+    """Keep Ray's own INFO lines (Ray Data's "Starting execution of Dataset ...", "Execution
+    plan ...", "... execution finished"; Ray Train's "Checkpoint successfully created") off the
+    terminal, in Ray's session logs: Ray Data's console handler at WARNING and its file handler
+    (``ray-data.log``) as Ray has it, in this process and, on a cluster the job starts itself
+    (``local``), in its Ray workers (the environment variable ``RAY_DATA_LOGGING_CONFIG``, which
+    they inherit, names a config file written here). Ray Train's level is set per run
+    (``train_logging_config``). Warnings and errors still reach the terminal. Call before
+    ``ray.init``."""
+    import atexit
+    import copy
+    import json
+    import logging
+    import os
+    import tempfile
+
+    from ray.data._internal import logging as data_logging
+
+    QUIET["on"] = True
+    for name in NOTICE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    config = copy.deepcopy(data_logging.DEFAULT_CONFIG)
+    config["handlers"]["console"]["level"] = "WARNING"
+    fd, path = tempfile.mkstemp(prefix="ray-data-logging-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f)  # JSON is YAML
+    atexit.register(lambda: os.path.exists(path) and os.remove(path))
+    if local:  # a cluster's other nodes cannot read this file: their workers keep Ray's default
+        os.environ[data_logging.RAY_DATA_LOGGING_CONFIG_ENV_VAR_NAME] = path
+        data_logging.configure_logging()
+    else:
+        for handler in logging.getLogger("ray.data").handlers:
+            if type(handler).__name__ == "PlainRayHandler":  # the console one
+                handler.setLevel(logging.WARNING)
+
+
+def train_logging_config():
+    """Ray Train's ``RunConfig(logging_config=...)``: WARNING while ``quiet_ray_logs`` is on
+    (Ray applies it to Train's log files too), else None (Ray's default, INFO)."""
+    if not QUIET["on"]:
+        return None
+    import ray
+
+    return ray.LoggingConfig(log_level="WARNING")

@@ -73,7 +73,8 @@ def plot_history(history: pd.DataFrame) -> bytes:
     ax.set_xticks(x, [str(r)[:15] for r in h["run_id"]], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("accuracy %")
     ax.set_title("top-1 / top-5 per run (95% Wilson intervals)")
-    ax.legend(fontsize=8)
+    # beside the plot, not on it: inside, it covered the newest run's error bar
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return png_bytes(fig)
 
 
@@ -154,7 +155,7 @@ def overview_section(run_id: str, summary: dict, verdict: str, comparisons: list
               if "real_samples" in summary else []),
             ["wall time s / images/s", f"{summary['wall_seconds']:.1f} / "
                                        f"{summary['images_per_s']:.1f}"]]
-    return Section("Run", text, ["", ""], rows)
+    return Section("Run", text, ["field", "value"], rows)
 
 
 def comparison_section(comparisons: list[dict]) -> Section:
@@ -286,11 +287,11 @@ def suite_section(run_id: str, results: list, verdict: str, rule, night_notes=()
         p = "" if prev is None or prev.outcome == "not comparable" else f"{prev.p_value:.3g}"
         pub = "; ".join(f"{f.metric} {f.published:.2f} ({'ok' if f.ok else 'OUTSIDE'})"
                         for f in r.fidelity) or ("not applicable" if r.not_applicable else "")
-        rows.append([r.name, r.kind, s["samples"],
+        rows.append([r.name, r.kind or "own data", s["samples"],
                      f"{s['top1']:.2f} ({_ci(*s['top1_ci95'])})",
                      f"{s['top5']:.2f} ({_ci(*s['top5_ci95'])})",
-                     _pct(s.get("real_top1")), s.get("scored_over", ""), delta, p, pub,
-                     r.verdict])
+                     _pct(s.get("real_top1")) or "no ReaL labels", s.get("scored_over", ""),
+                     delta, p, pub, r.verdict])
     notes = " ".join(n.rstrip(".") + "." for n in [*night_notes, *(
         n for r in results for n in getattr(r, "notes", []))])
     text = (f"Run {run_id}. Verdict: **{verdict}** (the worst of its sets). A change is "

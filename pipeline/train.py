@@ -227,7 +227,8 @@ def fit(run: RunPlan, *, max_failures: int = 1, num_to_keep: int = 2,
             name=run.name, storage_path=run.storage_path,
             failure_config=ray.train.FailureConfig(
                 max_failures=max_failures, controller_failure_limit=controller_limit),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+            logging_config=ray_compat.train_logging_config()),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ray_compat.exact_val_data_config(options))
     try:

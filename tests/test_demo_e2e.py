@@ -56,3 +56,22 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert abs(summary["top1"] - 100 * df["top1_correct"].mean()) < 1e-9
     assert (work / "runs" / "demo" / "model.pt").exists()
     assert "top-1 %" in proc.stdout
+    # issue 38: quiet by default: the job's own lines, not Ray's plan, progress, checkpoint and
+    # token-auth notices (kept in Ray's session logs); the last line names precision and machine
+    lines = (proc.stdout + proc.stderr).splitlines()
+    noise = [line for line in lines if any(n in line for n in (
+        "Starting execution of Dataset", "Execution plan of Dataset", "execution finished in",
+        "Checkpoint successfully created", "Token authentication is enabled",
+        "Started a local Ray instance", "Progress bars disabled"))]
+    assert not noise, "\n".join(noise)
+    assert len(lines) <= 45, "\n".join(lines)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("demo: top-1 ") and (" in fp32 " in last or " in bf16 " in last), last
+    assert "cores" in last and "--precision auto" in last
+    # --verbose brings Ray's own lines back
+    verbose = subprocess.run(
+        [sys.executable, "-m", "jobs.predict", "--data", str(work / "shards" / "val.json"),
+         "--weights", str(work / "runs" / "demo" / "model.pt"), "--out", str(tmp_path / "v"),
+         "--no-progress", "--verbose"], capture_output=True, text=True, timeout=600)
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "Starting execution of Dataset" in verbose.stdout + verbose.stderr

@@ -277,6 +277,9 @@ def test_report_html_is_self_contained_with_valid_plots(nightly_runs):
     assert "significant regression" in page
     assert t["run_id"].iloc[1] in page and t["run_id"].iloc[0] in page  # previous, baseline
     assert "src=\"http" not in page and "<script" not in page  # nothing fetched from outside
+    # issue 38: the Run table has a header row, the all-sets table no empty kind or ReaL cell
+    assert "<th>field</th><th>value</th>" in page and "<th></th>" not in page
+    assert "own data" in page and "no ReaL labels" in page
     md = open(os.path.join(run_dir, "report.md"), encoding="utf-8").read()
     assert "significant regression" in md and t["run_id"].iloc[1] in md
     latest = open(os.path.join(nightly_runs["history"], "latest.html"), encoding="utf-8").read()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 
@@ -79,6 +81,12 @@ def test_summary_matches_an_independent_duckdb_count(imagenet_like_shards, weigh
         os.path.join(out, "predictions", "part-00000.parquet")).metadata
     assert meta[b"precision"] == b"fp32" and len(meta[b"data_manifest_sha256"]) == 64
     assert evaluate_job.main(["--out", out]) == 0
+    # --write says what it wrote (issue 38: it printed nothing to confirm it)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert evaluate_job.main(["--out", out, "--write"]) == 0
+    assert f"into {os.path.join(out, 'summary.json')} (updated; other keys kept)" in \
+        text.getvalue()
 
 
 def test_unwritable_output_and_wrong_class_weights_fail_clearly(shard_set, tmp_path,

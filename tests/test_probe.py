@@ -267,3 +267,16 @@ def test_any_backbone_embeds_any_data_but_only_a_fitting_head_predicts(shard_set
     assert len(inputs.classes_out) == 4 and inputs.subset is None
     with pytest.raises(InputError, match="name other classes than their head holds"):
         predict.resolve_inputs(manifest, str(path), opts)
+
+
+def test_the_probe_prints_its_model_and_report_paths_alike(embedded, backbone, tmp_path,
+                                                           monkeypatch, capsys):
+    """Issue 38: a relative --out printed one path relative and the other absolute."""
+    monkeypatch.chdir(tmp_path)
+    code, text = run_job(probe_job.main, ["--train", str(embedded / "train"), "--val",
+                                          str(embedded / "val"), "--weights", backbone,
+                                          "--out", "p/model.pt"], capsys)
+    assert code == 0, text
+    line = next(t for t in text.splitlines() if t.startswith("model: "))
+    assert f"model: {tmp_path / 'p' / 'model.pt'} (sha256 " in line
+    assert line.endswith(f"report: {tmp_path / 'p' / 'probe.json'}"), line
