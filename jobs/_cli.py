@@ -86,7 +86,7 @@ def parse(cls, argv=None, job: str = ""):
         else:
             kw["default"] = f.default
         parser.add_argument(flag, type=TYPES[typ], choices=meta.get("choices"), **kw)
-    parser.add_argument("--verbose", action="store_true",
+    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
                         help="also print Ray's own progress, plan and checkpoint lines (without "
                              "it they stay in Ray's session logs, /tmp/ray/session_latest/logs)")
     args = vars(parser.parse_args(argv))

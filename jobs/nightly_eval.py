@@ -133,12 +133,35 @@ NOTIFY_SECONDS = 60
 def main(argv=None) -> int:
     """The job: the night's exit code (see NightlyConfig); --notify-command hears of any that
     is not 0, an error before the night started included."""
-    cfg = _cli.parse(NightlyConfig, argv, "nightly_eval")
+    try:
+        cfg = _cli.parse(NightlyConfig, argv, "nightly_eval")
+    except SystemExit as e:  # bad flags (argparse said why): a cron line with a typo pages too
+        command = _flag_value(sys.argv[1:] if argv is None else argv, "--notify-command")
+        if e.code and command:
+            notify(command, {"verdict": "error", "exit_code": e.code,
+                             "error": "bad arguments (see the job's output)"})
+        raise
     summary: dict = {}
-    code = _cli.reports_errors(lambda _: night(cfg, summary))(None)
+    try:
+        code = _cli.reports_errors(lambda _: night(cfg, summary))(None)
+    except BaseException as e:  # a bug (a traceback follows), Ctrl-C: heard of all the same
+        if cfg.notify_command and not isinstance(e, SystemExit):
+            notify(cfg.notify_command, summary or {
+                "verdict": "error", "exit_code": 1, "error": f"{type(e).__name__}: {e}"})
+        raise
     if code and cfg.notify_command:
         notify(cfg.notify_command, summary)
     return code
+
+
+def _flag_value(argv: list[str], flag: str) -> str:
+    """The value of ``flag`` in raw ``argv`` (``--flag V`` or ``--flag=V``), '' when absent."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return ""
 
 
 def night(cfg: NightlyConfig, summary: dict) -> int:

@@ -20,15 +20,13 @@ import re
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
-import pyarrow as pa
 
 from pipeline import deadline, metrics, storage
 from pipeline.errors import EXIT_OVERLAP, USER_ERRORS, PipelineError, UsageError, exit_code_of
-from pipeline.history import (HISTORY_SCHEMA, append_history, check_baseline, history_row,
-                              unfinished_row,
-                              read_history, references)
-from pipeline.regression import (DEADLINE, DID_NOT_FINISH, FAILED, FIDELITY, NO_METRICS,
-                                 NOT_COMPARABLE, RUNNING, Comparison, RegressionRule,
+from pipeline.history import (append_history, check_baseline, history_row, read_history,
+                              references, unfinished_row)
+from pipeline.regression import (DEADLINE, DID_NOT_FINISH, FAILED, FIDELITY, NOT_COMPARABLE,
+                                 REGRESSION, RUNNING, Comparison, RegressionRule,
                                  comparability_problem, compare_correctness, comparison_dicts,
                                  describe, exit_code, worst)
 
@@ -365,7 +363,9 @@ class _Night:
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             results += [self.unfinished(s, FAILED, why) for s in self.sets[len(results):]]
         verdict = worst(r.verdict for r in results)
-        code = exit_code_of(raised) if isinstance(raised, Exception) else exit_code(verdict)
+        code = exit_code(verdict)  # an error that ended the night early: its own code, unless
+        if isinstance(raised, Exception) and verdict not in (REGRESSION, FIDELITY):  # worse
+            code = exit_code_of(raised)
         # the record and the report are short writes: a deadline running out during them
         # does not leave the night without either (deferred, then dropped)
         with deadline.deferred(drop=True):
@@ -376,8 +376,10 @@ class _Night:
             md, page = _write_reports(self.run_id, self.run_dir, history_now, results, verdict,
                                       self.rule, storage.join(self.history, "latest.html")
                                       if latest else None, top_n, self.notes)
-        if raised is not None:
+        if raised is not None and code == exit_code_of(raised):
             raise raised
+        if raised is not None:  # a set before it regressed or failed fidelity: that code stands
+            self.notes.append(f"the night stopped early: {str(raised).strip().splitlines()[0]}")
         return NightlyResult(self.run_id, self.run_dir, results, verdict, code, md, page,
                              record, self.notes)
 

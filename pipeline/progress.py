@@ -20,7 +20,7 @@ import time
 log = logging.getLogger(__name__)
 
 EVERY_FRACTION = 0.1  # a line each time about this share more of the total is done
-MIN_SECONDS = 10.0  # ... but not more often than this: short work says nothing until its end
+MIN_SECONDS = 20.0  # ... but not more often than this: short work (a demo epoch) says nothing
 MAX_SECONDS = 60.0  # ... and at least this often while anything moves
 
 

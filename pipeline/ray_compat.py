@@ -188,7 +188,8 @@ def quiet_ray_logs(local: bool) -> None:
     terminal, in Ray's session logs: Ray Data's console handler at WARNING and its file handler
     (``ray-data.log``) as Ray has it, in this process and, on a cluster the job starts itself
     (``local``), in its Ray workers (the environment variable ``RAY_DATA_LOGGING_CONFIG``, which
-    they inherit, names a config file written here). Ray Train's level is set per run
+    they inherit, names a config file written here; Ray Train's preemption watcher, which no
+    local cluster needs, is off there). Ray Train's level is set per run
     (``train_logging_config``). Warnings and errors still reach the terminal. Call before
     ``ray.init``."""
     import atexit
@@ -205,6 +206,8 @@ def quiet_ray_logs(local: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     config = copy.deepcopy(data_logging.DEFAULT_CONFIG)
     config["handlers"]["console"]["level"] = "WARNING"
+    # the workers' "Progress bars disabled" notice (SplitCoordinator), as in this process
+    config["loggers"]["ray.data._internal.progress"] = {"level": "ERROR"}
     fd, path = tempfile.mkstemp(prefix="ray-data-logging-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         json.dump(config, f)  # JSON is YAML
@@ -212,6 +215,9 @@ def quiet_ray_logs(local: bool) -> None:
     if local:  # a cluster's other nodes cannot read this file: their workers keep Ray's default
         os.environ[data_logging.RAY_DATA_LOGGING_CONFIG_ENV_VAR_NAME] = path
         data_logging.configure_logging()
+        # nothing preempts a cluster on this one machine; Ray Train's preemption watcher actor
+        # only added an error-level core_worker line about its own restart arguments
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     else:
         for handler in logging.getLogger("ray.data").handlers:
             if type(handler).__name__ == "PlainRayHandler":  # the console one

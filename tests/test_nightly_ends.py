@@ -13,8 +13,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from jobs import nightly_eval, predict as predict_job
 from pipeline import faults, history as historylib, lease as leaselib, metrics, regression
 from tests.raycluster import ROOT
@@ -169,3 +167,17 @@ def test_real_labels_on_classes_that_are_not_imagenet_exit_2_before_ray_starts(s
     assert code == 2, err
     assert "ReaL labels are ImageNet classes" in err and "drop --real-labels" in err, err
     assert time.monotonic() - t0 < 10 and not history.exists()
+
+
+def test_bad_flags_are_notified_too(tmp_path):
+    """A typo in the cron line exits 2 in argparse, before the night's config exists: the
+    --notify-command it names still hears of it."""
+    notified = tmp_path / "n.json"
+    import pytest
+
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()):
+        nightly_eval.main(["--data", "x.json", "--weights", "none", "--history", "h",
+                           "--alpha", "often", "--notify-command", f"cat > {notified}"])
+    assert e.value.code == 2
+    sent = json.loads(notified.read_text())
+    assert sent["exit_code"] == 2 and sent["verdict"] == "error"
