@@ -676,9 +676,10 @@ def _predict_under_lease(run: _Run, lease) -> dict:
         max_wait = deadline.parse_duration("--max-wait", opts.max_wait)
         first_wait = deadline.arm(deadline.Budget(max_wait, _no_first_batch(max_wait, plan))
                                   ) if max_wait else None
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
         with progress.Progress(manifest.total_samples, name, enabled=opts.progress) as bar:
             try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for batch in batches:
                     deadline.disarm(first_wait)  # the actors and decode tasks run
                     deadline.check()  # a deadline outside the main thread stops here
                     if t_first is None:  # steady state starts once the first batch is out
@@ -710,6 +711,10 @@ def _predict_under_lease(run: _Run, lease) -> dict:
                 raise _read_error(e, manifest_path) from None
             finally:
                 deadline.disarm(first_wait)
+                # stopped early (a deadline, an error): end the execution now, its actors and
+                # tasks with it, not when the garbage collector gets to the generator (a
+                # process that goes on, e.g. a nightly, kept them holding the cluster's CPUs)
+                getattr(batches, "close", lambda: None)()
         if checksums:
             checksums.raise_if_bad(wait=True)
         writer.close()

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from jobs import nightly_eval, predict as predict_job
 from pipeline import faults, history as historylib, lease as leaselib, metrics, regression
 from tests.raycluster import ROOT
@@ -173,11 +175,37 @@ def test_bad_flags_are_notified_too(tmp_path):
     """A typo in the cron line exits 2 in argparse, before the night's config exists: the
     --notify-command it names still hears of it."""
     notified = tmp_path / "n.json"
-    import pytest
-
     with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()):
         nightly_eval.main(["--data", "x.json", "--weights", "none", "--history", "h",
                            "--alpha", "often", "--notify-command", f"cat > {notified}"])
     assert e.value.code == 2
     sent = json.loads(notified.read_text())
     assert sent["exit_code"] == 2 and sent["verdict"] == "error"
+
+
+@pytest.mark.slow
+def test_a_finetune_past_its_deadline_keeps_its_checkpoint_and_the_same_command_resumes(
+        shard_set, tmp_path, ray_local):
+    """Epoch 1 of 2 is held in the Train workers (faults.hold, armed through the fault file
+    this session's Ray workers read): --deadline stops the job with exit 6, saying that 1 of 2
+    epochs were done; the same command, unheld, resumes at epoch 2 and ends with model.pt."""
+    cmd = [sys.executable, "-m", "jobs.finetune", "--train", str(shard_set / "train.json"),
+           "--val", str(shard_set / "val.json"), "--weights", "none", "--epochs", "2",
+           "--num-workers", "1", "--cpus-per-worker", "1", "--threads", "1", "--batch-size", "8",
+           "--crop-size", "32", "--precision", "fp32", "--storage-path", str(tmp_path / "runs"),
+           "--name", "t"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    faults.arm_hold("train_epoch_1", str(tmp_path / "never"))
+    try:
+        held = subprocess.run(cmd + ["--deadline", "90s"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=400)
+    finally:
+        faults.disarm()
+    assert held.returncode == 6, held.stdout[-2000:] + held.stderr[-3000:]
+    assert "--deadline 1m30s ran out" in held.stderr and "fine-tuning run t" in held.stderr
+    assert "1 of 2 epochs were done" in held.stderr and "the same command resumes" in held.stderr
+    assert not (tmp_path / "runs" / "t" / "model.pt").exists()
+    again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "resuming run t at epoch 2 of 2" in again.stdout
+    assert (tmp_path / "runs" / "t" / "model.pt").exists()
