@@ -58,7 +58,10 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert "top-1 %" in proc.stdout
     # issue 38: quiet by default: the job's own lines, not Ray's plan, progress, checkpoint and
     # token-auth notices (kept in Ray's session logs); the last line names precision and machine
-    lines = (proc.stdout + proc.stderr).splitlines()
+    # (Ray Train's PlacementGroupCleaner prints a traceback when several Ray instances run on
+    # one machine, as the slow suite's loopback cluster does beside this test; not a newcomer's)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines()
+             if "(PlacementGroupCleaner" not in line]
     noise = [line for line in lines if any(n in line for n in (
         "Starting execution of Dataset", "Execution plan of Dataset", "execution finished in",
         "Checkpoint successfully created", "Token authentication is enabled",
