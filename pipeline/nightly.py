@@ -20,11 +20,12 @@ import re
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
+import pyarrow as pa
 
 from pipeline import deadline, metrics, storage
 from pipeline.errors import EXIT_OVERLAP, USER_ERRORS, PipelineError, UsageError, exit_code_of
-from pipeline.history import (append_history, check_baseline, history_row, read_history,
-                              references, unfinished_row)
+from pipeline.history import (HISTORY_SCHEMA, append_history, check_baseline, history_row,
+                              read_history, references, unfinished_row)
 from pipeline.regression import (DEADLINE, DID_NOT_FINISH, FAILED, FIDELITY, NOT_COMPARABLE,
                                  REGRESSION, RUNNING, Comparison, RegressionRule,
                                  comparability_problem, compare_correctness, comparison_dicts,
@@ -273,9 +274,8 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
         old = read_history(history)
         check_baseline(old, baseline)  # a bad --baseline fails before predicting
         manifests = {s.name: shards.load_manifest(s.manifest) for s in sets}
-        night_notes = name_unfinished(history, night, run_id, rule)
-        if night_notes:
-            old = read_history(history)
+        night_notes, dead_rows = name_unfinished(history, night, run_id, rule, old)
+        old = _with_rows(old, dead_rows)  # what was just written: no second read
         return _Night(sets, manifests, weights, history, run_id, old, baseline, rule,
                       predict_options or predict.PredictOptions(), table, night_notes,
                       config).run(latest, top_n)
@@ -283,14 +283,24 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
         night.__exit__(None, None, None)
 
 
-def name_unfinished(history: str, night, run_id: str, rule: RegressionRule) -> list[str]:
+def _with_rows(table: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
+    """The history ``table`` with ``rows`` (history rows this run wrote) after it."""
+    if not rows:
+        return table
+    return pd.concat([table, pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA).to_pandas()],
+                     ignore_index=True)
+
+
+def name_unfinished(history: str, night, run_id: str, rule: RegressionRule,
+                    old: pd.DataFrame) -> tuple[list[str], list[dict]]:
     """When this night (``run_id``) took the history's lease over from a night whose driver
     died (``night.taken_from``): record that night as "did not finish", a history row per set
-    it was running (unless it wrote one) and its nightly.json's verdict, and return the line
-    that says so (for the terminal and the report). [] when there is none."""
+    it was running (unless ``old``, the history as read, holds one) and its nightly.json's
+    verdict. Returns the line that says so (for the terminal and the report) and the rows
+    written; ([], []) when there is none."""
     holder = night.taken_from
     if holder is None:
-        return []
+        return [], []
     run_dir = storage.join(history, "runs", holder.run_id)
     path = storage.join(run_dir, "nightly.json")
     try:
@@ -301,17 +311,17 @@ def name_unfinished(history: str, night, run_id: str, rule: RegressionRule) -> l
            f"{night.taken_because}; named by run {run_id}")
     line = f"previous night {holder.run_id} did not finish: {why}"
     if record is None or record.get("verdict") != RUNNING:
-        return [line] if record is None else []
-    recorded = set(read_history(history).query("run_id == @holder.run_id")["dataset"])
-    for s in record.get("sets", []):
-        if s["name"] not in recorded:
-            with deadline.deferred():
-                append_history(history, unfinished_row(
-                    holder.run_id, record["started_at"], s["name"], s.get("kind", ""),
-                    s.get("manifest", ""), DID_NOT_FINISH, why, rule))
+        return ([line] if record is None else []), []
+    recorded = set(old.loc[old["run_id"] == holder.run_id, "dataset"])
+    rows = [unfinished_row(holder.run_id, record["started_at"], s["name"], s.get("kind", ""),
+                           s.get("manifest", ""), DID_NOT_FINISH, why, rule)
+            for s in record.get("sets", []) if s["name"] not in recorded]
+    for row in rows:
+        with deadline.deferred():
+            append_history(history, row)
     record.update(verdict=DID_NOT_FINISH, exit_code=None, error=why)
     write_run_record(run_dir, record)
-    return [line]
+    return [line], rows
 
 
 @dataclass
@@ -329,6 +339,7 @@ class _Night:
     table: list  # the published figures to check
     notes: list  # lines about the night as a whole (a previous night that did not finish)
     config: dict | None = None
+    rows: list = field(default_factory=list)  # the history rows this night wrote
 
     @property
     def run_dir(self) -> str:
@@ -372,7 +383,7 @@ class _Night:
             record = self.record(verdict, code, results, started,
                                  error=str(raised or stopped).strip())
             write_run_record(self.run_dir, record)
-            history_now = read_history(self.history)
+            history_now = _with_rows(self.old, self.rows)  # no second read
             md, page = _write_reports(self.run_id, self.run_dir, history_now, results, verdict,
                                       self.rule, storage.join(self.history, "latest.html")
                                       if latest else None, top_n, self.notes)
@@ -417,6 +428,7 @@ class _Night:
             row["fidelity"] = "not applicable"
         with deadline.deferred():
             append_history(self.history, row)
+        self.rows.append(row)
         return SetResult(s.name, kind, out, summary, comparisons, checked.applied, verdict,
                          notes=notes, not_applicable=checked.not_applicable)
 
@@ -425,9 +437,11 @@ class _Night:
         from pipeline import published
 
         kind = published.dataset_kind(self.manifests[s.name])
+        row = unfinished_row(self.run_id, time_now(), s.name, kind, s.manifest, verdict, error,
+                             self.rule)
         with deadline.deferred():
-            append_history(self.history, unfinished_row(
-                self.run_id, time_now(), s.name, kind, s.manifest, verdict, error, self.rule))
+            append_history(self.history, row)
+        self.rows.append(row)
         return SetResult(s.name, kind, storage.join(self.run_dir, s.name), None, [], [],
                          verdict, error)
 

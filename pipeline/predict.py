@@ -594,8 +594,12 @@ def run_prediction(manifest_path: str, weights: str, out: str,
                 _Run(manifest_path, weights, out, opts, plan, run_id, started, t0, embed_only,
                      label), lease)
     except (deadline.DeadlineExceeded, deadline.ResourcesUnavailable) as e:
+        try:
+            ours = publish.published_run(out) == run_id
+        except OSError:  # the store does not answer: the stop is the news, not this
+            ours = False
         raise type(e)(f"{e}. " + (
-            f"This run had published {out} just before" if _published_run(out) == run_id else
+            f"This run had published {out} just before" if ours else
             f"Nothing published to {out}: what it held before stays whole")) from None
 
 
@@ -611,14 +615,6 @@ def _no_first_batch(max_wait: float, plan):
             f"start: the plan's actors or decode tasks could not start ({plan.describe()}; "
             f"{cluster} in all, and other jobs may hold some)")
     return exception
-
-
-def _published_run(out: str) -> str:
-    """The run id OUT/_SUCCESS names ('' when there is none or it cannot be read)."""
-    try:
-        return storage.read_text(storage.join(out, "_SUCCESS")).strip()
-    except OSError:
-        return ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,6 +109,14 @@ def publish(staging: str, out: str, run_id: str) -> None:
     storage.delete_dir(staging)
 
 
+def published_run(out: str) -> str:
+    """The run id OUT/_SUCCESS names: the run whose set OUT holds ('' when there is none)."""
+    try:
+        return storage.read_text(storage.join(out, "_SUCCESS")).strip()
+    except FileNotFoundError:
+        return ""
+
+
 def publish_or_roll_back(staging: str, out: str, run_id: str) -> None:
     """``publish``, and when a storage error stops it part-way (after ``storage``'s retries),
     ``recover`` at once: the previous set goes back in place, or, when only the clean-up after
@@ -126,8 +134,7 @@ def publish_or_roll_back(staging: str, out: str, run_id: str) -> None:
         raise PipelineError(f"publishing into {out} failed ({error}), and rolling it back failed "
                             f"too ({e}): {out} has no _SUCCESS, so no reader trusts it; the next "
                             f"run into {out} restores the previous set first") from error
-    success = storage.join(out, "_SUCCESS")
-    if storage.exists(success) and storage.read_text(success).strip() == run_id:
+    if published_run(out) == run_id:
         return  # only the clean-up after the switch had failed; recover finished it
     raise PipelineError(f"publishing into {out} failed ({error}); rolled back: the previous set "
                         f"is whole in {out}, nothing of run {run_id} was published") from error
