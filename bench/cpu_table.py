@@ -29,7 +29,7 @@ from pipeline import predict as predict_lib, sources, synthetic
 from pipeline.errors import PipelineError, UsageError
 
 if TYPE_CHECKING:
-    from jobs.benchmark import BenchmarkConfig
+    from bench.config import BenchmarkConfig
 
 # ratio key -> (op, target). Ratios are pipeline / reference, except decode_fn_vs_pil (PIL's
 # CPU-seconds per image over the decode function's: higher is better there too).

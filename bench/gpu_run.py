@@ -369,9 +369,9 @@ def main(argv=None) -> int:
         json.dump(r, f, indent=1)
     print(f"\nfigures: {path}")
     if args.write_docs:
-        from jobs.benchmark import write_docs_section
+        from pipeline import docsection
 
-        write_docs_section(DOCS, text, DOCS_MARKER)
+        docsection.write(DOCS, DOCS_MARKER, text)
         print(f"written into {DOCS} ({DOCS_MARKER} section)")
     if r["failed"]:
         print(f"failed steps: {', '.join(r['failed'])}", file=sys.stderr)

@@ -46,7 +46,7 @@ from pipeline.predict import Predictor, PredictorSpec
 from pipeline.errors import InputError
 
 if TYPE_CHECKING:
-    from jobs.benchmark import BenchmarkConfig
+    from bench.config import BenchmarkConfig
 
 NOT_MEASURED = "no CUDA device: not measured"
 NIGHTLY_IMAGES, NIGHTLY_NODES = 50_000, 8

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from bench import cpu_table
-from jobs import benchmark
+from bench import config
+from pipeline import docsection
 from pipeline import benchmark as bench, data, presets
 from pipeline.errors import PipelineError, UsageError
 
@@ -28,19 +29,19 @@ def test_targets_are_judged_in_their_direction():
 
 def test_the_docs_section_is_replaced_between_the_markers_only(tmp_path):
     doc = tmp_path / "B.md"
-    doc.write_text(f"intro\n{benchmark.DOCS_BEGIN}\nold table\n{benchmark.DOCS_END}\nafter\n")
-    benchmark.write_docs_section(str(doc), "new table")
-    assert doc.read_text() == (f"intro\n{benchmark.DOCS_BEGIN}\nnew table\n"
-                               f"{benchmark.DOCS_END}\nafter\n")
+    doc.write_text(f"intro\n{config.DOCS_BEGIN}\nold table\n{config.DOCS_END}\nafter\n")
+    docsection.write(str(doc), config.DOCS_MARKER["cpu"], "new table")
+    assert doc.read_text() == (f"intro\n{config.DOCS_BEGIN}\nnew table\n"
+                               f"{config.DOCS_END}\nafter\n")
     doc.write_text("no markers here\n")
     with pytest.raises(ValueError, match="B.md needs exactly one"):
-        benchmark.write_docs_section(str(doc), "x")
+        docsection.write(str(doc), config.DOCS_MARKER["cpu"], "x")
     assert doc.read_text() == "no markers here\n"
 
 
 def test_the_repositorys_benchmark_doc_has_one_harness_section():
-    text = open(benchmark.DOCS).read()
-    assert text.count(benchmark.DOCS_BEGIN) == text.count(benchmark.DOCS_END) == 1
+    text = open(config.DOCS).read()
+    assert text.count(config.DOCS_BEGIN) == text.count(config.DOCS_END) == 1
 
 
 def test_the_timed_decode_function_sees_what_the_ray_stage_sees(shard_set):
@@ -66,16 +67,16 @@ def test_a_differential_rate_the_noise_swamped_is_not_a_figure():
 
 @pytest.mark.parametrize("argv", [["--quick"], [], ["--quick", "--batch-size", "8"]])
 def test_benchmark_training_rows_get_several_steady_steps_an_epoch(argv):
-    from jobs import _cli, benchmark
+    from jobs import _cli
 
-    cfg = benchmark.resolve(_cli.parse(benchmark.BenchmarkConfig, argv, "benchmark"))
+    cfg = config.resolve(_cli.parse(config.BenchmarkConfig, argv, "benchmark"))
     assert cpu_table.train_images(cfg) // cfg.batch_size >= cpu_table.MIN_TRAIN_STEPS
 
 
 def test_benchmark_refuses_sizes_with_no_steady_step():
-    from jobs import _cli, benchmark
+    from jobs import _cli
 
-    cfg = benchmark.resolve(_cli.parse(benchmark.BenchmarkConfig, ["--train-images", "48"],
+    cfg = config.resolve(_cli.parse(config.BenchmarkConfig, ["--train-images", "48"],
                                        "benchmark"))
     with pytest.raises(UsageError, match="1 steps an epoch"):
         cpu_table.train_images(cfg)

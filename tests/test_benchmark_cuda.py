@@ -13,6 +13,7 @@ import time
 import pytest
 
 from bench import gpu_table
+from bench import config
 from jobs import benchmark
 from pipeline import benchmark as bench
 
@@ -32,10 +33,11 @@ sys.modules["ray"] = None
 sys.modules["webdataset"] = None
 sys.modules["pandas"] = None
 import torch
-from jobs import _cli, benchmark
-from bench import gpu_table
-cfg = _cli.parse(benchmark.BenchmarkConfig, ["--device", "cuda", "--quick"], "benchmark")
-cfg = benchmark.dataclasses.replace(cfg, batch_size=8)  # resolve() without its CUDA check
+import dataclasses
+from jobs import _cli
+from bench import config, gpu_table
+cfg = _cli.parse(config.BenchmarkConfig, ["--device", "cuda", "--quick"], "benchmark")
+cfg = dataclasses.replace(cfg, batch_size=8)  # resolve() without its CUDA check
 r = gpu_table.measure(cfg, "cuda" if torch.cuda.is_available() else "cpu")
 print(gpu_table.report(r))
 with open(sys.argv[1], "w") as f:
@@ -125,7 +127,7 @@ def test_cuda_without_a_gpu_and_flags_for_the_other_table_are_refused(monkeypatc
     assert code == 2 and "--train-crop: only for --device cpu's table" in out
     code, out = run_job(benchmark.main, ["--weights", "DEFAULT", "--repeats", "3"], capsys)
     assert code == 2 and "--repeats, --weights: only for --device cuda's table" in out
-    cfg = benchmark.resolve(benchmark.BenchmarkConfig())
+    cfg = config.resolve(config.BenchmarkConfig())
     assert cfg.device == "cpu" and cfg.batch_size == 32
 
 

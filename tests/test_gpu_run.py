@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from bench import gpu_run
-from jobs import benchmark
+from pipeline import docsection
 from pipeline import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ def test_the_table_goes_between_the_gpu_run_markers_only(tmp_path):
     doc = tmp_path / "B.md"
     doc.write_text("intro\n<!-- benchmark:begin -->\nCPU\n<!-- benchmark:end -->\nmiddle\n"
                    "<!-- gpu-run:begin -->\nold\n<!-- gpu-run:end -->\nend\n")
-    benchmark.write_docs_section(str(doc), "NEW TABLE", gpu_run.DOCS_MARKER)
+    docsection.write(str(doc), gpu_run.DOCS_MARKER, "NEW TABLE")
     assert doc.read_text() == ("intro\n<!-- benchmark:begin -->\nCPU\n<!-- benchmark:end -->\n"
                                "middle\n<!-- gpu-run:begin -->\nNEW TABLE\n<!-- gpu-run:end -->"
                                "\nend\n")
@@ -95,8 +95,10 @@ def _parses(argv: list[str]):
     from jobs import _cli
 
     module = importlib.import_module(argv[0])
+    # the job's own config class (jobs.benchmark's lives in bench/config.py, beside its tables)
     config = next(v for k, v in vars(module).items()
-                  if k.endswith("Config") and getattr(v, "__module__", "") == argv[0])
+                  if k.endswith("Config") and getattr(v, "__module__", "") in (argv[0],
+                                                                              "bench.config"))
     return _cli.parse(config, argv[1:], argv[0].split(".")[1])
 
 
