@@ -14,13 +14,16 @@ no output at all left a 50,000-image nightly silent for 7 minutes (issue 33).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
 log = logging.getLogger(__name__)
 
 EVERY_FRACTION = 0.1  # a line each time about this share more of the total is done
-MIN_SECONDS = 20.0  # ... but not more often than this: short work (a demo epoch) says nothing
+# ... but not more often than this: short work (a demo epoch) says nothing.
+# RESNET_PIPELINE_PROGRESS_MIN_SECONDS sets it (0: a line at every 10%, however fast)
+MIN_SECONDS = float(os.environ.get("RESNET_PIPELINE_PROGRESS_MIN_SECONDS", "20"))
 MAX_SECONDS = 60.0  # ... and at least this often while anything moves
 
 

@@ -47,9 +47,12 @@ def test_predict_over_more_decoded_images_than_the_object_store_holds_spills_not
 
 
 def test_progress_lines_reach_a_log_without_a_terminal(tmp_path):
-    """The nightly's progress without a TTY: plain lines with the set name, counts, rate, ETA."""
+    """The nightly's progress without a TTY: plain lines with the set name, counts, rate, ETA.
+    A line every 10% however fast the machine (at most one every 20 s by default: 700 images
+    took 20 s or more on one machine, less on another, which then printed none)."""
     scale.photo_folder(str(tmp_path / "img"), 700, distinct=100)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RESNET_PIPELINE_PROGRESS_MIN_SECONDS"] = "0"
     subprocess.run([sys.executable, "-m", "jobs.shard", "--source", str(tmp_path / "img"),
                     "--split", "val", "--out", str(tmp_path / "sh"), "--no-progress"], env=env,
                    check=True, capture_output=True, timeout=600)
