@@ -25,7 +25,7 @@ import torch
 
 from jobs import _cli, finetune, predict as predict_job
 from pipeline import benchmark as measure, machine, model as modellib, shards
-from pipeline import predict as predict_lib, sources, synthetic
+from pipeline import predictor, sources, synthetic
 from pipeline.errors import PipelineError, UsageError
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def run(cfg: BenchmarkConfig, work: str) -> tuple[dict, list[str]]:
     shards.write_shards(sources.scan_source(huge, "val"), os.path.dirname(manifest16),
                         samples_per_shard=max(8, n // 2), progress=False)
     dtype = modellib.resolve_precision("auto", torch.device("cpu"))
-    _bench_eval(cfg, work, big, manifest4, manifest16, 4 * n, dtype, r, rows)
+    _bench_eval(cfg, work, big, (manifest4, manifest16), 4 * n, dtype, r, rows)
     train_src = os.path.join(work, "train")
     _copy_subset(files[:n_train], src, train_src, big)
     _bench_train(cfg, work, train_src, dtype, r, rows)
@@ -146,7 +146,7 @@ def _bench_shard(work, small, big, n, r, rows) -> tuple[str, str]:
         t0 = time.monotonic()
         m = shards.write_shards(sources.scan_source(src, "val"), os.path.join(work, out),
                                 samples_per_shard=max(8, n // 2), progress=False)
-        return m["_stats"]["source_bytes"] / 1e6, time.monotonic() - t0
+        return m.stats.source_bytes / 1e6, time.monotonic() - t0
 
     # Like the decode and eval rows: a steady-state rate from the N and 4N runs (start-up, and
     # the Ray workers' first import of the code, cancel out); the cold first run is reported
@@ -220,10 +220,11 @@ def _bench_decode(work, small, big, huge, manifest, n, r, rows) -> None:
                      "ms"))
 
 
-def _bench_eval(cfg, work, big, manifest, manifest4, n, dtype, r, rows) -> None:
-    """The evaluation rows, from runs over ``manifest`` (``n`` images, 4N of the run) and
-    ``manifest4`` (4 ``n``): runs long enough that the images the predictor finishes before the
+def _bench_eval(cfg, work, big, manifests: tuple[str, str], n, dtype, r, rows) -> None:
+    """The evaluation rows, from runs over ``manifests``: one of ``n`` images (4N of the run)
+    and one of 4 ``n``, runs long enough that the images the predictor finishes before the
     driver sees its first batch (~200 at batch 32 on 2 cores) are fewer than either holds."""
+    manifest, manifest4 = manifests
     def predict(manifest_path, precision, out, embeddings=False):
         with measure.PeakMemory() as mem:  # "none": random init with the data's 10 classes
             s = predict_job.run(predict_job.PredictConfig(
@@ -235,7 +236,7 @@ def _bench_eval(cfg, work, big, manifest, manifest4, n, dtype, r, rows) -> None:
     # The predictor actor runs as many torch threads as the machine has cores (the job's
     # default with one actor): so does the ceiling, measured before the jobs run (for seconds
     # after a job its actors and workers wind down on the same cores: 190 -> 160 img/s).
-    threads = predict_lib.cpu_threads(1)
+    threads = predictor.cpu_threads(1)
     ceiling = measure.eval_ceiling_rate(dtype, cfg.batch_size, threads, 4 * cfg.batch_size, 10)
     ceiling32 = measure.eval_ceiling_rate(torch.float32, cfg.batch_size, threads,
                                         2 * cfg.batch_size, 10)
@@ -306,7 +307,7 @@ def _bench_train(cfg, work, train_src, dtype, r, rows) -> None:
                              samples_per_shard=8, progress=False)
     # Throughput only: the same images serve as the (required) val split.
     shards.write_shards(sources.with_classes(sources.scan_source(train_src, "val"),
-                                             tm["classes"]),
+                                             tm.classes),
                         os.path.join(work, "st"), samples_per_shard=64, progress=False)
     # The same settings as the plain loop: one process of batch B on every core (the plain loop
     # has no DDP, so neither does this row: it measures what Ray Train's streaming and
@@ -328,7 +329,7 @@ def _bench_train(cfg, work, train_src, dtype, r, rows) -> None:
     classes = sorted({os.path.basename(os.path.dirname(f)) for f in files})
     labels = [classes.index(os.path.basename(os.path.dirname(f))) for f in files]
     loop = dataclasses.replace(  # the job's recipe, resolved as its one worker resolves it
-        finetune.loop_config(job), classes=tuple(tm["classes"]), num_classes=len(classes),
+        finetune.loop_config(job), classes=tuple(tm.classes), num_classes=len(classes),
         train_samples=len(files), world_size=1, amp_dtype=dtype)
     plain = measure.plain_train_rate(files, labels, loop, cores, epochs=2)
     r.update(train_img_s=train_img_s, train_plain_img_s=plain,

@@ -6,7 +6,7 @@ What it measures, on generated ImageNet-like JPEGs (~500x375, ~110 KB, a few gra
 1. the model alone: ``pipeline.benchmark.model_alone_rate``, the CPU table's ceiling row on the
    device: ResNet-18 at 224x224 on a device-resident batch, BatchNorm folded, channels_last,
    softmax and top-5, in the predictor's precision (bf16) and fp32;
-2. ``pipeline.predict.Predictor`` (the class the Ray job runs) on pre-decoded uint8 batches,
+2. ``pipeline.predictor.Predictor`` (the class the Ray job runs) on pre-decoded uint8 batches,
    and its ratio to (1): what host-to-device copy, normalisation and top-k cost;
 3. decoding: the project's CPU path (``data.decode_image`` + ``presets.eval_image``) in a
    process pool over every core, against nvJPEG (batched ``torchvision.io.decode_jpeg``) plus
@@ -42,7 +42,7 @@ from torch import nn
 
 from pipeline import benchmark, data, machine, model as modellib, presets
 from pipeline import synthetic, train_worker
-from pipeline.predict import Predictor, PredictorSpec
+from pipeline.predictor import Predictor, PredictorSpec
 from pipeline.errors import InputError
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def predictor_batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def predictor_rate(sz: Sizes, device: torch.device, weights: str) -> tuple[float, str]:
-    """Images/s of pipeline.predict.Predictor called on host-memory uint8 batches, and its
+    """Images/s of pipeline.predictor.Predictor called on host-memory uint8 batches, and its
     precision."""
     pred = Predictor(PredictorSpec(weights, modellib.imagenet_classes(),
                                    use_gpu=device.type == "cuda"))
@@ -382,7 +382,7 @@ def table(r: dict) -> str:
         (ROW_MODEL, f"ResNet-18 224x224, batch {b}, {r['precision']} weights, channels_last, "
          f"input on the device", _rate(r["model_img_s"]),
          f"fp32: {_rate(r['model_fp32_img_s'])}"),
-        (ROW_PREDICTOR, f"pipeline.predict.Predictor ({p}), uint8 batches of {b} in host memory",
+        (ROW_PREDICTOR, f"pipeline.predictor.Predictor ({p}), uint8 batches of {b} in host memory",
          _rate(r["predictor_img_s"]), f"{r['predictor_vs_model']:.2f}x model alone"),
         (ROW_CPU_DECODE, f"data.decode_image + presets.eval_image, {cores} processes",
          _rate(r["cpu_decode_img_s"]), f"{r['images']} JPEGs, {r['jpeg_mean_kb']:.0f} KB mean"),

@@ -193,7 +193,7 @@ def measure_scale(n: int, work: str, store_mb: int = STORE_MB) -> dict:
     """Run the scale rows over ``n`` images in ``work``; return every figure."""
     import torch
 
-    from pipeline import model as modellib, predict as predict_lib
+    from pipeline import model as modellib, predictor
 
     r = {"scale_images": n, "scale_store_mb": store_mb, "scale_cpus": SCALE_CPUS}
     img = os.path.join(work, "img")
@@ -205,7 +205,7 @@ def measure_scale(n: int, work: str, store_mb: int = STORE_MB) -> dict:
     photo_folder(small_img, n // 5)
     # The CPU bound, as the CPU table defines it: measured before any job, on a quiet machine.
     dtype = modellib.resolve_precision("auto", torch.device("cpu"))
-    threads = predict_lib.cpu_threads(1)
+    threads = predictor.cpu_threads(1)
     r["scale_model_alone_img_s"] = measure.eval_ceiling_rate(dtype, 64, threads, 256, 10)
     head = Head(SCALE_CPUS, store_mb)
     try:

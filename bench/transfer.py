@@ -48,7 +48,7 @@ def _shard_task(root: str, shapes, per_class: dict, seed: int) -> str:
     train = shards.write_shards(sources.scan_source(os.path.join(images, "train"), "train"), out,
                                 samples_per_shard=64, seed=seed, progress=False)
     val = sources.with_classes(sources.scan_source(os.path.join(images, "val"), "val"),
-                               train["classes"])
+                               train.classes)
     shards.write_shards(val, out, samples_per_shard=64, seed=seed, progress=False)
     return out
 

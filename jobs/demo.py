@@ -67,11 +67,11 @@ def main(argv=None) -> int:
     train_m = shards.write_shards(sources.scan_source(os.path.join(images, "train"), "train"),
                                   shard_dir, cfg.samples_per_shard, cfg.seed, progress=False)
     val_src = sources.with_classes(sources.scan_source(os.path.join(images, "val"), "val"),
-                                   train_m["classes"])
+                                   train_m.classes)
     val_m = shards.write_shards(val_src, shard_dir, cfg.samples_per_shard, cfg.seed,
                                 progress=False)
-    print(f"      train {train_m['total_samples']} samples / {len(train_m['shards'])} shards, "
-          f"val {val_m['total_samples']} / {len(val_m['shards'])}")
+    print(f"      train {train_m.total_samples} samples / {len(train_m.shards)} shards, "
+          f"val {val_m.total_samples} / {len(val_m.shards)}")
     if cfg.weights.lower() == "none":
         print("[3/5] fine-tuning ResNet-18 FROM RANDOM INIT (pretrained weights cannot be "
               "downloaded here; pass --weights DEFAULT to use them)")

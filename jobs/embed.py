@@ -8,6 +8,7 @@ import sys
 
 from jobs import _cli
 from pipeline import deadline, predict
+from pipeline.predictor import Rows
 
 # the options of jobs.predict that an embedding pass has (their help text is predict's own)
 _SHARED = ("batch_size", "precision", "use_gpu", "actors", "cpus_per_actor", "threads",
@@ -41,14 +42,15 @@ def options(cfg) -> predict.PredictOptions:
 
 
 def run(cfg) -> dict:
-    return predict.run_prediction(cfg.data, cfg.weights, cfg.out, options(cfg), embed_only=True)
+    return predict.run_prediction(cfg.data, cfg.weights, cfg.out, options(cfg),
+                                  rows=Rows.EMBEDDINGS)
 
 
 @_cli.reports_errors
 def main(argv=None) -> int:
     cfg = _cli.parse(EmbedConfig, argv, "embed")
     budget = deadline.parse_duration("--deadline", cfg.deadline)
-    predict.check_inputs(cfg.data, cfg.weights, options(cfg), embed_only=True)  # before Ray
+    predict.check_inputs(cfg.data, cfg.weights, options(cfg), Rows.EMBEDDINGS)  # before Ray
     with deadline.job_deadline(budget):  # DeadlineExceeded: exit 6
         _cli.setup_logging()
         _cli.init_ray()
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
           f"{summary['embedding']['dim']}-d), {summary['failures']} failed; "
           f"{summary['images_per_s']:.1f} images/s ({summary['precision']}); "
           f"embeddings: {cfg.out}/predictions/, summary: {cfg.out}/summary.json")
-    print(predict.busy_text(summary))
+    print(summary.busy_text())
     return 0
 
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import deadline, presets, timeshare, train
+from pipeline import deadline, presets, resources, timeshare, train
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,10 @@ def run(cfg: FinetuneConfig) -> dict:
     """Check the run (``train.plan_run``: nothing is written when it is refused), train, export
     model.pt, and return the last epoch's metrics with the output paths."""
     loop = loop_config(cfg)
-    plan = train.plan_run(loop, train_manifest=cfg.train, val_manifest=cfg.val,
-                          num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                          cpus_per_worker=cfg.cpus_per_worker, storage_path=cfg.storage_path,
-                          name=cfg.name)
+    workers = resources.plan_training(resources.current_cluster(), cfg.num_workers, cfg.use_gpu,
+                                      cfg.cpus_per_worker)
+    plan = train.plan_run(loop, workers, train_manifest=cfg.train, val_manifest=cfg.val,
+                          storage_path=cfg.storage_path, name=cfg.name)
     for note in plan.notes:
         print(f"warning: {note}", file=sys.stderr)
     print(f"resources: {plan.resources.describe()}")

@@ -107,10 +107,9 @@ def check(cfg: NightlyConfig) -> Checked:
 def run(cfg: NightlyConfig, checked: Checked) -> nightly.NightlyResult:
     """``nightly.run_nightly`` over the checked suite (on the Ray cluster the job joined)."""
     opts = dataclasses.replace(predict.PredictOptions.of(cfg), real_labels="")
-    return nightly.run_nightly(
-        checked.sets, cfg.weights, cfg.history, baseline=cfg.baseline, rule=checked.rule,
-        latest=cfg.latest, top_n=cfg.top_n, config=_cli.to_dict(cfg), predict_options=opts,
-        published_table=checked.published_table)
+    return nightly.run_nightly(checked.sets, cfg.weights, cfg.history, nightly.NightlyOptions(
+        baseline=cfg.baseline, rule=checked.rule, latest=cfg.latest, top_n=cfg.top_n,
+        config=_cli.to_dict(cfg), predict_options=opts, published_table=checked.published_table))
 
 
 def notify(command: str, summary: dict) -> None:

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     print(metrics.format_table(summary))
     print(f"{summary['images_per_s']:.1f} images/s overall ({summary['precision']}); "
           f"predictions: {cfg.out}/predictions/, summary: {cfg.out}/summary.json")
-    print(predict.busy_text(summary))
+    print(summary.busy_text())
     return 0
 
 

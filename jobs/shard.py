@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import failures, shards, sources, storage
+from pipeline import failures, images, shards, sources, storage
 from pipeline.errors import InputError
 
 
@@ -44,12 +44,12 @@ class ShardConfig:
     seed: int = _cli.option(0, "seed of the train permutation")
     max_pixels: int = _cli.option(shards.DEFAULT_MAX_PIXELS,
                                   "skip images with more pixels (decompression bombs)")
-    check: str = _cli.option(shards.DEFAULT_CHECK,
+    check: str = _cli.option(images.DEFAULT_CHECK,
                              "how each file is checked before it is stored: header (PIL parses "
                              "the header; a JPEG must hold its end marker, a PNG its IEND: "
                              "catches truncation) or decode (decodes every image, ~6x slower; "
                              "also catches damage inside the image data)",
-                             choices=list(shards.CHECKS))
+                             choices=list(images.CHECKS))
     max_skipped_fraction: float = _cli.option(
         0.0, "exit 1 when more than this fraction (0..1) of the source's image files were "
              "skipped; hidden and system files and files outside the class folders do not "
@@ -101,36 +101,36 @@ def main(argv=None) -> int:
     _cli.init_ray()
     m = shards.write_shards(source, cfg.out, cfg.samples_per_shard, cfg.seed, cfg.max_pixels,
                             progress=cfg.progress, check=cfg.check)
-    st = m["_stats"]
-    print(f"{m['total_samples']} samples in {len(m['shards'])} shards "
-          f"({st['reused']} reused), {len(m['skipped'])} skipped, layout {m['layout']}"
-          f"{' (' + m['variant'] + ')' if m['variant'] else ''}, "
-          f"{len(m['classes'])} classes; {m['total_samples'] / st['seconds']:.0f} images/s, "
-          f"{st['source_bytes'] / 1e6 / st['seconds']:.1f} MB/s")
-    for s in m["skipped"][:20]:
+    st = m.stats
+    print(f"{m.total_samples} samples in {len(m.shards)} shards "
+          f"({st.reused} reused), {len(m.skipped)} skipped, layout {m.layout}"
+          f"{' (' + m.variant + ')' if m.variant else ''}, "
+          f"{len(m.classes)} classes; {m.total_samples / st.seconds:.0f} images/s, "
+          f"{st.source_bytes / 1e6 / st.seconds:.1f} MB/s")
+    for s in m.skipped[:20]:
         print(f"  skipped {s['path']}: {s['reason']}")
-    if len(m["skipped"]) > 20:
-        print(f"  ... and {len(m['skipped']) - 20} more (all listed in the manifest)")
+    if len(m.skipped) > 20:
+        print(f"  ... and {len(m.skipped) - 20} more (all listed in the manifest)")
     manifest = f"{cfg.out}/{cfg.split}.json"
     print(f"manifest: {manifest}")
-    if m["empty_classes"] and m["layout"] != "folder":
+    if m.empty_classes and m.layout != "folder":
         # a released set's fixed class list: a part of the set leaves classes empty, as expected
-        print(f"note: {len(m['empty_classes'])} of the {len(m['classes'])} classes of layout "
-              f"{m['layout']} hold no image here (a part of the set?); they keep their index "
+        print(f"note: {len(m.empty_classes)} of the {len(m.classes)} classes of layout "
+              f"{m.layout} hold no image here (a part of the set?); they keep their index "
               f"(listed as empty_classes in the manifest)", file=sys.stderr)
-    elif m["empty_classes"]:
-        index = {c["id"]: c["index"] for c in m["classes"]}
-        print(f"warning: {len(m['empty_classes'])} of {len(m['classes'])} classes hold no image: "
-              + ", ".join(f"{c} (index {index[c]})" for c in m["empty_classes"][:10])
-              + ("" if len(m["empty_classes"]) <= 10 else ", ...")
+    elif m.empty_classes:
+        index = {c["id"]: c["index"] for c in m.classes}
+        print(f"warning: {len(m.empty_classes)} of {len(m.classes)} classes hold no image: "
+              + ", ".join(f"{c} (index {index[c]})" for c in m.empty_classes[:10])
+              + ("" if len(m.empty_classes) <= 10 else ", ...")
               + "; they keep their index (listed as empty_classes in the manifest)",
               file=sys.stderr)
-    lost = [s for s in m["skipped"] if not sources.is_ignorable(s)]
-    ignored = len(m["skipped"]) - len(lost)
+    lost = [s for s in m.skipped if not sources.is_ignorable(s)]
+    ignored = len(m.skipped) - len(lost)
     if ignored:
         print(f"{ignored} hidden or system files, or files outside the class folders, are not "
               f"counted as skipped images (listed in the manifest all the same)")
-    seen = m["total_samples"] + len(lost)
+    seen = m.total_samples + len(lost)
     if failures.over_limit(len(lost), seen, cfg.max_skipped_fraction):
         too_big = sum("raise --max-pixels" in s["reason"] for s in lost)
         hint = (f"; {too_big} of them are over --max-pixels {cfg.max_pixels}: raise it to store "

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline import data, model as modellib, presets
+from pipeline import data, model as modellib, presets, timeshare
 from pipeline.errors import InputError
 
 
@@ -248,15 +248,12 @@ def eval_baseline_rate(root: str, batch_size: int, workers: int, threads: int,
         ImageFolder(root, presets.reference_eval_transform()), batch_size=batch_size,
         num_workers=workers)
     model = resnet18(num_classes=num_classes).eval()
-    n, t0 = 0, None
+    clock = timeshare.SteadyClock()  # steady state: after the first batch
     with torch.inference_mode():
         for x, _ in loader:
             model(x).softmax(1).topk(5)
-            if t0 is None:
-                t0 = time.monotonic()  # steady state: after the first batch
-            else:
-                n += len(x)
-    return n / (time.monotonic() - t0)
+            clock.mark(len(x))
+    return clock.rate()
 
 
 def plain_train_rate(files: list[str], labels: list[int], cfg, threads: int,
@@ -274,7 +271,7 @@ def plain_train_rate(files: list[str], labels: list[int], cfg, threads: int,
     state.model.train()
     transform = presets.TrainTransform(cfg.crop_size, seed=0, min_scale=cfg.min_crop_scale)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
-    n, t0 = 0, None
+    clock = timeshare.SteadyClock()  # steady state: after the first step
     for epoch in range(epochs):
         order = np.random.default_rng(epoch).permutation(len(files))
         for i in range(0, len(order), cfg.batch_size):
@@ -285,8 +282,5 @@ def plain_train_rate(files: list[str], labels: list[int], cfg, threads: int,
                                     torch.ones(len(idx), dtype=torch.bool), loss_fn,
                                     cfg.amp_dtype)
             state.scheduler.step()
-            if t0 is None:
-                t0 = time.monotonic()
-            else:
-                n += len(idx)
-    return n / (time.monotonic() - t0)
+            clock.mark(len(idx))
+    return clock.rate()

@@ -14,15 +14,22 @@ from pipeline import storage
 COLUMNS = ("key", "shard", "split", "error")
 
 
+def rows(batch: dict, split: str) -> list[dict]:
+    """The failed samples of a decoded batch (contract 2: ``key``, ``shard`` and ``error``
+    arrays; "" where the sample decoded) as failures rows of ``split``."""
+    import numpy as np
+
+    bad = np.flatnonzero(np.asarray(batch["error"]) != "")
+    return [{"key": str(batch["key"][i]), "shard": str(batch["shard"][i]), "split": split,
+             "error": str(batch["error"][i])} for i in bad]
+
+
 def write(path: str, failures: list[dict]) -> None:
     """Write ``failures`` (dicts with COLUMNS) to ``path`` as Parquet, atomically."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pa.table({c: pa.array([str(f[c]) for f in failures], pa.string()) for c in COLUMNS})
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    storage.write_bytes_atomic(path, buf.getvalue().to_pybytes())
+    storage.write_parquet_atomic(path, pa.table(
+        {c: pa.array([str(f[c]) for f in failures], pa.string()) for c in COLUMNS}))
 
 
 def over_limit(bad: int, total: int, fraction: float) -> bool:

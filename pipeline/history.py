@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow as pa
@@ -21,6 +22,9 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.errors import InputError, UsageError
 from pipeline.regression import NO_METRICS, Comparison, RegressionRule, same_data
+
+if TYPE_CHECKING:
+    from pipeline.predictions import Summary
 
 
 def _column(arrow_type: pa.DataType, doc: str = ""):
@@ -78,6 +82,25 @@ class HistoryRow:
                                          'exceeded" or "did not finish"); null otherwise')
 
 
+@dataclass(frozen=True)
+class SetResult:
+    """One set of a nightly run: its name and dataset kind, the prediction folder, the prediction
+    summary (summary.json; None when the set failed), the comparisons, the fidelity checks
+    (``published.Fidelity``), the set's verdict, for a failed set the error, and why a
+    published figure did not apply (``published.NotApplicable``)."""
+    name: str
+    kind: str
+    run_dir: str
+    summary: Summary | None
+    comparisons: list[Comparison]
+    fidelity: list
+    verdict: str
+    error: str = ""
+    notes: list = field(default_factory=list)  # lines for the terminal and the report
+    not_applicable: list = field(default_factory=list)
+
+
+
 HISTORY_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in fields(HistoryRow)])
 
 
@@ -91,12 +114,6 @@ LEGACY_HISTORY = "history.parquet"  # the single rewritten table of earlier vers
 def history_dir(history: str) -> str:
     """Where the history rows live: ``HISTORY/history/`` (a local path or a URI)."""
     return storage.join(history, "history")
-
-
-def _table_bytes(table: pa.Table) -> bytes:
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    return buf.getvalue().to_pybytes()
 
 
 def migrate_history(history: str) -> bool:
@@ -114,8 +131,8 @@ def migrate_history(history: str) -> bool:
     rows = [{k: (None if v is pd.NaT or (isinstance(v, float) and v != v) else v)
              for k, v in r.items()} for r in rows]
     table = pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
-    storage.write_bytes_atomic(storage.join(history_dir(history), "legacy-history.parquet"),
-                               _table_bytes(table))
+    storage.write_parquet_atomic(storage.join(history_dir(history), "legacy-history.parquet"),
+                                 table)
     try:
         storage.write_bytes_atomic(legacy + ".migrated", storage.read_bytes(legacy))
         storage.delete_file(legacy)
@@ -148,50 +165,50 @@ def append_history(history: str, row: dict) -> str:
     if storage.exists(path):
         raise InputError(f"{path} exists: run {row['run_id']} already recorded set "
                          f"{row['dataset']}")
-    storage.write_bytes_atomic(path, _table_bytes(pa.Table.from_pylist([row],
-                                                                       schema=HISTORY_SCHEMA)))
+    storage.write_parquet_atomic(path, pa.Table.from_pylist([row], schema=HISTORY_SCHEMA))
     return path
 
 
-def history_row(run_id: str, summary: dict, predictions_dir: str,
-                comparisons: list[Comparison], verdict: str, rule: RegressionRule,
-                dataset: str = "", kind: str = "", fidelity: list | None = None) -> dict:
-    """One history row (``HistoryRow`` as a dict) from a set's summary.json, its comparisons
-    and fidelity checks (``published.Fidelity``)."""
-    by_role = {c.role: c for c in comparisons}
+def history_row(run_id: str, result: SetResult, rule: RegressionRule) -> dict:
+    """One history row (``HistoryRow`` as a dict) of a set that has metrics: its summary.json,
+    comparisons and fidelity checks (``published.Fidelity``; "not applicable" when a published
+    figure was looked for and none applied)."""
+    summary, fidelity = result.summary, result.fidelity
+    by_role = {c.role: c for c in result.comparisons}
     prev, base = by_role.get("previous"), by_role.get("baseline")
-    real = summary.get("real_top1_ci95", [None, None])
-    checked = {f.metric: f for f in fidelity or []}
+    real = summary.real_top1_ci95 or [None, None]
+    checked = {f.metric: f for f in fidelity}
     return asdict(HistoryRow(
-        date=pd.Timestamp(summary["started_at"]).to_pydatetime(), run_id=run_id,
-        dataset=dataset, dataset_kind=kind, scored_over=summary.get("scored_over"),
-        model_id=summary["model_id"], weights_sha256=summary["weights_sha256"],
-        data_manifest=summary["data_manifest"],
-        data_manifest_sha256=summary["data_manifest_sha256"],
-        data_fingerprint=summary.get("data_fingerprint"),
-        code_version=summary["code_version"], samples=summary["samples"],
-        failures=summary["failures"], top1=summary["top1"],
-        top1_ci95_lo=summary["top1_ci95"][0], top1_ci95_hi=summary["top1_ci95"][1],
-        top5=summary["top5"],
-        top5_ci95_lo=summary["top5_ci95"][0], top5_ci95_hi=summary["top5_ci95"][1],
-        real_samples=summary.get("real_samples"),
-        real_top1=_finite(summary.get("real_top1")),
+        date=pd.Timestamp(summary.started_at).to_pydatetime(), run_id=run_id,
+        dataset=result.name, dataset_kind=result.kind, scored_over=summary.scored_over,
+        model_id=summary.model_id, weights_sha256=summary.weights_sha256,
+        data_manifest=summary.data_manifest,
+        data_manifest_sha256=summary.data_manifest_sha256,
+        data_fingerprint=summary.data_fingerprint,
+        code_version=summary.code_version, samples=summary.samples,
+        failures=summary.failures, top1=summary.top1,
+        top1_ci95_lo=summary.top1_ci95[0], top1_ci95_hi=summary.top1_ci95[1],
+        top5=summary.top5,
+        top5_ci95_lo=summary.top5_ci95[0], top5_ci95_hi=summary.top5_ci95[1],
+        real_samples=summary.real_samples,
+        real_top1=_finite(summary.real_top1),
         real_top1_ci95_lo=_finite(real[0]), real_top1_ci95_hi=_finite(real[1]),
-        real_top5=_finite(summary.get("real_top5")),
+        real_top5=_finite(summary.real_top5),
         published_top1=checked["top1"].published if "top1" in checked else None,
         published_real_top1=(checked["real_top1"].published if "real_top1" in checked
                              else None),
-        published_source="; ".join(dict.fromkeys(f.source for f in fidelity or [])) or None,
-        fidelity=None if not fidelity else ("ok" if all(f.ok for f in fidelity) else "failed"),
-        precision=summary["precision"], wall_seconds=summary["wall_seconds"],
-        images_per_s=summary["images_per_s"], predictions_dir=predictions_dir,
+        published_source="; ".join(dict.fromkeys(f.source for f in fidelity)) or None,
+        fidelity=(("ok" if all(f.ok for f in fidelity) else "failed") if fidelity
+                  else "not applicable" if result.not_applicable else None),
+        precision=summary.precision, wall_seconds=summary.wall_seconds,
+        images_per_s=summary.images_per_s, predictions_dir=result.run_dir,
         previous_run_id=prev.reference_run_id if prev else None,
         top1_delta_vs_previous=_finite(prev.delta_pp) if prev else None,
         p_vs_previous=_finite(prev.p_value) if prev else None,
         baseline_run_id=base.reference_run_id if base else None,
         top1_delta_vs_baseline=_finite(base.delta_pp) if base else None,
         p_vs_baseline=_finite(base.p_value) if base else None,
-        alpha=rule.alpha, min_effect=rule.min_effect, verdict=verdict))
+        alpha=rule.alpha, min_effect=rule.min_effect, verdict=result.verdict))
 
 
 def unfinished_row(run_id: str, started: str, dataset: str, kind: str, manifest: str,

@@ -138,6 +138,35 @@ def real_accuracy(df: pd.DataFrame, classes: list[dict], real: list[list[int]]) 
             "real_top5_ci95": percent_interval(top5, n)}
 
 
+REAL_LABELS_BUILTIN = "builtin"
+
+
+def load_real_labels(spec: str) -> list[list[int]]:
+    """ImageNet-ReaL labels: entry i lists the sorted-wnid class indices that are right for
+    ``ILSVRC2012_val_{i+1:08d}`` (possibly none). ``spec`` is ``builtin`` (the 50,000 lists of
+    google-research/reassessed-imagenet's real.json, Beyer et al. 2020, "Are we done with
+    ImageNet?", Apache-2.0, shipped in pipeline/reference/) or a path or URI to such a JSON file.
+    InputError naming the file when it is not a list of lists of ints in 0..999."""
+    import json
+    from importlib import resources
+
+    if spec == REAL_LABELS_BUILTIN:
+        text = resources.files("pipeline").joinpath("reference",
+                                                    "imagenet_real_labels.json").read_text()
+    else:
+        text = storage.read_text(spec)
+    try:
+        labels = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"--real-labels {spec}: not JSON ({e})") from None
+    if not isinstance(labels, list) or not all(
+            isinstance(row, list) and all(isinstance(v, int) and 0 <= v < 1000 for v in row)
+            for row in labels):
+        raise InputError(f"--real-labels {spec}: expected a JSON list of lists of class indices "
+                         f"0..999 (entry i for ILSVRC2012_val_{{i+1:08d}})")
+    return labels
+
+
 def _few_classes(summary: dict) -> str:
     """The note for a top-5 line over 5 classes or fewer (every class is in every top-5)."""
     n = len(summary.get("classes") or [])

@@ -22,10 +22,11 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import deadline, metrics, storage
+from pipeline import deadline, metrics, publish, storage
 from pipeline.errors import EXIT_OVERLAP, USER_ERRORS, PipelineError, UsageError, exit_code_of
-from pipeline.history import (HISTORY_SCHEMA, append_history, check_baseline, history_row,
-                              read_history, references, unfinished_row)
+from pipeline.history import (HISTORY_SCHEMA, SetResult, append_history, check_baseline,
+                              history_row, read_history, references, unfinished_row)
+from pipeline.predictions import Summary
 from pipeline.regression import (DEADLINE, DID_NOT_FINISH, FAILED, FIDELITY, NOT_COMPARABLE,
                                  REGRESSION, RUNNING, Comparison, RegressionRule,
                                  comparability_problem, compare_correctness, comparison_dicts,
@@ -35,13 +36,6 @@ from pipeline.regression import (DEADLINE, DID_NOT_FINISH, FAILED, FIDELITY, NOT
 class SuiteError(UsageError):
     """A --data / --real-labels / --weights argument that names no set, a set twice, or a file
     that is not there (exit 2, before anything starts)."""
-
-
-def new_run_id() -> str:
-    """A sortable, unique run id (``publish.new_run_id``: one format for every job)."""
-    from pipeline import publish
-
-    return publish.new_run_id()
 
 
 # --- the evaluation suite ----------------------------------------------------------------------
@@ -107,7 +101,7 @@ def check_inputs(sets: list[EvalSet], weights: str, published_file: str = "") ->
     file, every ``--real-labels`` file loads, and so does ``published_file`` (``--published``,
     '' for none). Returns the published figures to check (``published.BUILTIN`` and the
     file's); SuiteError naming the flag and the path."""
-    from pipeline import predict, published
+    from pipeline import model as modellib, published
 
     for s in sets:
         if not storage.exists(s.manifest):
@@ -116,13 +110,14 @@ def check_inputs(sets: list[EvalSet], weights: str, published_file: str = "") ->
             raise SuiteError(f"--real-labels {s.name}={s.real_labels}: no such file")
         if s.real_labels:
             try:
-                predict.load_real_labels(s.real_labels)
+                metrics.load_real_labels(s.real_labels)
             except (OSError, ValueError) as e:
                 raise SuiteError(f"--real-labels {s.name}={s.real_labels}: "
                                  f"{str(e).splitlines()[0]}") from None
-    if weights.upper() not in ("DEFAULT", "IMAGENET1K_V1", "NONE") and not storage.exists(weights):
-        raise SuiteError(f"--weights {weights}: not DEFAULT, IMAGENET1K_V1, none, nor an "
-                         f"existing file")
+    try:
+        modellib.check_weights_spec(weights)
+    except FileNotFoundError as e:
+        raise SuiteError(f"--weights {weights}: {str(e).split(': ', 1)[1]}") from None
     try:
         return published.BUILTIN + (published.load_table(published_file) if published_file
                                     else [])
@@ -149,12 +144,6 @@ def compare_with(role: str, ref: dict, current_meta: dict, current: pd.Series,
                                ref["run_id"])
 
 
-def read_summary(predictions_dir: str) -> dict:
-    """A prediction folder's summary.json as a dict (``run_prediction``'s summary), read whether or
-    not the folder holds _SUCCESS. FileNotFoundError when it is missing, InputError for bad JSON."""
-    return storage.read_json(storage.join(predictions_dir, "summary.json"))
-
-
 def _strict(obj):
     """``obj`` with every NaN float as None, so that the JSON is strict (JavaScript, jq, any
     parser): a refused comparison has no p-value, not a NaN one."""
@@ -176,24 +165,6 @@ def write_run_record(run_dir: str, record: dict) -> None:
 
 
 # --- the whole nightly run ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SetResult:
-    """One set of a nightly run: its name and dataset kind, the prediction folder, the prediction
-    summary (summary.json; None when the set failed), the comparisons, the fidelity checks
-    (``published.Fidelity``), the set's verdict, for a failed set the error, and why a
-    published figure did not apply (``published.NotApplicable``)."""
-    name: str
-    kind: str
-    run_dir: str
-    summary: dict | None
-    comparisons: list[Comparison]
-    fidelity: list
-    verdict: str
-    error: str = ""
-    notes: list = field(default_factory=list)  # lines for the terminal and the report
-    not_applicable: list = field(default_factory=list)
-
 
 @dataclass(frozen=True)
 class NightlyResult:
@@ -229,14 +200,30 @@ class NightRunning(PipelineError):
 NIGHT_LEASE_SECONDS = 120.0  # the night's lease on HISTORY: renewed every 40 s while it lives
 
 
-def run_nightly(data, weights: str, history: str, *, baseline: str = "",
-                rule: RegressionRule = RegressionRule(), latest: bool = True, top_n: int = 10,
-                config: dict | None = None, predict_options=None,
-                published_table: list | None = None) -> NightlyResult:
+@dataclass(frozen=True)
+class NightlyOptions:
+    """How a night judges and reports its sets (``run_nightly``): the pinned ``baseline`` run
+    id ('' for none), the regression ``rule``, whether to copy the report to
+    HISTORY/latest.html (``latest``), the classes per report table (``top_n``), the job's
+    resolved ``config`` (recorded in nightly.json), the ``predict_options`` of every set (a
+    ``predict.PredictOptions``; None: its defaults) and the ``published_table`` of figures
+    checked (None: ``published.BUILTIN``)."""
+    baseline: str = ""
+    rule: RegressionRule = RegressionRule()
+    latest: bool = True
+    top_n: int = 10
+    config: dict | None = None
+    predict_options: object = None
+    published_table: list | None = None
+
+
+def run_nightly(data, weights: str, history: str, options: NightlyOptions = NightlyOptions(),
+                **overrides) -> NightlyResult:
     """Predict each set into HISTORY/runs/<run_id>/<set>, compare, record, check, report.
 
     ``data``: a manifest path (one set, named after the file) or a list of ``EvalSet``.
-    ``predict_options`` (a ``predict.PredictOptions``; default: its defaults) go to
+    ``options`` (``NightlyOptions``), with ``overrides`` (its field names) applied on top.
+    Its ``predict_options`` (a ``predict.PredictOptions``; default: its defaults) go to
     ``pipeline.predict.run_prediction`` unchanged but for each set's ``real_labels``;
     ``published_table`` (default ``published.BUILTIN``) holds the published figures checked,
     each within the measured 95% interval widened by ``rule.fidelity_tolerance`` percentage
@@ -257,11 +244,17 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
     as "deadline exceeded" and the report says how far it got; an error that ends the night
     early (a resource plan refused, --max-wait) is recorded, then raised.
     """
+    import dataclasses
+
     from pipeline import lease as leaselib, predict, published, shards
 
+    options = dataclasses.replace(options, **overrides)
+    if options.predict_options is None:
+        options = dataclasses.replace(options, predict_options=predict.PredictOptions())
+    if options.published_table is None:
+        options = dataclasses.replace(options, published_table=published.BUILTIN)
     sets = parse_sets([data]) if isinstance(data, str) else list(data)
-    table = published.BUILTIN if published_table is None else published_table
-    run_id = new_run_id()
+    run_id = publish.new_run_id()
     try:
         night = leaselib.Lease(history, run_id, NIGHT_LEASE_SECONDS)
         night.__enter__()
@@ -272,13 +265,12 @@ def run_nightly(data, weights: str, history: str, *, baseline: str = "",
                            f"start; nothing written") from None
     try:
         old = read_history(history)
-        check_baseline(old, baseline)  # a bad --baseline fails before predicting
+        check_baseline(old, options.baseline)  # a bad --baseline fails before predicting
         manifests = {s.name: shards.load_manifest(s.manifest) for s in sets}
-        night_notes, dead_rows = name_unfinished(history, night, run_id, rule, old)
+        night_notes, dead_rows = name_unfinished(history, night, run_id, options.rule, old)
         old = _with_rows(old, dead_rows)  # what was just written: no second read
-        return _Night(sets, manifests, weights, history, run_id, old, baseline, rule,
-                      predict_options or predict.PredictOptions(), table, night_notes,
-                      config).run(latest, top_n)
+        return _Night(sets, manifests, weights, history, run_id, old, options,
+                      night_notes).run()
     finally:
         night.__exit__(None, None, None)
 
@@ -333,13 +325,13 @@ class _Night:
     history: str
     run_id: str
     old: pd.DataFrame  # the history as read before this night
-    baseline: str
-    rule: RegressionRule
-    opts: object  # predict.PredictOptions
-    table: list  # the published figures to check
+    options: NightlyOptions  # its predict_options and published_table resolved
     notes: list  # lines about the night as a whole (a previous night that did not finish)
-    config: dict | None = None
     rows: list = field(default_factory=list)  # the history rows this night wrote
+
+    @property
+    def rule(self) -> RegressionRule:
+        return self.options.rule
 
     @property
     def run_dir(self) -> str:
@@ -352,9 +344,9 @@ class _Night:
             "run_id": self.run_id, "started_at": started, "verdict": verdict, "exit_code": code,
             "error": error, "notes": self.notes, **asdict(self.rule),
             "sets": [_set_record(s, self.manifests[s.name], done.get(s.name)) for s in self.sets],
-            "config": self.config}
+            "config": self.options.config}
 
-    def run(self, latest: bool, top_n: int) -> NightlyResult:
+    def run(self) -> NightlyResult:
         started = time_now()
         write_run_record(self.run_dir, self.record(RUNNING, None, [], started))
         results, raised, stopped = [], None, ""
@@ -384,15 +376,44 @@ class _Night:
                                  error=str(raised or stopped).strip())
             write_run_record(self.run_dir, record)
             history_now = _with_rows(self.old, self.rows)  # no second read
-            md, page = _write_reports(self.run_id, self.run_dir, history_now, results, verdict,
-                                      self.rule, storage.join(self.history, "latest.html")
-                                      if latest else None, top_n, self.notes)
+            md, page = self.write_reports(history_now, results, verdict)
         if raised is not None and code == exit_code_of(raised):
             raise raised
         if raised is not None:  # a set before it regressed or failed fidelity: that code stands
             self.notes.append(f"the night stopped early: {str(raised).strip().splitlines()[0]}")
         return NightlyResult(self.run_id, self.run_dir, results, verdict, code, md, page,
                              record, self.notes)
+
+    def write_reports(self, table: pd.DataFrame, results: list[SetResult],
+                      verdict: str) -> tuple[str, str]:
+        """report.md and report.html of the night (and a copy of the page at HISTORY/latest.html
+        with ``options.latest``) from the history ``table`` with this night's rows in it."""
+        from pipeline import report
+
+        run_id, rule, top_n = self.run_id, self.rule, self.options.top_n
+        sections = [report.suite_section(run_id, results, verdict, rule, self.notes)]
+        for r in results:
+            if r.summary is None:  # no metrics: why, and the set's trend with this night in it
+                own = table[table["dataset"] == r.name]
+                sections.append(report.Section(f"{r.name}: {r.verdict}", r.error))
+                if len(own):
+                    sections.append(report.history_section(own, prefix=f"{r.name}: "))
+                continue
+            # per-class changes only mean something against a comparable previous run
+            prev = next((c for c in r.comparisons if c.role == "previous"
+                         and c.outcome != NOT_COMPARABLE), None)
+            prev_summary = None
+            if prev is not None:
+                rows = table[(table["run_id"] == prev.reference_run_id)
+                             & (table["dataset"] == r.name)]
+                prev_summary = Summary.read(rows["predictions_dir"].iloc[-1])
+            own = table[table["dataset"] == r.name]
+            sections += report.build_sections(
+                run_id, r, own, rule, (prev_summary, prev.reference_run_id if prev else ""),
+                top_n, prefix=f"{r.name}: " if len(results) > 1 else "")
+        latest = storage.join(self.history, "latest.html") if self.options.latest else None
+        return report.write_report(self.run_dir, f"Nightly evaluation {run_id}: {verdict}",
+                                   sections, latest)
 
     def one_set(self, s: EvalSet) -> SetResult:
         """Predict set ``s``, compare it, check it and write its history row. A set whose data
@@ -407,30 +428,30 @@ class _Night:
             with deadline.doing(f"predicting set {s.name}"):
                 summary = predict.run_prediction(
                     s.manifest, self.weights, out,
-                    dataclasses.replace(self.opts, real_labels=s.real_labels), label=s.name)
+                    dataclasses.replace(self.options.predict_options, real_labels=s.real_labels),
+                    label=s.name)
         except (UsageError, deadline.DeadlineExceeded, deadline.ResourcesUnavailable):
             raise
         except USER_ERRORS as e:  # FailedSamples too (a bug still raises)
             return self.unfinished(s, FAILED, str(e).strip().splitlines()[0])
         current = load_correctness(out)
         meta = {**summary, "run_id": self.run_id, "dataset": s.name}
-        refs = references(self.old, self.baseline, s.name, meta)
-        notes = [f"baseline run {self.baseline} did not evaluate set {s.name!r}: compared with "
+        refs = references(self.old, self.options.baseline, s.name, meta)
+        notes = [f"baseline run {self.options.baseline} did not evaluate set {s.name!r}: compared with "
                  f"its previous run only" for role, ref in refs if ref is None]
         comparisons = [compare_with(role, ref, meta, current, self.rule)
                        for role, ref in refs if ref is not None]
-        checked = published.check(summary, kind, s.name, self.table, self.rule.fidelity_tolerance)
+        checked = published.check(summary, kind, s.name, self.options.published_table,
+                                  self.rule.fidelity_tolerance)
         verdict = worst([c.outcome for c in comparisons]
                         + [FIDELITY for f in checked.applied if not f.ok])
-        row = history_row(self.run_id, summary, out, comparisons, verdict, self.rule, s.name,
-                          kind, checked.applied)
-        if row["fidelity"] is None and checked.not_applicable:  # as the report says it
-            row["fidelity"] = "not applicable"
+        result = SetResult(s.name, kind, out, summary, comparisons, checked.applied, verdict,
+                           notes=notes, not_applicable=checked.not_applicable)
+        row = history_row(self.run_id, result, self.rule)
         with deadline.deferred():
             append_history(self.history, row)
         self.rows.append(row)
-        return SetResult(s.name, kind, out, summary, comparisons, checked.applied, verdict,
-                         notes=notes, not_applicable=checked.not_applicable)
+        return result
 
     def unfinished(self, s: EvalSet, verdict: str, error: str) -> SetResult:
         """The result, and the history row, of a set without metrics (``NO_METRICS``)."""
@@ -467,37 +488,6 @@ def _set_record(s: EvalSet, manifest, r: SetResult | None) -> dict:
             "fidelity": [asdict(f) for f in r.fidelity],
             "fidelity_not_applicable": [dict(asdict(n), line=n.describe())
                                         for n in r.not_applicable]}
-
-
-def _write_reports(run_id: str, run_dir: str, table: pd.DataFrame, results: list[SetResult],
-                   verdict: str, rule: RegressionRule, latest: str | None,
-                   top_n: int, notes: list = ()) -> tuple[str, str]:
-    """report.md and report.html of the run (and a copy of the page at ``latest``); ``notes``:
-    lines about the night as a whole."""
-    from pipeline import report
-
-    sections = [report.suite_section(run_id, results, verdict, rule, notes)]
-    for r in results:
-        if r.summary is None:  # no metrics: why, and the set's trend with this night in it
-            own = table[table["dataset"] == r.name]
-            sections.append(report.Section(f"{r.name}: {r.verdict}", r.error))
-            if len(own):
-                sections.append(report.history_section(own, prefix=f"{r.name}: "))
-            continue
-        # per-class changes only mean something against a comparable previous run
-        prev = next((c for c in r.comparisons if c.role == "previous"
-                     and c.outcome != NOT_COMPARABLE), None)
-        prev_summary = None
-        if prev is not None:
-            rows = table[(table["run_id"] == prev.reference_run_id)
-                         & (table["dataset"] == r.name)]
-            prev_summary = read_summary(rows["predictions_dir"].iloc[-1])
-        own = table[table["dataset"] == r.name]
-        sections += report.build_sections(
-            run_id, r, own, rule, (prev_summary, prev.reference_run_id if prev else ""), top_n,
-            prefix=f"{r.name}: " if len(results) > 1 else "")
-    return report.write_report(run_dir, f"Nightly evaluation {run_id}: {verdict}", sections,
-                               latest)
 
 
 def format_result(result: NightlyResult, rule: RegressionRule) -> str:

@@ -20,8 +20,6 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
-from PIL import UnidentifiedImageError
-
 from pipeline import faults, images, storage, tarindex
 from pipeline import progress as progresslib
 from pipeline.sources import Source
@@ -37,18 +35,6 @@ DEFAULT_MAX_PIXELS = images.DEFAULT_MAX_PIXELS
 # ImageNet train images average ~110 KB: 5000 per shard gives ~550 MB train shards and
 # 10 val shards of ~640 MB; use 1000 for val if you read it with more than 10 readers.
 DEFAULT_SAMPLES_PER_SHARD = 5000
-# How hard write_shards looks at each source file (inspect_image): "header" parses the header
-# and checks the file is whole (JPEG EOI, PNG IEND); "decode" decodes every image.
-CHECKS = ("header", "decode")
-DEFAULT_CHECK = "header"
-JPEG_EOI = b"\xff\xd9"
-PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the whole chunk: length 0, type, fixed CRC
-
-
-class BadImage(Exception):
-    """A source file that is not a usable image; the message is the reason recorded."""
-
-
 @dataclass(frozen=True)
 class Member:
     """One source file to store: its sample ``key`` (unique, free of dots), its ``path`` relative to
@@ -119,84 +105,6 @@ def plan_digest(members: list[Member], class_index: dict[str, int], max_pixels: 
     return h.hexdigest()
 
 
-def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  check: str = DEFAULT_CHECK) -> dict:
-    """Check ``data`` as ``check`` says (see CHECKS); return its real format, size and mode.
-
-    Both levels parse the header with PIL (format, size, mode, the decompression-bomb limit).
-    "header" then checks that the file is whole: a JPEG must hold its end-of-image marker
-    (FF D9) after the start of its image data, a PNG its IEND chunk; other formats get the
-    header check only. Bytes after the end marker (padding, camera trailers, an appended video)
-    are allowed. "decode" decodes every image instead (DCT-scaled for JPEGs): ~20x slower, and
-    it also catches damage inside the image data that a header check cannot see (PIL still
-    decodes most such JPEGs, with grey blocks, so both levels store them).
-    """
-    if check not in CHECKS:
-        raise InputError(f"check must be one of {CHECKS}, not {check!r}")
-    if not data:
-        raise BadImage("empty file (0 bytes)")
-    try:
-        with images.open_image(data, max_pixels) as im:
-            fmt, (w, h), mode = im.format, im.size, im.mode
-            if fmt not in IMAGE_EXTS:
-                raise BadImage(f"unsupported image format {fmt}")
-            if check == "header":
-                _check_end(fmt, data)
-            else:
-                if fmt in images.JPEG_FORMATS:  # DCT-domain downscale: reads every byte, 10x faster
-                    im.draft(mode, (max(1, w // 8), max(1, h // 8)))
-                im.load()
-    except BadImage:
-        raise
-    except images.TooManyPixels as e:
-        raise BadImage(str(e)) from None
-    except UnidentifiedImageError:
-        raise BadImage("not an image (PIL cannot identify it)") from None
-    except images.DECODE_ERRORS as e:
-        raise BadImage(f"cannot decode: {e}") from None
-    return {"ext": IMAGE_EXTS[fmt], "width": w, "height": h, "mode": mode}
-
-
-def _jpeg_scan_start(data: bytes) -> int | None:
-    """Offset just past the first start-of-scan (SOS) segment, walking the marker segments
-    (an EXIF thumbnail, with its own SOS and EOI, lies inside APP1 and is skipped whole);
-    None when the file ends first."""
-    pos, n = 2, len(data)
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:  # junk between segments: skipped, as PIL does
-            pos = data.find(b"\xff", pos)
-            if pos < 0:
-                return None
-            continue
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
-        if marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD8:  # no length field
-            pos += 2
-            continue
-        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker == 0xDA:
-            return end if end <= n else None
-        pos = end
-    return None
-
-
-def _check_end(fmt: str, data: bytes) -> None:
-    """Raise BadImage when a JPEG or PNG lacks its end marker: the file was cut short."""
-    if fmt in images.JPEG_FORMATS:  # an MPO's first frame ends with an EOI like any JPEG
-        scan = _jpeg_scan_start(data)
-        if scan is None:
-            raise BadImage("truncated: the JPEG ends before its image data (no start of scan)")
-        # Inside entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so an
-        # FF D9 after the scan start is the EOI. rfind: trailing bytes are usually few.
-        if data.rfind(JPEG_EOI, scan) < 0:
-            raise BadImage("truncated: no JPEG end-of-image marker (FF D9) after the image data")
-    elif fmt == "PNG":
-        if data.rfind(PNG_IEND, 8) < 0:
-            raise BadImage("truncated: no PNG IEND chunk")
-
-
 class _TarWriter:
     """The bytes ``tarfile`` (PAX format) writes for regular-file members, without its per-member
     file-object copies: a list of byte strings joined once. Headers are fixed (mtime 0, mode
@@ -263,19 +171,19 @@ class BuiltShard(NamedTuple):
 
 
 def build_shard(root: str, members: list[Member], class_index: dict[str, int],
-                max_pixels: int, check: str = DEFAULT_CHECK) -> BuiltShard:
+                max_pixels: int, check: str = images.DEFAULT_CHECK) -> BuiltShard:
     """Build one shard's tar bytes from ``members`` (``BuiltShard``)."""
     tar, keys, skipped, source_bytes, exts = _TarWriter(), [], [], 0, Counter()
     for m in members:
         try:
             data = storage.read_bytes(storage.join(root, m.path))
-            info = inspect_image(data, max_pixels, check)
+            info = images.inspect_image(data, max_pixels, check)
         except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
             # Only what a retry cannot fix is skipped; a transient I/O error (an object
             # store timing out) is retried by storage, then raises and fails the job.
             skipped.append({"path": m.path, "reason": f"unreadable: {e}"})
             continue
-        except BadImage as e:
+        except images.BadImage as e:
             skipped.append({"path": m.path, "reason": str(e)})
             continue
         meta = {"class_id": m.class_id, "path": m.path, "width": info["width"],
@@ -291,7 +199,7 @@ def build_shard(root: str, members: list[Member], class_index: dict[str, int],
 
 def write_shard(root: str, out: str, split: str, index: int, members: list[Member],
                 class_index: dict[str, int], max_pixels: int,
-                check: str = DEFAULT_CHECK) -> dict:
+                check: str = images.DEFAULT_CHECK) -> dict:
     """Write one shard (or keep an intact one from an earlier run); return its record."""
     name = shard_name(split, index)
     path, part = storage.join(out, name), storage.join(out, f"_parts/{name}.json")
@@ -321,15 +229,16 @@ def write_shard(root: str, out: str, split: str, index: int, members: list[Membe
 
 def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
                  seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 progress: bool = True, check: str = DEFAULT_CHECK) -> dict:
-    """Shard ``source`` into ``out`` with one Ray task per shard; write and return the manifest.
+                 progress: bool = True, check: str = images.DEFAULT_CHECK) -> "Manifest":
+    """Shard ``source`` into ``out`` with one Ray task per shard; write the manifest
+    (OUT/<split>.json) and return it, with this run's ``ShardingStats`` as its ``stats``.
 
-    ``check`` is how each source file is checked before it is stored (see CHECKS and
-    inspect_image): "header" (default) or "decode"."""
+    ``check`` is how each source file is checked before it is stored (``images.CHECKS``,
+    ``images.inspect_image``): "header" (default) or "decode"."""
     import ray
 
-    if check not in CHECKS:
-        raise InputError(f"check must be one of {CHECKS}, not {check!r}")
+    if check not in images.CHECKS:
+        raise InputError(f"check must be one of {images.CHECKS}, not {check!r}")
     members = make_keys(source.items)
     if not members:
         raise InputError(f"split {source.split!r} of {source.root} has no images to shard "
@@ -350,18 +259,16 @@ def write_shards(source: Source, out: str, samples_per_shard: int = DEFAULT_SAMP
             records[refs[done[0]]] = rec
             faults.point("shard_after_first_shard")
             bar.update(len(plan[refs[done[0]]]))
-    manifest = _manifest(source, plan, records, samples_per_shard, seed, max_pixels, check)
-    storage.write_text_atomic(storage.join(out, f"{source.split}.json"),
-                              json.dumps(manifest, indent=1))
-    if manifest["total_samples"] == 0:
+    raw = _manifest(source, plan, records, samples_per_shard, seed, max_pixels, check)
+    path = storage.join(out, f"{source.split}.json")
+    storage.write_text_atomic(path, json.dumps(raw, indent=1))
+    if raw["total_samples"] == 0:
         raise InputError(f"split {source.split!r} of {source.root} has no images to shard: all "
-                         f"{len(manifest['skipped'])} files were skipped (reasons in "
-                         f"{storage.join(out, source.split + '.json')})")
+                         f"{len(raw['skipped'])} files were skipped (reasons in {path})")
     write_timm_info(out)
-    manifest["_stats"] = {"seconds": time.monotonic() - start,
-                          "reused": sum(r["reused"] for r in records),
-                          "source_bytes": sum(r["source_bytes"] for r in records)}
-    return manifest
+    stats = ShardingStats(time.monotonic() - start, sum(r["reused"] for r in records),
+                          sum(r["source_bytes"] for r in records))
+    return Manifest.from_raw(path, raw, stats)
 
 
 TIMM_INFO = "_info.json"
@@ -459,6 +366,15 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class ShardingStats:
+    """What one ``write_shards`` run did: its wall ``seconds``, the shards it ``reused`` (left
+    as a previous run wrote them) and the ``source_bytes`` it read."""
+    seconds: float
+    reused: int
+    source_bytes: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A shard manifest as read (contract 1 in docs/DESIGN.md): ``classes`` [{"index", "id",
     "name"}] in index order, ``shards`` in order, ``total_samples``, ``skipped`` [{"path",
@@ -476,6 +392,16 @@ class Manifest:
     max_pixels: int
     raw: dict
     variant: str = ""  # ImageNet-V2's release (sources.V2_VARIANTS), '' when none or not known
+    stats: ShardingStats | None = None  # the run that wrote it (write_shards); None when read
+
+    @classmethod
+    def from_raw(cls, path: str, raw: dict, stats: ShardingStats | None = None) -> "Manifest":
+        """The manifest of its JSON ``raw``, read from or written to ``path``."""
+        return cls(path, raw["split"], raw.get("layout", ""), raw["classes"],
+                   [Shard.from_record(r) for r in raw["shards"]],
+                   raw["total_samples"], raw.get("skipped", []), raw.get("empty_classes", []),
+                   raw.get("max_pixels", DEFAULT_MAX_PIXELS), raw, raw.get("variant", ""),
+                   stats)
 
     @property
     def shard_paths(self) -> list[str]:
@@ -515,10 +441,7 @@ def load_manifest(path: str) -> Manifest:
                          f"this code reads version {FORMAT_VERSION}: reshard with jobs.shard")
     if raw["total_samples"] == 0 or not raw["shards"]:
         raise InputError(f"manifest {path} lists no samples (split {raw['split']!r} is empty)")
-    return Manifest(path, raw["split"], raw.get("layout", ""), raw["classes"],
-                    [Shard.from_record(r) for r in raw["shards"]],
-                    raw["total_samples"], raw.get("skipped", []), raw.get("empty_classes", []),
-                    raw.get("max_pixels", DEFAULT_MAX_PIXELS), raw, raw.get("variant", ""))
+    return Manifest.from_raw(path, raw)
 
 
 def find_manifests(folder: str) -> list[str]:

@@ -221,6 +221,25 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         retrying(fs, f"writing {p}", put)  # a PUT of the whole object: safe to repeat
 
 
+def write_parquet_atomic(path: str, tables, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tables`` (one ``pyarrow.Table`` or a list of them, one schema, each written as
+    it comes: its own row groups) to ``path`` as one Parquet file, built in memory and stored
+    in one whole-file write (``write_bytes_atomic``: retried on an object store, never half
+    there). ``metadata``: key-value pairs for the file's schema (Parquet key-value metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [tables] if isinstance(tables, pa.Table) else list(tables)
+    schema = tables[0].schema
+    if metadata:
+        schema = schema.with_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+    buf = pa.BufferOutputStream()
+    with pq.ParquetWriter(buf, schema) as writer:
+        for table in tables:
+            writer.write_table(table.replace_schema_metadata(schema.metadata))
+    write_bytes_atomic(path, buf.getvalue().to_pybytes())
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` as UTF-8, atomically (``write_bytes_atomic``)."""
     write_bytes_atomic(path, text.encode("utf-8"))

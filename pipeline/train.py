@@ -115,18 +115,17 @@ def check_inputs(train_manifest: str, val_manifest: str, weights: str):
     return train_m, val_m
 
 
-def plan_run(loop_config: LoopConfig, *, train_manifest: str, val_manifest: str, num_workers: int,
-             use_gpu: bool, cpus_per_worker: float, storage_path: str, name: str,
-             cluster=None) -> RunPlan:
+def plan_run(loop_config: LoopConfig, plan: resources.TrainPlan, *, train_manifest: str,
+             val_manifest: str, storage_path: str, name: str) -> RunPlan:
     """Check a fine-tuning run before anything starts or is written; raise UsageError (one line)
-    for settings that cannot run: a resource plan the cluster cannot give, too few train images
-    for the workers, train and val class lists that differ, or a rerun of STORAGE/NAME whose
-    settings differ from the run it would resume."""
+    for settings that cannot run: too few train images for ``plan``'s workers (a
+    ``resources.plan_training``, which refuses what the cluster cannot give), train and val
+    class lists that differ, or a rerun of STORAGE/NAME whose settings differ from the run it
+    would resume."""
     from pipeline import storage
 
     storage_path = storage_path if storage.is_uri(storage_path) else os.path.abspath(storage_path)
-    plan = resources.plan_training(cluster or resources.current_cluster(), num_workers, use_gpu,
-                                   cpus_per_worker)
+    num_workers = plan.num_workers
     train_m, _ = check_inputs(train_manifest, val_manifest, loop_config.weights)
     # Weights that cannot be had (offline DEFAULT, a wrong file) fail here in one line, not in
     # every worker, retried by Ray Train's failure policy.

@@ -218,7 +218,7 @@ def train_one_epoch(state: TrainState, batches, cfg: LoopConfig, epoch: int):
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
     seen = correct = 0
     loss_sum, t0, failures = 0.0, time.monotonic(), []
-    first_step_end, first_rows = None, 0  # steady state: from the end of the first step on
+    clock = timeshare.SteadyClock(t0)  # steady state: from the end of the first step on
     wait = compute = 0.0  # steady steps: blocked on the iterator, and in the step (timeshare)
     buffer = shuffle_buffer_rows(cfg)
     stream = iter(batches.iter_batches(
@@ -245,21 +245,20 @@ def train_one_epoch(state: TrainState, batches, cfg: LoopConfig, epoch: int):
         state.scheduler.step()
         n_ok = int(ok.sum())
         seen += n_ok
-        failures += _failed_rows(batch, "train")
+        failures += failurelib.rows(batch, "train")
         # both read back from the device: the step's work is done when they return
         loss_sum += float(loss.detach()) * n_ok
         correct += int(((logits.argmax(1) == labels) & ok).sum())
         done = time.monotonic()
         bar.update(len(ok) * world)
-        if first_step_end is None:
-            first_step_end, first_rows = done, len(ok)
-        else:
+        if clock.first is not None:
             wait, compute = wait + got - asked, compute + done - got
+        clock.mark(len(ok), done)
     end = time.monotonic()
-    steady_rows = seen + len(failures) - first_rows
+    steady_rows = clock.steady_rows
     seen, correct, loss_sum, failed, steady_rows, wait, compute = _all_reduce(
         [seen, correct, loss_sum, len(failures), steady_rows, wait, compute], device)
-    seconds, first_step = _all_reduce([end - t0, (first_step_end or end) - t0], device, op="max")
+    seconds, first_step = _all_reduce([end - t0, clock.startup_seconds(end)], device, op="max")
     return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
             "train_images": int(seen), "train_failed": int(failed), "train_seconds": seconds,
             # The first step waits for the epoch's data pipeline to start and fill the shuffle
@@ -287,13 +286,6 @@ def shuffle_buffer_rows(cfg: LoopConfig) -> int:
         return 0
     share = cfg.train_samples // cfg.world_size
     return min(cfg.shuffle_buffer, max(cfg.batch_size, share // 4))
-
-
-def _failed_rows(batch, split: str) -> list[dict]:
-    """The samples of a batch that could not be decoded: key, shard, split and the error."""
-    bad = np.flatnonzero(batch["error"] != "")
-    return [{"key": str(batch["key"][i]), "shard": str(batch["shard"][i]), "split": split,
-             "error": str(batch["error"][i])} for i in bad]
 
 
 def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
@@ -334,7 +326,7 @@ def validate(model: nn.Module, batches, cfg: LoopConfig) -> tuple[dict, list[dic
     for batch in batches.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
         ok = batch["error"] == ""
         counts[3] += int((~ok).sum())
-        failures += _failed_rows(batch, "val")
+        failures += failurelib.rows(batch, "val")
         if not ok.any():
             continue
         images = torch.from_numpy(batch["image"][ok]).to(device)

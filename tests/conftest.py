@@ -90,7 +90,7 @@ def shard_set(image_tree, tmp_path_factory, ray_local):
     train = shards.write_shards(sources.scan_source(str(image_tree / "train"), "train"),
                                 str(out), samples_per_shard=12, progress=False)
     val_src = sources.with_classes(sources.scan_source(str(image_tree / "val"), "val"),
-                                   train["classes"])
+                                   train.classes)
     shards.write_shards(val_src, str(out), samples_per_shard=10, progress=False)
     return out
 

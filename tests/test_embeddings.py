@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import metrics, model as modellib, predict, presets, shards
+from pipeline import metrics, model as modellib, predictions, predictor, presets, shards
 from tests.conftest import corrupt_one_member, predict_small as _predict
 
 
@@ -31,7 +31,7 @@ def test_the_embedding_is_the_pooled_feature_before_fc(imagenet_like_shards, wei
     root, _ = imagenet_like_shards
     out, summary = embedded
     df = metrics.read_predictions(out)
-    assert len(df) == 12 and summary["embedding"] == predict.embedding_info("float16")
+    assert len(df) == 12 and summary["embedding"] == predictions.embedding_info("float16")
     net = modellib.build_model(modellib.load_weights(weights_file), None)[0].eval()
     fc = net.fc
     net.fc = torch.nn.Identity()
@@ -100,9 +100,9 @@ def test_an_undecodable_image_has_no_row_and_is_counted(imagenet_like_shards, we
 def test_a_non_finite_vector_is_a_failed_image_never_a_row(weights_file):
     """A feature with NaN (or one beyond float16's range): the image gets an error, as a
     decode failure does, and so no prediction row."""
-    spec = predict.PredictorSpec(weights_file, modellib.imagenet_classes(), "fp32", False,
+    spec = predictor.PredictorSpec(weights_file, modellib.imagenet_classes(), "fp32", False,
                                  embedding_dtype="float16")
-    p = predict.Predictor(spec)
+    p = predictor.Predictor(spec)
     real_backbone = p.backbone
 
     def backbone(x):
@@ -126,14 +126,11 @@ def test_a_run_stopped_by_non_finite_vectors_says_so_not_that_images_failed_to_d
     """A newcomer's fine-tuned model gave pooled features beyond float16's range: 14 of 15
     rows failed, and the job said they 'failed to decode' (they had decoded), without the way
     out (--embedding-dtype float32)."""
-    from pipeline import predict
-
     failures = [{"error": "non-finite embedding (NaN or inf in the pooled feature as float16)"}
                 ] * 14 + [{"error": "UnidentifiedImageError: cannot identify image file"}]
-    why = predict.failure_causes(failures, predict.PredictOptions(embeddings=True))
+    why = predictions.failure_causes(failures, "float16")
     assert why.startswith("1 could not be decoded, 14 gave a non-finite embedding as float16")
     assert "--embedding-dtype float32" in why
-    wide = predict.failure_causes(failures[:2], predict.PredictOptions(
-        embeddings=True, embedding_dtype="float32"))
+    wide = predictions.failure_causes(failures[:2], "float32")
     assert wide == "2 gave a non-finite embedding as float32"
-    assert predict.failure_causes(failures[14:], predict.PredictOptions()) == ""  # decode only
+    assert predictions.failure_causes(failures[14:], "float16") == ""  # decode only

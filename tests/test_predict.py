@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from jobs import evaluate as evaluate_job, predict as predict_job
-from pipeline import metrics, model as modellib, presets
+from pipeline import metrics, model as modellib, predictions, predictor, presets
 from tests.conftest import predict_small as _predict, run_job
 
 
@@ -118,12 +118,10 @@ def test_decoding_runs_in_tasks_beside_the_predictor_not_fused_into_it(shard_set
 
 
 def test_a_cpu_predictor_shares_its_nodes_cores_with_the_other_actors_there():
-    from pipeline import predict
-
     cores = len(os.sched_getaffinity(0))
-    assert predict.cpu_threads(1) == cores
-    assert predict.cpu_threads(2) == max(1, cores // 2)
-    assert predict.cpu_threads(4 * cores) == 1
+    assert predictor.cpu_threads(1) == cores
+    assert predictor.cpu_threads(2) == max(1, cores // 2)
+    assert predictor.cpu_threads(4 * cores) == 1
 
 
 # --- jobs.predict: the plan it runs, and what its summary records ------------------------
@@ -148,9 +146,7 @@ def test_a_prediction_plan_that_leaves_a_fraction_of_a_cpu_runs(shard_set, tmp_p
     assert summary["samples"] == 16
     assert 1 <= summary["predictor_actors"] <= 3
     # 16 images over up to 3 actors: one batch each, too few to time, and the job says so
-    from pipeline import predict
-
-    assert predict.busy_text(summary) in out and "predictor busy" in out
+    assert predictions.Summary.from_dict(summary).busy_text() in out and "predictor busy" in out
 
 
 def test_summary_records_the_precision_the_actors_ran(shard_set, tmp_path, ray_local,
@@ -193,9 +189,7 @@ def test_images_already_on_the_predictors_device_are_taken_where_they_are(weight
     """An actor that decoded on its GPU holds the images as a device tensor: the predictor
     selects the decoded rows there (here a CPU tensor) and predicts what it does from host
     arrays."""
-    from pipeline import predict
-
-    p = predict.Predictor(predict.PredictorSpec(weights_file, modellib.imagenet_classes()[:3],
+    p = predictor.Predictor(predictor.PredictorSpec(weights_file, modellib.imagenet_classes()[:3],
                                                 precision="fp32", use_gpu=False))
     rng = np.random.default_rng(0)
     batch = {"key": np.array(["a", "b", "c"], dtype=object), "label": np.array([0, 1, 2]),

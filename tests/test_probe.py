@@ -16,6 +16,7 @@ import torch
 
 from jobs import embed as embed_job, predict as predict_job, probe as probe_job
 from pipeline import metrics, probe
+from pipeline.predictor import Rows
 from pipeline.errors import InputError
 from tests.conftest import run_job
 
@@ -263,7 +264,7 @@ def test_any_backbone_embeds_any_data_but_only_a_fitting_head_predicts(shard_set
     path = tmp_path / "head3.pt"
     torch.save(resnet18(num_classes=3).state_dict(), path)
     manifest, opts = str(shard_set / "val.json"), predict.PredictOptions()
-    inputs = predict.resolve_inputs(manifest, str(path), opts, embed_only=True)
+    inputs = predict.resolve_inputs(manifest, str(path), opts, Rows.EMBEDDINGS)
     assert len(inputs.classes_out) == 4 and inputs.subset is None
     with pytest.raises(InputError, match="name other classes than their head holds"):
         predict.resolve_inputs(manifest, str(path), opts)

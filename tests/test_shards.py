@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from jobs import shard as shard_job
-from pipeline import shards, sources
+from pipeline import images, shards, sources
 from pipeline.errors import InputError
 from tests.conftest import photo_like, run_job
 
@@ -61,15 +61,15 @@ def test_train_is_a_seeded_permutation_and_headers_are_deterministic(image_tree,
     src = sources.scan_source(str(image_tree / "train"), "train")
     a = shards.write_shards(src, str(tmp_path / "a"), samples_per_shard=12, progress=False)
     b = shards.write_shards(src, str(tmp_path / "b"), samples_per_shard=12, progress=False)
-    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
-    keys = [m.name.split(".")[0] for s in a["shards"]
-            for m in tarfile.open(tmp_path / "a" / s["file"]) if m.name.endswith(".cls")]
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+    keys = [m.name.split(".")[0] for s in a.shards
+            for m in tarfile.open(tmp_path / "a" / s.file) if m.name.endswith(".cls")]
     assert sorted(keys) != keys and len(set(keys)) == len(keys) == 32
-    for m in tarfile.open(tmp_path / "a" / a["shards"][0]["file"]):
+    for m in tarfile.open(tmp_path / "a" / a.shards[0].file):
         assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
     c = shards.write_shards(src, str(tmp_path / "c"), samples_per_shard=12, seed=1,
                             progress=False)
-    assert c["shards"][0]["sha256"] != a["shards"][0]["sha256"]
+    assert c.shards[0].sha256 != a.shards[0].sha256
 
 
 def _jpeg_bytes(img, **kw):
@@ -108,28 +108,28 @@ def bad_tree(tmp_path):
     return tmp_path / "src"
 
 
-@pytest.mark.parametrize("check", shards.CHECKS)
+@pytest.mark.parametrize("check", images.CHECKS)
 def test_bad_inputs_are_stored_with_their_real_format_or_skipped_with_a_reason(
         bad_tree, tmp_path, ray_local, check):
     m = shards.write_shards(sources.scan_source(str(bad_tree), "train"), str(tmp_path / "out"),
                             progress=False, check=check)
-    assert m["check"] == check
+    assert m.raw["check"] == check
     members = {}
-    for s in m["shards"]:
-        for info in tarfile.open(tmp_path / "out" / s["file"]):
+    for s in m.shards:
+        for info in tarfile.open(tmp_path / "out" / s.file):
             key, ext = info.name.split(".", 1)
             members.setdefault(key, set()).add(ext)
     assert members == {"good": {"jpg", "cls", "json"}, "cmyk": {"jpg", "cls", "json"},
                        "gray": {"jpg", "cls", "json"}, "png_named": {"png", "cls", "json"},
                        "palette": {"png", "cls", "json"},
                        "key_with_dots": {"jpg", "cls", "json"}}
-    reasons = {s["path"].split("/")[-1]: s["reason"] for s in m["skipped"]}
+    reasons = {s["path"].split("/")[-1]: s["reason"] for s in m.skipped}
     assert reasons.keys() == {"empty.JPEG", "truncated.JPEG", "notes.txt", "bomb.png"}
     assert "0 bytes" in reasons["empty.JPEG"]
     assert "truncated" in reasons["truncated.JPEG"]
     assert "not an image" in reasons["notes.txt"]
     assert "decompression" in reasons["bomb.png"]
-    assert m["total_samples"] + len(m["skipped"]) == 10  # nothing dropped silently
+    assert m.total_samples + len(m.skipped) == 10  # nothing dropped silently
 
 
 def _with_thumbnail(jpeg: bytes, thumb: bytes) -> bytes:
@@ -141,8 +141,8 @@ def _with_thumbnail(jpeg: bytes, thumb: bytes) -> bytes:
 
 def _header_check(data: bytes) -> str:
     try:
-        shards.inspect_image(data, check="header")
-    except shards.BadImage as e:
+        images.inspect_image(data, check="header")
+    except images.BadImage as e:
         return f"skipped: {e}"
     return "stored"
 
@@ -170,7 +170,7 @@ def test_header_check_skips_truncated_files_and_keeps_trailing_bytes():
     trailer = bytes(rng.integers(0, 256, 100_000, dtype=np.uint8))
     for data in (jpeg + bytes(4096), jpeg + b"\xff\xd9" + trailer, jpeg + trailer, png + trailer):
         assert _header_check(data) == "stored"
-    info = shards.inspect_image(jpeg + trailer, check="header")
+    info = images.inspect_image(jpeg + trailer, check="header")
     assert (info["ext"], info["width"], info["height"], info["mode"]) == ("jpg", 200, 150, "RGB")
 
 
@@ -179,7 +179,7 @@ def test_a_jpeg_with_bytes_after_its_eoi_is_stored_unchanged_at_both_levels(tmp_
     d.mkdir(parents=True)
     data = _jpeg_bytes(photo_like(np.random.default_rng(2), 64, 48)) + b"\x00" * 1000 + b"junk"
     (d / "padded.jpg").write_bytes(data)
-    for check in shards.CHECKS:
+    for check in images.CHECKS:
         tar_bytes, keys, skipped, _, exts = shards.build_shard(
             str(tmp_path / "src"), [shards.Member("padded", "c/padded.jpg", "c")], {"c": 0},
             shards.DEFAULT_MAX_PIXELS, check)
@@ -190,10 +190,10 @@ def test_a_jpeg_with_bytes_after_its_eoi_is_stored_unchanged_at_both_levels(tmp_
 
 def test_decode_check_still_reports_the_decoder_error():
     good = _jpeg_bytes(photo_like(np.random.default_rng(3), 64, 48))
-    with pytest.raises(shards.BadImage, match="cannot decode: image file is truncated"):
-        shards.inspect_image(good[: len(good) // 2], check="decode")
+    with pytest.raises(images.BadImage, match="cannot decode: image file is truncated"):
+        images.inspect_image(good[: len(good) // 2], check="decode")
     with pytest.raises(ValueError, match="check must be one of"):
-        shards.inspect_image(good, check="full")
+        images.inspect_image(good, check="full")
 
 
 def test_tar_writer_gives_the_bytes_tarfile_writes():
@@ -291,9 +291,9 @@ def test_rerun_reuses_intact_shards(image_tree, tmp_path, ray_local):
     shards.write_shards(src, str(tmp_path), samples_per_shard=8, progress=False)
     os.remove(tmp_path / "train-000001.tar")
     again = shards.write_shards(src, str(tmp_path), samples_per_shard=8, progress=False)
-    assert again["_stats"]["reused"] == len(again["shards"]) - 1
+    assert again.stats.reused == len(again.shards) - 1
     assert hashlib.sha256((tmp_path / "train-000001.tar").read_bytes()).hexdigest() == \
-        again["shards"][1]["sha256"]
+        again.shards[1].sha256
 
 
 def test_manifest_errors_are_clear(tmp_path):

@@ -28,8 +28,8 @@ from torchvision.models import resnet18
 from torchvision.transforms import v2 as T
 
 from jobs import nightly_eval, shard as shard_job
-from pipeline import history as historylib, metrics, nightly, predict, published, regression
-from pipeline import shards, sources
+from pipeline import history as historylib, metrics, nightly, predict, predictor, published
+from pipeline import regression, shards, sources
 from tests.conftest import photo_like
 
 WNIDS = sources.imagenet_wnids()
@@ -150,15 +150,15 @@ def test_subset_scoring_matches_a_plain_torch_loop_over_the_subset_logits(suite,
 def test_only_subset_sets_or_an_explicit_flag_restrict_the_scoring():
     data = [{"index": 0, "id": "a", "name": "a"}, {"index": 1, "id": "b", "name": "b"}]
     model = data + [{"index": 2, "id": "zz", "name": "extra"}]
-    assert predict.scored_classes(data, model, restrict=False) == (model, None)
-    classes, index = predict.scored_classes(data, model, restrict=True)
+    assert predictor.scored_classes(data, model, restrict=False) == (model, None)
+    classes, index = predictor.scored_classes(data, model, restrict=True)
     assert classes == data and index.tolist() == [0, 1]
-    assert predict.scored_classes(data, data, restrict=True) == (data, None)
+    assert predictor.scored_classes(data, data, restrict=True) == (data, None)
     with pytest.raises(ValueError, match="lack"):
-        predict.scored_classes(model, data, restrict=True)
-    assert [predict.restricts("auto", layout) for layout in
+        predictor.scored_classes(model, data, restrict=True)
+    assert [predictor.restricts("auto", layout) for layout in
             ("imagenet-r", "imagenet-a", "imagenet-v2", "folder")] == [True, True, False, False]
-    assert predict.restricts("on", "folder") and not predict.restricts("off", "imagenet-r")
+    assert predictor.restricts("on", "folder") and not predictor.restricts("off", "imagenet-r")
 
 
 # --- ImageNet-ReaL -------------------------------------------------------------------------------
@@ -187,16 +187,16 @@ def test_real_labels_score_any_of_the_labels_and_leave_out_empty_lists(suite, tm
 
 
 def test_real_labels_builtin_and_bad_files(tmp_path):
-    real = predict.load_real_labels("builtin")
+    real = metrics.load_real_labels("builtin")
     assert len(real) == 50_000 and sum(not r for r in real) == 3_163
     assert sum(len(r) >= 2 for r in real) == 7_443
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([[1], [1000]]))
     with pytest.raises(ValueError, match="bad.json"):
-        predict.load_real_labels(str(bad))
+        metrics.load_real_labels(str(bad))
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not JSON"):
-        predict.load_real_labels(str(bad))
+        metrics.load_real_labels(str(bad))
 
 
 def test_real_labels_need_imagenet_classes():

@@ -87,8 +87,8 @@ def test_shard_writes_the_index_and_an_old_manifest_without_one_reads_the_same(
         image_tree, tmp_path, ray_local):
     m = shards.write_shards(sources.scan_source(str(image_tree / "train"), "train"),
                             str(tmp_path), samples_per_shard=12, progress=False)
-    assert all(s["index"]["offsets"][0] == 0 and s["index"]["every"] == tarindex.INDEX_EVERY
-               for s in m["shards"])
+    assert all(s.index["offsets"][0] == 0 and s.index["every"] == tarindex.INDEX_EVERY
+               for s in m.shards)
     manifest = shards.load_manifest(str(tmp_path / "train.json"))
 
     def keys(man):
@@ -104,7 +104,7 @@ def test_shard_writes_the_index_and_an_old_manifest_without_one_reads_the_same(
         del s["index"]  # as jobs.shard wrote them before the index
     (tmp_path / "train.json").write_text(json.dumps(raw))
     assert keys(shards.load_manifest(str(tmp_path / "train.json"))) == new
-    assert len(new) == m["total_samples"] == len(set(new))
+    assert len(new) == m.total_samples == len(set(new))
 
 
 def test_a_rerun_of_shard_adds_the_index_to_shards_it_reuses(image_tree, tmp_path, ray_local):
@@ -115,8 +115,8 @@ def test_a_rerun_of_shard_adds_the_index_to_shards_it_reuses(image_tree, tmp_pat
         del rec["index"]
         part.write_text(json.dumps(rec))
     m = shards.write_shards(src, str(tmp_path), samples_per_shard=8, progress=False)
-    assert all(s["index"]["offsets"][0] == 0 for s in m["shards"])
-    assert m["_stats"]["reused"] == len(m["shards"])
+    assert all(s.index["offsets"][0] == 0 for s in m.shards)
+    assert m.stats.reused == len(m.shards)
 
 
 def test_chunk_order_is_the_manifests_or_a_fresh_draw_each_execution():

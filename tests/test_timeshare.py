@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from jobs import finetune
-from pipeline import model as modellib, predict, timeshare, train_worker
+from pipeline import model as modellib, timeshare, train_worker
 
 
 class SlowBatches:
@@ -82,7 +82,7 @@ def _timed_rows(actor: str, calls: list[tuple[float, float, int]], decode: float
 
 
 def test_predictor_busy_share_is_busy_seconds_over_each_actors_span():
-    busy = predict.BusyShare()
+    busy = timeshare.BusyShare()
     # actor a: calls 0-1 and 3-4 (busy 2 s of a 4 s span); actor c: 5-6 and 6-8 (3 of 3 s);
     # actor b: one call, 10-12 (its span is its call: 100% whatever the input did; left out)
     a = _timed_rows("a", [(0.0, 1.0, 3), (3.0, 4.0, 5)], decode=0.5)
@@ -97,8 +97,8 @@ def test_predictor_busy_share_is_busy_seconds_over_each_actors_span():
     assert facts["predictor_busy_seconds"] == pytest.approx(7.0)
     assert facts["predictor_decode_seconds"] == pytest.approx(1.0)
     assert facts["predictor_busy_share"] == pytest.approx(5.0 / 7.0)
-    assert predict.BusyShare().facts()["predictor_busy_share"] is None
-    one = predict.BusyShare()
+    assert timeshare.BusyShare().facts()["predictor_busy_share"] is None
+    one = timeshare.BusyShare()
     one.add(b)
     assert one.facts()["predictor_busy_share"] is None  # one call each: not a figure
 

@@ -136,7 +136,7 @@ def learnable_shards(tmp_path_factory, ray_local):
     train = shards.write_shards(sources.scan_source(str(root / "img/train"), "train"),
                                 str(root / "s"), samples_per_shard=40, progress=False)
     shards.write_shards(sources.with_classes(sources.scan_source(str(root / "img/val"), "val"),
-                                             train["classes"]),
+                                             train.classes),
                         str(root / "s"), samples_per_shard=24, progress=False)
     return root / "s"
 
@@ -360,7 +360,7 @@ def test_tiny_splits_train_and_validate(case, tmp_path, ray_local):
     tm = shards.write_shards(sources.scan_source(str(tmp_path / "img" / "train"), "train"),
                              str(out), progress=False)
     vsrc = sources.with_classes(sources.scan_source(str(tmp_path / "img" / "val"), "val"),
-                                tm["classes"])
+                                tm.classes)
     if "fewer" in case:
         vsrc.items[:] = vsrc.items[:1]  # one val image, two workers
     shards.write_shards(vsrc, str(out), progress=False)
