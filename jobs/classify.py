@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
+from pipeline import architectures
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,11 @@ class ClassifyConfig:
     a model.pt from jobs.finetune names its own. A file that cannot be read or decoded gets one
     line on stderr; the others are still classified, and the exit status is then 1."""
     images: tuple = _cli.positional("image files (any format PIL reads)", "IMAGE")
-    weights: str = _cli.option("DEFAULT", "DEFAULT, IMAGENET1K_V1, or a file (model.pt from "
+    weights: str = _cli.option("DEFAULT", "DEFAULT, a member of the model's weights enum "
+                                          "(IMAGENET1K_V1, ...), or a file (model.pt from "
                                           "jobs.finetune, or a state_dict: an ImageNet one, or "
                                           "any other with --classes-from)")
+    model: str = _cli.option("", architectures.MODEL_HELP)
     topk: int = _cli.option(5, "classes printed per image")
     json: bool = _cli.option(False, "one JSON object per image (JSON Lines) instead of text")
     precision: str = _cli.option("fp32", "fp32, or bf16 where the CPU/GPU runs it",
@@ -42,7 +45,7 @@ def main(argv=None) -> int:
     from pipeline import classify
 
     # bad weights or class list: one line, exit 1
-    model = classify.load(cfg.weights, cfg.precision, cfg.classes_from, cfg.device)
+    model = classify.load(cfg.weights, cfg.precision, cfg.classes_from, cfg.device, cfg.model)
     failed = 0
     for path, result in classify.classify_files(model, cfg.images, cfg.topk):
         if isinstance(result, Exception):

@@ -11,7 +11,7 @@ from pipeline import deadline, predict
 from pipeline.predictor import Rows
 
 # the options of jobs.predict that an embedding pass has (their help text is predict's own)
-_SHARED = ("batch_size", "precision", "use_gpu", "actors", "cpus_per_actor", "threads",
+_SHARED = ("model", "batch_size", "precision", "use_gpu", "actors", "cpus_per_actor", "threads",
            "decode_concurrency", "decode_device", "decode_in", "resize_size", "crop_size",
            "embedding_dtype", "max_failed_fraction", "verify_checksums", "progress", "max_wait")
 
@@ -19,7 +19,8 @@ EmbedConfig = dataclasses.make_dataclass(
     "EmbedConfig",
     [("data", "str", _cli.option("", "shard manifest (OUT/<split>.json from jobs.shard)",
                                  required=True)),
-     ("weights", "str", _cli.option("DEFAULT", "the backbone: DEFAULT, IMAGENET1K_V1, none, or "
+     ("weights", "str", _cli.option("DEFAULT", "the backbone: DEFAULT, a member of --model's "
+                                               "weights enum, none, or "
                                                "a file (state_dict or model.pt); its head is "
                                                "not used, so its classes need not be the "
                                                "data's")),
@@ -29,9 +30,10 @@ EmbedConfig = dataclasses.make_dataclass(
        for f in dataclasses.fields(predict.PredictOptions) if f.name in _SHARED],
     frozen=True)
 EmbedConfig.__doc__ = (
-    "Write each image's embedding (ResNet-18's pooled 512-d feature before fc, raw, not "
-    "L2-normalised) with its label: OUT/predictions/*.parquet (key, label, class_id, "
-    "embedding as fixed_size_list<float16>[512]), OUT/failures.parquet, OUT/summary.json "
+    "Write each image's embedding (the input of the model's head: ResNet-18's pooled 512-d "
+    "feature before fc, ResNet-50's 2048-d, ConvNeXt-T's 768-d; raw, not L2-normalised) with "
+    "its label: OUT/predictions/*.parquet (key, label, class_id, embedding as "
+    "fixed_size_list<float16>[D]), OUT/failures.parquet, OUT/summary.json "
     "(counts, weights sha256, preset, precision) and OUT/_SUCCESS, published once as "
     "jobs.predict publishes. The input of jobs.probe.")
 

@@ -8,19 +8,21 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import deadline, presets, resources, timeshare, train
+from pipeline import architectures, deadline, presets, resources, timeshare, train
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Fine-tune torchvision's ResNet-18 with Ray Train (TorchTrainer): a new head when the data's
-    classes differ from the weights' classes. Checkpoints go to STORAGE/NAME; rerunning with the
+    """Fine-tune a torchvision classifier (ResNet-18 by default, --model for any other) with Ray
+    Train (TorchTrainer): a new head when the data's classes differ from the weights' classes. Checkpoints go to STORAGE/NAME; rerunning with the
     same --storage-path and --name resumes from the last one; the final model is
     STORAGE/NAME/model.pt (loadable by jobs.predict --weights)."""
     train: str = _cli.option("", "train manifest (OUT/train.json from jobs.shard)", required=True)
     val: str = _cli.option("", "val manifest (OUT/val.json from jobs.shard)", required=True)
-    weights: str = _cli.option("DEFAULT", "DEFAULT, IMAGENET1K_V1, none (random init) or a file "
-                                          "(state_dict or model.pt)")
+    weights: str = _cli.option("DEFAULT", "DEFAULT, a member of the model's weights enum "
+                                          "(IMAGENET1K_V1, IMAGENET1K_V2, ...), none (random "
+                                          "init) or a file (state_dict or model.pt)")
+    model: str = _cli.option("", architectures.MODEL_HELP)
     epochs: int = _cli.option(10, "epochs to train")
     num_workers: int = _cli.option(2, "Ray Train workers (one GPU each with --use-gpu)")
     use_gpu: bool = _cli.option(False, "train on GPUs (NCCL); without it CPUs (gloo)")
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
     cfg = _cli.parse(FinetuneConfig, argv, "finetune")
     budget = deadline.parse_duration("--deadline", cfg.deadline)
     deadline.parse_duration("--max-wait", cfg.max_wait)
-    train.check_inputs(cfg.train, cfg.val, cfg.weights)  # before Ray starts
+    train.check_inputs(cfg.train, cfg.val, cfg.weights, cfg.model)  # before Ray starts
     with deadline.job_deadline(budget):  # DeadlineExceeded: exit 6, the checkpoints kept
         _cli.setup_logging()
         _cli.init_ray()

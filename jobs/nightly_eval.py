@@ -37,8 +37,9 @@ class NightlyConfig(predict.PredictOptions):
                                 "val=shards/val.json v2=shards-v2/val.json), or a bare MANIFEST "
                                 "(named after its file: val.json -> val)", "[NAME=]MANIFEST",
                                 required=True)
-    weights: str = _cli.option("", "model to evaluate: DEFAULT, IMAGENET1K_V1, none, or a file "
-                                   "(model.pt from jobs.finetune, or a state_dict)",
+    weights: str = _cli.option("", "model to evaluate: DEFAULT, a member of --model's weights "
+                                   "enum (IMAGENET1K_V1, ...), none, or a file (model.pt from "
+                                   "jobs.finetune, or a state_dict)",
                                required=True)
     history: str = _cli.option("", "history folder (local or s3://...): history/ (one Parquet "
                                    "file per set per run), runs/<run_id>/, latest.html",
@@ -90,7 +91,7 @@ def check(cfg: NightlyConfig) -> Checked:
     deadline.parse_duration("--deadline", cfg.deadline)
     deadline.parse_duration("--max-wait", cfg.max_wait)
     sets = nightly.parse_sets(cfg.data, cfg.real_labels)
-    table = nightly.check_inputs(sets, cfg.weights, cfg.published)
+    table = nightly.check_inputs(sets, cfg.weights, cfg.published, cfg.model)
     opts = predict.PredictOptions.of(cfg)
     for s in sets:  # what needs the model's classes too (ReaL labels on non-ImageNet classes)
         if s.real_labels:

@@ -17,7 +17,8 @@ class PredictConfig(predict.PredictOptions):
     metadata) and OUT/_SUCCESS. A rerun replaces the published set; a crash leaves it intact.
     Exits 1 when more samples fail to decode than --max-failed-fraction allows."""
     data: str = _cli.option("", "shard manifest (OUT/val.json from jobs.shard)", required=True)
-    weights: str = _cli.option("DEFAULT", "DEFAULT, IMAGENET1K_V1, none, or a file (state_dict "
+    weights: str = _cli.option("DEFAULT", "DEFAULT, a member of --model's weights enum "
+                                          "(IMAGENET1K_V1, ...), none, or a file (state_dict "
                                           "or model.pt from jobs.finetune)")
     out: str = _cli.option("", "output folder (local or s3://...)", required=True)
     deadline: str = _cli.deadline_option("0")

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import model as modellib, probe, storage
+from pipeline import architectures, model as modellib, probe, storage
 from pipeline.errors import InputError, UsageError
 
 
@@ -24,7 +24,10 @@ class ProbeConfig:
     val: str = _cli.option("", "val embeddings: a jobs.embed output folder (same weights, "
                                "preset and class list as train)", required=True)
     weights: str = _cli.option("", "the weights the embeddings were made with (checked by "
-                                   "sha256): DEFAULT, IMAGENET1K_V1 or a file", required=True)
+                                   "sha256): DEFAULT, a member of the model's weights enum "
+                                   "(IMAGENET1K_V1, ...) or a file", required=True)
+    model: str = _cli.option("", "the torchvision model the embeddings were made with (empty: "
+                                 "what their summary.json records)")
     out: str = _cli.option("", "the model.pt to write (probe.json beside it)", required=True)
     c: str = _cli.option(",".join(f"{c:g}" for c in probe.DEFAULT_C),
                          "inverse L2 regularisation strengths to sweep, comma-separated (one "
@@ -49,20 +52,22 @@ def _c_values(text: str) -> tuple[float, ...]:
     return values
 
 
-def _check_weights(spec: str, train: probe.Embeddings) -> None:
-    """InputError unless ``spec`` names the weights the embeddings were made with: by model id
-    for torchvision's (before anything is downloaded), by the file's sha256 otherwise."""
+def _check_weights(spec: str, train: probe.Embeddings, arch: str) -> None:
+    """InputError unless ``spec`` names the weights the embeddings were made with (by model
+    ``arch``): by model id for torchvision's (before anything is downloaded), by the file's
+    sha256 otherwise."""
     sha, model_id = train.provenance[0], train.provenance[1]
     made_with = f"sha256 {sha or 'none'}, {model_id}"
     if spec.lower() == "none":
         raise InputError("--weights none: the probe stores the backbone in model.pt and checks "
                          "it by sha256; embed with a weights file (a saved random init too)")
-    if spec.upper() in modellib.TORCHVISION_WEIGHTS:
-        if model_id != f"torchvision/resnet18/{modellib.TORCHVISION_WEIGHTS[spec.upper()].name}":
+    named = architectures.torchvision_weights(arch, spec)
+    if named is not None:
+        if model_id != architectures.model_id(arch, named):
             raise InputError(f"--weights {spec} are not the weights the embeddings were made "
                              f"with ({made_with})")
         return
-    modellib.check_weights_spec(spec)
+    modellib.check_weights_spec(spec, arch)
     if storage.sha256_file(spec) != sha:
         raise InputError(f"--weights {spec} (sha256 {storage.sha256_file(spec)}) are not the "
                          f"weights the embeddings were made with ({made_with})")
@@ -84,7 +89,12 @@ def main(argv=None) -> int:
         raise UsageError(f"{cfg.out} exists: pass --overwrite to replace it, or another --out")
     train, val = probe.read_embeddings(cfg.train), probe.read_embeddings(cfg.val)
     warnings = probe.check_pair(train, val)
-    _check_weights(cfg.weights, train)
+    # the model the embeddings were made with (summary.json's arch; before it: resnet18)
+    arch = train.summary.get("arch") or architectures.DEFAULT_MODEL
+    if cfg.model and cfg.model != arch:
+        raise UsageError(f"--model {cfg.model}: the embeddings of {cfg.train} were made with "
+                         f"{arch}; drop --model or give --model {arch}")
+    _check_weights(cfg.weights, train, arch)
 
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -92,11 +102,11 @@ def main(argv=None) -> int:
     result.warnings = warnings
     result.val = probe.accuracy(probe.probe_scores(head, val.x), val.y)
     result.knn = probe.knn(train, val, cfg.knn_k, cfg.knn_temperature)
-    net = probe.build_probe_model(cfg.weights, head, train.classes)
+    net = probe.build_probe_model(cfg.weights, head, train.classes, arch)
     name = storage.basename(storage.dirname(cfg.out)) or "probe"
     config = {k: v for k, v in _cli.to_dict(cfg).items() if k != "overwrite"}
     sha = modellib.save_model(cfg.out, net, train.classes, train.summary["preset"], config,
-                              f"resnet18-probe/{name}")
+                              f"{arch}-probe/{name}", arch=arch)
     report = storage.join(storage.dirname(cfg.out), "probe.json")
     probe.write_report(report, {**probe.result_dict(result), "model": cfg.out,
                                 "model_sha256": sha, "weights_sha256": train.provenance[0],

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline import images, model as modellib, presets, storage
+from pipeline import architectures, images, model as modellib, presets, storage
 from pipeline.errors import InputError
 
 
@@ -23,24 +23,25 @@ class Classifier:
     """A loaded model with its class list and preset."""
     net: torch.nn.Module
     classes: list[dict]
-    resize_size: int
-    crop_size: int
+    preset: presets.Preset
     dtype: torch.dtype
 
 
 def load(weights: str, precision: str = "fp32", classes_from: str = "",
-         device: str = "auto") -> Classifier:
-    """Load ``weights`` (DEFAULT, IMAGENET1K_V1, a model.pt, or a state_dict) on ``device``
+         device: str = "auto", model: str = "") -> Classifier:
+    """Load ``weights`` (DEFAULT, a member of torchvision model ``model``'s weights enum ('': a
+    model.pt's own, else resnet18), a model.pt, or a state_dict) on ``device``
     ("auto": the GPU when there is one, "cpu", "cuda"). ``classes_from`` (a jobs.shard manifest
     or a text file, ``read_class_list``) names the classes of weights that name none (a
     state_dict trained elsewhere). InputError for weights that name no classes and no
     ``classes_from``, a class list whose length is not the head's, a list that contradicts the
     classes a model.pt or torchvision's weights name, and ``device="cuda"`` without a GPU."""
-    loaded = modellib.load_weights(weights)
+    loaded = modellib.load_weights(weights, model)
     if loaded.state_dict is None:
         raise InputError(f"weights {weights!r} are a random init: nothing to classify with")
-    if "fc.weight" not in loaded.state_dict:
-        raise InputError(f"weights {weights!r} hold no fc.weight: not a ResNet-18 state_dict")
+    head = f"{architectures.head_key(loaded.arch)}.weight"
+    if head not in loaded.state_dict:
+        raise InputError(f"weights {weights!r} hold no {head}: not a {loaded.arch} state_dict")
     if classes_from:
         loaded = _with_classes(loaded, read_class_list(classes_from), weights, classes_from)
     if loaded.classes is None:
@@ -52,7 +53,7 @@ def load(weights: str, precision: str = "fp32", classes_from: str = "",
     dev = _device(device)
     dtype = modellib.resolve_precision(precision, dev)
     net = modellib.for_inference(net, dev, dtype)  # as the Predictor runs it: BatchNorm folded
-    return Classifier(net, classes, preset.resize_size, preset.crop_size, dtype)
+    return Classifier(net, classes, preset, dtype)
 
 
 def read_class_list(path: str) -> list[dict]:
@@ -87,7 +88,7 @@ def _with_classes(loaded, classes: list[dict], weights: str, path: str):
     name their own classes (a model.pt, torchvision's) must name these."""
     import dataclasses
 
-    head = loaded.state_dict.get("fc.weight")
+    head = loaded.state_dict.get(f"{architectures.head_key(loaded.arch)}.weight")
     n = 0 if head is None else head.shape[0]
     if n != len(classes):
         raise InputError(f"--classes-from {path} lists {len(classes)} classes; the head of "
@@ -115,10 +116,12 @@ def _device(name: str) -> torch.device:
 def classify(model: Classifier, data: bytes, topk: int = 5) -> list[dict]:
     """Top-``topk`` of one encoded image: [{"index", "id", "name", "probability" (0..1)}],
     most probable first. Raises what ``images.decode_rgb`` raises for a bad file."""
-    pixels = presets.eval_image(images.decode_rgb(data), model.resize_size, model.crop_size)
+    p = model.preset
+    pixels = presets.eval_image(images.decode_rgb(data), p.resize_size, p.crop_size,
+                                p.interpolation)
     device = next(model.net.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(pixels))[None].to(device)
-    probs = model.net(presets.normalize(x, model.dtype)).float().softmax(dim=1)[0]
+    probs = model.net(presets.normalize(x, model.dtype, p.mean, p.std)).float().softmax(dim=1)[0]
     p, i = probs.topk(min(topk, len(model.classes)))
     return [{"index": int(k), "id": model.classes[int(k)]["id"],
              "name": model.classes[int(k)]["name"], "probability": float(v)}

@@ -1,10 +1,12 @@
-"""Building ResNet-18 from torchvision weights or a file, and the model.pt format (contract 4
-in docs/DESIGN.md).
+"""Building a torchvision classifier (ResNet-18 by default; ``--model NAME``:
+``pipeline.architectures``) from torchvision weights or a file, and the model.pt format
+(contract 4 in docs/DESIGN.md).
 
-``weights`` is ``DEFAULT`` / ``IMAGENET1K_V1`` (torchvision's ImageNet weights, from the torch
-hub cache or downloaded), ``none`` (random init) or a path: a plain state_dict or this project's
-``model.pt``. Every file is loaded with ``torch.load(weights_only=True)``: a weights file can
-never run code.
+``weights`` is ``DEFAULT`` or a member of the model's weights enum (``IMAGENET1K_V1``,
+``IMAGENET1K_V2``: torchvision's ImageNet weights, from the torch hub cache or downloaded),
+``none`` (random init) or a path: a plain state_dict or this project's ``model.pt``, which
+records its architecture. Every file is loaded with ``torch.load(weights_only=True)``: a weights
+file can never run code.
 """
 
 from __future__ import annotations
@@ -16,13 +18,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
 
-from pipeline import presets, sources, storage
+from pipeline import architectures as archlib, presets, sources, storage
 from pipeline.errors import InputError, PipelineError
 
-TORCHVISION_WEIGHTS = {"DEFAULT": ResNet18_Weights.DEFAULT,
-                       "IMAGENET1K_V1": ResNet18_Weights.IMAGENET1K_V1}
 MODEL_FORMAT = "resnet-pipeline-model"
 
 
@@ -41,7 +40,7 @@ class LoadedWeights:
     ImageNet's); ``preset`` is the one a model.pt was trained at (None: torchvision's);
     ``sha256`` of the file (None when there is none); ``source`` the spec as given;
     ``guessed_classes``: the classes are ImageNet's because a bare state_dict has a 1000-way head,
-    not because the file says so."""
+    not because the file says so; ``arch``: the torchvision model name (``--model``)."""
     state_dict: dict | None
     classes: list[dict] | None
     model_id: str
@@ -50,25 +49,32 @@ class LoadedWeights:
     config: dict | None = None
     source: str = ""
     guessed_classes: bool = False
+    arch: str = archlib.DEFAULT_MODEL
 
     @property
     def eval_preset(self) -> presets.Preset:
-        """The ``presets.Preset`` these weights were trained at; torchvision's (resize 256, crop 224
-        pixels) where ``preset`` is None, and its defaults for any key ``preset`` lacks."""
-        return presets.Preset.from_dict(self.preset)
+        """The ``presets.Preset`` these weights were trained at: a model.pt's own, torchvision
+        weights' ``transforms()``, else the model's DEFAULT weights' (ResNet-18: resize 256,
+        crop 224, bilinear); presets' defaults for any key the preset lacks."""
+        return presets.Preset.from_dict(self.preset or archlib.default_preset(self.arch))
 
 
-def load_weights(spec: str) -> LoadedWeights:
-    """Resolve ``spec``: DEFAULT/IMAGENET1K_V1 (torchvision's, from the hub cache or
-    downloaded), ``none`` (random init) or a file (this project's model.pt or a bare
-    state_dict), loaded with ``torch.load(weights_only=True)``. Raises FileNotFoundError for a
-    spec that is none of these, InputError for a file that cannot be loaded safely or is neither
-    format, PipelineError when torchvision's weights cannot be had (offline)."""
+def load_weights(spec: str, model: str = "") -> LoadedWeights:
+    """Resolve ``spec`` for torchvision model ``model`` ('': a model.pt's own, else
+    ``architectures.DEFAULT_MODEL``, resnet18): DEFAULT or a member of the model's weights enum
+    (torchvision's, from the hub cache or downloaded), ``none`` (random init) or a file (this
+    project's model.pt or a bare state_dict), loaded with ``torch.load(weights_only=True)``.
+    Raises UsageError for an unknown ``model`` and for a model.pt of another architecture than
+    ``model``, FileNotFoundError for a spec that is none of these, InputError for a file that
+    cannot be loaded safely or is neither format, PipelineError when torchvision's weights
+    cannot be had (offline)."""
+    arch = archlib.check_name(model) if model else archlib.DEFAULT_MODEL
     if spec.lower() == "none":
-        return LoadedWeights(None, None, "resnet18-random-init", source=spec)
-    if spec.upper() in TORCHVISION_WEIGHTS:
-        return _load_torchvision(spec.upper())
-    check_weights_spec(spec)
+        return LoadedWeights(None, None, f"{arch}-random-init", source=spec, arch=arch)
+    named = archlib.torchvision_weights(arch, spec)
+    if named is not None:
+        return _load_torchvision(arch, named, spec)
+    check_weights_spec(spec, arch)
     data = storage.read_bytes(spec)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -77,28 +83,35 @@ def load_weights(spec: str) -> LoadedWeights:
                          f"(torch.load weights_only=True): {str(e).splitlines()[0]}") from None
     sha = hashlib.sha256(data).hexdigest()
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+        saved = obj.get("arch", archlib.DEFAULT_MODEL)  # files from before --model: ResNet-18
+        if model and saved != arch:
+            from pipeline.errors import UsageError
+
+            raise UsageError(f"--model {model}: {spec} is a {saved} model.pt; drop --model (a "
+                             f"model.pt names its own) or give --model {saved}")
         return LoadedWeights(obj["state_dict"], obj["classes"],
                              obj.get("model_id", os.path.basename(spec)), sha,
-                             obj.get("preset"), obj.get("config"), spec)
+                             obj.get("preset"), obj.get("config"), spec, arch=saved)
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        fc = obj.get("fc.weight")
-        classes = imagenet_classes() if fc is not None and fc.shape[0] == 1000 else None
+        head = obj.get(f"{archlib.head_key(arch)}.weight")
+        classes = imagenet_classes() if head is not None and head.shape[0] == 1000 else None
         return LoadedWeights(obj, classes, os.path.basename(spec), sha, source=spec,
-                             guessed_classes=classes is not None)
+                             guessed_classes=classes is not None, arch=arch)
     raise InputError(f"weights file {spec} is neither a state_dict nor a {MODEL_FORMAT} file")
 
 
-def check_weights_spec(spec: str) -> None:
-    """Without loading anything: FileNotFoundError unless ``spec`` is DEFAULT, IMAGENET1K_V1,
-    none or an existing file (what a job checks before Ray starts)."""
-    if spec.lower() != "none" and spec.upper() not in TORCHVISION_WEIGHTS \
+def check_weights_spec(spec: str, model: str = "") -> None:
+    """Without loading anything: FileNotFoundError unless ``spec`` is DEFAULT, a member of
+    ``model``'s weights enum (default resnet18: IMAGENET1K_V1), none or an existing file (what a
+    job checks before Ray starts); UsageError for an unknown ``model``."""
+    arch = archlib.check_name(model) if model else archlib.DEFAULT_MODEL
+    if spec.lower() != "none" and archlib.torchvision_weights(arch, spec) is None \
             and not storage.exists(spec):
-        raise FileNotFoundError(f"weights {spec!r}: not DEFAULT, IMAGENET1K_V1, none, nor an "
-                                f"existing file")
+        raise FileNotFoundError(f"weights {spec!r}: not {', '.join(archlib.weight_names(arch))}, "
+                                f"none, nor an existing file")
 
 
-def _load_torchvision(spec: str) -> LoadedWeights:
-    weights = TORCHVISION_WEIGHTS[spec]
+def _load_torchvision(arch: str, weights, spec: str) -> LoadedWeights:
     try:
         state_dict = weights.get_state_dict(progress=False, check_hash=True)
     except Exception as e:
@@ -111,18 +124,23 @@ def _load_torchvision(spec: str) -> LoadedWeights:
                            f"also take --weights none, a random init)") from None
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     sha = storage.sha256_file(path) if os.path.exists(path) else None
-    return LoadedWeights(state_dict, imagenet_classes(), f"torchvision/resnet18/{weights.name}",
-                         sha, source=spec)
+    return LoadedWeights(state_dict, imagenet_classes(), archlib.model_id(arch, weights),
+                         sha, preset=archlib.preset_of(weights), source=spec, arch=arch)
 
 
 def build_model(weights: LoadedWeights, classes: list[dict] | None
                 ) -> tuple[nn.Module, list[dict], bool]:
-    """ResNet-18 with ``weights`` loaded; the head is replaced by ``nn.Linear(512, C)`` when the
-    data's classes differ from the weights' classes. Returns (model, classes, head_replaced)."""
+    """Model ``weights.arch`` with ``weights`` loaded; its head (``architectures.head_path``) is
+    replaced by a new ``nn.Linear(D, C)`` when the data's classes differ from the weights'.
+    Returns (model, classes, head_replaced). InputError naming the first tensor that does not
+    fit when the state_dict is not of this architecture."""
+    arch = weights.arch
     w_classes = weights.classes
     state = weights.state_dict
     if state is not None and w_classes is None:
-        n = state["fc.weight"].shape[0] if "fc.weight" in state else 0
+        key = f"{archlib.head_key(arch)}.weight"
+        # no head of this model in the file: built at any size, the misfit check names why
+        n = state[key].shape[0] if key in state else max(1, len(classes or ()))
         # A bare state_dict names no classes: a head of the data's size is taken to be in the
         # data's (sorted-id) order, which is how this project numbers classes.
         w_classes = classes if classes and len(classes) == n else \
@@ -130,18 +148,32 @@ def build_model(weights: LoadedWeights, classes: list[dict] | None
     target = classes or w_classes
     if target is None:
         raise InputError("random-init weights need the data's class list")
-    model = resnet18(num_classes=len(w_classes) if state is not None else len(target))
+    model = archlib.build(arch, len(w_classes) if state is not None else len(target))
+    path = archlib.head_path(model, arch)  # InputError for a model without a linear head
     if state is not None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
+        misfit = _first_misfit(model.state_dict(), state)
+        if misfit:
             raise InputError(f"weights {weights.source or weights.model_id} do not fit "
-                             f"ResNet-18 with "
-                             f"{len(w_classes)} classes: {str(e).splitlines()[-1].strip()}") from None
+                             f"{arch} with {len(w_classes)} classes: {misfit}")
+        model.load_state_dict(state)
     replaced = state is not None and [c["id"] for c in target] != [c["id"] for c in w_classes]
     if replaced:
-        model.fc = nn.Linear(model.fc.in_features, len(target))
+        archlib.set_head(model, path, nn.Linear(archlib.get_head(model, path).in_features,
+                                                len(target)))
     return model, target, replaced
+
+
+def _first_misfit(expected: dict, given: dict) -> str:
+    """'' when ``given`` (a state_dict) fits ``expected`` key for key and shape for shape; else
+    the first tensor that does not, in the model's order."""
+    for key, tensor in expected.items():
+        if key not in given:
+            return f"tensor {key} {tuple(tensor.shape)} is missing"
+        if tuple(given[key].shape) != tuple(tensor.shape):
+            return (f"tensor {key} is {tuple(given[key].shape)} in the file, "
+                    f"{tuple(tensor.shape)} in the model")
+    extra = [k for k in given if k not in expected]
+    return f"tensor {extra[0]} is not in the model" if extra else ""
 
 
 def for_inference(model: nn.Module, device: torch.device | str = "cpu",
@@ -154,14 +186,17 @@ def for_inference(model: nn.Module, device: torch.device | str = "cpu",
     gamma / sqrt(var + eps), the BatchNorm's shift moved into the conv bias), done in fp32 before
     the cast: the same function in exact arithmetic, one rounding fewer per layer in bf16.
     Measured on 2 CPU cores (2026-11-29, ResNet-18, batch 32, bf16, channels_last): 142 -> 181
-    images/s, the 20 BatchNorm passes over each activation gone. A model that fx cannot trace
-    (not ResNet-18's case) is used unfolded."""
+    images/s, the 20 BatchNorm passes over each activation gone. A model without BatchNorm
+    (ConvNeXt, ViT, Swin) has nothing to fold; one that fx cannot trace is used unfolded, with
+    a warning."""
     import copy
     import logging
 
     from torch.fx.experimental.optimization import fuse
 
     model = copy.deepcopy(model).eval().float()
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model.to(device, dtype, memory_format=torch.channels_last)
     try:
         model = fuse(model)
     except Exception as e:  # tracing limits of torch.fx: keep the model as it is, say so
@@ -170,30 +205,33 @@ def for_inference(model: nn.Module, device: torch.device | str = "cpu",
     return model.to(device, dtype, memory_format=torch.channels_last)
 
 
-EMBEDDING_DIM = 512  # ResNet-18's pooled feature: fc.in_features
+EMBEDDING_DIM = 512  # ResNet-18's pooled feature: fc.in_features (others: embedding_dim)
 
 
 def split_for_inference(model: nn.Module, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module]:
     """``model`` as (backbone, head), both ready for prediction (``for_inference``): the
-    backbone maps a normalised batch [N, 3, H, W] to the pooled, flattened feature [N, 512]
-    (the output of ``avgpool`` before ``fc``: the image's embedding), the head (``fc``) maps
-    that to logits [N, C]. ``head(backbone(x))`` is ``model(x)``: the same operations."""
+    backbone maps a normalised batch [N, 3, H, W] to the embedding [N, D], the input of the
+    model's last linear layer (``architectures.head_path``: ResNet-18's pooled feature before
+    ``fc``, D = 512), the head maps that to logits [N, C]. ``head(backbone(x))`` is
+    ``model(x)``: the same operations."""
     import copy
 
+    path = archlib.head_path(model)
     trunk = copy.deepcopy(model)
-    trunk.fc = nn.Identity()
-    head = copy.deepcopy(model.fc).eval().float().to(device, dtype)
+    archlib.set_head(trunk, path, nn.Identity())
+    head = copy.deepcopy(archlib.get_head(model, path)).eval().float().to(device, dtype)
     return for_inference(trunk, device, dtype), head
 
 
 def save_model(path: str, model: nn.Module, classes: list[dict], preset: dict, config: dict,
-               model_id: str) -> str:
-    """Write model.pt (state_dict, classes, preset, config); return its sha256."""
+               model_id: str, arch: str = archlib.DEFAULT_MODEL) -> str:
+    """Write model.pt (state_dict, classes, preset, config, the architecture ``arch``: a later
+    job needs no --model); return its sha256."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     buf = io.BytesIO()
     torch.save({"format": MODEL_FORMAT, "state_dict": state, "classes": classes,
-                "preset": preset, "config": config, "model_id": model_id}, buf)
+                "preset": preset, "config": config, "model_id": model_id, "arch": arch}, buf)
     storage.write_bytes_atomic(path, buf.getvalue())
     return hashlib.sha256(buf.getvalue()).hexdigest()
 

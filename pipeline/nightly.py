@@ -95,10 +95,11 @@ def parse_sets(data: list[str] | tuple[str, ...], real_labels=()) -> list[EvalSe
     return list(sets.values())
 
 
-def check_inputs(sets: list[EvalSet], weights: str, published_file: str = "") -> list:
+def check_inputs(sets: list[EvalSet], weights: str, published_file: str = "",
+                 model: str = "") -> list:
     """The files a run names, checked before anything starts (``jobs.nightly_eval`` exits 2):
-    every set's manifest exists, ``weights`` is DEFAULT, IMAGENET1K_V1, none or an existing
-    file, every ``--real-labels`` file loads, and so does ``published_file`` (``--published``,
+    every set's manifest exists, ``weights`` is DEFAULT, a member of torchvision model
+    ``model``'s weights enum (default resnet18), none or an existing file, every ``--real-labels`` file loads, and so does ``published_file`` (``--published``,
     '' for none). Returns the published figures to check (``published.BUILTIN`` and the
     file's); SuiteError naming the flag and the path."""
     from pipeline import model as modellib, published
@@ -115,7 +116,7 @@ def check_inputs(sets: list[EvalSet], weights: str, published_file: str = "") ->
                 raise SuiteError(f"--real-labels {s.name}={s.real_labels}: "
                                  f"{str(e).splitlines()[0]}") from None
     try:
-        modellib.check_weights_spec(weights)
+        modellib.check_weights_spec(weights, model)
     except FileNotFoundError as e:
         raise SuiteError(f"--weights {weights}: {str(e).split(': ', 1)[1]}") from None
     try:

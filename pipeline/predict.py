@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from pipeline import (data, deadline, faults, metrics, model as modellib, predictions, presets,
-                      progress, publish, shards, storage)
+from pipeline import (architectures, data, deadline, faults, metrics, model as modellib,
+                      predictions, presets, progress, publish, shards, storage)
 from pipeline import lease as leaselib
 from pipeline import failures as failurelib
 from pipeline.errors import InputError, PipelineError, UsageError
@@ -44,6 +44,7 @@ class PredictOptions:
     """How a prediction run is laid out and what it keeps: one options object, taken by
     ``run_prediction`` and embedded (as base class) by the configs of jobs.predict and
     jobs.nightly_eval, so the two jobs cannot drift apart. Sizes in pixels; 0 means "decide"."""
+    model: str = _opt("", architectures.MODEL_HELP)
     batch_size: int = _opt(64, "images per model call")
     precision: str = _opt("auto", "auto: bf16 where oneDNN/CUDA support it, fp16 on GPUs "
                                   "without bf16, else fp32", ["auto", "fp32", "bf16", "fp16"])
@@ -79,9 +80,11 @@ class PredictOptions:
                                 "summary.json; empty: off")
     verify_checksums: bool = _opt(True, "check every shard's size and sha256 against the "
                                         "manifest before predicting")
-    embeddings: bool = _opt(False, "also write each image's embedding: the 512-d pooled "
-                                   "feature before fc, raw (not L2-normalised), as the "
-                                   "`embedding` column (fixed_size_list[512])")
+    embeddings: bool = _opt(False, "also write each image's embedding: the input of the "
+                                   "model's head (ResNet-18: the 512-d pooled feature before "
+                                   "fc; ResNet-50: 2048; ConvNeXt-T, ViT-B/16: 768), raw (not "
+                                   "L2-normalised), as the `embedding` column "
+                                   "(fixed_size_list[D])")
     embedding_dtype: str = _opt("float16", "the embedding column's type (float16: 1 KB an "
                                            "image, half of float32)", ["float16", "float32"])
     progress: bool = _opt(True, "show progress: a bar on a terminal, else a line about every "
@@ -131,7 +134,7 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
         # smaller than one batch: a warm-up at 64 cost 2.2 s of fp32 on AVX2 for 16 images)
         warmup=(max(1, min(opts.batch_size, manifest.total_samples)), preset.crop_size),
         embedding_dtype=opts.embedding_dtype if opts.embeddings else "", rows=rows,
-        decode=decode)
+        model=opts.model, preset=preset, decode=decode)
     ds = ds.map_batches(
         Predictor, batch_size=opts.batch_size, compute=ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
@@ -144,13 +147,20 @@ class Inputs:
     """A prediction run's inputs, resolved and checked (``resolve_inputs``): the weights
     (``model.LoadedWeights``), the manifest, the model's classes, the classes predictions are
     made over and which model outputs they are (``scored_classes``: None for the model's own),
-    and the ReaL label lists (None without --real-labels)."""
+    the ReaL label lists (None without --real-labels), and the embedding's width and the
+    head's module name (``architectures.head_path``)."""
     loaded: object
     manifest: shards.Manifest
     classes_model: list
     classes_out: list
     subset: np.ndarray | None
     real: list | None
+    embedding_dim: int = modellib.EMBEDDING_DIM
+    head: str = "fc"
+
+    def embedding_info(self, dtype: str) -> dict:
+        """``predictions.embedding_info`` of this model."""
+        return predictions.embedding_info(dtype, self.embedding_dim, self.head)
 
 
 def resolve_inputs(manifest_path: str, weights: str, opts: PredictOptions,
@@ -162,14 +172,16 @@ def resolve_inputs(manifest_path: str, weights: str, opts: PredictOptions,
     ``model.build_model``, ``predictor.label_map`` and ``metrics.load_real_labels`` raise;
     InputError, UsageError for the rest."""
     manifest = shards.load_manifest(manifest_path)  # first: cheap, and no download to wait for
-    loaded = modellib.load_weights(weights)
+    loaded = modellib.load_weights(weights, opts.model)
     classes_model = loaded.classes or manifest.classes
-    _, _, replaced = modellib.build_model(loaded, classes_model)  # wrong shapes fail here
+    net, _, replaced = modellib.build_model(loaded, classes_model)  # wrong shapes fail here
+    head = architectures.head_path(net, loaded.arch)
+    width = architectures.get_head(net, head).in_features
     if replaced and rows.head:  # embeddings: the head is never run
         raise InputError(f"weights {weights} name other classes than their head holds; "
                          f"predict with a model.pt (it carries its class list)")
     if not rows.head:  # no head: any backbone embeds any data
-        return Inputs(loaded, manifest, classes_model, manifest.classes, None, None)
+        return Inputs(loaded, manifest, classes_model, manifest.classes, None, None, width, head)
     classes_out, subset = scored_classes(manifest.classes, classes_model,
                                          restricts(opts.class_subset, manifest.layout))
     real = metrics.load_real_labels(opts.real_labels) if opts.real_labels else None
@@ -187,7 +199,7 @@ def resolve_inputs(manifest_path: str, weights: str, opts: PredictOptions,
                 f"classes scored here are not ImageNet wnids (e.g. {others[0]!r}, from "
                 f"{'the weights ' + weights if loaded.classes else 'the data ' + manifest_path})"
                 f": drop --real-labels for this data")
-    return Inputs(loaded, manifest, classes_model, classes_out, subset, real)
+    return Inputs(loaded, manifest, classes_model, classes_out, subset, real, width, head)
 
 
 def check_inputs(manifest_path: str, weights: str, opts: PredictOptions | None = None,
@@ -198,6 +210,8 @@ def check_inputs(manifest_path: str, weights: str, opts: PredictOptions | None =
     opts = opts or PredictOptions()
     from pipeline import resources
 
+    if opts.model:
+        architectures.check_name(opts.model)  # a typo: one line naming the closest names
     resources.check_decode_device(opts.decode_device, opts.use_gpu)
     deadline.parse_duration("--max-wait", opts.max_wait)
     resolve_inputs(manifest_path, weights, opts, rows)
@@ -312,7 +326,7 @@ def _predict_under_lease(run: _Run, lease) -> predictions.Summary:
                  **{k: v for k, v in meta.items() if k not in ("preset", "embedding")},
                  "preset": json.loads(meta["preset"])}
         if opts.embeddings:
-            facts["embedding"] = predictions.embedding_info(opts.embedding_dtype)
+            facts["embedding"] = inputs.embedding_info(opts.embedding_dtype)
         summary = predictions.summarize(
             staging, inputs.classes_out, inputs.manifest, tally.failures, facts,
             None if inputs.real is None else (inputs.real, opts.real_labels), run.rows)
@@ -332,14 +346,15 @@ def _metadata(run: _Run, inputs: Inputs, preset: presets.Preset) -> dict[str, st
     """The run metadata every part file's schema carries (and summary.json repeats):
     provenance of the model and the data, the preset, the code and the run."""
     manifest_path = run.manifest_path
-    meta = {"model_id": inputs.loaded.model_id, "weights_sha256": inputs.loaded.sha256 or "",
+    meta = {"model_id": inputs.loaded.model_id, "arch": inputs.loaded.arch,
+            "weights_sha256": inputs.loaded.sha256 or "",
             "data_manifest": manifest_path,
             "data_manifest_sha256": hashlib.sha256(storage.read_bytes(manifest_path)).hexdigest(),
             "data_fingerprint": shards.data_fingerprint(inputs.manifest),
             "preset": json.dumps(preset.to_dict()),
             "precision": "", "code_version": code_version(), "run_id": run.run_id}
     if run.opts.embeddings:
-        meta["embedding"] = json.dumps(predictions.embedding_info(run.opts.embedding_dtype))
+        meta["embedding"] = json.dumps(inputs.embedding_info(run.opts.embedding_dtype))
     return meta
 
 

@@ -22,10 +22,14 @@ ROWS_PER_FILE = 100_000
 EMBEDDING_ROWS_PER_FILE = 20_000
 
 
-def embedding_info(dtype: str) -> dict:
-    """What the ``embedding`` column holds, for summary.json and the Parquet metadata."""
-    return {"column": "embedding", "dim": modellib.EMBEDDING_DIM, "dtype": dtype,
-            "layer": "avgpool, flattened (the input of fc)", "normalized": False}
+def embedding_info(dtype: str, dim: int = modellib.EMBEDDING_DIM, head: str = "fc") -> dict:
+    """What the ``embedding`` column holds, for summary.json and the Parquet metadata: ``dim``
+    values a row, the input of the model's head (its module name ``head``: ResNet's ``fc``,
+    ``classifier.3``, ``heads.head``), raw."""
+    layer = ("avgpool, flattened (the input of fc)" if head == "fc"
+             else f"the input of the head ({head})")
+    return {"column": "embedding", "dim": dim, "dtype": dtype, "layer": layer,
+            "normalized": False}
 
 
 class PartWriter:
@@ -62,7 +66,7 @@ class PartWriter:
 def prediction_table(batch: dict[str, np.ndarray], k: int) -> pa.Table:
     """The Parquet columns of a batch of predictor output: key, label, pred, pred_name,
     topk_index, topk_prob, top1_correct, top5_correct and, when the batch has one, ``embedding``
-    (fixed_size_list<float16 or float32>[512], as the predictor returned it)."""
+    (fixed_size_list<float16 or float32>[D], as the predictor returned it)."""
     def lists(arr, typ):
         return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), typ), k).cast(
             pa.list_(typ))
@@ -238,6 +242,7 @@ class Summary(Mapping):
     model_classes: int = 0
     scored_over: str | None = _summary_field(None, '"model classes" or "data classes"')
     model_id: str = ""
+    arch: str | None = _summary_field(None, "the torchvision model (--model), e.g. resnet18")
     weights_sha256: str = ""
     data_manifest: str = ""
     data_manifest_sha256: str = ""

@@ -53,7 +53,9 @@ class PredictorSpec:
     shape in the constructor, so the kernel selection of the first call happens while the
     actor starts (None: none); ``embedding_dtype`` (float16, float32) returns each image's
     pooled feature as ``embedding`` [N, 512] in that type ('': not returned); ``rows``: which
-    rows the actors return (``Rows``); ``decode`` (an ``ActorDecode``): the batches are raw
+    rows the actors return (``Rows``); ``model``: the torchvision model name ('': the
+    weights' own, else resnet18; ``model.load_weights``); ``preset``: the eval preset whose
+    mean/std normalise the batches (None: ImageNet's); ``decode`` (an ``ActorDecode``): the batches are raw
     WebDataset rows, decoded in the actor (None: decoded batches, contract 2)."""
     weights: str
     data_classes: list
@@ -66,6 +68,8 @@ class PredictorSpec:
     warmup: tuple[int, int] | None = None
     embedding_dtype: str = ""  # float16 or float32: return each image's embedding; '': none
     rows: Rows = Rows.PREDICTIONS
+    model: str = ""
+    preset: presets.Preset | None = None
     decode: "ActorDecode | None" = None  # raw rows in: the actor decodes them (--decode-in actor)
 
 
@@ -92,13 +96,15 @@ class Predictor:
             torch.set_num_threads(spec.num_threads or cpu_threads(spec.actors_per_node))
         torch.manual_seed(0)  # "none" weights: the same random model in every actor
         data_classes = spec.data_classes
-        loaded = modellib.load_weights(spec.weights)
+        loaded = modellib.load_weights(spec.weights, spec.model)
         net, model_classes, _ = modellib.build_model(loaded,
                                                      None if loaded.classes else data_classes)
         self.device = modellib.pick_device(spec.use_gpu)
         self.dtype = modellib.resolve_precision(spec.precision, self.device)
         # BatchNorm folded; the head apart, so the pooled feature is at hand
         self.backbone, self.head = modellib.split_for_inference(net, self.device, self.dtype)
+        self.dim = self.head.in_features  # the embedding's width
+        self.preset = spec.preset or presets.Preset()
         self.embedding_dtype = spec.embedding_dtype
         self.rows = spec.rows
         self.decode = spec.decode
@@ -112,8 +118,8 @@ class Predictor:
         if spec.warmup:  # oneDNN/cuDNN pick their kernels per shape on the first call
             b, c = spec.warmup
             with torch.inference_mode():
-                self.head(self.backbone(presets.normalize(torch.zeros(
-                    (b, 3, c, c), dtype=torch.uint8, device=self.device), self.dtype)))
+                self.head(self.backbone(self._normalize(torch.zeros(
+                    (b, 3, c, c), dtype=torch.uint8, device=self.device))))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The rows of ``_predict`` or ``_embed``, plus this call's timing on every row (the
@@ -147,10 +153,10 @@ class Predictor:
         error = batch["error"]
         topi = np.full((n, max(k, k5)), -1, dtype=np.int64)
         topp = np.zeros((n, max(k, k5)), dtype=np.float32)
-        emb = (np.zeros((n, modellib.EMBEDDING_DIM), dtype=self.embedding_dtype)
+        emb = (np.zeros((n, self.dim), dtype=self.embedding_dtype)
                if self.embedding_dtype else None)
         if ok.any():
-            features = self.backbone(presets.normalize(self._images(batch, ok), self.dtype))
+            features = self.backbone(self._normalize(self._images(batch, ok)))
             logits = self.head(features)
             if emb is not None:
                 error = self._store(emb, ok, features, error)
@@ -171,6 +177,10 @@ class Predictor:
                 # what this actor ran, which the driver cannot know (a CPU-only head can drive
                 # GPUs that lack bf16)
                 "precision": np.full(n, modellib.precision_name(self.dtype), dtype=object)}
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW -> the model's input: /255, the preset's mean/std, in the run's dtype."""
+        return presets.normalize(images, self.dtype, self.preset.mean, self.preset.std)
 
     def _images(self, batch: dict, ok: np.ndarray) -> torch.Tensor:
         """The decoded rows' uint8 images on the model's device: copied from the host, or, when
@@ -197,10 +207,10 @@ class Predictor:
         n = len(batch["key"])
         error = batch["error"]
         ok = error == ""
-        emb = np.zeros((n, modellib.EMBEDDING_DIM), dtype=self.embedding_dtype)
+        emb = np.zeros((n, self.dim), dtype=self.embedding_dtype)
         if ok.any():
-            error = self._store(emb, ok, self.backbone(presets.normalize(
-                self._images(batch, ok), self.dtype)), error)
+            error = self._store(emb, ok, self.backbone(self._normalize(
+                self._images(batch, ok))), error)
         return {"key": batch["key"], "label": batch["label"], "embedding": emb, "error": error,
                 "shard": batch["shard"],
                 "precision": np.full(n, modellib.precision_name(self.dtype), dtype=object)}

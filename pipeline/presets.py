@@ -42,8 +42,9 @@ def resize_for(crop_size: int) -> int:
 @dataclass(frozen=True)
 class Preset:
     """The eval preset of a model (contract 4 in docs/DESIGN.md): shorter side to
-    ``resize_size`` pixels (bilinear, antialiased), centre crop ``crop_size`` pixels, then
-    ``mean``/``std`` on the device. The one shape a preset has, in model.pt (``to_dict``),
+    ``resize_size`` pixels (``interpolation``, antialiased), centre crop ``crop_size`` pixels,
+    then ``mean``/``std`` on the device. A torchvision model's weights give their own
+    (``architectures.preset_of``: EfficientNet-B0 bicubic, ConvNeXt-T resize 236). The one shape a preset has, in model.pt (``to_dict``),
     in prediction metadata and in summary.json. Default: torchvision's
     ``ResNet18_Weights.DEFAULT.transforms()``."""
     resize_size: int = RESIZE_SIZE
@@ -84,18 +85,27 @@ def reference_eval_transform(resize_size: int = RESIZE_SIZE, crop_size: int = CR
     return ImageClassification(crop_size=crop_size, resize_size=resize_size)
 
 
+# --model's presets resample with one of these (torchvision's InterpolationMode values)
+PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                     "nearest": Image.NEAREST}
+
+
 def eval_image(img: Image.Image, resize_size: int = RESIZE_SIZE,
-               crop_size: int = CROP_SIZE) -> np.ndarray:
+               crop_size: int = CROP_SIZE, interpolation: str = "bilinear") -> np.ndarray:
     """RGB PIL image -> uint8 3xHxW, pixel-identical to torchvision's eval preset.
 
-    The PIL path of torchvision's ``resize(img, [size], BILINEAR, antialias=True)`` and
-    ``center_crop(img, [crop])``, written out with PIL alone (the tests compare the two)."""
+    The PIL path of torchvision's ``resize(img, [size], interpolation, antialias=True)`` and
+    ``center_crop(img, [crop])``, written out with PIL alone (the tests compare the two);
+    ``interpolation``: bilinear (ResNet-18's), bicubic (EfficientNet's) or nearest."""
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     if short != resize_size:
         new_short, new_long = resize_size, int(resize_size * long / short)
         size = (new_short, new_long) if w <= h else (new_long, new_short)
-        img = img.resize(size, Image.BILINEAR)
+        if interpolation not in PIL_INTERPOLATION:
+            raise InputError(f"interpolation {interpolation!r}: not one of "
+                             f"{', '.join(PIL_INTERPOLATION)}")
+        img = img.resize(size, PIL_INTERPOLATION[interpolation])
     w, h = img.size
     if w < crop_size or h < crop_size:
         raise InputError(f"{w}x{h} is smaller than the {crop_size} crop: resize_size must be at "
@@ -105,14 +115,16 @@ def eval_image(img: Image.Image, resize_size: int = RESIZE_SIZE,
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def normalize(images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """uint8 NCHW (any device) -> normalized float NCHW in channels_last, as torchvision does."""
+def normalize(images: torch.Tensor, dtype: torch.dtype | None = None, mean: tuple = MEAN,
+              std: tuple = STD) -> torch.Tensor:
+    """uint8 NCHW (any device) -> normalized float NCHW in channels_last, as torchvision does
+    (``mean``/``std``: the preset's, ImageNet's by default)."""
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
     x = images.float().div(255)
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
     return x.to(dtype).contiguous(memory_format=torch.channels_last)
 
@@ -193,8 +205,10 @@ class EvalTransform:
         return 0
 
     def __call__(self, img: Image.Image, key: str = "", epoch: int = 0) -> np.ndarray:
-        """``eval_image`` at the preset's sizes: pixel-identical to torchvision's preset."""
-        return eval_image(img, self.preset.resize_size, self.preset.crop_size)
+        """``eval_image`` at the preset's sizes and interpolation: pixel-identical to
+        torchvision's preset."""
+        return eval_image(img, self.preset.resize_size, self.preset.crop_size,
+                          self.preset.interpolation)
 
     def on_tensor(self, img: "torch.Tensor", key: str = "", epoch: int = 0) -> "torch.Tensor":
         """The same preset on a uint8 3xHxW tensor (a GPU's, after nvJPEG) with torchvision's
@@ -202,7 +216,10 @@ class EvalTransform:
         not bit-identical."""
         from torchvision.transforms.v2 import functional as TF
 
-        img = TF.resize(img, [self.preset.resize_size], antialias=True)
+        from torchvision.transforms import InterpolationMode
+
+        img = TF.resize(img, [self.preset.resize_size],
+                        InterpolationMode(self.preset.interpolation), antialias=True)
         return TF.center_crop(img, [self.preset.crop_size])
 
 

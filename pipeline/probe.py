@@ -211,10 +211,14 @@ def knn(train: Embeddings, val: Embeddings, k: int = 20, temperature: float = 0.
     return {**accuracy(torch.cat(votes), val.y), "k": k, "temperature": temperature}
 
 
-def build_probe_model(weights: str, head: torch.nn.Linear, classes: list[dict]):
-    """ResNet-18 with the backbone of ``weights`` and ``head`` as its ``fc``."""
-    net, _, _ = modellib.build_model(modellib.load_weights(weights), classes)
-    net.fc = head
+def build_probe_model(weights: str, head: torch.nn.Linear, classes: list[dict],
+                      arch: str = ""):
+    """Torchvision model ``arch`` ('': the weights' own, else resnet18) with the backbone of
+    ``weights`` and ``head`` as its head (``architectures.head_path``: ResNet's ``fc``)."""
+    from pipeline import architectures
+
+    net, _, _ = modellib.build_model(modellib.load_weights(weights, arch), classes)
+    architectures.set_head(net, architectures.head_path(net, arch), head)
     return net
 
 

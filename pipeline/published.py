@@ -11,6 +11,11 @@ bilinear): ImageNet val from torchvision's ``ResNet18_Weights.IMAGENET1K_V1.meta
 that same file); the other sets from timm's ``results/results-*.csv`` (model
 ``resnet18.tv_in1k``, the same torchvision weights). Two careful pipelines differ by a few images
 on val (torchvision 69.758, timm 69.752: 3 images of 50,000), hence the small tolerance.
+
+Every other torchvision classification weights (ResNet-50, EfficientNet, ConvNeXt, ViT, ...)
+brings its own ImageNet val figures, from its own meta (``weights.meta["_metrics"]
+["ImageNet-1K"]``, ``architectures.imagenet_figures``), measured with its own preset, which
+``--model`` uses too.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class Published:
     source: str
 
 
-BUILTIN = [
+RESNET18_SUITE = [
     Published(TORCHVISION_RESNET18, IMAGENET_VAL, 69.758, 89.078, 50_000,
               "torchvision ResNet18_Weights.IMAGENET1K_V1.meta"),
     Published(TORCHVISION_RESNET18, IMAGENET_REAL, 77.291, 92.760, 46_837, TIMM),
@@ -54,6 +59,20 @@ BUILTIN = [
     Published(TORCHVISION_RESNET18, "imagenet-a", 1.120, 16.200, 7_500, TIMM),
     Published(TORCHVISION_RESNET18, "imagenet-sketch", 20.238, 37.258, 50_889, TIMM),
 ]
+
+
+def torchvision_val() -> list[Published]:
+    """The ImageNet val (50,000 images) figures of every torchvision classification weights,
+    from their own meta, but ResNet-18's (``RESNET18_SUITE`` holds it, hand-checked)."""
+    from pipeline import architectures
+
+    return [Published(model, IMAGENET_VAL, top1, top5, 50_000, source)
+            for model, top1, top5, source in architectures.imagenet_figures()
+            if model != TORCHVISION_RESNET18]
+
+
+# what the nightly checks by default: ResNet-18's suite and every torchvision weights' val
+BUILTIN = RESNET18_SUITE + torchvision_val()
 
 
 def load_table(path: str) -> list[Published]:
@@ -192,12 +211,14 @@ def _why_none(summary: dict, kind: str, name: str, table: list[Published]) -> st
         return (f"{n:,} scored; the ImageNet-V2 variant of this set is not known (neither its "
                 f"folder name nor jobs.shard --v2-variant said it), and the figures are "
                 f"published per variant: reshard with --v2-variant")
-    if not kind:
-        return (f"{n:,} scored; set {name!r} is no released evaluation set (ImageNet val over "
-                f"the 1000 classes, V2, R, A, Sketch) and no --published entry names it")
-    others = sorted({p.model for p in table if p.dataset in (kind, name)})
     model = summary.get("model_id") or f"weights sha256 {str(summary.get('weights_sha256'))[:12]}"
+    if not kind:
+        return (f"{n:,} scored by {model}; set {name!r} is no released evaluation set (ImageNet "
+                f"val over the 1000 classes, V2, R, A, Sketch) and no --published entry names it")
+    others = sorted({p.model for p in table if p.dataset in (kind, name)})
     if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         return (f"{n:,} scored; no figure is published for this model ({model}) on {kind}; "
-                f"there are for: {', '.join(others)}")
-    return f"{n:,} scored; no figure is published for {kind} (add one with --published)"
+                f"there are for: {shown}")
+    return (f"{n:,} scored by {model}; no figure is published for {kind} (add one with "
+            f"--published)")

@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from pipeline import model as modellib, presets, ray_compat, resources, train_worker
+from pipeline import architectures as archlib, model as modellib, presets, ray_compat
+from pipeline import resources, train_worker
 from pipeline.errors import InputError, PipelineError, UsageError
 from pipeline.train_worker import LoopConfig, check_resumable, load_state
 
@@ -100,18 +101,21 @@ def per_worker_batch(train_samples: int, num_workers: int, batch_size: int) -> t
                    f"per-worker batch of {share}, one step per epoch")
 
 
-def check_inputs(train_manifest: str, val_manifest: str, weights: str):
+def check_inputs(train_manifest: str, val_manifest: str, weights: str, model: str = ""):
     """What a fine-tuning run can check before Ray starts (jobs.finetune calls it first): both
-    manifests load and have one class list, ``weights`` is a named set or an existing file.
+    manifests load and have one class list, ``weights`` is a named set of torchvision model
+    ``model`` ('': the weights' own, else resnet18) or an existing file.
     Returns the two ``shards.Manifest``; raises what ``shards.load_manifest`` raises, UsageError
     for class lists that differ, FileNotFoundError for missing weights."""
     from pipeline import shards
 
+    if model:
+        archlib.check_name(model)  # a typo: one line naming the closest names, first
     train_m, val_m = shards.load_manifest(train_manifest), shards.load_manifest(val_manifest)
     if [c["id"] for c in train_m.classes] != [c["id"] for c in val_m.classes]:
         raise UsageError(f"{train_manifest} and {val_manifest} have different class lists: shard "
                          f"val with --classes-from {train_manifest}")
-    modellib.check_weights_spec(weights)
+    modellib.check_weights_spec(weights, model)
     return train_m, val_m
 
 
@@ -126,13 +130,16 @@ def plan_run(loop_config: LoopConfig, plan: resources.TrainPlan, *, train_manife
 
     storage_path = storage_path if storage.is_uri(storage_path) else os.path.abspath(storage_path)
     num_workers = plan.num_workers
-    train_m, _ = check_inputs(train_manifest, val_manifest, loop_config.weights)
+    train_m, _ = check_inputs(train_manifest, val_manifest, loop_config.weights,
+                              loop_config.model)
     # Weights that cannot be had (offline DEFAULT, a wrong file) fail here in one line, not in
     # every worker, retried by Ray Train's failure policy.
-    modellib.build_model(modellib.load_weights(loop_config.weights), train_m.classes)
+    loaded = modellib.load_weights(loop_config.weights, loop_config.model)
+    modellib.build_model(loaded, train_m.classes)
     batch, note = per_worker_batch(train_m.total_samples, num_workers,
                                    loop_config.batch_size)
-    cfg = replace(loop_config, batch_size=batch, classes=tuple(train_m.classes),
+    cfg = replace(loop_config, model=loaded.arch, batch_size=batch,
+                  classes=tuple(train_m.classes),
                   num_classes=len(train_m.classes), train_samples=train_m.total_samples,
                   world_size=num_workers)
     cap = resources.shuffle_buffer_cap(resources.node_object_store_bytes(), num_workers,
@@ -285,9 +292,11 @@ def export_model(state: dict, path: str, loop_config: LoopConfig, job_config: di
     """Write model.pt (contract 4 in docs/DESIGN.md) from a checkpoint state; return its sha256."""
     from pipeline import model as m
 
-    net, classes, _ = m.build_model(m.LoadedWeights(None, None, ""), list(loop_config.classes))
+    arch = loop_config.model or archlib.DEFAULT_MODEL
+    net, classes, _ = m.build_model(m.LoadedWeights(None, None, "", arch=arch),
+                                    list(loop_config.classes))
     net.load_state_dict(state["model"])
     preset = presets.Preset.for_crop(loop_config.crop_size).to_dict()
     return m.save_model(path, net, classes, preset, job_config,
-                        model_id=f"resnet18-finetuned/{job_config.get('name', '')}"
-                                 f"/epoch{state['epoch']}")
+                        model_id=f"{arch}-finetuned/{job_config.get('name', '')}"
+                                 f"/epoch{state['epoch']}", arch=arch)

@@ -25,18 +25,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import failures as failurelib, faults, model as modellib, presets, ray_compat
-from pipeline import progress, timeshare
+from pipeline import architectures as archlib, failures as failurelib, faults, model as modellib
+from pipeline import presets, progress, ray_compat, timeshare
 from pipeline.errors import UsageError
 
 STATE_FILE = "state.pt"
 
 
 def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
-    """Four groups: backbone/head x decay/no-decay; BatchNorm weights and biases get no decay."""
+    """Four groups: backbone/head x decay/no-decay; BatchNorm weights and biases get no decay.
+    The head is the model's last linear layer (``architectures.head_path``: ``fc``,
+    ``classifier.3``, ``heads.head``)."""
+    head = archlib.head_path(model) + "."
     groups = {(h, d): [] for h in (False, True) for d in (False, True)}
     for name, p in model.named_parameters():
-        is_head = name.startswith("fc.")
+        is_head = name.startswith(head)
         no_decay = p.ndim <= 1  # biases and BatchNorm affine parameters
         groups[(is_head, not no_decay)].append(p)
     return [{"params": ps, "lr": head_lr if h else lr, "weight_decay": weight_decay if d else 0.0}
@@ -55,13 +58,18 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
-    """Linear probe: backbone weights fixed and its BatchNorm in eval mode (stats frozen)."""
-    for name, module in model.named_children():
-        if name == "fc":
-            continue
-        for p in module.parameters():
+    """Linear probe: every weight but the head's (the last linear layer,
+    ``architectures.head_path``) fixed, and everything but the head in eval mode (BatchNorm
+    statistics frozen, dropout off); unfrozen, all of it trains. The head's mode is left as
+    it was."""
+    path = archlib.head_path(model)
+    for name, p in model.named_parameters():
+        if not name.startswith(path + "."):
             p.requires_grad_(not frozen)
-        module.train(not frozen)
+    head = archlib.get_head(model, path)
+    head_mode = head.training
+    model.train(not frozen)
+    head.train(head_mode)
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,7 @@ class LoopConfig:
     max_failed_fraction: float
     freeze_epochs: int  # backbone frozen (linear probe) for the first N epochs
     # resolved by plan_run
+    model: str = ""  # --model: the torchvision architecture ('' until plan_run: the weights')
     classes: tuple = ()
     num_classes: int = 0
     train_samples: int = 0
@@ -146,7 +155,7 @@ def build_state(cfg: LoopConfig, device: torch.device) -> TrainState:
     ``cfg.epochs`` epochs of ``cfg.train_samples / cfg.world_size`` images per worker.
     ``cfg.amp_dtype`` (None: fp32) enables the GradScaler in fp16 only."""
     torch.manual_seed(cfg.seed)
-    loaded = modellib.load_weights(cfg.weights)
+    loaded = modellib.load_weights(cfg.weights, cfg.model)
     model, classes, _ = modellib.build_model(loaded, list(cfg.classes))
     model = model.to(device, memory_format=torch.channels_last)
     world = cfg.world_size
@@ -347,7 +356,7 @@ def validate(model: nn.Module, batches, cfg: LoopConfig) -> tuple[dict, list[dic
             "val_top1": 100.0 * float(counts[1]) / seen,
             "val_top5": 100.0 * float(counts[2]) / seen}, failures
 
-RESUME_KEYS = ("weights", "batch_size", "optimizer", "lr", "crop_size", "train_samples",
+RESUME_KEYS = ("weights", "model", "batch_size", "optimizer", "lr", "crop_size", "train_samples",
                "classes", "world_size", "seed")
 
 

@@ -157,4 +157,4 @@ def test_a_missing_names_file_and_a_state_dict_of_another_network_get_one_line(
     other = tmp_path / "mlp.pt"
     torch.save(torch.nn.Sequential(torch.nn.Linear(4, 3)).state_dict(), other)
     assert classify_job.main([str(img), "--weights", str(other)]) == 1
-    assert "hold no fc.weight: not a ResNet-18 state_dict" in capsys.readouterr().err
+    assert "hold no fc.weight: not a resnet18 state_dict" in capsys.readouterr().err
