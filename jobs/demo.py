@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from jobs import _cli, finetune, predict as predict_job
-from pipeline import machine, metrics, shards, sources, storage, synthetic
+from pipeline import machine, metrics, readers, shards, sources, storage, synthetic
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
                                    train_m.classes)
     val_m = shards.write_shards(val_src, shard_dir, cfg.samples_per_shard, cfg.seed,
                                 progress=False)
+    readers.write_hf_card(shard_dir)
     print(f"      train {train_m.total_samples} samples / {len(train_m.shards)} shards, "
           f"val {val_m.total_samples} / {len(val_m.shards)}")
     if cfg.weights.lower() == "none":

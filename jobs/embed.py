@@ -1,5 +1,6 @@
-"""Per-image embeddings over a shard manifest: the pooled 512-d feature of any backbone, for
-any labelled data, to Parquet, published once (jobs.predict's code and contract, no head)."""
+"""Per-image embeddings over a shard manifest: the input of any backbone's head (ResNet-18's
+pooled 512-d feature), for any labelled data, to Parquet, published once (jobs.predict's code
+and contract, no head)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import architectures, deadline, presets, resources, timeshare, train
+from pipeline import architectures, deadline, presets, resources, storage, timeshare, tracking
+from pipeline import train
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class FinetuneConfig:
         0.0, "stop (exit 1) after an epoch in which more than this fraction of train+val "
              "samples failed to decode; they are listed in STORAGE/NAME/failures.parquet")
     max_wait: str = _cli.option("15m", deadline.MAX_WAIT_HELP)
+    mlflow_uri: str = _cli.option("", tracking.URI_HELP)
     deadline: str = _cli.deadline_option("0")  # after max_wait: it hides the module here
 
 
@@ -97,11 +99,16 @@ def run(cfg: FinetuneConfig) -> dict:
     elif plan.first_epoch:
         print(f"resuming run {cfg.name} at epoch {plan.first_epoch + 1} of {cfg.epochs}, from the "
               f"last checkpoint Ray Train recorded")
+    job_config = {k: v for k, v in _cli.to_dict(cfg).items() if k != "mlflow_uri"}
+    tracker, plan = train.start_tracking(plan, tracking.uri_of(cfg.mlflow_uri), job_config)
+    ok = False
     try:
-        return train.run_planned(plan, job_config=_cli.to_dict(cfg),
-                                 max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
-                                 decode_concurrency=cfg.decode_concurrency or None,
-                                 max_wait=deadline.parse_duration("--max-wait", cfg.max_wait))
+        out = train.run_planned(plan, job_config=job_config,
+                                max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
+                                decode_concurrency=cfg.decode_concurrency or None,
+                                max_wait=deadline.parse_duration("--max-wait", cfg.max_wait))
+        ok = True
+        return out
     except deadline.DeadlineExceeded as e:
         kept = train.recorded_checkpoint(cfg.storage_path, cfg.name)
         raise deadline.DeadlineExceeded(
@@ -110,6 +117,12 @@ def run(cfg: FinetuneConfig) -> dict:
                         if kept else
                         "No epoch had finished, so no checkpoint: the same command starts "
                         "over")) from None
+    finally:  # what there is, whatever happened: the run's own files are the record
+        for name in ("model.pt", "history.json"):
+            path = storage.join(plan.run_dir, name)
+            if tracker.enabled and storage.exists(path):
+                tracker.artifact(path)
+        tracker.end(ok)
 
 
 @_cli.reports_errors

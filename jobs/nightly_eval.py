@@ -9,7 +9,8 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import deadline, nightly, predict, regression, resources
+from pipeline import deadline, model as modellib, nightly, predict, regression, resources
+from pipeline import tracking
 from pipeline.errors import USER_ERRORS, UsageError, exit_code_of
 
 
@@ -65,6 +66,8 @@ class NightlyConfig(predict.PredictOptions):
     top_n: int = _cli.option(10, "classes and confused pairs listed in the report")
     latest: bool = _cli.option(True, "also copy the report to HISTORY/latest.html")
     deadline: str = _cli.deadline_option("8h")
+    mlflow_uri: str = _cli.option("", tracking.URI_HELP + ". One MLflow run per night, in the "
+                                      "experiment 'nightly HISTORY'")
     notify_command: str = _cli.option("", "a command run (through /bin/sh) when the night exits "
                                           "non-zero, with the night's JSON summary (nightly.json, "
                                           "or the error) on stdin: wire in a Slack or pager "
@@ -93,6 +96,13 @@ def check(cfg: NightlyConfig) -> Checked:
     sets = nightly.parse_sets(cfg.data, cfg.real_labels)
     table = nightly.check_inputs(sets, cfg.weights, cfg.published, cfg.model)
     opts = predict.PredictOptions.of(cfg)
+    if cfg.model and cfg.weights.lower() != "none":  # a model.pt of another architecture: exit 2
+        try:
+            modellib.load_weights(cfg.weights, cfg.model)
+        except UsageError:
+            raise
+        except USER_ERRORS:  # weights that do not load: each set fails in the night, recorded
+            pass
     for s in sets:  # what needs the model's classes too (ReaL labels on non-ImageNet classes)
         if s.real_labels:
             try:
@@ -110,7 +120,8 @@ def run(cfg: NightlyConfig, checked: Checked) -> nightly.NightlyResult:
     opts = dataclasses.replace(predict.PredictOptions.of(cfg), real_labels="")
     return nightly.run_nightly(checked.sets, cfg.weights, cfg.history, nightly.NightlyOptions(
         baseline=cfg.baseline, rule=checked.rule, latest=cfg.latest, top_n=cfg.top_n,
-        config=_cli.to_dict(cfg), predict_options=opts, published_table=checked.published_table))
+        config={k: v for k, v in _cli.to_dict(cfg).items() if k != "mlflow_uri"},
+        predict_options=opts, published_table=checked.published_table))
 
 
 def notify(command: str, summary: dict) -> None:
@@ -178,6 +189,7 @@ def night(cfg: NightlyConfig, summary: dict) -> int:
         raise
     summary.update(result.record)
     print(nightly.format_result(result, checked.rule))
+    nightly.track(result, cfg.history, tracking.uri_of(cfg.mlflow_uri))
     for r in result.sets:
         if r.error:
             print(f"error: set {r.name}: {r.error}", file=sys.stderr)

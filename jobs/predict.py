@@ -6,13 +6,14 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import deadline, metrics, predict
+from pipeline import deadline, metrics, predict, tracking
 
 
 @dataclass(frozen=True)
 class PredictConfig(predict.PredictOptions):
-    """Predict every image of a shard manifest with ResNet-18 on a Ray Data actor pool and write
-    OUT/predictions/*.parquet (one row per image, class names included), OUT/failures.parquet,
+    """Predict every image of a shard manifest with ResNet-18 (or --model) on a Ray Data actor
+    pool and write OUT/predictions/*.parquet (one row per image, class names included),
+    OUT/failures.parquet,
     OUT/summary.json (top-1/top-5 with 95% intervals, per-class accuracy, confusions, ECE and run
     metadata) and OUT/_SUCCESS. A rerun replaces the published set; a crash leaves it intact.
     Exits 1 when more samples fail to decode than --max-failed-fraction allows."""
@@ -21,6 +22,7 @@ class PredictConfig(predict.PredictOptions):
                                           "(IMAGENET1K_V1, ...), none, or a file (state_dict "
                                           "or model.pt from jobs.finetune)")
     out: str = _cli.option("", "output folder (local or s3://...)", required=True)
+    mlflow_uri: str = _cli.option("", tracking.URI_HELP)
     deadline: str = _cli.deadline_option("0")
 
 
@@ -41,7 +43,30 @@ def main(argv=None) -> int:
     print(f"{summary['images_per_s']:.1f} images/s overall ({summary['precision']}); "
           f"predictions: {cfg.out}/predictions/, summary: {cfg.out}/summary.json")
     print(summary.busy_text())
+    track(summary, cfg.out, tracking.uri_of(cfg.mlflow_uri))
     return 0
+
+
+TRACKING_EXPERIMENT = "resnet-pipeline predict"
+
+
+def track(summary, out: str, uri: str) -> None:
+    """Log a published run's summary figures to MLflow (nothing when ``uri`` is ''): a run
+    named after its run id in TRACKING_EXPERIMENT, the model, weights and data as tags."""
+    t = tracking.Tracker.start(uri, TRACKING_EXPERIMENT, summary.run_id,
+                               tags={"job": "jobs.predict", "out": out, "arch": summary.arch,
+                                     "model_id": summary.model_id,
+                                     "weights_sha256": summary.weights_sha256,
+                                     "data_manifest": summary.data_manifest,
+                                     "precision": summary.precision})
+    figures = {k: summary.get(k) for k in (
+        "top1", "top5", "ece", "real_top1", "real_top5", "samples", "failures", "images_per_s",
+        "steady_images_per_s", "startup_seconds", "predictor_busy_share", "wall_seconds")}
+    for key in ("top1_ci95", "top5_ci95"):
+        lo, hi = summary.get(key) or (None, None)
+        figures[f"{key}_lo"], figures[f"{key}_hi"] = lo, hi
+    t.metrics(figures)
+    t.end(True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import failures, images, shards, sources, storage
+from pipeline import failures, images, readers, shards, sources, storage
 from pipeline.errors import InputError
 
 
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     _cli.init_ray()
     m = shards.write_shards(source, cfg.out, cfg.samples_per_shard, cfg.seed, cfg.max_pixels,
                             progress=cfg.progress, check=cfg.check)
+    readers.write_hf_card(cfg.out)  # load_dataset(OUT) then sees every image column
     st = m.stats
     print(f"{m.total_samples} samples in {len(m.shards)} shards "
           f"({st.reused} reused), {len(m.skipped)} skipped, layout {m.layout}"

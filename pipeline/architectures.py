@@ -25,8 +25,9 @@ DEFAULT_MODEL = "resnet18"
 MODEL_HELP = ("torchvision classification model: any name of torchvision.models.list_models() "
               "(resnet50, efficientnet_b0, convnext_tiny, vit_b_16, mobilenet_v3_large, ...); "
               "empty: a model.pt's own, else resnet18")
-# built without their auxiliary classifiers (used in training only; torchvision's pretrained
-# files carry none for googlenet, and a plain state_dict rarely does)
+# built as torchvision's builders leave them with their pretrained weights: without the
+# auxiliary classifiers (training-time only; the builder drops them) and with transform_input
+# (the weights expect it: a fixed re-normalisation of the input)
 _NO_AUX = ("googlenet", "inception_v3")
 
 
@@ -76,7 +77,8 @@ def build(name: str, num_classes: int):
     """Model ``name`` with random init and a ``num_classes``-way head (torch's default init)."""
     import torchvision.models as tvm
 
-    extra = {"aux_logits": False, "init_weights": False} if name in _NO_AUX else {}
+    extra = ({"aux_logits": False, "init_weights": False, "transform_input": True}
+             if name in _NO_AUX else {})
     return tvm.get_model(check_name(name), weights=None, num_classes=num_classes, **extra)
 
 
@@ -98,7 +100,10 @@ def head_key(name: str) -> str:
     no init cost): the state_dict prefix of its head."""
     import torch
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            return head_path(build(name, 2), name)
+    except NotImplementedError:  # a builder that reads tensor values (RegNet): on the CPU
         return head_path(build(name, 2), name)
 
 

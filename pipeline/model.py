@@ -112,8 +112,12 @@ def check_weights_spec(spec: str, model: str = "") -> None:
 
 
 def _load_torchvision(arch: str, weights, spec: str) -> LoadedWeights:
+    import torchvision.models as tvm
+
     try:
-        state_dict = weights.get_state_dict(progress=False, check_hash=True)
+        # through the model's own builder, which adapts its files (googlenet and inception_v3
+        # drop their aux heads and set transform_input; densenet renames old keys)
+        state_dict = tvm.get_model(arch, weights=weights, progress=False).state_dict()
     except Exception as e:
         cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
         raise PipelineError(f"could not get torchvision weights {spec} ({weights.url}): {e}. "
@@ -151,11 +155,12 @@ def build_model(weights: LoadedWeights, classes: list[dict] | None
     model = archlib.build(arch, len(w_classes) if state is not None else len(target))
     path = archlib.head_path(model, arch)  # InputError for a model without a linear head
     if state is not None:
-        misfit = _first_misfit(model.state_dict(), state)
-        if misfit:
+        try:
+            model.load_state_dict(state)  # tolerates what torch does (no num_batches_tracked)
+        except RuntimeError as e:
+            misfit = _first_misfit(model.state_dict(), state) or str(e).splitlines()[-1].strip()
             raise InputError(f"weights {weights.source or weights.model_id} do not fit "
-                             f"{arch} with {len(w_classes)} classes: {misfit}")
-        model.load_state_dict(state)
+                             f"{arch} with {len(w_classes)} classes: {misfit}") from None
     replaced = state is not None and [c["id"] for c in target] != [c["id"] for c in w_classes]
     if replaced:
         archlib.set_head(model, path, nn.Linear(archlib.get_head(model, path).in_features,
@@ -165,8 +170,11 @@ def build_model(weights: LoadedWeights, classes: list[dict] | None
 
 def _first_misfit(expected: dict, given: dict) -> str:
     """'' when ``given`` (a state_dict) fits ``expected`` key for key and shape for shape; else
-    the first tensor that does not, in the model's order."""
+    the first tensor that does not, in the model's order (a missing BatchNorm
+    ``num_batches_tracked`` counts for nothing, as in ``load_state_dict``)."""
     for key, tensor in expected.items():
+        if key.endswith("num_batches_tracked") and key not in given:
+            continue
         if key not in given:
             return f"tensor {key} {tuple(tensor.shape)} is missing"
         if tuple(given[key].shape) != tuple(tensor.shape):
@@ -180,7 +188,8 @@ def for_inference(model: nn.Module, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> nn.Module:
     """``model`` ready for prediction: eval mode, every BatchNorm folded into the convolution
     before it, on ``device`` in ``dtype`` and channels_last. Returns a new module (a
-    ``torch.fx.GraphModule``); ``model`` is left as it was.
+    ``torch.fx.GraphModule`` where BatchNorm was folded, else a copy); ``model`` is left as it
+    was.
 
     Folding uses ``torch.fx.experimental.optimization.fuse`` (conv weight scaled by
     gamma / sqrt(var + eps), the BatchNorm's shift moved into the conv bias), done in fp32 before

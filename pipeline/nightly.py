@@ -16,6 +16,7 @@ data) and, when one is pinned, with a baseline run, image by image (``regression
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -489,6 +490,42 @@ def _set_record(s: EvalSet, manifest, r: SetResult | None) -> dict:
             "fidelity": [asdict(f) for f in r.fidelity],
             "fidelity_not_applicable": [dict(asdict(n), line=n.describe())
                                         for n in r.not_applicable]}
+
+
+def track(result: NightlyResult, history: str, uri: str) -> None:
+    """Log the night to MLflow (``pipeline.tracking``; nothing when ``uri`` is ''): one run
+    named after the night's run id, in the experiment ``nightly HISTORY`` (every night of one
+    history folder in one experiment, so MLflow's charts show the trend). Per set
+    ``SET.top1``, ``SET.top5``, their 95% interval bounds, ``SET.ece`` and the ReaL figures as
+    metrics; the verdict, exit code and each set's verdict as tags; report.html and nightly.json
+    as artifacts. A tracking server that fails is one warning: the night's own outputs and exit
+    code stand."""
+    from pipeline import tracking
+
+    if not uri:
+        return
+    where = history if storage.is_uri(history) else os.path.abspath(history)
+    t = tracking.Tracker.start(uri, f"nightly {where}", result.run_id,
+                               tags={"job": "jobs.nightly_eval", "history": where})
+    figures = {}
+    for r in result.sets:
+        s = r.summary
+        if s is None:
+            continue
+        for key in ("top1", "top5", "ece", "real_top1", "real_top5", "samples", "failures",
+                    "images_per_s"):
+            figures[f"{r.name}.{key}"] = s.get(key)
+        for key in ("top1_ci95", "top5_ci95", "real_top1_ci95"):
+            lo, hi = s.get(key) or (None, None)
+            figures[f"{r.name}.{key}_lo"], figures[f"{r.name}.{key}_hi"] = lo, hi
+    t.metrics(figures)
+    t.tags({"verdict": result.verdict, "exit_code": result.exit_code,
+            **{f"{r.name}.verdict": r.verdict for r in result.sets}})
+    for name in ("report.html", "nightly.json"):
+        path = storage.join(result.run_dir, name)
+        if storage.exists(path):
+            t.artifact(path)
+    t.end(True)
 
 
 def format_result(result: NightlyResult, rule: RegressionRule) -> str:

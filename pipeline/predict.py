@@ -165,8 +165,8 @@ class Inputs:
 
 def resolve_inputs(manifest_path: str, weights: str, opts: PredictOptions,
                    rows: Rows = Rows.PREDICTIONS) -> Inputs:
-    """Load and check what a run reads: the manifest loads, the weights load and fit ResNet-18
-    with a head of the classes they name, their classes cover the data's (not for
+    """Load and check what a run reads: the manifest loads, the weights load and fit the model
+    (``opts.model``, else theirs, else ResNet-18) with a head of the classes they name, their classes cover the data's (not for
     ``Rows.EMBEDDINGS``: no head runs), the ReaL labels load and ``opts.topk`` keeps the top-5
     they score. Raises what ``shards.load_manifest``, ``model.load_weights``,
     ``model.build_model``, ``predictor.label_map`` and ``metrics.load_real_labels`` raise;

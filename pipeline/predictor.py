@@ -52,7 +52,7 @@ class PredictorSpec:
     (``scored_classes``); ``warmup`` (batch size, crop size): one forward pass on zeros of that
     shape in the constructor, so the kernel selection of the first call happens while the
     actor starts (None: none); ``embedding_dtype`` (float16, float32) returns each image's
-    pooled feature as ``embedding`` [N, 512] in that type ('': not returned); ``rows``: which
+    pooled feature as ``embedding`` [N, D] (D: the head's input width) in that type ('': not returned); ``rows``: which
     rows the actors return (``Rows``); ``model``: the torchvision model name ('': the
     weights' own, else resnet18; ``model.load_weights``); ``preset``: the eval preset whose
     mean/std normalise the batches (None: ImageNet's); ``decode`` (an ``ActorDecode``): the batches are raw

@@ -2,7 +2,7 @@
 embeddings (``jobs.embed``), and the probe written as a model.pt the other jobs take.
 
 * Linear probe: scikit-learn's ``LogisticRegression`` (L-BFGS, multinomial, L2) on the
-  standardised 512-d features, its inverse regularisation C chosen on a stratified held-out
+  standardised D-d features (512 for ResNet-18, the backbone's width for any --model), its inverse regularisation C chosen on a stratified held-out
   part of train and refitted on all of train: CLIP's protocol (Radford et al. 2021, "Learning
   Transferable Visual Models From Natural Language Supervision", appendix A.3), over a grid
   instead of its binary search. The standardisation is folded into the new ``fc``
@@ -29,7 +29,7 @@ DEFAULT_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 
 @dataclass(frozen=True)
 class Embeddings:
-    """One ``jobs.embed`` output folder, read: ``keys`` [N], ``x`` [N, 512] float32, ``y`` [N]
+    """One ``jobs.embed`` output folder, read: ``keys`` [N], ``x`` [N, D] float32, ``y`` [N]
     class indices into ``classes``, and its summary.json (``summary``)."""
     path: str
     keys: np.ndarray
@@ -129,7 +129,7 @@ def _fit(x, y, c: float, max_iter: int):
 
 def fit_probe(train: Embeddings, c_values=DEFAULT_C, holdout_fraction: float = 0.2,
               seed: int = 0, max_iter: int = 1000) -> tuple[torch.nn.Linear, ProbeResult]:
-    """The probe as a new ``fc`` (Linear(512, C_classes), float32) over ``train.classes``, and
+    """The probe as a new head (Linear(D, C_classes), float32) over ``train.classes``, and
     the sweep. C is chosen by top-1 on a stratified ``holdout_fraction`` of train (ties: the
     smaller C, the stronger regularisation), then refitted on all of train. With a single C, or
     a class of fewer than 2 train images (no stratified hold-out), the sweep is skipped and

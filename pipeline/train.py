@@ -1,4 +1,4 @@
-"""Fine-tuning ResNet-18 with Ray Train V2 (TorchTrainer): the driver's side. ``plan_run`` checks
+"""Fine-tuning a torchvision classifier (ResNet-18 by default, ``--model``) with Ray Train V2 (TorchTrainer): the driver's side. ``plan_run`` checks
 a run before anything starts, ``fit`` runs it, ``run_planned`` writes its outputs (model.pt,
 contract 4 in docs/DESIGN.md). What each worker runs is ``pipeline.train_worker``.
 
@@ -156,6 +156,32 @@ def plan_run(loop_config: LoopConfig, plan: resources.TrainPlan, *, train_manife
         check_resumable(saved, cfg)
     return RunPlan(cfg, plan, train_manifest, val_manifest, storage_path, name,
                    tuple(n for n in (note,) if n), resume_epoch(storage_path, name))
+
+TRACKING_EXPERIMENT = "resnet-pipeline finetune"  # the MLflow experiment of fine-tuning runs
+
+
+def start_tracking(plan: RunPlan, uri: str, params: dict):
+    """The MLflow tracker of a run (``pipeline.tracking``; off when ``uri`` is '') and the plan
+    with ``loop_config.tracking`` set, so that the rank-0 worker logs each epoch to it. A new
+    run creates an MLflow run named after it, in TRACKING_EXPERIMENT, and keeps its id in
+    STORAGE/NAME/mlflow_run_id; a resumed run continues that MLflow run, never a second one.
+    ``params`` (the job's flags) are logged once."""
+    from pipeline import storage, tracking
+
+    if not uri:
+        return tracking.Tracker(""), plan
+    id_file = storage.join(plan.run_dir, tracking.RUN_ID_FILE)
+    known = storage.read_text(id_file).strip() if storage.exists(id_file) else ""
+    tracker = tracking.Tracker.start(uri, TRACKING_EXPERIMENT, plan.name, run_id=known,
+                                     tags={"job": "jobs.finetune", "run_dir": plan.run_dir})
+    if tracker.enabled and not known:
+        storage.write_text_atomic(id_file, tracker.run_id)
+    tracker.params(params)
+    if not tracker.enabled:
+        return tracker, plan
+    return tracker, replace(plan, loop_config=replace(plan.loop_config,
+                                                      tracking=(uri, tracker.run_id)))
+
 
 def recorded_state(storage_path: str, name: str) -> dict | None:
     """The state (``train_worker.load_state``) of the checkpoint a rerun of STORAGE/NAME would

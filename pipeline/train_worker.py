@@ -1,4 +1,4 @@
-"""What runs on each Ray Train worker when ResNet-18 is fine-tuned (the driver's side, plan and
+"""What runs on each Ray Train worker when a model (ResNet-18 by default) is fine-tuned (the driver's side, plan and
 fit and export, is ``pipeline.train``).
 
 Each epoch: train over this worker's share of the train split (crops already drawn in the decode
@@ -103,19 +103,22 @@ class LoopConfig:
     num_classes: int = 0
     train_samples: int = 0
     world_size: int = 1
+    # the MLflow run the rank-0 worker logs each epoch to: (tracking URI, run id), () for none;
+    # set by the driver (jobs.finetune), never saved (a URI may carry credentials)
+    tracking: tuple = ()
     # resolved by each worker; never saved
     amp_dtype: object = None
 
     def saved_config(self) -> dict:
         """The dict saved in checkpoints and compared on resume (no per-worker fields)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name != "amp_dtype"}
+               if f.name not in ("amp_dtype", "tracking")}
         out["classes"] = list(self.classes)
         return out
 
 @dataclass
 class TrainState:
-    """What a worker trains and a checkpoint saves: the model (ResNet-18, channels_last, on the
+    """What a worker trains and a checkpoint saves: the model (``LoopConfig.model``, channels_last, on the
     worker's device), its optimizer (SGD or AdamW over ``param_groups``), the per-step warmup +
     cosine schedule (``warmup_cosine``) and the GradScaler (enabled in fp16 only)."""
     model: nn.Module
@@ -364,6 +367,8 @@ def check_resumable(saved: dict, cfg: LoopConfig) -> None:
     """A rerun under the same name must be the same run (more epochs allowed): otherwise the
     restored optimizer and schedule would silently continue a different experiment."""
     now = cfg.saved_config()
+    # a checkpoint from before --model trained ResNet-18
+    saved = {"model": archlib.DEFAULT_MODEL, **saved}
     changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
     if changed:
         shown = [k if k in ("classes", "train_samples") else f"{k} {saved[k]!r} -> {now[k]!r}"
@@ -397,6 +402,11 @@ def train_loop_per_worker(config: dict) -> None:
         state.load_state_dict(saved)
         start, history = saved["epoch"] + 1, list(saved.get("history", []))
     train_it, val_it = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    tracker = None
+    if rank == 0 and cfg.tracking:  # one process logs each epoch: MLflow is imported here only
+        from pipeline import tracking
+
+        tracker = tracking.Tracker(*cfg.tracking)
     net_frozen = None
     for epoch in range(start, cfg.epochs):
         frozen = epoch < cfg.freeze_epochs
@@ -437,6 +447,8 @@ def train_loop_per_worker(config: dict) -> None:
                 + _wait_text(m["train_data_wait_share"])
                 + (f" | {len(failures)} failed to decode" if failures else ""))
         _report(state, cfg, epoch, m, history, failures)
+        if tracker is not None:  # after the checkpoint: a logged epoch is a recorded one
+            tracker.metrics(m, step=epoch + 1)
         if m["stopped"]:
             break
 

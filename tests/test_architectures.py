@@ -87,6 +87,16 @@ def test_a_state_dict_of_another_architecture_names_the_first_tensor_that_does_n
         modellib.build_model(loaded, None)
 
 
+def test_a_state_dict_without_batchnorm_counters_loads_as_torch_loads_it(tmp_path):
+    """torchvision's older files (resnet18-5c106cde.pth) hold no num_batches_tracked."""
+    net = _random_state_dict("resnet18", tmp_path / "full.pth")
+    torch.save({k: v for k, v in net.state_dict().items() if "num_batches_tracked" not in k},
+               tmp_path / "old.pth")
+    loaded, _, replaced = modellib.build_model(modellib.load_weights(str(tmp_path / "old.pth")),
+                                               None)
+    assert not replaced and torch.equal(loaded.fc.weight, net.fc.weight)
+
+
 def test_a_model_pt_knows_its_architecture_and_refuses_another(tmp_path):
     net, classes, _ = modellib.build_model(modellib.load_weights("none", "mobilenet_v3_small"),
                                            [{"index": i, "id": f"c{i}", "name": f"c{i}"}
@@ -103,7 +113,8 @@ def test_a_model_pt_knows_its_architecture_and_refuses_another(tmp_path):
 
 
 @pytest.mark.parametrize("name,head", [("resnet18", "fc"), ("efficientnet_b0", "classifier.1"),
-                                       ("vit_b_16", "heads.head"), ("swin_t", "head")])
+                                       ("vit_b_16", "heads.head"), ("swin_t", "head"),
+                                       ("regnet_x_400mf", "fc")])  # RegNet: not on meta
 def test_the_head_is_the_last_linear_layer_and_is_replaced_for_new_classes(name, head):
     assert architectures.head_key(name) == head
     classes = [{"index": i, "id": f"c{i}", "name": f"c{i}"} for i in range(7)]

@@ -43,6 +43,8 @@ NIGHTLY_CMD = (
     "--weights s3://{b}/models/current/model.pt "
     "--history s3://{b}/nightly --deadline 8h --max-wait 30m"
 )
+# the tracking server from ~/.resnet-pipeline.env, expanded by cron's shell ('' : no tracking)
+MLFLOW_ARG = ' --mlflow-uri "$MLFLOW_TRACKING_URI"'
 
 # GPUs per instance for the types this config may use; anything else must
 # still be a GPU family (g*/p*) and declare GPUs.
@@ -417,6 +419,7 @@ def test_crontab_entry_static(config):
     assert "ray job submit" in cmd
     assert "python -m jobs.nightly_eval" in cmd
     assert NIGHTLY_CMD.format(b="${RESNET_BUCKET}") in cmd
+    assert ' --mlflow-uri \\"\\$MLFLOW_TRACKING_URI\\" >>' in cmd  # escaped for echo "..."
     # Marker used both to drop the old line and to tag the new one.
     assert cmd.count(CRON_MARKER) == 2
     assert "crontab -l" in cmd and "crontab -" in cmd
@@ -481,7 +484,7 @@ def test_crontab_install_is_idempotent(config, tmp_path):
     line = lines[0]
     assert line.startswith("0 2 * * * "), line  # 02:00 daily (head runs in UTC)
     bucket = bucket_from(config)
-    assert NIGHTLY_CMD.format(b=bucket) in line
+    assert NIGHTLY_CMD.format(b=bucket) + MLFLOW_ARG in line
     assert "RAY_AUTH_MODE=token" in line
     assert ".resnet-pipeline.env" in line
     assert "%" not in line  # cron would turn it into a newline

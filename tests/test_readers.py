@@ -89,3 +89,42 @@ def test_timm_reads_every_image_through_its_wds_reader(mixed):
     got = [(img.size, target) for img, target in ds]
     assert len(got) == 13 and all(size == (40, 30) for size, _ in got)
     assert sorted(t for _, t in got) == sorted(mixed["labels"].values())
+
+
+def test_a_plain_hugging_face_load_of_the_folder_sees_every_image(mixed, tmp_path):
+    """jobs.shard's dataset card (OUT/README.md) names every column, so the call a Hugging
+    Face user makes first, load_dataset(OUT), loses nothing: 13 of 13 rows with their image."""
+    import shutil
+
+    import datasets
+
+    folder = tmp_path / "s"
+    shutil.copytree(mixed["root"] / "s", folder)
+    assert readers.write_hf_card(str(folder)) == str(folder / readers.HF_CARD)
+    ds = datasets.load_dataset(str(folder), split="val", cache_dir=str(tmp_path / "hf"))
+    m = shards.load_manifest(str(folder / "val.json"))
+    assert len(ds) == 13 and set(ds.features) >= {"jpg", "png", "cls", "json", "__key__"}
+    got = {r["__key__"]: (readers.image_of(r, m), r["cls"]) for r in ds}
+    assert {k: c for k, (_, c) in got.items()} == mixed["labels"]
+    assert got["zz_scan"][0] is not None and ds.features["png"].__class__.__name__ == "Image"
+    # a second split written into the folder appears too; a README.md of one's own is kept
+    text = (folder / readers.HF_CARD).read_text()
+    assert "split: val" in text and "- val-000000.tar" in text
+    (folder / readers.HF_CARD).write_text("# my own notes\n")
+    assert readers.write_hf_card(str(folder)) is None
+    assert (folder / readers.HF_CARD).read_text() == "# my own notes\n"
+
+
+def test_jobs_shard_writes_the_card_for_both_splits(image_tree, tmp_path, ray_local, capsys):
+    from jobs import shard as shard_job
+
+    out = tmp_path / "s"
+    for split in ("train", "val"):
+        assert shard_job.main(["--source", str(image_tree / split), "--split", split, "--out",
+                               str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    import yaml
+
+    card = yaml.safe_load((out / readers.HF_CARD).read_text().split("---")[1])
+    splits = {e["split"] for e in card["configs"][0]["data_files"]}
+    assert splits == {"train", "val"}
+    assert [f["name"] for f in card["dataset_info"]["features"]][:1] == ["jpg"]
