@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m jobs.demo $(ARGS)
 
-# The default suite (4-8 min on 2 cores, by CPU: README's "Measured on which machine"); the slow
+# The default suite (4-9 min on 2 cores, by CPU: docs/BENCHMARKS.md, "Measured on which machine"); the slow
 # tests (Ray Train runs, fault injection, the two-node cluster with node loss, S3 against moto:
-# 12-20 min) run in CI after it. The default suite runs `--precision auto` as this CPU decides;
+# 12-23 min) run in CI after it. The default suite runs `--precision auto` as this CPU decides;
 # the slow suite runs it as fp32 (RESNET_PIPELINE_CPU_BF16=0: as on an AVX2-only CPU) unless the
 # variable is given (RESNET_PIPELINE_CPU_BF16=1 make test-slow: as this CPU decides).
 CPU_BF16_SLOW := $(if $(RESNET_PIPELINE_CPU_BF16),$(RESNET_PIPELINE_CPU_BF16),0)

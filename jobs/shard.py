@@ -23,7 +23,9 @@ class ShardConfig:
                                   "are class indices), ROOT/<wnid>/* over 200 wnids "
                                   "(imagenet-r, imagenet-a) or 1000 (imagenet-sketch); local "
                                   "path or pyarrow URI (s3://...)")
-    out: str = _cli.option("", "output folder for <split>-NNNNNN.tar and <split>.json")
+    out: str = _cli.option("", "output folder for <split>-NNNNNN.tar and <split>.json (also "
+                               "_info.json for timm and README.md, a dataset card for "
+                               "load_dataset(OUT))")
     split: str = _cli.option("train", "which split this is: train shards are a seeded "
                                       "permutation, val shards are sorted by key",
                              choices=["train", "val"])

@@ -27,7 +27,7 @@ from pipeline import storage
 
 ENV = "MLFLOW_TRACKING_URI"
 RUN_ID_FILE = "mlflow_run_id"  # in a fine-tuning run's folder: its resume continues that run
-URI_HELP = ("MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, ...); empty: "
+URI_HELP = ("MLflow tracking URI (http://host:5000, sqlite:////abs/path/mlflow.db, ...); empty: "
             "$MLFLOW_TRACKING_URI, or no tracking when that is unset too. A server that fails "
             "is one warning: the job's own outputs and exit code stand")
 PARAM_MAX = 6000  # MLflow's limit on a param value's length (characters)
