@@ -25,9 +25,13 @@ from typing import Any
 from pipeline.errors import USER_ERRORS, exit_code_of
 
 
-def option(default: Any, help: str, choices=None, required: bool = False):  # noqa: A002
+def option(default: Any, help: str, choices=None, required: bool = False,  # noqa: A002
+           recorded: bool = True):
+    """A flag of a job's config. ``recorded=False``: left out of ``to_dict``, so it is never
+    written into the files that record a run (a tracking URI may carry credentials)."""
     return dataclasses.field(default=default,
-                             metadata={"help": help, "choices": choices, "required": required})
+                             metadata={"help": help, "choices": choices, "required": required,
+                                       "recorded": recorded})
 
 
 def positional(help: str, metavar: str):  # noqa: A002
@@ -102,7 +106,10 @@ def parse(cls, argv=None, job: str = ""):
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as it is recorded (config.json, nightly.json, model.pt): every flag but those
+    declared ``recorded=False``."""
+    unrecorded = {f.name for f in dataclasses.fields(cfg) if not f.metadata.get("recorded", True)}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unrecorded}
 
 
 def setup_logging() -> None:

@@ -68,7 +68,7 @@ class FinetuneConfig:
         0.0, "stop (exit 1) after an epoch in which more than this fraction of train+val "
              "samples failed to decode; they are listed in STORAGE/NAME/failures.parquet")
     max_wait: str = _cli.option("15m", deadline.MAX_WAIT_HELP)
-    mlflow_uri: str = _cli.option("", tracking.URI_HELP)
+    mlflow_uri: str = _cli.option("", tracking.URI_HELP, recorded=False)
     deadline: str = _cli.deadline_option("0")  # after max_wait: it hides the module here
 
 
@@ -99,7 +99,7 @@ def run(cfg: FinetuneConfig) -> dict:
     elif plan.first_epoch:
         print(f"resuming run {cfg.name} at epoch {plan.first_epoch + 1} of {cfg.epochs}, from the "
               f"last checkpoint Ray Train recorded")
-    job_config = {k: v for k, v in _cli.to_dict(cfg).items() if k != "mlflow_uri"}
+    job_config = _cli.to_dict(cfg)
     tracker, plan = train.start_tracking(plan, tracking.uri_of(cfg.mlflow_uri), job_config)
     ok = False
     try:

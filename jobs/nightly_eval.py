@@ -67,7 +67,7 @@ class NightlyConfig(predict.PredictOptions):
     latest: bool = _cli.option(True, "also copy the report to HISTORY/latest.html")
     deadline: str = _cli.deadline_option("8h")
     mlflow_uri: str = _cli.option("", tracking.URI_HELP + ". One MLflow run per night, in the "
-                                      "experiment 'nightly HISTORY'")
+                                      "experiment 'nightly HISTORY'", recorded=False)
     notify_command: str = _cli.option("", "a command run (through /bin/sh) when the night exits "
                                           "non-zero, with the night's JSON summary (nightly.json, "
                                           "or the error) on stdin: wire in a Slack or pager "
@@ -120,7 +120,7 @@ def run(cfg: NightlyConfig, checked: Checked) -> nightly.NightlyResult:
     opts = dataclasses.replace(predict.PredictOptions.of(cfg), real_labels="")
     return nightly.run_nightly(checked.sets, cfg.weights, cfg.history, nightly.NightlyOptions(
         baseline=cfg.baseline, rule=checked.rule, latest=cfg.latest, top_n=cfg.top_n,
-        config={k: v for k, v in _cli.to_dict(cfg).items() if k != "mlflow_uri"},
+        config=_cli.to_dict(cfg),
         predict_options=opts, published_table=checked.published_table))
 
 

@@ -22,7 +22,7 @@ class PredictConfig(predict.PredictOptions):
                                           "(IMAGENET1K_V1, ...), none, or a file (state_dict "
                                           "or model.pt from jobs.finetune)")
     out: str = _cli.option("", "output folder (local or s3://...)", required=True)
-    mlflow_uri: str = _cli.option("", tracking.URI_HELP)
+    mlflow_uri: str = _cli.option("", tracking.URI_HELP, recorded=False)
     deadline: str = _cli.deadline_option("0")
 
 
@@ -59,13 +59,9 @@ def track(summary, out: str, uri: str) -> None:
                                      "weights_sha256": summary.weights_sha256,
                                      "data_manifest": summary.data_manifest,
                                      "precision": summary.precision})
-    figures = {k: summary.get(k) for k in (
-        "top1", "top5", "ece", "real_top1", "real_top5", "samples", "failures", "images_per_s",
-        "steady_images_per_s", "startup_seconds", "predictor_busy_share", "wall_seconds")}
-    for key in ("top1_ci95", "top5_ci95"):
-        lo, hi = summary.get(key) or (None, None)
-        figures[f"{key}_lo"], figures[f"{key}_hi"] = lo, hi
-    t.metrics(figures)
+    t.metrics({**tracking.summary_figures(summary),
+               **{k: summary.get(k) for k in ("steady_images_per_s", "startup_seconds",
+                                              "predictor_busy_share", "wall_seconds")}})
     t.end(True)
 
 

@@ -100,7 +100,6 @@ class SetResult:
     not_applicable: list = field(default_factory=list)
 
 
-
 HISTORY_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in fields(HistoryRow)])
 
 

@@ -100,8 +100,9 @@ def check_inputs(sets: list[EvalSet], weights: str, published_file: str = "",
                  model: str = "") -> list:
     """The files a run names, checked before anything starts (``jobs.nightly_eval`` exits 2):
     every set's manifest exists, ``weights`` is DEFAULT, a member of torchvision model
-    ``model``'s weights enum (default resnet18), none or an existing file, every ``--real-labels`` file loads, and so does ``published_file`` (``--published``,
-    '' for none). Returns the published figures to check (``published.BUILTIN`` and the
+    ``model``'s weights enum (default resnet18), none or an existing file, every
+    ``--real-labels`` file loads, and so does ``published_file`` (``--published``, '' for
+    none). Returns the published figures to check (``published.BUILTIN`` and the
     file's); SuiteError naming the flag and the path."""
     from pipeline import model as modellib, published
 
@@ -439,8 +440,8 @@ class _Night:
         current = load_correctness(out)
         meta = {**summary, "run_id": self.run_id, "dataset": s.name}
         refs = references(self.old, self.options.baseline, s.name, meta)
-        notes = [f"baseline run {self.options.baseline} did not evaluate set {s.name!r}: compared with "
-                 f"its previous run only" for role, ref in refs if ref is None]
+        notes = [f"baseline run {self.options.baseline} did not evaluate set {s.name!r}: "
+                 f"compared with its previous run only" for role, ref in refs if ref is None]
         comparisons = [compare_with(role, ref, meta, current, self.rule)
                        for role, ref in refs if ref is not None]
         checked = published.check(summary, kind, s.name, self.options.published_table,
@@ -507,18 +508,8 @@ def track(result: NightlyResult, history: str, uri: str) -> None:
     where = history if storage.is_uri(history) else os.path.abspath(history)
     t = tracking.Tracker.start(uri, f"nightly {where}", result.run_id,
                                tags={"job": "jobs.nightly_eval", "history": where})
-    figures = {}
-    for r in result.sets:
-        s = r.summary
-        if s is None:
-            continue
-        for key in ("top1", "top5", "ece", "real_top1", "real_top5", "samples", "failures",
-                    "images_per_s"):
-            figures[f"{r.name}.{key}"] = s.get(key)
-        for key in ("top1_ci95", "top5_ci95", "real_top1_ci95"):
-            lo, hi = s.get(key) or (None, None)
-            figures[f"{r.name}.{key}_lo"], figures[f"{r.name}.{key}_hi"] = lo, hi
-    t.metrics(figures)
+    t.metrics({f"{r.name}.{k}": v for r in result.sets if r.summary is not None
+               for k, v in tracking.summary_figures(r.summary).items()})
     t.tags({"verdict": result.verdict, "exit_code": result.exit_code,
             **{f"{r.name}.verdict": r.verdict for r in result.sets}})
     for name in ("report.html", "nightly.json"):

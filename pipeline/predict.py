@@ -166,8 +166,8 @@ class Inputs:
 def resolve_inputs(manifest_path: str, weights: str, opts: PredictOptions,
                    rows: Rows = Rows.PREDICTIONS) -> Inputs:
     """Load and check what a run reads: the manifest loads, the weights load and fit the model
-    (``opts.model``, else theirs, else ResNet-18) with a head of the classes they name, their classes cover the data's (not for
-    ``Rows.EMBEDDINGS``: no head runs), the ReaL labels load and ``opts.topk`` keeps the top-5
+    (``opts.model``, else theirs, else ResNet-18) with a head of the classes they name, their
+    classes cover the data's (not for ``Rows.EMBEDDINGS``: no head runs), the ReaL labels load and ``opts.topk`` keeps the top-5
     they score. Raises what ``shards.load_manifest``, ``model.load_weights``,
     ``model.build_model``, ``predictor.label_map`` and ``metrics.load_real_labels`` raise;
     InputError, UsageError for the rest."""
@@ -236,8 +236,8 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     LeaseLost (nothing published) when this run's lease was taken over.
 
     ``rows``: ``Rows.EMBEDDINGS`` (jobs.embed): the rows are key, label (the data's class index),
-    class_id and embedding; no head runs, so the model's classes need not cover the data's (an ImageNet
-    backbone on a new task); summary.json has counts and provenance, no metrics. ``label``
+    class_id and embedding; no head runs, so the model's classes need not cover the data's (an
+    ImageNet backbone on a new task); summary.json has counts and provenance, no metrics. ``label``
     names the run in its progress lines (the nightly's set name; default: the job and the
     manifest's split)."""
     from pipeline import resources

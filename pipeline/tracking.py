@@ -73,6 +73,17 @@ def numeric(d: dict) -> dict[str, float]:
     return out
 
 
+def summary_figures(summary) -> dict:
+    """The figures of a summary.json (``predictions.Summary``) worth a metric: top-1, top-5,
+    ECE, ReaL top-1/top-5 (percent), samples, failures, images/s and each interval's bounds
+    (``top1_ci95_lo``, ``top1_ci95_hi``, ...); None where a figure does not apply."""
+    out = {k: summary.get(k) for k in ("top1", "top5", "ece", "real_top1", "real_top5",
+                                       "samples", "failures", "images_per_s")}
+    for key in ("top1_ci95", "top5_ci95", "real_top1_ci95"):
+        out[f"{key}_lo"], out[f"{key}_hi"] = summary.get(key) or (None, None)
+    return out
+
+
 class Tracker:
     """One MLflow run of a job, or nothing (``uri`` ''). Every method returns quietly; the first
     failure logs one warning naming the URI and what failed, and the tracker is off from then

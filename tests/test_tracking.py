@@ -161,3 +161,16 @@ def test_predict_logs_to_an_mlflow_server_over_http(shard_set, tmp_path, capsys)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_tracking_uri_is_a_flag_never_recorded():
+    from jobs import _cli, finetune, nightly_eval
+
+    for config, argv in ((finetune.FinetuneConfig, ["--train", "t", "--val", "v"]),
+                         (nightly_eval.NightlyConfig, ["--data", "d", "--weights", "w",
+                                                      "--history", "h"])):
+        cfg = _cli.parse(config, argv + ["--mlflow-uri", "http://u:secret@host"], "x")
+        assert cfg.mlflow_uri == "http://u:secret@host"
+        recorded = _cli.to_dict(cfg)
+        assert "mlflow_uri" not in recorded and "secret" not in str(recorded)
+    assert tracking.redacted("http://u:secret@host:5000/x") == "http://host:5000/x"
