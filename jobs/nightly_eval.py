@@ -9,7 +9,8 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import deadline, model as modellib, nightly, predict, regression, resources
+from pipeline import (architectures, deadline, model as modellib, nightly, predict, regression,
+                      resources)
 from pipeline import tracking
 from pipeline.errors import USER_ERRORS, UsageError, exit_code_of
 
@@ -17,10 +18,12 @@ from pipeline.errors import USER_ERRORS, UsageError, exit_code_of
 @dataclass(frozen=True)
 class NightlyConfig(predict.PredictOptions):
     """Predict every image of each --data set with --weights into HISTORY/runs/<run_id>/<set>/ (a
-    normal jobs.predict output folder), record one row per set in HISTORY/history/ (one file per
-    set per run, never rewritten), compare each set's per-image top-1 correctness with that set's
-    previous run and with the pinned --baseline run (McNemar's exact test on the discordant
-    pairs), check the published accuracy of known weights (torchvision's, or --published), and
+    normal jobs.predict output folder; several --weights: HISTORY/runs/<run_id>/<model>/<set>/),
+    record one row per set and model in HISTORY/history/ (one file each, never rewritten),
+    compare each set's per-image top-1 correctness with that set's previous run of the same
+    model and with the pinned --baseline run (McNemar's exact test on the discordant pairs),
+    compare each model with the first on the same images (shown, never an alarm), check the
+    published accuracy of known weights (torchvision's, or --published), and
     write report.md and a self-contained report.html (all sets side by side, then a section per
     set) into the run folder. A change is significant only if p < --alpha AND the top-1 change
     exceeds --min-effect percentage points. Exit codes, for the worst set: 0 nothing regressed
@@ -38,12 +41,18 @@ class NightlyConfig(predict.PredictOptions):
                                 "val=shards/val.json v2=shards-v2/val.json), or a bare MANIFEST "
                                 "(named after its file: val.json -> val)", "[NAME=]MANIFEST",
                                 required=True)
-    weights: str = _cli.option("", "model to evaluate: DEFAULT, a member of --model's weights "
-                                   "enum (IMAGENET1K_V1, ...), none, or a file (model.pt from "
-                                   "jobs.finetune, or a state_dict)",
-                               required=True)
+    weights: tuple = _cli.repeated(
+        "model to evaluate, repeatable (several models: one report side by side, each compared "
+        "with the first by McNemar's test and with its own previous run); SPEC is "
+        "DEFAULT, a member of --model's weights enum (IMAGENET1K_V1, ...), none, or a file "
+        "(model.pt from jobs.finetune, or a state_dict); NAME keys the model's history (default: "
+        "the architecture it runs as, e.g. resnet18)", "[NAME=]SPEC", required=True)
+    model: tuple = _cli.repeated(
+        "torchvision classifier (resnet18, resnet50, efficientnet_b0, convnext_tiny, vit_b_16, "
+        "mobilenet_v3_large, ...): once for every --weights, or once per --weights in the same "
+        "order; none: a model.pt's own, else resnet18", "MODEL")
     history: str = _cli.option("", "history folder (local or s3://...): history/ (one Parquet "
-                                   "file per set per run), runs/<run_id>/, latest.html",
+                                   "file per set and model per run), runs/<run_id>/, latest.html",
                                required=True)
     real_labels: tuple = _cli.repeated(
         "ImageNet-ReaL labels for a set of ImageNet val images, repeatable: NAME=FILE, or a bare "
@@ -79,11 +88,12 @@ class NightlyConfig(predict.PredictOptions):
 
 @dataclass(frozen=True)
 class Checked:
-    """What the flags resolve to before Ray starts: the sets, the published figures to check
-    (torchvision's and --published's) and the regression rule."""
+    """What the flags resolve to before Ray starts: the sets, the models, the published figures
+    to check (torchvision's and --published's) and the regression rule."""
     sets: list
     published_table: list
     rule: regression.RegressionRule
+    models: list
 
 
 def check(cfg: NightlyConfig) -> Checked:
@@ -94,31 +104,35 @@ def check(cfg: NightlyConfig) -> Checked:
     deadline.parse_duration("--deadline", cfg.deadline)
     deadline.parse_duration("--max-wait", cfg.max_wait)
     sets = nightly.parse_sets(cfg.data, cfg.real_labels)
-    table = nightly.check_inputs(sets, cfg.weights, cfg.published, cfg.model)
-    opts = predict.PredictOptions.of(cfg)
-    if cfg.model and cfg.weights.lower() != "none":  # a model.pt of another architecture: exit 2
-        try:
-            modellib.load_weights(cfg.weights, cfg.model)
-        except UsageError:
-            raise
-        except USER_ERRORS:  # weights that do not load: each set fails in the night, recorded
-            pass
-    for s in sets:  # what needs the model's classes too (ReaL labels on non-ImageNet classes)
-        if s.real_labels:
+    for arch in cfg.model:  # a typo: one line naming the closest names
+        architectures.check_name(arch)
+    models = nightly.parse_models(cfg.weights, cfg.model)
+    table = nightly.check_inputs(sets, models, cfg.published)
+    opts = dataclasses.replace(predict.PredictOptions.of(cfg), model="")
+    for m in models:
+        if m.arch and m.weights.lower() != "none":  # a model.pt of another architecture: exit 2
             try:
-                predict.resolve_inputs(s.manifest, cfg.weights,
-                                       dataclasses.replace(opts, real_labels=s.real_labels))
+                modellib.load_weights(m.weights, m.arch)
             except UsageError:
                 raise
-            except USER_ERRORS:  # weights that do not load: the set fails in the night, recorded
+            except USER_ERRORS:  # weights that do not load: each set fails in the night
                 pass
-    return Checked(sets, table, rule)
+        for s in sets:  # what needs the model's classes too (ReaL labels on other classes)
+            if s.real_labels:
+                try:
+                    predict.resolve_inputs(s.manifest, m.weights, dataclasses.replace(
+                        opts, real_labels=s.real_labels, model=m.arch))
+                except UsageError:
+                    raise
+                except USER_ERRORS:  # weights that do not load: the set fails, recorded
+                    pass
+    return Checked(sets, table, rule, models)
 
 
 def run(cfg: NightlyConfig, checked: Checked) -> nightly.NightlyResult:
     """``nightly.run_nightly`` over the checked suite (on the Ray cluster the job joined)."""
-    opts = dataclasses.replace(predict.PredictOptions.of(cfg), real_labels="")
-    return nightly.run_nightly(checked.sets, cfg.weights, cfg.history, nightly.NightlyOptions(
+    opts = dataclasses.replace(predict.PredictOptions.of(cfg), real_labels="", model="")
+    return nightly.run_nightly(checked.sets, checked.models, cfg.history, nightly.NightlyOptions(
         baseline=cfg.baseline, rule=checked.rule, latest=cfg.latest, top_n=cfg.top_n,
         config=_cli.to_dict(cfg),
         predict_options=opts, published_table=checked.published_table))
@@ -190,16 +204,18 @@ def night(cfg: NightlyConfig, summary: dict) -> int:
     summary.update(result.record)
     print(nightly.format_result(result, checked.rule))
     nightly.track(result, cfg.history, tracking.uri_of(cfg.mlflow_uri))
+    several = len(checked.models) > 1
     for r in result.sets:
+        what = f"set {r.name}" + (f", model {r.model}" if several else "")
         if r.error:
-            print(f"error: set {r.name}: {r.error}", file=sys.stderr)
+            print(f"error: {what}: {r.error}", file=sys.stderr)
         for c in r.comparisons:
             if c.outcome == regression.NOT_COMPARABLE:
-                print(f"error: set {r.name}: refusing to compare with {c.role} run "
+                print(f"error: {what}: refusing to compare with {c.role} run "
                       f"{c.reference_run_id}: {c.reason}", file=sys.stderr)
         for f in r.fidelity:
             if not f.ok:
-                print(f"error: set {r.name}: pipeline fidelity: {f.describe()}", file=sys.stderr)
+                print(f"error: {what}: pipeline fidelity: {f.describe()}", file=sys.stderr)
     return result.exit_code
 
 

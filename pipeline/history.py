@@ -1,7 +1,8 @@
-"""The nightly's history store: one row per set per run, each in a file of its own, never
+"""The nightly's history store: one row per set per model per run, each in a file of its own, never
 rewritten (``pipeline.nightly`` runs the suite; ``pipeline.regression`` judges the rows).
 
-    HISTORY/history/<run_id>--<set>.parquet   one ``HistoryRow`` (schema ``HISTORY_SCHEMA``)
+    HISTORY/history/<run_id>--<set>--<model>.parquet   one ``HistoryRow`` (schema
+                                                       ``HISTORY_SCHEMA``)
 
 Read the folder as one table: ``read_history``, pandas ``read_parquet("HISTORY/history")``,
 DuckDB ``read_parquet('HISTORY/history/*.parquet', union_by_name=true)``. Two runs at once both
@@ -40,9 +41,15 @@ class HistoryRow:
                            "when the set's prediction started (Parquet has no seconds unit)")
     run_id: object = _column(pa.string(), 'the nightly run')
     dataset: object = _column(pa.string(), "the set's NAME (--data NAME=MANIFEST)")
+    model: object = _column(pa.string(), "the model's NAME (--weights NAME=SPEC; unnamed: its "
+                                         "torchvision architecture, e.g. resnet18); null in rows "
+                                         "from before several models a night, which count as "
+                                         "the night's first model")
     dataset_kind: object = _column(pa.string(), "imagenet-val, imagenet-v2, -r, -a, -sketch or ''")
     scored_over: object = _column(pa.string(), '"model classes", or "data classes" for a subset set')
     model_id: object = _column(pa.string())
+    arch: object = _column(pa.string(), "the torchvision architecture, e.g. resnet50")
+    params: object = _column(pa.int64(), "the model's parameter count")
     weights_sha256: object = _column(pa.string())
     data_manifest: object = _column(pa.string())
     data_manifest_sha256: object = _column(pa.string())
@@ -75,6 +82,13 @@ class HistoryRow:
     baseline_run_id: object = _column(pa.string())
     top1_delta_vs_baseline: object = _column(pa.float64())
     p_vs_baseline: object = _column(pa.float64())
+    first_model: object = _column(pa.string(), "in a night of several models, the first one "
+                                               "(--weights given first): this row's model is "
+                                               "compared with it on the same images; null for "
+                                               "the first model itself")
+    top1_delta_vs_first_model: object = _column(pa.float64(), "top-1 pp, this model minus the "
+                                                              "first, over the paired images")
+    p_vs_first_model: object = _column(pa.float64(), "McNemar exact p against the first model")
     alpha: object = _column(pa.float64())
     min_effect: object = _column(pa.float64())
     verdict: object = _column(pa.string())
@@ -84,7 +98,7 @@ class HistoryRow:
 
 @dataclass(frozen=True)
 class SetResult:
-    """One set of a nightly run: its name and dataset kind, the prediction folder, the prediction
+    """One set of a nightly run, for one model: its name and dataset kind, the prediction folder, the prediction
     summary (summary.json; None when the set failed), the comparisons, the fidelity checks
     (``published.Fidelity``), the set's verdict, for a failed set the error, and why a
     published figure did not apply (``published.NotApplicable``)."""
@@ -98,6 +112,10 @@ class SetResult:
     error: str = ""
     notes: list = field(default_factory=list)  # lines for the terminal and the report
     not_applicable: list = field(default_factory=list)
+    model: str = ""  # the model's name (``nightly.EvalModel``)
+    # in a night of several models: this model against the night's first on the same images
+    # (McNemar; informative, never part of the verdict); None for the first model itself
+    versus_first: Comparison | None = None
 
 
 HISTORY_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in fields(HistoryRow)])
@@ -153,17 +171,22 @@ def read_history(history: str) -> pd.DataFrame:
     # the schema is given: files written before a column was added read it as null
     table = pads.dataset(p, filesystem=fs, format="parquet", schema=HISTORY_SCHEMA).to_table()
     df = table.to_pandas()
-    return df.sort_values(["date", "run_id", "dataset"], kind="stable").reset_index(drop=True)
+    return df.sort_values(["date", "run_id", "dataset", "model"], kind="stable",
+                          na_position="first").reset_index(drop=True)
 
 
 def append_history(history: str, row: dict) -> str:
-    """Record one row as its own file, ``HISTORY/history/<run_id>--<dataset>.parquet``, written
-    once (no read-modify-write: concurrent runs cannot lose each other's rows). Returns the
-    path. InputError when that file exists already (a run id and set recorded twice)."""
-    path = storage.join(history_dir(history), f"{row['run_id']}--{row['dataset']}.parquet")
+    """Record one row as its own file, ``HISTORY/history/<run_id>--<dataset>--<model>.parquet``
+    (``<run_id>--<dataset>.parquet`` for a row without a model), written once (no
+    read-modify-write: concurrent runs cannot lose each other's rows). Returns the path.
+    InputError when that file exists already (a run id, set and model recorded twice)."""
+    name = f"{row['run_id']}--{row['dataset']}" + (f"--{row['model']}" if row.get("model")
+                                                    else "")
+    path = storage.join(history_dir(history), name + ".parquet")
     if storage.exists(path):
         raise InputError(f"{path} exists: run {row['run_id']} already recorded set "
-                         f"{row['dataset']}")
+                         f"{row['dataset']}" + (f" for model {row['model']}"
+                                                if row.get("model") else ""))
     storage.write_parquet_atomic(path, pa.Table.from_pylist([row], schema=HISTORY_SCHEMA))
     return path
 
@@ -175,12 +198,14 @@ def history_row(run_id: str, result: SetResult, rule: RegressionRule) -> dict:
     summary, fidelity = result.summary, result.fidelity
     by_role = {c.role: c for c in result.comparisons}
     prev, base = by_role.get("previous"), by_role.get("baseline")
+    first = result.versus_first
     real = summary.real_top1_ci95 or [None, None]
     checked = {f.metric: f for f in fidelity}
     return asdict(HistoryRow(
         date=pd.Timestamp(summary.started_at).to_pydatetime(), run_id=run_id,
-        dataset=result.name, dataset_kind=result.kind, scored_over=summary.scored_over,
-        model_id=summary.model_id, weights_sha256=summary.weights_sha256,
+        dataset=result.name, model=result.model or None, dataset_kind=result.kind,
+        scored_over=summary.scored_over, model_id=summary.model_id, arch=summary.arch,
+        params=summary.params, weights_sha256=summary.weights_sha256,
         data_manifest=summary.data_manifest,
         data_manifest_sha256=summary.data_manifest_sha256,
         data_fingerprint=summary.data_fingerprint,
@@ -207,18 +232,21 @@ def history_row(run_id: str, result: SetResult, rule: RegressionRule) -> dict:
         baseline_run_id=base.reference_run_id if base else None,
         top1_delta_vs_baseline=_finite(base.delta_pp) if base else None,
         p_vs_baseline=_finite(base.p_value) if base else None,
+        first_model=first.reference_run_id if first else None,
+        top1_delta_vs_first_model=_finite(first.delta_pp) if first else None,
+        p_vs_first_model=_finite(first.p_value) if first else None,
         alpha=rule.alpha, min_effect=rule.min_effect, verdict=result.verdict))
 
 
 def unfinished_row(run_id: str, started: str, dataset: str, kind: str, manifest: str,
-                   verdict: str, error: str, rule: RegressionRule) -> dict:
+                   verdict: str, error: str, rule: RegressionRule, model: str = "") -> dict:
     """The history row of a set that has no metrics: it failed, the deadline stopped it (or
     came before it), or its night's driver ended mid-run (``regression.NO_METRICS``). ``error``
     says why; the metric columns are null, so the trend shows the night as a gap with its
     verdict, and ``references`` never compares with it."""
     return asdict(HistoryRow(
         date=pd.Timestamp(started).to_pydatetime(), run_id=run_id, dataset=dataset,
-        dataset_kind=kind, data_manifest=manifest, alpha=rule.alpha, min_effect=rule.min_effect,
+        model=model or None, dataset_kind=kind, data_manifest=manifest, alpha=rule.alpha, min_effect=rule.min_effect,
         verdict=verdict, error=error))
 
 
@@ -234,16 +262,30 @@ def check_baseline(history: pd.DataFrame, baseline: str) -> None:
                                f"(latest run ids: {known})")
 
 
+def own_rows(history: pd.DataFrame, dataset: str, model: str = "",
+             first: bool = True) -> pd.Series:
+    """The mask of ``history``'s rows of set ``dataset`` for model ``model`` (every model's
+    when ''). Rows without a model (written before several models a night) belong to the
+    night's first model (``first``), so a history carries on unbroken."""
+    mask = history["dataset"] == dataset
+    if model and "model" in history.columns:
+        named = history["model"] == model
+        mask &= (named | history["model"].isna()) if first else named
+    return mask
+
+
 def references(history: pd.DataFrame, baseline: str, dataset: str,
-               current: dict | None = None) -> list[tuple[str, dict | None]]:
-    """(role, history row) of set ``dataset``'s previous run and of the pinned baseline run, if
+               current: dict | None = None, model: str = "",
+               first: bool = True) -> list[tuple[str, dict | None]]:
+    """(role, history row) of set ``dataset``'s previous run for model ``model`` (``own_rows``;
+    ``first``: this is the night's first model) and of the pinned baseline run, if
     any (``check_baseline`` has vetted its id); the baseline's row is None when that run did not
     evaluate this set. With ``current`` (this run's summary), the previous run is the latest one
     over the same data (``same_data``), so one night on other data does not make the next night
     not comparable too; when no earlier run used this data, it is the latest run (and the
     comparison says why it cannot be made). Rows without metrics (a failed set, a deadline, a
     night that did not finish) are never a reference."""
-    own = history["dataset"] == dataset
+    own = own_rows(history, dataset, model, first)
     if "verdict" in history.columns:
         own &= ~history["verdict"].isin(NO_METRICS)
     rows = history[own].to_dict("records")

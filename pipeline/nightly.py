@@ -1,16 +1,20 @@
-"""Nightly evaluation over a suite of sets: predict each set, compare, record, check, report.
+"""Nightly evaluation over a suite of sets and one or more models: predict each set with each
+model, compare, record, check, report.
 The suite and the run live here; the statistics (McNemar, verdicts, exit codes, the regression
 rule) in ``pipeline.regression``; the history rows in ``pipeline.history``.
 
 Layout under a history folder (local or a URI):
 
-    HISTORY/history/<run_id>--<set>.parquet  one row per set per run (``pipeline.history``)
+    HISTORY/history/<run_id>--<set>--<model>.parquet  one row per set and model per run
+                                     (``pipeline.history``)
     HISTORY/runs/<run_id>/<set>/     a normal prediction folder (jobs.predict --out layout) per set
+    HISTORY/runs/<run_id>/<model>/<set>/   the same, in a night of several models
     HISTORY/runs/<run_id>/           nightly.json, report.md and report.html for the whole run
     HISTORY/latest.html              a copy of the newest report
 
-Each set of a run is compared with that set's previous run (its last history row over the same
-data) and, when one is pinned, with a baseline run, image by image (``regression``).
+Each set of a run is compared with that set's previous run for the same model (its last history
+row over the same data) and, when one is pinned, with a baseline run, image by image
+(``regression``); in a night of several models each model is also compared with the first.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import pyarrow as pa
 from pipeline import deadline, metrics, publish, storage
 from pipeline.errors import EXIT_OVERLAP, USER_ERRORS, PipelineError, UsageError, exit_code_of
 from pipeline.history import (HISTORY_SCHEMA, SetResult, append_history, check_baseline,
-                              history_row, read_history, references, unfinished_row)
+                              history_row, own_rows, read_history, references, unfinished_row)
 from pipeline.predictions import Summary
-from pipeline.regression import (DEADLINE, DID_NOT_FINISH, FAILED, FIDELITY, NOT_COMPARABLE,
+from pipeline.regression import (DEADLINE, DID_NOT_FINISH, FAILED, FIDELITY, IMPROVEMENT,
+                                 NOT_COMPARABLE,
                                  REGRESSION, RUNNING, Comparison, RegressionRule,
                                  comparability_problem, compare_correctness, comparison_dicts,
                                  describe, exit_code, worst)
@@ -96,16 +101,72 @@ def parse_sets(data: list[str] | tuple[str, ...], real_labels=()) -> list[EvalSe
     return list(sets.values())
 
 
-def check_inputs(sets: list[EvalSet], weights: str, published_file: str = "",
-                 model: str = "") -> list:
+@dataclass(frozen=True)
+class EvalModel:
+    """One model of a night: its ``name`` (the history's ``model`` column and, in a night of
+    several, its run folder), its ``weights`` (``model.load_weights``'s spec) and its torchvision
+    architecture ``arch`` ('': a model.pt's own, else resnet18)."""
+    name: str
+    weights: str
+    arch: str = ""
+
+
+def _runs_as(weights: str, arch: str) -> str:
+    """The architecture weights ``weights`` run as: ``arch``, else a model.pt's own, else
+    resnet18 (weights that do not load run as that too, and fail in the night)."""
+    from pipeline import architectures, model as modellib
+
+    if arch or weights.lower() == "none" or not storage.exists(weights):
+        return arch or architectures.DEFAULT_MODEL
+    try:
+        return modellib.load_weights(weights).arch
+    except USER_ERRORS:
+        return architectures.DEFAULT_MODEL
+
+
+def parse_models(weights: list[str] | tuple[str, ...], models=()) -> list[EvalModel]:
+    """The models of ``--weights [NAME=]SPEC`` and ``--model ARCH`` arguments, in order (the
+    first is the one the others are compared with). One --model applies to every --weights, one
+    --weights to every --model; otherwise they pair in order. An unnamed model is named after the
+    architecture it runs as (resnet18 for DEFAULT, a model.pt's own), so its history goes on
+    when its weights change. SuiteError for no weights, counts that do not pair, or a name given
+    twice."""
+    weights, models = list(weights), list(models)
+    if not weights:
+        raise SuiteError("--weights: no model to evaluate")
+    if len(models) > 1 and len(weights) == 1:
+        weights = weights * len(models)
+    if len(models) <= 1:
+        models = (models or [""]) * len(weights)
+    if len(models) != len(weights):
+        raise SuiteError(f"{len(weights)} --weights and {len(models)} --model: give one "
+                         f"--model for all, or one per --weights, in the same order")
+    out: dict[str, EvalModel] = {}
+    for arg, arch in zip(weights, models):
+        name, spec = _split_named(arg)
+        if not spec:
+            raise SuiteError(f"--weights {arg}: no weights after {name}=")
+        name = name or _runs_as(spec, arch)
+        if name in out:
+            raise SuiteError(f"--weights: two models are named {name!r} ({out[name].weights} "
+                             f"and {spec}); name them: --weights NAME=SPEC")
+        out[name] = EvalModel(name, spec, arch)
+    return list(out.values())
+
+
+def check_inputs(sets: list[EvalSet], models: list[EvalModel] | str,
+                 published_file: str = "", model: str = "") -> list:
     """The files a run names, checked before anything starts (``jobs.nightly_eval`` exits 2):
-    every set's manifest exists, ``weights`` is DEFAULT, a member of torchvision model
-    ``model``'s weights enum (default resnet18), none or an existing file, every
+    every set's manifest exists, every model's weights are DEFAULT, a member of its
+    architecture's weights enum (default resnet18), none or an existing file, every
     ``--real-labels`` file loads, and so does ``published_file`` (``--published``, '' for
-    none). Returns the published figures to check (``published.BUILTIN`` and the
-    file's); SuiteError naming the flag and the path."""
+    none). ``models``: ``EvalModel``s, or one weights spec for torchvision model ``model``.
+    Returns the published figures to check (``published.BUILTIN`` and the file's);
+    SuiteError naming the flag and the path."""
     from pipeline import model as modellib, published
 
+    if isinstance(models, str):
+        models = [EvalModel("", models, model)]
     for s in sets:
         if not storage.exists(s.manifest):
             raise SuiteError(f"--data {s.name}={s.manifest}: no such manifest")
@@ -117,10 +178,11 @@ def check_inputs(sets: list[EvalSet], weights: str, published_file: str = "",
             except (OSError, ValueError) as e:
                 raise SuiteError(f"--real-labels {s.name}={s.real_labels}: "
                                  f"{str(e).splitlines()[0]}") from None
-    try:
-        modellib.check_weights_spec(weights, model)
-    except FileNotFoundError as e:
-        raise SuiteError(f"--weights {weights}: {str(e).split(': ', 1)[1]}") from None
+    for m in models:
+        try:
+            modellib.check_weights_spec(m.weights, m.arch)
+        except FileNotFoundError as e:
+            raise SuiteError(f"--weights {m.weights}: {str(e).split(': ', 1)[1]}") from None
     try:
         return published.BUILTIN + (published.load_table(published_file) if published_file
                                     else [])
@@ -220,20 +282,28 @@ class NightlyOptions:
     published_table: list | None = None
 
 
-def run_nightly(data, weights: str, history: str, options: NightlyOptions = NightlyOptions(),
+def run_nightly(data, weights, history: str, options: NightlyOptions = NightlyOptions(),
                 **overrides) -> NightlyResult:
-    """Predict each set into HISTORY/runs/<run_id>/<set>, compare, record, check, report.
+    """Predict each set with each model into HISTORY/runs/<run_id>/<set>/ (a night of several
+    models: HISTORY/runs/<run_id>/<model>/<set>/), compare, record, check, report.
 
     ``data``: a manifest path (one set, named after the file) or a list of ``EvalSet``.
+    ``weights``: a weights spec (one model, of ``predict_options.model``'s architecture) or a
+    list of ``EvalModel`` (``parse_models``), the first the one the others are compared with.
     ``options`` (``NightlyOptions``), with ``overrides`` (its field names) applied on top.
     Its ``predict_options`` (a ``predict.PredictOptions``; default: its defaults) go to
-    ``pipeline.predict.run_prediction`` unchanged but for each set's ``real_labels``;
-    ``published_table`` (default ``published.BUILTIN``) holds the published figures checked,
-    each within the measured 95% interval widened by ``rule.fidelity_tolerance`` percentage
-    points; ``rule`` also says when a change is significant (``regression.RegressionRule``).
-    ``config`` (the job's resolved config) is recorded in nightly.json. Raises
-    ``history.BaselineNotFound`` (before predicting) and what ``run_prediction`` raises for
-    resources.
+    ``pipeline.predict.run_prediction`` unchanged but for each set's ``real_labels`` and each
+    model's architecture; ``published_table`` (default ``published.BUILTIN``) holds the
+    published figures checked, each within the measured 95% interval widened by
+    ``rule.fidelity_tolerance`` percentage points; ``rule`` also says when a change is
+    significant (``regression.RegressionRule``). ``config`` (the job's resolved config) is
+    recorded in nightly.json. Raises ``history.BaselineNotFound`` (before predicting) and what
+    ``run_prediction`` raises for resources.
+
+    Each model of each set is compared with its own previous run (history rows keyed by set and
+    model) and the pinned baseline run; in a night of several models, each model after the first
+    is also compared with the first on the same images (McNemar's exact test; shown side by
+    side in the report, never part of the verdict).
 
     One night at a time per history folder: the run holds HISTORY's lease (``pipeline.lease``)
     from before it reads the history to its end; NightRunning (exit 8, nothing written) while
@@ -241,11 +311,11 @@ def run_nightly(data, weights: str, history: str, options: NightlyOptions = Nigh
     same machine, whose process is gone); the next night takes it over and records the dead
     night as "did not finish" (``name_unfinished``).
 
-    Every night leaves one history row per set and a report, whatever the outcome: a set whose
-    data or weights fail is recorded as failed and the others still run; when the job's
-    deadline (``pipeline.deadline``) runs out, the set at work and those after it are recorded
-    as "deadline exceeded" and the report says how far it got; an error that ends the night
-    early (a resource plan refused, --max-wait) is recorded, then raised.
+    Every night leaves one history row per set and model and a report, whatever the outcome: a
+    set whose data or weights fail is recorded as failed and the others still run; when the
+    job's deadline (``pipeline.deadline``) runs out, the set at work and those after it are
+    recorded as "deadline exceeded" and the report says how far it got; an error that ends the
+    night early (a resource plan refused, --max-wait) is recorded, then raised.
     """
     import dataclasses
 
@@ -257,6 +327,8 @@ def run_nightly(data, weights: str, history: str, options: NightlyOptions = Nigh
     if options.published_table is None:
         options = dataclasses.replace(options, published_table=published.BUILTIN)
     sets = parse_sets([data]) if isinstance(data, str) else list(data)
+    models = (parse_models([weights], [options.predict_options.model])
+              if isinstance(weights, str) else list(weights))
     run_id = publish.new_run_id()
     try:
         night = leaselib.Lease(history, run_id, NIGHT_LEASE_SECONDS)
@@ -272,7 +344,7 @@ def run_nightly(data, weights: str, history: str, options: NightlyOptions = Nigh
         manifests = {s.name: shards.load_manifest(s.manifest) for s in sets}
         night_notes, dead_rows = name_unfinished(history, night, run_id, options.rule, old)
         old = _with_rows(old, dead_rows)  # what was just written: no second read
-        return _Night(sets, manifests, weights, history, run_id, old, options,
+        return _Night(sets, manifests, models, history, run_id, old, options,
                       night_notes).run()
     finally:
         night.__exit__(None, None, None)
@@ -290,9 +362,9 @@ def name_unfinished(history: str, night, run_id: str, rule: RegressionRule,
                     old: pd.DataFrame) -> tuple[list[str], list[dict]]:
     """When this night (``run_id``) took the history's lease over from a night whose driver
     died (``night.taken_from``): record that night as "did not finish", a history row per set
-    it was running (unless ``old``, the history as read, holds one) and its nightly.json's
-    verdict. Returns the line that says so (for the terminal and the report) and the rows
-    written; ([], []) when there is none."""
+    and model it was running (unless ``old``, the history as read, holds one) and its
+    nightly.json's verdict. Returns the line that says so (for the terminal and the report) and
+    the rows written; ([], []) when there is none."""
     holder = night.taken_from
     if holder is None:
         return [], []
@@ -307,10 +379,12 @@ def name_unfinished(history: str, night, run_id: str, rule: RegressionRule,
     line = f"previous night {holder.run_id} did not finish: {why}"
     if record is None or record.get("verdict") != RUNNING:
         return ([line] if record is None else []), []
-    recorded = set(old.loc[old["run_id"] == holder.run_id, "dataset"])
+    mine = old[old["run_id"] == holder.run_id]
+    recorded = set(zip(mine["dataset"], mine["model"].fillna("")))
     rows = [unfinished_row(holder.run_id, record["started_at"], s["name"], s.get("kind", ""),
-                           s.get("manifest", ""), DID_NOT_FINISH, why, rule)
-            for s in record.get("sets", []) if s["name"] not in recorded]
+                           s.get("manifest", ""), DID_NOT_FINISH, why, rule, s.get("model", ""))
+            for s in record.get("sets", [])
+            if (s["name"], s.get("model") or "") not in recorded]
     for row in rows:
         with deadline.deferred():
             append_history(history, row)
@@ -324,7 +398,7 @@ class _Night:
     """One night under HISTORY's lease: what ``run_nightly`` resolved, and what it runs."""
     sets: list
     manifests: dict
-    weights: str
+    models: list  # EvalModel, the first the one the others are compared with
     history: str
     run_id: str
     old: pd.DataFrame  # the history as read before this night
@@ -340,34 +414,54 @@ class _Night:
     def run_dir(self) -> str:
         return storage.join(self.history, "runs", self.run_id)
 
+    @property
+    def several(self) -> bool:
+        """Whether this night evaluates several models (their folders and titles name them)."""
+        return len(self.models) > 1
+
+    def entries(self) -> list[tuple[EvalSet, EvalModel]]:
+        """What the night predicts, in order: each set with each model (the first model of a
+        set first, so the others are compared with it as they finish)."""
+        return [(s, m) for s in self.sets for m in self.models]
+
+    def out_dir(self, s: EvalSet, m: EvalModel) -> str:
+        """The prediction folder of set ``s`` with model ``m``."""
+        if self.several:
+            return storage.join(self.run_dir, m.name, s.name)
+        return storage.join(self.run_dir, s.name)
+
     def record(self, verdict: str, code, results: list, started: str, error: str = "") -> dict:
-        """nightly.json's content: the night's verdict and exit code, and per set what it got."""
-        done = {r.name: r for r in results}
+        """nightly.json's content: the night's verdict and exit code, and per set and model
+        what it got."""
+        done = {(r.name, r.model): r for r in results}
         return {
             "run_id": self.run_id, "started_at": started, "verdict": verdict, "exit_code": code,
             "error": error, "notes": self.notes, **asdict(self.rule),
-            "sets": [_set_record(s, self.manifests[s.name], done.get(s.name)) for s in self.sets],
+            "models": [asdict(m) for m in self.models],
+            "sets": [_set_record(s, m.name, self.manifests[s.name], done.get((s.name, m.name)))
+                     for s, m in self.entries()],
             "config": self.options.config}
 
     def run(self) -> NightlyResult:
         started = time_now()
         write_run_record(self.run_dir, self.record(RUNNING, None, [], started))
+        entries = self.entries()
         results, raised, stopped = [], None, ""
         try:
-            for s in self.sets:
+            for s, m in entries:
                 if stopped:
-                    results.append(self.unfinished(s, DEADLINE, f"not started: {stopped}"))
+                    results.append(self.unfinished(s, m, DEADLINE, f"not started: {stopped}"))
                     continue
                 try:
                     with deadline.translated():
-                        results.append(self.one_set(s))
+                        results.append(self.one_set(s, m, results))
                 except deadline.DeadlineExceeded as e:
                     stopped = str(e).strip()
-                    results.append(self.unfinished(s, DEADLINE, stopped))
+                    results.append(self.unfinished(s, m, DEADLINE, stopped))
         except (UsageError, deadline.ResourcesUnavailable, KeyboardInterrupt) as e:
             raised = e  # the night cannot go on: the sets not done are recorded as failed
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            results += [self.unfinished(s, FAILED, why) for s in self.sets[len(results):]]
+            results += [self.unfinished(s, m, FAILED, why) for s, m in entries[len(results):]]
         verdict = worst(r.verdict for r in results)
         code = exit_code(verdict)  # an error that ended the night early: its own code, unless
         if isinstance(raised, Exception) and verdict not in (REGRESSION, FIDELITY):  # worse
@@ -387,6 +481,13 @@ class _Night:
         return NightlyResult(self.run_id, self.run_dir, results, verdict, code, md, page,
                              record, self.notes)
 
+    def prefix(self, r: SetResult) -> str:
+        """The title prefix of a result's report sections: the set (and in a night of several
+        models, the model); none for a night of one set and one model."""
+        if self.several:
+            return f"{r.name} / {r.model}: "
+        return f"{r.name}: " if len(self.sets) > 1 else ""
+
     def write_reports(self, table: pd.DataFrame, results: list[SetResult],
                       verdict: str) -> tuple[str, str]:
         """report.md and report.html of the night (and a copy of the page at HISTORY/latest.html
@@ -394,80 +495,97 @@ class _Night:
         from pipeline import report
 
         run_id, rule, top_n = self.run_id, self.rule, self.options.top_n
-        sections = [report.suite_section(run_id, results, verdict, rule, self.notes)]
+        first = self.models[0].name
+        sections = [report.suite_section(run_id, results, verdict, rule, self.notes,
+                                         models=self.several)]
+        if self.several:
+            sections += [report.models_section(s.name, [r for r in results if r.name == s.name],
+                                               first, rule) for s in self.sets]
         for r in results:
+            own = table[own_rows(table, r.name, r.model, r.model == first)]
             if r.summary is None:  # no metrics: why, and the set's trend with this night in it
-                own = table[table["dataset"] == r.name]
-                sections.append(report.Section(f"{r.name}: {r.verdict}", r.error))
+                sections.append(report.Section(f"{self.prefix(r)}{r.verdict}", r.error))
                 if len(own):
-                    sections.append(report.history_section(own, prefix=f"{r.name}: "))
+                    sections.append(report.history_section(own, prefix=self.prefix(r)))
                 continue
             # per-class changes only mean something against a comparable previous run
             prev = next((c for c in r.comparisons if c.role == "previous"
                          and c.outcome != NOT_COMPARABLE), None)
             prev_summary = None
             if prev is not None:
-                rows = table[(table["run_id"] == prev.reference_run_id)
-                             & (table["dataset"] == r.name)]
+                rows = own[own["run_id"] == prev.reference_run_id]
                 prev_summary = Summary.read(rows["predictions_dir"].iloc[-1])
-            own = table[table["dataset"] == r.name]
             sections += report.build_sections(
                 run_id, r, own, rule, (prev_summary, prev.reference_run_id if prev else ""),
-                top_n, prefix=f"{r.name}: " if len(results) > 1 else "")
+                top_n, prefix=self.prefix(r))
         latest = storage.join(self.history, "latest.html") if self.options.latest else None
         return report.write_report(self.run_dir, f"Nightly evaluation {run_id}: {verdict}",
                                    sections, latest)
 
-    def one_set(self, s: EvalSet) -> SetResult:
-        """Predict set ``s``, compare it, check it and write its history row. A set whose data
-        or weights fail is recorded as failed."""
+    def one_set(self, s: EvalSet, m: EvalModel, done: list[SetResult]) -> SetResult:
+        """Predict set ``s`` with model ``m``, compare it (with its own previous run, the
+        baseline and, for a model after the first, the first model's result among ``done``),
+        check it and write its history row. A set whose data or weights fail is recorded as
+        failed."""
         import dataclasses
 
         from pipeline import predict, published
 
-        out = storage.join(self.run_dir, s.name)
+        out = self.out_dir(s, m)
         kind = published.dataset_kind(self.manifests[s.name])
+        what = f"set {s.name}" + (f" with model {m.name}" if self.several else "")
         try:
-            with deadline.doing(f"predicting set {s.name}"):
+            with deadline.doing(f"predicting {what}"):
                 summary = predict.run_prediction(
-                    s.manifest, self.weights, out,
-                    dataclasses.replace(self.options.predict_options, real_labels=s.real_labels),
-                    label=s.name)
+                    s.manifest, m.weights, out,
+                    dataclasses.replace(self.options.predict_options, real_labels=s.real_labels,
+                                        model=m.arch),
+                    label=s.name + (f"/{m.name}" if self.several else ""))
         except (UsageError, deadline.DeadlineExceeded, deadline.ResourcesUnavailable):
             raise
         except USER_ERRORS as e:  # FailedSamples too (a bug still raises)
-            return self.unfinished(s, FAILED, str(e).strip().splitlines()[0])
+            return self.unfinished(s, m, FAILED, str(e).strip().splitlines()[0])
         current = load_correctness(out)
         meta = {**summary, "run_id": self.run_id, "dataset": s.name}
-        refs = references(self.old, self.options.baseline, s.name, meta)
-        notes = [f"baseline run {self.options.baseline} did not evaluate set {s.name!r}: "
-                 f"compared with its previous run only" for role, ref in refs if ref is None]
+        is_first = m is self.models[0]
+        refs = references(self.old, self.options.baseline, s.name, meta, m.name, is_first)
+        notes = [f"baseline run {self.options.baseline} did not evaluate set {s.name!r}"
+                 + (f" with model {m.name!r}" if self.several else "")
+                 + ": compared with its previous run only" for role, ref in refs if ref is None]
         comparisons = [compare_with(role, ref, meta, current, self.rule)
                        for role, ref in refs if ref is not None]
+        versus = None
+        if not is_first:
+            champion = next((r for r in done if r.name == s.name
+                             and r.model == self.models[0].name), None)
+            if champion is not None and champion.summary is not None:
+                versus = compare_correctness(load_correctness(champion.run_dir), current,
+                                             self.rule, "first model", self.models[0].name)
         checked = published.check(summary, kind, s.name, self.options.published_table,
                                   self.rule.fidelity_tolerance)
         verdict = worst([c.outcome for c in comparisons]
                         + [FIDELITY for f in checked.applied if not f.ok])
         result = SetResult(s.name, kind, out, summary, comparisons, checked.applied, verdict,
-                           notes=notes, not_applicable=checked.not_applicable)
+                           notes=notes, not_applicable=checked.not_applicable, model=m.name,
+                           versus_first=versus)
         row = history_row(self.run_id, result, self.rule)
         with deadline.deferred():
             append_history(self.history, row)
         self.rows.append(row)
         return result
 
-    def unfinished(self, s: EvalSet, verdict: str, error: str) -> SetResult:
+    def unfinished(self, s: EvalSet, m: EvalModel, verdict: str, error: str) -> SetResult:
         """The result, and the history row, of a set without metrics (``NO_METRICS``)."""
         from pipeline import published
 
         kind = published.dataset_kind(self.manifests[s.name])
         row = unfinished_row(self.run_id, time_now(), s.name, kind, s.manifest, verdict, error,
-                             self.rule)
+                             self.rule, m.name)
         with deadline.deferred():
             append_history(self.history, row)
         self.rows.append(row)
-        return SetResult(s.name, kind, storage.join(self.run_dir, s.name), None, [], [],
-                         verdict, error)
+        return SetResult(s.name, kind, self.out_dir(s, m), None, [], [], verdict, error,
+                         model=m.name)
 
 
 def time_now() -> str:
@@ -477,17 +595,20 @@ def time_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _set_record(s: EvalSet, manifest, r: SetResult | None) -> dict:
-    """One set in nightly.json: what it is, and once done what it got."""
+def _set_record(s: EvalSet, model: str, manifest, r: SetResult | None) -> dict:
+    """One set with one model in nightly.json: what it is, and once done what it got."""
     from pipeline import published
 
-    base = {"name": s.name, "manifest": s.manifest, "kind": published.dataset_kind(manifest)}
+    base = {"name": s.name, "model": model, "manifest": s.manifest,
+            "kind": published.dataset_kind(manifest)}
     if r is None:
         return {**base, "verdict": RUNNING}
     return {**base, "predictions_dir": r.run_dir,
             "prediction_run_id": (r.summary or {}).get("run_id"), "verdict": r.verdict,
             "error": r.error, "notes": r.notes,
             "comparisons": comparison_dicts(r.comparisons),
+            "versus_first_model": (comparison_dicts([r.versus_first])[0]
+                                   if r.versus_first else None),
             "fidelity": [asdict(f) for f in r.fidelity],
             "fidelity_not_applicable": [dict(asdict(n), line=n.describe())
                                         for n in r.not_applicable]}
@@ -498,8 +619,8 @@ def track(result: NightlyResult, history: str, uri: str) -> None:
     named after the night's run id, in the experiment ``nightly HISTORY`` (every night of one
     history folder in one experiment, so MLflow's charts show the trend). Per set
     ``SET.top1``, ``SET.top5``, their 95% interval bounds, ``SET.ece`` and the ReaL figures as
-    metrics; the verdict, exit code and each set's verdict as tags; report.html and nightly.json
-    as artifacts. A tracking server that fails is one warning: the night's own outputs and exit
+    metrics (``MODEL.SET.top1`` ... in a night of several models); the verdict, exit code and
+    each set's verdict as tags; report.html and nightly.json as artifacts. A tracking server that fails is one warning: the night's own outputs and exit
     code stand."""
     from pipeline import tracking
 
@@ -508,10 +629,14 @@ def track(result: NightlyResult, history: str, uri: str) -> None:
     where = history if storage.is_uri(history) else os.path.abspath(history)
     t = tracking.Tracker.start(uri, f"nightly {where}", result.run_id,
                                tags={"job": "jobs.nightly_eval", "history": where})
-    t.metrics({f"{r.name}.{k}": v for r in result.sets if r.summary is not None
+    several = len({r.model for r in result.sets}) > 1
+
+    def key(r: SetResult) -> str:  # SET, or MODEL.SET in a night of several models
+        return f"{r.model}.{r.name}" if several else r.name
+    t.metrics({f"{key(r)}.{k}": v for r in result.sets if r.summary is not None
                for k, v in tracking.summary_figures(r.summary).items()})
     t.tags({"verdict": result.verdict, "exit_code": result.exit_code,
-            **{f"{r.name}.verdict": r.verdict for r in result.sets}})
+            **{f"{key(r)}.verdict": r.verdict for r in result.sets}})
     for name in ("report.html", "nightly.json"):
         path = storage.join(result.run_dir, name)
         if storage.exists(path):
@@ -519,22 +644,41 @@ def track(result: NightlyResult, history: str, uri: str) -> None:
     t.end(True)
 
 
+def describe_versus(c: Comparison, rule: RegressionRule) -> str:
+    """One line for a model against the night's first model on the same images (never part of
+    the verdict: which model is better is the night's news, not an alarm)."""
+    if c.outcome == NOT_COMPARABLE:
+        return f"vs first model {c.reference_run_id}: not compared: {c.reason}"
+    word = {REGRESSION: "significantly worse than", IMPROVEMENT: "significantly better than"}
+    return (f"vs first model {c.reference_run_id}: top-1 {c.reference_top1:.2f}% -> "
+            f"{c.top1:.2f}% ({c.delta_pp:+.2f} pp over {c.paired} paired images; lost {c.lost}, "
+            f"gained {c.gained}; McNemar exact p={c.p_value:.3g}): "
+            f"{word.get(c.outcome, 'no significant difference from')} {c.reference_run_id} "
+            f"({rule.describe()})")
+
+
 def format_result(result: NightlyResult, rule: RegressionRule) -> str:
     """The terminal summary: per set its metrics, comparisons and fidelity checks, then the
     verdict and where the outputs are."""
     lines = list(result.notes)
+    several = len({r.model for r in result.sets}) > 1
     for r in result.sets:
-        lines.append(f"== set {r.name}" + (f" ({r.kind})" if r.kind else "") + f": {r.verdict}")
+        lines.append(f"== set {r.name}" + (f" ({r.kind})" if r.kind else "")
+                     + (f", model {r.model}" if several else "") + f": {r.verdict}")
         if r.summary is None:
             lines.append(f"{r.verdict}: {r.error}")
             continue
         lines.append(metrics.format_table(r.summary))
         lines += [describe(c, rule) for c in r.comparisons] or [
-            "no earlier run to compare with"]
+            "no earlier run of this model to compare with" if several
+            else "no earlier run to compare with"]
+        if r.versus_first is not None:
+            lines.append(describe_versus(r.versus_first, rule))
         lines += [f.describe() for f in r.fidelity]
         lines += [n.describe() for n in r.not_applicable] + r.notes
     lines += [f"run {result.run_id}",
               f"verdict: {result.verdict} (exit {result.exit_code}); significance rule: "
               f"{rule.describe()}",
-              f"predictions: {result.run_dir}/<set>/, report: {result.report_html}"]
+              f"predictions: {result.run_dir}/{'<model>/' if several else ''}<set>/, report: "
+              f"{result.report_html}"]
     return "\n".join(lines)

@@ -148,7 +148,7 @@ class Inputs:
     (``model.LoadedWeights``), the manifest, the model's classes, the classes predictions are
     made over and which model outputs they are (``scored_classes``: None for the model's own),
     the ReaL label lists (None without --real-labels), and the embedding's width and the
-    head's module name (``architectures.head_path``)."""
+    head's module name (``architectures.head_path``) and the model's parameter count."""
     loaded: object
     manifest: shards.Manifest
     classes_model: list
@@ -157,6 +157,7 @@ class Inputs:
     real: list | None
     embedding_dim: int = modellib.EMBEDDING_DIM
     head: str = "fc"
+    params: int = 0
 
     def embedding_info(self, dtype: str) -> dict:
         """``predictions.embedding_info`` of this model."""
@@ -177,11 +178,13 @@ def resolve_inputs(manifest_path: str, weights: str, opts: PredictOptions,
     net, _, replaced = modellib.build_model(loaded, classes_model)  # wrong shapes fail here
     head = architectures.head_path(net, loaded.arch)
     width = architectures.get_head(net, head).in_features
+    params = sum(p.numel() for p in net.parameters())
     if replaced and rows.head:  # embeddings: the head is never run
         raise InputError(f"weights {weights} name other classes than their head holds; "
                          f"predict with a model.pt (it carries its class list)")
     if not rows.head:  # no head: any backbone embeds any data
-        return Inputs(loaded, manifest, classes_model, manifest.classes, None, None, width, head)
+        return Inputs(loaded, manifest, classes_model, manifest.classes, None, None, width, head,
+                      params)
     classes_out, subset = scored_classes(manifest.classes, classes_model,
                                          restricts(opts.class_subset, manifest.layout))
     real = metrics.load_real_labels(opts.real_labels) if opts.real_labels else None
@@ -199,7 +202,8 @@ def resolve_inputs(manifest_path: str, weights: str, opts: PredictOptions,
                 f"classes scored here are not ImageNet wnids (e.g. {others[0]!r}, from "
                 f"{'the weights ' + weights if loaded.classes else 'the data ' + manifest_path})"
                 f": drop --real-labels for this data")
-    return Inputs(loaded, manifest, classes_model, classes_out, subset, real, width, head)
+    return Inputs(loaded, manifest, classes_model, classes_out, subset, real, width, head,
+                  params)
 
 
 def check_inputs(manifest_path: str, weights: str, opts: PredictOptions | None = None,
@@ -321,6 +325,7 @@ def _predict_under_lease(run: _Run, lease) -> predictions.Summary:
                  "batch_size": opts.batch_size, "actors": opts.actors, "use_gpu": opts.use_gpu,
                  "decode_device": opts.decode_device, "decode_in": opts.decode_in,
                  **tally.facts(), "model_classes": len(inputs.classes_model),
+                 "params": inputs.params,
                  "scored_over": ("data classes" if inputs.subset is not None
                                  else "model classes"),
                  **{k: v for k, v in meta.items() if k not in ("preset", "embedding")},

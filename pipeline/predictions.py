@@ -243,6 +243,7 @@ class Summary(Mapping):
     scored_over: str | None = _summary_field(None, '"model classes" or "data classes"')
     model_id: str = ""
     arch: str | None = _summary_field(None, "the torchvision model (--model), e.g. resnet18")
+    params: int | None = _summary_field(None, "the model's parameters (a count)")
     weights_sha256: str = ""
     data_manifest: str = ""
     data_manifest_sha256: str = ""

@@ -270,38 +270,85 @@ def fidelity_section(fidelity: list, not_applicable: list = ()) -> Section:
                     "tolerance pp", "outcome", "source"], rows)
 
 
-def suite_section(run_id: str, results: list, verdict: str, rule, night_notes=()) -> Section:
+def suite_section(run_id: str, results: list, verdict: str, rule, night_notes=(),
+                  models: bool = False) -> Section:
     """All sets side by side (``nightly.SetResult`` records): samples, top-1/top-5 % with 95%
     intervals, ReaL top-1, the change against the set's previous run and its McNemar p, the
-    published figure and the set's verdict. The overall verdict is the worst set's."""
+    published figure and the set's verdict; with ``models`` (a night of several), a column
+    naming each row's model. The overall verdict is the worst set's."""
     rows = []
     for r in results:
         s = r.summary
+        model = [r.model] if models else []
         if s is None:
-            rows.append([r.name, r.kind, "", "", "", "", "", "", "", "",
+            rows.append([r.name, *model, r.kind or "own data", "", "", "", "", "", "", "", "",
                          f"{r.verdict}: {r.error}" if r.error else r.verdict])
             continue
         prev = next((c for c in r.comparisons if c.role == "previous"), None)
         delta = "" if prev is None or prev.outcome == "not comparable" else \
             f"{prev.delta_pp:+.2f}"
         p = "" if prev is None or prev.outcome == "not comparable" else f"{prev.p_value:.3g}"
+        if prev is None:
+            delta = p = "first run"
         pub = "; ".join(f"{f.metric} {f.published:.2f} ({'ok' if f.ok else 'OUTSIDE'})"
-                        for f in r.fidelity) or ("not applicable" if r.not_applicable else "")
-        rows.append([r.name, r.kind or "own data", s["samples"],
+                        for f in r.fidelity) or ("not applicable" if r.not_applicable else
+                                                 "none known")
+        rows.append([r.name, *model, r.kind or "own data", s["samples"],
                      f"{s['top1']:.2f} ({_ci(*s['top1_ci95'])})",
                      f"{s['top5']:.2f} ({_ci(*s['top5_ci95'])})",
                      _pct(s.get("real_top1")) or "no ReaL labels", s.get("scored_over", ""),
                      delta, p, pub, r.verdict])
     notes = " ".join(n.rstrip(".") + "." for n in [*night_notes, *(
         n for r in results for n in getattr(r, "notes", []))])
+    each = "each set and model" if models else "each set"
     text = (f"Run {run_id}. Verdict: **{verdict}** (the worst of its sets). A change is "
             f"significant only if McNemar's exact p < alpha = {rule.alpha:g} AND the top-1 "
-            f"change exceeds min-effect = {rule.min_effect:g} percentage points, each set "
+            f"change exceeds min-effect = {rule.min_effect:g} percentage points, {each} "
             f"against its own previous run over the same data." + (" " + notes if notes else ""))
     return Section("All sets", text,
-                   ["set", "kind", "images", "top-1 % (95% CI)", "top-5 % (95% CI)",
-                    "ReaL top-1 %", "scored over", "change vs previous pp", "p", "published %",
-                    "verdict"], rows)
+                   ["set", *(["model"] if models else []), "kind", "images",
+                    "top-1 % (95% CI)", "top-5 % (95% CI)", "ReaL top-1 %", "scored over",
+                    "change vs previous pp", "p", "published %", "verdict"], rows)
+
+
+def models_section(set_name: str, results: list, first: str, rule) -> Section:
+    """The models of a night side by side on one set (``nightly.SetResult`` records, the first
+    model first): parameters (millions), top-1/top-5 % with 95% intervals, ECE, images/s, and
+    each model against the first on the same images: the top-1 change in percentage points,
+    images lost and gained, McNemar's exact p and what it means. Informative: a model worse
+    than the first is no regression (each model's own history judges that)."""
+    rows = []
+    for r in results:
+        s = r.summary
+        if s is None:
+            rows.append([r.model, "", "", "", "", "", "", "", "", "", "",
+                         f"{r.verdict}: {r.error}" if r.error else r.verdict])
+            continue
+        params = f"{s['params'] / 1e6:.1f}" if s.get("params") else ""
+        c = r.versus_first
+        if c is None:
+            versus = ["first model", "", "", "", ""]
+        elif c.outcome == "not comparable":
+            versus = ["", "", "", "", f"not compared: {c.reason}"]
+        else:
+            word = {"significant regression": f"worse than {first}",
+                    "significant improvement": f"better than {first}"}
+            versus = [f"{c.delta_pp:+.2f}", c.lost, c.gained, f"{c.p_value:.3g}",
+                      word.get(c.outcome, "no significant difference")]
+        rows.append([r.model, s.get("arch") or "", params,
+                     f"{s['top1']:.2f} ({_ci(*s['top1_ci95'])})",
+                     f"{s['top5']:.2f} ({_ci(*s['top5_ci95'])})",
+                     f"{s['ece']:.4f}", f"{s['images_per_s']:.1f}", *versus])
+    text = (f"Each model against the first, {first}, on the same images of {set_name}: McNemar's "
+            f"exact test on the images one gets right and the other wrong (lost = right with "
+            f"{first}, wrong with this model; gained = the reverse), significant only if p < "
+            f"alpha = {rule.alpha:g} AND the top-1 change exceeds {rule.min_effect:g} "
+            f"percentage points. Which model is better is news, not an alarm: each model's "
+            f"verdict comes from its own previous run.")
+    return Section(f"{set_name}: models side by side", text,
+                   ["model", "architecture", "params (M)", "top-1 % (95% CI)",
+                    "top-5 % (95% CI)", "ECE", "images/s", f"change vs {first} pp", "lost",
+                    "gained", "p (McNemar exact)", "outcome"], rows)
 
 
 def build_sections(run_id: str, result, history: pd.DataFrame, rule,
