@@ -17,6 +17,7 @@ DOCS_MARKER = {"cpu": "benchmark", "cuda": "benchmark-cuda", "scale": "benchmark
 DOCS_BEGIN, DOCS_END = docsection.markers(DOCS_MARKER["cpu"])
 # flag -> the one device whose table it sizes (given for the other, it would do nothing)
 DEVICE_ONLY = {"train_images": "cpu", "train_crop": "cpu", "workdir": "cpu", "scale": "cpu",
+               "heavier_model": "cpu",
                "equiv_images": "cuda", "repeats": "cuda", "weights": "cuda"}
 
 
@@ -30,8 +31,9 @@ class BenchmarkConfig:
     and against an ImageFolder + DataLoader + fp32 loop), training (the Ray Train job against
     a plain single-process loop), decoding per core (the Ray Data stage against a PIL loop on
     one core), sharding (against `tar cf`, and `tar cf` plus an fsync: the same work) and
-    growth (N and 4N images). The run exits 1 when the job beats the model alone by more than
-    2%.
+    growth (N and 4N images), then the model-alone and job rows of a heavier model
+    (--heavier-model, ResNet-50) next to ResNet-18's. The run exits 1 when the job beats the
+    model alone by more than 2%.
 
     --device cuda: the GPU paths on one GPU, without Ray: the model alone (the same row as
     the CPU table's ceiling), the Predictor on host batches, PIL decoding on every core
@@ -61,6 +63,9 @@ class BenchmarkConfig:
     train_crop: int = _cli.option(112, "cpu: training crop size (reduced from 224 for CPU "
                                        "speed)")
     workdir: str = _cli.option("", "cpu: scratch folder, kept (empty: a temporary one, deleted)")
+    heavier_model: str = _cli.option("resnet50", "cpu: a heavier torchvision model whose "
+                                                 "model-alone and job rows go next to "
+                                                 "ResNet-18's (empty: none)")
     scale: int = _cli.option(0, "cpu: run the scale rows over this many ImageNet-size images "
                                 "instead of the table (5000: ~25 minutes on 2 cores; 0: no)")
     equiv_images: int = _cli.option(0, "cuda: images for the equivalence rows (0: 128, or 16 "
@@ -88,6 +93,10 @@ def resolve(cfg: BenchmarkConfig) -> BenchmarkConfig:
         other = "cuda" if cfg.device == "cpu" else "cpu"
         raise UsageError(f"{', '.join(wrong)}: only for --device {other}'s table; it does "
                          f"nothing with --device {cfg.device}")
+    if cfg.heavier_model:
+        from pipeline import architectures
+
+        architectures.check_name(cfg.heavier_model)  # a typo: one line naming the closest
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA device here; --device cpu measures "
                          "this machine")

@@ -37,9 +37,12 @@ TARGETS = {"decode_per_core_vs_pil": (">=", 0.8), "decode_fn_vs_pil": (">=", 0.9
            "eval_vs_ceiling": (">=", 0.9), "eval_vs_baseline": (">=", 3.0),
            "train_vs_plain": (">=", 0.9), "shard_vs_tar_fsync": (">=", 0.5),
            "eval_time_ratio_4x": ("<=", 4.4), "eval_mem_ratio_4x": ("<=", 1.25),
-           "embed_vs_eval": (">=", 0.9), "embed_mem_ratio_4x": ("<=", 1.25)}
+           "embed_vs_eval": (">=", 0.9), "embed_mem_ratio_4x": ("<=", 1.25),
+           # a heavier model leaves decoding a smaller share of the cores: the job must keep at
+           # least ResNet-18's share of its bound
+           "heavy_share_vs_resnet18": (">=", 1.0)}
 # A pipeline that runs faster than the model alone means the ceiling was not measured as one.
-CEILING_KEYS = ("eval_vs_ceiling", "eval_fp32_vs_ceiling_fp32")
+CEILING_KEYS = ("eval_vs_ceiling", "eval_fp32_vs_ceiling_fp32", "eval_heavy_vs_ceiling")
 MAX_VS_CEILING = 1.02
 
 
@@ -225,12 +228,12 @@ def _bench_eval(cfg, work, big, manifests: tuple[str, str], n, dtype, r, rows) -
     and one of 4 ``n``, runs long enough that the images the predictor finishes before the
     driver sees its first batch (~200 at batch 32 on 2 cores) are fewer than either holds."""
     manifest, manifest4 = manifests
-    def predict(manifest_path, precision, out, embeddings=False):
+    def predict(manifest_path, precision, out, embeddings=False, arch=""):
         with measure.PeakMemory() as mem:  # "none": random init with the data's 10 classes
             s = predict_job.run(predict_job.PredictConfig(
                 data=manifest_path, weights="none", out=os.path.join(work, out),
                 precision=precision, batch_size=cfg.batch_size,
-                progress=False, embeddings=embeddings))
+                progress=False, embeddings=embeddings, model=arch))
         return s, mem.peak
 
     # The predictor actor runs as many torch threads as the machine has cores (the job's
@@ -250,6 +253,10 @@ def _bench_eval(cfg, work, big, manifests: tuple[str, str], n, dtype, r, rows) -
     ctx = DataContext.get_current()
     wait = ctx.wait_for_min_actors_s
     ctx.wait_for_min_actors_s = 600
+    heavy = cfg.heavier_model
+    ceiling_heavy = (measure.eval_ceiling_rate(dtype, cfg.batch_size, threads,
+                                               2 * cfg.batch_size, 10, arch=heavy)
+                     if heavy else 0.0)
     try:
         s_def, mem_n = predict(manifest, "auto", "e_def")
         s4, mem_4n = predict(manifest4, "auto", "e_4n")
@@ -257,6 +264,9 @@ def _bench_eval(cfg, work, big, manifests: tuple[str, str], n, dtype, r, rows) -
         s4_fp32, _ = predict(manifest4, "fp32", "e_4n_fp32")
         s_emb, mem_emb_n = predict(manifest, "auto", "e_emb", embeddings=True)
         s4_emb, mem_emb_4n = predict(manifest4, "auto", "e_4n_emb", embeddings=True)
+        if heavy:
+            s_h, _ = predict(manifest, "auto", "e_heavy", arch=heavy)
+            s4_h, _ = predict(manifest4, "auto", "e_4n_heavy", arch=heavy)
     finally:
         ctx.wait_for_min_actors_s = wait
     # From each run's first batch out to its end: start-up, whose spread between runs (~1 s)
@@ -300,6 +310,30 @@ def _bench_eval(cfg, work, big, manifests: tuple[str, str], n, dtype, r, rows) -
                      f"({prec})", rate_emb, rate, "embed_vs_eval", r))
     rows.append(_row(f"growth: peak memory with --embeddings, {4 * n} vs {n} images",
                      mem_emb_4n / 1e6, mem_emb_n / 1e6, "embed_mem_ratio_4x", r, "MB"))
+    if heavy:
+        rate_h = measure.differential_rate(n, steady_s(s_h), 4 * n, steady_s(s4_h))
+        _heavier_rows(heavy, rate_h, ceiling_heavy, prec, r, rows)
+
+
+def _heavier_rows(arch: str, rate: float, ceiling: float, prec: str, r: dict,
+                  rows: list) -> None:
+    """The rows of a heavier model (``--heavier-model``, ResNet-50 by default) next to
+    ResNet-18's: its model-alone rate, the job's steady rate against it and against its own CPU
+    bound (the model alone plus the same PIL decode per image on the same cores), and whether the
+    job keeps ResNet-18's share of its bound (``r`` holds ResNet-18's figures already)."""
+    cores = os.cpu_count()
+    bound = 1 / (1 / ceiling + r["decode_fn_cpu_ms_per_img"] / 1e3 / cores)
+    r.update(eval_heavy_model=arch, eval_heavy_img_s=rate, eval_heavy_ceiling_img_s=ceiling,
+             eval_heavy_cpu_bound_img_s=bound)
+    rows.append(_row(f"{arch}: model alone ({prec}) vs resnet18's", ceiling,
+                     r["eval_ceiling_img_s"], "heavy_ceiling_vs_resnet18", r))
+    rows.append(_row(f"{arch}: eval, job default ({prec}) vs model alone", rate, ceiling,
+                     "eval_heavy_vs_ceiling", r))
+    rows.append(_row(f"{arch}: eval, job default ({prec}) vs model alone + decode on the same "
+                     f"{cores} cores", rate, bound, "eval_heavy_vs_cpu_bound", r))
+    rows.append(_row(f"{arch} vs resnet18: the job's share of its CPU bound", 100 * rate / bound,
+                     100 * r["eval_vs_cpu_bound"], "heavy_share_vs_resnet18", r, "%",
+                     ratio=(rate / bound) / r["eval_vs_cpu_bound"]))
 
 
 def _bench_train(cfg, work, train_src, dtype, r, rows) -> None:

@@ -205,17 +205,20 @@ def best_rate(fn, images_per_call: int, device: torch.device, *, repeats: int, w
 
 
 def model_alone_rate(device: torch.device, dtype: torch.dtype, batch_size: int, *,
-                     repeats: int, warmup: int, calls: int, num_classes: int = 1000) -> float:
-    """The "model alone" row of both tables (CPU and ``--device cuda``): images/s of ResNet-18
-    as the predictor runs it (``model.for_inference``: BatchNorm folded, ``dtype`` weights,
-    channels_last; normalize, softmax, top-5) on a uint8 3x224x224 batch of ``batch_size``
-    already on ``device``; ``best_rate`` of ``calls`` calls a run. A ceiling: the fastest this
-    model runs there. torch's thread count is the caller's."""
-    from torchvision.models import resnet18
+                     repeats: int, warmup: int, calls: int, num_classes: int = 1000,
+                     arch: str = "resnet18") -> float:
+    """The "model alone" row of both tables (CPU and ``--device cuda``): images/s of torchvision
+    model ``arch`` (default ResNet-18) as the predictor runs it (``model.for_inference``:
+    BatchNorm folded, ``dtype`` weights, channels_last; normalize, softmax, top-5) on a uint8
+    batch of ``batch_size`` at its DEFAULT weights' crop (224 for ResNets) already on
+    ``device``; ``best_rate`` of ``calls`` calls a run. A ceiling: the fastest this model runs
+    there. torch's thread count is the caller's."""
+    from pipeline import architectures
 
     torch.manual_seed(0)
-    model = modellib.for_inference(resnet18(num_classes=num_classes), device, dtype)
-    x = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, device=device)
+    model = modellib.for_inference(architectures.build(arch, num_classes), device, dtype)
+    crop = architectures.default_preset(arch)["crop_size"]
+    x = torch.randint(0, 256, (batch_size, 3, crop, crop), dtype=torch.uint8, device=device)
     k = min(5, num_classes)
 
     def step():
@@ -228,12 +231,13 @@ def model_alone_rate(device: torch.device, dtype: torch.dtype, batch_size: int, 
 
 def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int,
                       num_classes: int = 1000, repeats: int = CEILING_REPEATS,
-                      warmup: int = 3) -> float:
-    """The CPU table's ceiling: ``model_alone_rate`` on the CPU with ``threads`` torch threads,
-    the best of ``repeats`` timed passes of at least ``n`` images each."""
+                      warmup: int = 3, arch: str = "resnet18") -> float:
+    """The CPU table's ceiling: ``model_alone_rate`` of ``arch`` on the CPU with ``threads``
+    torch threads, the best of ``repeats`` timed passes of at least ``n`` images each."""
     torch.set_num_threads(threads)
     return model_alone_rate(torch.device("cpu"), dtype, batch_size, repeats=repeats,
-                            warmup=warmup, calls=-(-n // batch_size), num_classes=num_classes)
+                            warmup=warmup, calls=-(-n // batch_size), num_classes=num_classes,
+                            arch=arch)
 
 
 def eval_baseline_rate(root: str, batch_size: int, workers: int, threads: int,

@@ -3,6 +3,8 @@ decode function it times being the stage's."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -112,3 +114,31 @@ def test_the_model_alone_is_one_definition_for_both_tables(monkeypatch):
         "model_img_s": 1.0, "model_fp32_img_s": 1.0}
     assert calls == [("cpu", torch.bfloat16, 4), ("cpu", torch.bfloat16, 4),
                      ("cpu", torch.float32, 4)]
+
+
+def test_the_heavier_models_rows_compare_its_share_of_the_bound_with_resnet18s():
+    """ResNet-50's rows (issue 35, item 7): its own CPU bound from its own model-alone rate and
+    the same decode cost, and the job's share of that bound against ResNet-18's share."""
+    from bench import cpu_table
+
+    r = {"eval_ceiling_img_s": 50.0, "decode_fn_cpu_ms_per_img": 4.0, "eval_vs_cpu_bound": 0.8}
+    rows: list = []
+    cpu_table._heavier_rows("resnet50", 18.0, 20.0, "bf16", r, rows)
+    bound = 1 / (1 / 20.0 + 4.0 / 1e3 / os.cpu_count())
+    assert r["eval_heavy_cpu_bound_img_s"] == pytest.approx(bound)
+    assert r["heavy_ceiling_vs_resnet18"] == pytest.approx(0.4)
+    assert r["eval_heavy_vs_ceiling"] == pytest.approx(0.9)
+    assert r["heavy_share_vs_resnet18"] == pytest.approx((18.0 / bound) / 0.8)
+    assert len(rows) == 4 and rows[-1].startswith("| resnet50 vs resnet18: the job's share")
+    assert "met" in rows[-1]  # 18/bound > 0.8: the heavier model keeps ResNet-18's share
+    slow = {**r}
+    cpu_table._heavier_rows("resnet50", 12.0, 20.0, "bf16", slow, [])
+    assert not cpu_table.target_met("heavy_share_vs_resnet18", slow["heavy_share_vs_resnet18"])
+
+
+def test_the_model_alone_rate_times_any_architecture_at_its_own_crop():
+    import torch
+
+    rate = bench.model_alone_rate(torch.device("cpu"), torch.float32, 2, repeats=1, warmup=0,
+                                  calls=1, num_classes=10, arch="mobilenet_v3_small")
+    assert rate > 0
