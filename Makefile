@@ -48,5 +48,11 @@ readme-tables: $(STAMP)
 # Headless Chromium for the report render check in tests/test_nightly.py, installed only when
 # missing (Debian's package; needs root, as in CI). Without it that test skips, or fails in CI.
 .PHONY: browser
+# A browser already on PATH is used as it is. Installing one needs root: as root apt-get runs,
+# otherwise sudo without a password prompt; failing both, one line says what to run.
 browser:
-	command -v chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	@for b in chromium chromium-browser google-chrome google-chrome-stable; do \
+	  if command -v $$b >/dev/null; then echo "browser: $$(command -v $$b)"; exit 0; fi; done; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; else \
+	  echo "make browser: no Chromium on PATH, and installing one needs root: run 'sudo apt-get install chromium' (Debian/Ubuntu) or put any Chromium or Chrome on PATH. Without one the report render test skips locally (and fails under CI=true)" >&2; exit 1; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium

@@ -65,7 +65,8 @@ class BenchmarkConfig:
     workdir: str = _cli.option("", "cpu: scratch folder, kept (empty: a temporary one, deleted)")
     heavier_model: str = _cli.option("resnet50", "cpu: a heavier torchvision model whose "
                                                  "model-alone and job rows go next to "
-                                                 "ResNet-18's (empty: none)")
+                                                 "ResNet-18's (empty: none; --quick leaves "
+                                                 "them out)")
     scale: int = _cli.option(0, "cpu: run the scale rows over this many ImageNet-size images "
                                 "instead of the table (5000: ~25 minutes on 2 cores; 0: no)")
     equiv_images: int = _cli.option(0, "cuda: images for the equivalence rows (0: 128, or 16 "

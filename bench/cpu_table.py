@@ -38,8 +38,8 @@ TARGETS = {"decode_per_core_vs_pil": (">=", 0.8), "decode_fn_vs_pil": (">=", 0.9
            "train_vs_plain": (">=", 0.9), "shard_vs_tar_fsync": (">=", 0.5),
            "eval_time_ratio_4x": ("<=", 4.4), "eval_mem_ratio_4x": ("<=", 1.25),
            "embed_vs_eval": (">=", 0.9), "embed_mem_ratio_4x": ("<=", 1.25),
-           # a heavier model leaves decoding a smaller share of the cores: the job must keep at
-           # least ResNet-18's share of its bound
+           # a heavier model leaves decoding a smaller share of the cores: the job should keep
+           # ResNet-18's share of its bound (a ratio of two ratios: read it within a few %)
            "heavy_share_vs_resnet18": (">=", 1.0)}
 # A pipeline that runs faster than the model alone means the ceiling was not measured as one.
 CEILING_KEYS = ("eval_vs_ceiling", "eval_fp32_vs_ceiling_fp32", "eval_heavy_vs_ceiling")
@@ -243,6 +243,10 @@ def _bench_eval(cfg, work, big, manifests: tuple[str, str], n, dtype, r, rows) -
     ceiling = measure.eval_ceiling_rate(dtype, cfg.batch_size, threads, 4 * cfg.batch_size, 10)
     ceiling32 = measure.eval_ceiling_rate(torch.float32, cfg.batch_size, threads,
                                         2 * cfg.batch_size, 10)
+    heavy = "" if cfg.quick else cfg.heavier_model
+    ceiling_heavy = (measure.eval_ceiling_rate(dtype, cfg.batch_size, threads,
+                                               2 * cfg.batch_size, 10, arch=heavy)
+                     if heavy else 0.0)
     # Steady-state images/s from the two runs; the smaller run's start-up is reported apart.
     # The job lets Ray Data decode while the predictor actors load the model (seconds of free
     # work on a long run), which on a run of a few hundred images is most of the decoding: the
@@ -253,10 +257,6 @@ def _bench_eval(cfg, work, big, manifests: tuple[str, str], n, dtype, r, rows) -
     ctx = DataContext.get_current()
     wait = ctx.wait_for_min_actors_s
     ctx.wait_for_min_actors_s = 600
-    heavy = cfg.heavier_model
-    ceiling_heavy = (measure.eval_ceiling_rate(dtype, cfg.batch_size, threads,
-                                               2 * cfg.batch_size, 10, arch=heavy)
-                     if heavy else 0.0)
     try:
         s_def, mem_n = predict(manifest, "auto", "e_def")
         s4, mem_4n = predict(manifest4, "auto", "e_4n")
@@ -319,8 +319,10 @@ def _heavier_rows(arch: str, rate: float, ceiling: float, prec: str, r: dict,
                   rows: list) -> None:
     """The rows of a heavier model (``--heavier-model``, ResNet-50 by default) next to
     ResNet-18's: its model-alone rate, the job's steady rate against it and against its own CPU
-    bound (the model alone plus the same PIL decode per image on the same cores), and whether the
-    job keeps ResNet-18's share of its bound (``r`` holds ResNet-18's figures already)."""
+    bound (the model alone plus ResNet-18's PIL decode per image on the same cores: ResNet-50's
+    preset resizes to 232, not 256, so its decode is a little cheaper and its bound a little
+    low), and whether the job keeps ResNet-18's share of its bound (``r`` holds ResNet-18's
+    figures already)."""
     cores = os.cpu_count()
     bound = 1 / (1 / ceiling + r["decode_fn_cpu_ms_per_img"] / 1e3 / cores)
     r.update(eval_heavy_model=arch, eval_heavy_img_s=rate, eval_heavy_ceiling_img_s=ceiling,

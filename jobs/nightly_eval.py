@@ -50,7 +50,8 @@ class NightlyConfig(predict.PredictOptions):
     model: tuple = _cli.repeated(
         "torchvision classifier (resnet18, resnet50, efficientnet_b0, convnext_tiny, vit_b_16, "
         "mobilenet_v3_large, ...): once for every --weights, or once per --weights in the same "
-        "order; none: a model.pt's own, else resnet18", "MODEL")
+        "order (a model.pt's own must match); absent: a model.pt's own, else resnet18",
+        "MODEL")
     history: str = _cli.option("", "history folder (local or s3://...): history/ (one Parquet "
                                    "file per set and model per run), runs/<run_id>/, latest.html",
                                required=True)

@@ -98,8 +98,9 @@ class HistoryRow:
 
 @dataclass(frozen=True)
 class SetResult:
-    """One set of a nightly run, for one model: its name and dataset kind, the prediction folder, the prediction
-    summary (summary.json; None when the set failed), the comparisons, the fidelity checks
+    """One set of a nightly run, for one model: its name and dataset kind, the prediction
+    folder, the prediction summary (summary.json; None when the set failed), the comparisons,
+    the fidelity checks
     (``published.Fidelity``), the set's verdict, for a failed set the error, and why a
     published figure did not apply (``published.NotApplicable``)."""
     name: str
@@ -246,8 +247,8 @@ def unfinished_row(run_id: str, started: str, dataset: str, kind: str, manifest:
     verdict, and ``references`` never compares with it."""
     return asdict(HistoryRow(
         date=pd.Timestamp(started).to_pydatetime(), run_id=run_id, dataset=dataset,
-        model=model or None, dataset_kind=kind, data_manifest=manifest, alpha=rule.alpha, min_effect=rule.min_effect,
-        verdict=verdict, error=error))
+        model=model or None, dataset_kind=kind, data_manifest=manifest, alpha=rule.alpha,
+        min_effect=rule.min_effect, verdict=verdict, error=error))
 
 
 def _finite(x: float | None) -> float | None:
@@ -265,13 +266,22 @@ def check_baseline(history: pd.DataFrame, baseline: str) -> None:
 def own_rows(history: pd.DataFrame, dataset: str, model: str = "",
              first: bool = True) -> pd.Series:
     """The mask of ``history``'s rows of set ``dataset`` for model ``model`` (every model's
-    when ''). Rows without a model (written before several models a night) belong to the
-    night's first model (``first``), so a history carries on unbroken."""
+    when ''). Rows without a model (written before several models a night) belong to one model
+    for good, so a history carries on unbroken: the first model of the first night that named
+    its models on this set, or, before any such night, this night's first model (``first``)."""
     mask = history["dataset"] == dataset
-    if model and "model" in history.columns:
-        named = history["model"] == model
-        mask &= (named | history["model"].isna()) if first else named
-    return mask
+    if not model or "model" not in history.columns:
+        return mask
+    named = history["model"] == model
+    unnamed = history["model"].isna()
+    if not unnamed[mask].any():
+        return mask & named
+    rows = history[mask & ~unnamed]
+    if len(rows):
+        leaders = rows[rows["first_model"].isna()] if "first_model" in rows.columns else rows
+        heir = (leaders if len(leaders) else rows)["model"].iloc[0]  # oldest first
+        return mask & (named | unnamed) if heir == model else mask & named
+    return mask & (named | unnamed) if first else mask & named
 
 
 def references(history: pd.DataFrame, baseline: str, dataset: str,

@@ -68,6 +68,19 @@ def _split_named(arg: str) -> tuple[str, str]:
     return "", arg
 
 
+RESERVED = ("nightly.json", "report.md", "report.html")  # files of the run folder itself
+
+
+def _check_name(flag: str, name: str) -> str:
+    """``name`` when it can name a set or a model (a folder of the run and part of a history
+    file's name, ``<run_id>--<set>--<model>``): SET_NAME's characters, no '--', none of the
+    run folder's own files; SuiteError otherwise."""
+    if not SET_NAME.match(name) or "--" in name or name in RESERVED:
+        raise SuiteError(f"{flag}: {name!r} cannot name a set or model: use letters, digits, "
+                         f"'_', '.' and single '-', and none of {', '.join(RESERVED)}")
+    return name
+
+
 def parse_sets(data: list[str] | tuple[str, ...], real_labels=()) -> list[EvalSet]:
     """The sets of ``--data NAME=MANIFEST`` arguments (a bare MANIFEST is named after its file:
     ``shards/val.json`` -> ``val``) and ``--real-labels [NAME=]FILE`` (a bare FILE applies to the
@@ -81,6 +94,7 @@ def parse_sets(data: list[str] | tuple[str, ...], real_labels=()) -> list[EvalSe
                 name = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip("._-") or "data"
         if not manifest:
             raise SuiteError(f"--data {arg}: no manifest after {name}=")
+        _check_name("--data", name)
         if name in sets:
             raise SuiteError(f"--data: two sets are named {name!r} ({sets[name].manifest} and "
                              f"{manifest}); name them: --data NAME=MANIFEST")
@@ -134,7 +148,8 @@ def parse_models(weights: list[str] | tuple[str, ...], models=()) -> list[EvalMo
     weights, models = list(weights), list(models)
     if not weights:
         raise SuiteError("--weights: no model to evaluate")
-    if len(models) > 1 and len(weights) == 1:
+    spread = len(models) > 1 and len(weights) == 1  # one weights for several architectures
+    if spread:
         weights = weights * len(models)
     if len(models) <= 1:
         models = (models or [""]) * len(weights)
@@ -144,9 +159,13 @@ def parse_models(weights: list[str] | tuple[str, ...], models=()) -> list[EvalMo
     out: dict[str, EvalModel] = {}
     for arg, arch in zip(weights, models):
         name, spec = _split_named(arg)
+        if name and storage.exists(arg) and not storage.exists(spec):
+            name, spec = "", arg  # a file whose own name holds '=' (lr=0.1.pt)
         if not spec:
             raise SuiteError(f"--weights {arg}: no weights after {name}=")
-        name = name or _runs_as(spec, arch)
+        if name and spread:
+            name = f"{name}-{arch}"  # one NAME=SPEC for several --model: one name each
+        name = _check_name("--weights", name or _runs_as(spec, arch))
         if name in out:
             raise SuiteError(f"--weights: two models are named {name!r} ({out[name].weights} "
                              f"and {spec}); name them: --weights NAME=SPEC")
@@ -504,9 +523,10 @@ class _Night:
         for r in results:
             own = table[own_rows(table, r.name, r.model, r.model == first)]
             if r.summary is None:  # no metrics: why, and the set's trend with this night in it
-                sections.append(report.Section(f"{self.prefix(r)}{r.verdict}", r.error))
+                prefix = self.prefix(r) or f"{r.name}: "
+                sections.append(report.Section(f"{prefix}{r.verdict}", r.error))
                 if len(own):
-                    sections.append(report.history_section(own, prefix=self.prefix(r)))
+                    sections.append(report.history_section(own, prefix=prefix))
                 continue
             # per-class changes only mean something against a comparable previous run
             prev = next((c for c in r.comparisons if c.role == "previous"
@@ -556,11 +576,16 @@ class _Night:
                        for role, ref in refs if ref is not None]
         versus = None
         if not is_first:
-            champion = next((r for r in done if r.name == s.name
-                             and r.model == self.models[0].name), None)
+            first = self.models[0].name
+            champion = next((r for r in done if r.name == s.name and r.model == first), None)
             if champion is not None and champion.summary is not None:
                 versus = compare_correctness(load_correctness(champion.run_dir), current,
-                                             self.rule, "first model", self.models[0].name)
+                                             self.rule, "first model", first)
+            else:
+                why = champion.verdict if champion is not None else "not run"
+                versus = Comparison("first model", first, NOT_COMPARABLE,
+                                    reason=f"the first model, {first}, has no result on set "
+                                           f"{s.name} ({why})")
         checked = published.check(summary, kind, s.name, self.options.published_table,
                                   self.rule.fidelity_tolerance)
         verdict = worst([c.outcome for c in comparisons]
@@ -619,8 +644,10 @@ def track(result: NightlyResult, history: str, uri: str) -> None:
     named after the night's run id, in the experiment ``nightly HISTORY`` (every night of one
     history folder in one experiment, so MLflow's charts show the trend). Per set
     ``SET.top1``, ``SET.top5``, their 95% interval bounds, ``SET.ece`` and the ReaL figures as
-    metrics (``MODEL.SET.top1`` ... in a night of several models); the verdict, exit code and
-    each set's verdict as tags; report.html and nightly.json as artifacts. A tracking server that fails is one warning: the night's own outputs and exit
+    metrics (in a night of several models, ``MODEL.SET.top1`` ... for each model after the
+    first, whose keys stay ``SET.top1`` ... so its series goes on when a model is added); the
+    verdict, exit code and each set's verdict as tags; report.html and nightly.json as
+    artifacts. A tracking server that fails is one warning: the night's own outputs and exit
     code stand."""
     from pipeline import tracking
 
@@ -629,10 +656,10 @@ def track(result: NightlyResult, history: str, uri: str) -> None:
     where = history if storage.is_uri(history) else os.path.abspath(history)
     t = tracking.Tracker.start(uri, f"nightly {where}", result.run_id,
                                tags={"job": "jobs.nightly_eval", "history": where})
-    several = len({r.model for r in result.sets}) > 1
+    first = result.sets[0].model if result.sets else ""
 
-    def key(r: SetResult) -> str:  # SET, or MODEL.SET in a night of several models
-        return f"{r.model}.{r.name}" if several else r.name
+    def key(r: SetResult) -> str:  # SET for the first model, MODEL.SET for the others
+        return r.name if r.model == first else f"{r.model}.{r.name}"
     t.metrics({f"{key(r)}.{k}": v for r in result.sets if r.summary is not None
                for k, v in tracking.summary_figures(r.summary).items()})
     t.tags({"verdict": result.verdict, "exit_code": result.exit_code,

@@ -326,8 +326,10 @@ def models_section(set_name: str, results: list, first: str, rule) -> Section:
             continue
         params = f"{s['params'] / 1e6:.1f}" if s.get("params") else ""
         c = r.versus_first
-        if c is None:
+        if r.model == first:
             versus = ["first model", "", "", "", ""]
+        elif c is None:
+            versus = ["", "", "", "", "not compared"]
         elif c.outcome == "not comparable":
             versus = ["", "", "", "", f"not compared: {c.reason}"]
         else:

@@ -154,14 +154,15 @@ def test_each_model_is_compared_with_its_own_previous_run(nights):
 def test_history_rows_from_before_models_count_as_the_first_model():
     old = {"run_id": "r0", "dataset": "val", "model": None, "data_manifest_sha256": "x",
            "verdict": regression.FIRST_RUN}
-    named = {**old, "run_id": "r1", "model": "resnet50"}
-    rows = pd.DataFrame([old, named])
+    rows = pd.DataFrame([old])
     current = {"data_manifest_sha256": "x"}
     first = historylib.references(rows, "", "val", current, "resnet18", first=True)
-    assert first[0][1]["run_id"] == "r0"  # the unnamed row carries the first model's history
-    other = historylib.references(rows, "", "val", current, "resnet50", first=False)
+    assert first[0][1]["run_id"] == "r0"  # the first night after the upgrade carries on
+    assert historylib.references(rows, "", "val", current, "resnet50", first=False) == []
+    named = pd.DataFrame([old, {**old, "run_id": "r1", "model": "resnet50"}])
+    other = historylib.references(named, "", "val", current, "resnet50", first=False)
     assert other[0][1]["run_id"] == "r1"
-    assert historylib.references(rows, "", "val", current, "vit_b_16", first=False) == []
+    assert historylib.references(named, "", "val", current, "vit_b_16", first=False) == []
 
 
 @pytest.mark.parametrize("extra, says", [
@@ -186,3 +187,63 @@ def test_one_weights_for_several_architectures_names_each_after_its_own(tmp_path
     assert [(m.name, m.weights, m.arch) for m in ms] == [
         ("resnet18", "none", "resnet18"), ("mobilenet_v3_small", "none", "mobilenet_v3_small")]
     assert nightly.parse_models(["champ=DEFAULT"])[0].name == "champ"
+
+
+def test_a_first_model_without_a_result_leaves_the_others_not_compared(
+        shard_set, models, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    history = str(tmp_path / "history")
+    code, out, err = _nightly(["--history", history, "--data", str(shard_set / "val.json"),
+                               "--weights", f"champ={broken}", "--weights", models["good"]])
+    assert code == regression.EXIT_CODES[regression.FAILED], out + err
+    table = historylib.read_history(history).set_index("model")
+    assert table.loc["champ", "verdict"] == regression.FAILED
+    assert table.loc["resnet18", "top1"] == 25.0  # the challenger still ran
+    assert table.loc["resnet18", "first_model"] == "champ"  # compared, though with nothing
+    assert pd.isna(table.loc["resnet18", "p_vs_first_model"])
+    record = _record(history, table["run_id"].iloc[0])
+    versus = {s["model"]: s["versus_first_model"] for s in record["sets"]}
+    assert versus["resnet18"]["outcome"] == regression.NOT_COMPARABLE
+    assert "the first model, champ, has no result on set val (failed)" in \
+        versus["resnet18"]["reason"]
+    with open(os.path.join(history, "runs", table["run_id"].iloc[0], "report.md")) as f:
+        report = f.read()
+    side = report.split("## val: models side by side", 1)[1].split("\n## ", 1)[0]
+    assert "| resnet18 |" in side and "not compared: the first model, champ" in side
+    assert "first model |" not in side.split("| resnet18 |", 1)[1].splitlines()[0]
+
+
+def test_rows_without_a_model_stay_with_the_model_that_inherited_them():
+    """Rows from before models were named belong, for good, to the first model of the first
+    night that named them: a later night led by another model does not take them over."""
+    old = {"run_id": "r0", "dataset": "val", "model": None, "first_model": None}
+    rows = pd.DataFrame([old,
+                         {**old, "run_id": "r1", "model": "resnet18"},
+                         {**old, "run_id": "r1", "model": "vit", "first_model": "resnet18"}])
+    mask = historylib.own_rows(rows, "val", "resnet18", first=False)
+    assert list(rows[mask]["run_id"]) == ["r0", "r1"]
+    assert list(rows[historylib.own_rows(rows, "val", "convnext", first=True)]["run_id"]) == []
+    assert list(rows[historylib.own_rows(rows, "val", "vit", first=True)]["run_id"]) == ["r1"]
+
+
+@pytest.mark.parametrize("arg, says", [("a--b=DEFAULT", "cannot name a set or model"),
+                                       ("report.html=DEFAULT", "cannot name a set or model")])
+def test_a_model_name_that_cannot_be_a_folder_or_history_file_is_refused(arg, says):
+    from pipeline import nightly
+
+    with pytest.raises(nightly.SuiteError, match=says):
+        nightly.parse_models([arg, "DEFAULT"])
+    with pytest.raises(nightly.SuiteError, match=says):
+        nightly.parse_sets([arg.replace("DEFAULT", "x.json")])
+
+
+def test_a_weights_file_whose_name_holds_an_equals_sign_is_a_file_not_a_name(tmp_path):
+    from pipeline import nightly
+
+    odd = tmp_path / "lr=0.1.pt"
+    odd.write_bytes(b"x")
+    (m,) = nightly.parse_models([str(odd)])
+    assert (m.name, m.weights) == ("resnet18", str(odd))
+    spread = nightly.parse_models(["champ=DEFAULT"], ["resnet18", "resnet50"])
+    assert [m.name for m in spread] == ["champ-resnet18", "champ-resnet50"]
