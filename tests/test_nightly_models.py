@@ -10,8 +10,6 @@ answers class 1: 25%, on other images than ``good``).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 
@@ -19,10 +17,9 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs import nightly_eval
 from pipeline import architectures, history as historylib, model as modellib, regression, shards
 
-PRESET = {"resize_size": 73, "crop_size": 64}  # small crops: the test is about the plumbing
+from tests.test_nightly import PRESET, _nightly  # one way to run the job in-process
 
 
 def _answering(arch: str, classes: list[dict], index: int) -> torch.nn.Module:
@@ -48,13 +45,6 @@ def models(shard_set, tmp_path_factory):
         modellib.save_model(str(folder / f"{name}.pt"), _answering(arch, cls, index), cls,
                             PRESET, {}, f"test-{name}", arch)
     return {name: str(folder / f"{name}.pt") for name in made}
-
-
-def _nightly(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = nightly_eval.main(argv + ["--precision", "fp32", "--batch-size", "8"])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
