@@ -141,10 +141,12 @@ def _runs_as(weights: str, arch: str) -> str:
 def parse_models(weights: list[str] | tuple[str, ...], models=()) -> list[EvalModel]:
     """The models of ``--weights [NAME=]SPEC`` and ``--model ARCH`` arguments, in order (the
     first is the one the others are compared with). One --model applies to every --weights, one
-    --weights to every --model; otherwise they pair in order. An unnamed model is named after the
-    architecture it runs as (resnet18 for DEFAULT, a model.pt's own), so its history goes on
-    when its weights change. SuiteError for no weights, counts that do not pair, or a name given
-    twice."""
+    --weights to every --model (a NAME=SPEC so spread is named NAME-ARCH for each); otherwise
+    they pair in order. An unnamed model is named after the architecture it runs as (resnet18
+    for DEFAULT, a model.pt's own), so its history goes on when its weights change. An existing
+    file whose own name holds '=' (``lr=0.1.pt``) is a file, not NAME=SPEC. SuiteError for no
+    weights, counts that do not pair, a name given twice, or one that cannot name a folder and
+    a history file (``_check_name``)."""
     weights, models = list(weights), list(models)
     if not weights:
         raise SuiteError("--weights: no model to evaluate")

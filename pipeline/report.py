@@ -317,6 +317,8 @@ def models_section(set_name: str, results: list, first: str, rule) -> Section:
     each model against the first on the same images: the top-1 change in percentage points,
     images lost and gained, McNemar's exact p and what it means. Informative: a model worse
     than the first is no regression (each model's own history judges that)."""
+    from pipeline.regression import IMPROVEMENT, NOT_COMPARABLE, REGRESSION
+
     rows = []
     for r in results:
         s = r.summary
@@ -330,11 +332,10 @@ def models_section(set_name: str, results: list, first: str, rule) -> Section:
             versus = ["first model", "", "", "", ""]
         elif c is None:
             versus = ["", "", "", "", "not compared"]
-        elif c.outcome == "not comparable":
+        elif c.outcome == NOT_COMPARABLE:
             versus = ["", "", "", "", f"not compared: {c.reason}"]
         else:
-            word = {"significant regression": f"worse than {first}",
-                    "significant improvement": f"better than {first}"}
+            word = {REGRESSION: f"worse than {first}", IMPROVEMENT: f"better than {first}"}
             versus = [f"{c.delta_pp:+.2f}", c.lost, c.gained, f"{c.p_value:.3g}",
                       word.get(c.outcome, "no significant difference")]
         rows.append([r.model, s.get("arch") or "", params,
