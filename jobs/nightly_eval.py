@@ -34,8 +34,9 @@ class NightlyConfig(predict.PredictOptions):
     published accuracy lies outside the measured 95% interval widened by --fidelity-tolerance,
     6 --deadline exceeded (the set at work and those after it are recorded as "deadline
     exceeded"), 7 the cluster did not give the plan's resources within --max-wait, 8 the
-    previous night on the same --history still runs (this one did not start). Severity: 5 > 3
-    > 6 > 1 > 4 > 0. Every night that starts leaves a history row per set and a report, and
+    previous night on the same --history still runs (this one did not start). Severity over the
+    sets and models: 5 > 3 > 6 > 1 > 4 > 0 (2 and 8 come before any set, 7 ends the night where
+    it stands). Every night that starts leaves a history row per set and a report, and
     names a previous night whose driver died ("did not finish")."""
     data: tuple = _cli.repeated("a set to evaluate, repeatable: NAME=MANIFEST (e.g. "
                                 "val=shards/val.json v2=shards-v2/val.json), or a bare MANIFEST "

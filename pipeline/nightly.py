@@ -127,15 +127,18 @@ class EvalModel:
 
 def _runs_as(weights: str, arch: str) -> str:
     """The architecture weights ``weights`` run as: ``arch``, else a model.pt's own, else
-    resnet18 (weights that do not load run as that too, and fail in the night)."""
+    resnet18 (weights that do not load run as that too, and fail in the night). UsageError for a
+    model.pt of another architecture than ``arch``, before any name is made from it."""
     from pipeline import architectures, model as modellib
 
-    if arch or weights.lower() == "none" or not storage.exists(weights):
+    if weights.lower() == "none" or not storage.exists(weights):
         return arch or architectures.DEFAULT_MODEL
     try:
-        return modellib.load_weights(weights).arch
-    except USER_ERRORS:
-        return architectures.DEFAULT_MODEL
+        return modellib.load_weights(weights, arch).arch
+    except UsageError:  # a model.pt of another architecture than --model: say so first
+        raise
+    except USER_ERRORS:  # weights that do not load: named as they would run, fail in the night
+        return arch or architectures.DEFAULT_MODEL
 
 
 def parse_models(weights: list[str] | tuple[str, ...], models=()) -> list[EvalModel]:
@@ -163,6 +166,9 @@ def parse_models(weights: list[str] | tuple[str, ...], models=()) -> list[EvalMo
         name, spec = _split_named(arg)
         if name and storage.exists(arg) and not storage.exists(spec):
             name, spec = "", arg  # a file whose own name holds '=' (lr=0.1.pt)
+        elif not name and "=" in arg and "/" not in arg.partition("=")[0] \
+                and not storage.exists(arg):
+            _check_name("--weights", arg.partition("=")[0])  # 'my model=none': say why
         if not spec:
             raise SuiteError(f"--weights {arg}: no weights after {name}=")
         if name and spread:
@@ -709,5 +715,5 @@ def format_result(result: NightlyResult, rule: RegressionRule) -> str:
               f"verdict: {result.verdict} (exit {result.exit_code}); significance rule: "
               f"{rule.describe()}",
               f"predictions: {result.run_dir}/{'<model>/' if several else ''}<set>/, report: "
-              f"{result.report_html}"]
+              f"{result.report_html} (and report.md beside it)"]
     return "\n".join(lines)

@@ -237,3 +237,15 @@ def test_a_weights_file_whose_name_holds_an_equals_sign_is_a_file_not_a_name(tmp
     assert (m.name, m.weights) == ("resnet18", str(odd))
     spread = nightly.parse_models(["champ=DEFAULT"], ["resnet18", "resnet50"])
     assert [m.name for m in spread] == ["champ-resnet18", "champ-resnet50"]
+
+
+def test_the_error_names_the_real_fault_first(models):
+    """A name that cannot be one is called a bad name, not missing weights; a model.pt of
+    another architecture than --model is named as such, not as two models of one name."""
+    from pipeline import nightly
+    from pipeline.errors import UsageError
+
+    with pytest.raises(nightly.SuiteError, match="'my model' cannot name a set or model"):
+        nightly.parse_models(["my model=none"])
+    with pytest.raises(UsageError, match="is a resnet18 model.pt"):
+        nightly.parse_models([models["good"], "none"], ["mobilenet_v3_small"])
