@@ -9,8 +9,7 @@ import sys
 from dataclasses import dataclass
 
 from jobs import _cli
-from pipeline import (architectures, deadline, model as modellib, nightly, predict, regression,
-                      resources)
+from pipeline import architectures, deadline, nightly, predict, regression, resources
 from pipeline import tracking
 from pipeline.errors import USER_ERRORS, UsageError, exit_code_of
 
@@ -108,17 +107,11 @@ def check(cfg: NightlyConfig) -> Checked:
     sets = nightly.parse_sets(cfg.data, cfg.real_labels)
     for arch in cfg.model:  # a typo: one line naming the closest names
         architectures.check_name(arch)
+    # a model.pt of another architecture than its --model: exit 2 (parse_models loads it)
     models = nightly.parse_models(cfg.weights, cfg.model)
     table = nightly.check_inputs(sets, models, cfg.published)
     opts = dataclasses.replace(predict.PredictOptions.of(cfg), model="")
     for m in models:
-        if m.arch and m.weights.lower() != "none":  # a model.pt of another architecture: exit 2
-            try:
-                modellib.load_weights(m.weights, m.arch)
-            except UsageError:
-                raise
-            except USER_ERRORS:  # weights that do not load: each set fails in the night
-                pass
         for s in sets:  # what needs the model's classes too (ReaL labels on other classes)
             if s.real_labels:
                 try:

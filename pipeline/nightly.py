@@ -173,7 +173,8 @@ def parse_models(weights: list[str] | tuple[str, ...], models=()) -> list[EvalMo
             raise SuiteError(f"--weights {arg}: no weights after {name}=")
         if name and spread:
             name = f"{name}-{arch}"  # one NAME=SPEC for several --model: one name each
-        name = _check_name("--weights", name or _runs_as(spec, arch))
+        runs_as = _runs_as(spec, arch)  # and a model.pt of another --model: exit 2, named or not
+        name = _check_name("--weights", name or runs_as)
         if name in out:
             raise SuiteError(f"--weights: two models are named {name!r} ({out[name].weights} "
                              f"and {spec}); name them: --weights NAME=SPEC")

@@ -249,3 +249,11 @@ def test_the_error_names_the_real_fault_first(models):
         nightly.parse_models(["my model=none"])
     with pytest.raises(UsageError, match="is a resnet18 model.pt"):
         nightly.parse_models([models["good"], "none"], ["mobilenet_v3_small"])
+
+
+def test_a_named_model_pt_of_another_architecture_is_refused_before_ray(models):
+    from pipeline import nightly
+    from pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match="is a resnet18 model.pt"):
+        nightly.parse_models([f"champ={models['good']}"], ["mobilenet_v3_small"])
