@@ -91,8 +91,72 @@ def read_members(data: bytes, name: str) -> list[tuple[str, dict[str, bytes]]]:
     """The samples in ``data`` (whole tar members, as a chunk's byte range holds them, with or
     without the archive's end blocks) as (key, {extension: bytes}) in order, members grouped by
     key as they are adjacent. Raises InputError naming ``name`` when the bytes are not tar
-    members, or a sample's members are not adjacent. Extensions are not checked here: ``shards.validate_sample`` judges each sample."""
-    samples, seen = [], set()
+    members, or a sample's members are not adjacent. Extensions are not checked here:
+    ``shards.validate_sample`` judges each sample.
+
+    The plain ustar headers jobs.shard writes are read directly (``_ustar_members``); anything
+    else (PAX or GNU headers, links, a bad checksum) goes through ``tarfile``, which reads
+    every tar: the same samples either way (tests/test_tarindex.py)."""
+    samples = _ustar_members(data)
+    if samples is None:
+        samples = _tarfile_members(data, name)
+    seen = set()
+    for key, _ in samples:
+        if key in seen:
+            raise InputError(f"{name}: members of sample {key} are not adjacent")
+        seen.add(key)
+    return samples
+
+
+_BLOCK = tarfile.BLOCKSIZE
+_REGULAR = (b"0", b"\x00")  # typeflags of a regular file (the NUL of pre-POSIX tars)
+
+
+def _ustar_members(data: bytes) -> list[tuple[str, dict[str, bytes]]] | None:
+    """``read_members`` for tar bytes made only of regular-file members with plain ustar
+    headers (checksum verified, size in octal) up to the end blocks or the end of ``data``;
+    None at the first header that is anything else, for ``tarfile`` to read.
+
+    ``tarfile`` builds a TarInfo and a file object per member (~25 us, 2026-12-07 on 2 cores:
+    0.08 ms of the decode stage's ~3.3 ms of CPU an ImageNet image, 3 members a sample); this
+    slices the members out of the chunk's bytes. Members are grouped into samples as
+    ``_tarfile_members`` groups them."""
+    view, end, pos, samples = memoryview(data), len(data), 0, []
+    while pos + _BLOCK <= end:
+        header = view[pos:pos + _BLOCK]
+        if not any(header):  # an end block
+            break
+        if (header[257:262] != b"ustar" or header[156:157] not in _REGULAR
+                or header[124] & 0x80):  # not ustar, not a regular file, base-256 size
+            return None
+        try:
+            size = int(bytes(header[124:136]).rstrip(b"\x00 ") or b"0", 8)
+            checksum = int(bytes(header[148:156]).rstrip(b"\x00 "), 8)
+        except ValueError:
+            return None
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):  # the field as spaces
+            return None
+        member = bytes(header[:100]).split(b"\x00", 1)[0]
+        prefix = bytes(header[345:500]).split(b"\x00", 1)[0]
+        if prefix:
+            member = prefix + b"/" + member
+        start = pos + _BLOCK
+        if start + size > end:  # a member cut short: tarfile says what is wrong
+            return None
+        try:
+            key, _, ext = member.decode("utf-8").partition(".")
+        except UnicodeDecodeError:
+            return None
+        if not samples or samples[-1][0] != key:
+            samples.append((key, {}))
+        samples[-1][1][ext] = bytes(view[start:start + size])
+        pos = start + size + (-size % _BLOCK)
+    return samples
+
+
+def _tarfile_members(data: bytes, name: str) -> list[tuple[str, dict[str, bytes]]]:
+    """``read_members`` through ``tarfile``: every tar format it reads."""
+    samples = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for info in tar:
@@ -100,9 +164,6 @@ def read_members(data: bytes, name: str) -> list[tuple[str, dict[str, bytes]]]:
                     continue
                 key, _, ext = info.name.partition(".")
                 if not samples or samples[-1][0] != key:
-                    if key in seen:
-                        raise InputError(f"{name}: members of sample {key} are not adjacent")
-                    seen.add(key)
                     samples.append((key, {}))
                 samples[-1][1][ext] = tar.extractfile(info).read()
     except tarfile.TarError as e:

@@ -135,3 +135,47 @@ def test_photo_shard_chunks_are_one_batch_each(tmp_path, ray_local):
     (rec,) = man.shards
     chunks = tarindex.chunks_of(man.shard_paths[0], rec.samples, rec.index)
     assert [c.samples for c in chunks] == [64, 64, 22]
+
+
+def _with_long_name(samples):
+    """``samples`` with one key over 100 characters: jobs.shard writes a PAX header for it."""
+    return samples[:2] + [("k" * 120, samples[2][1])] + samples[3:]
+
+
+@pytest.mark.parametrize("samples", [_samples(40), _with_long_name(_samples(40))],
+                         ids=["ustar", "one PAX header"])
+def test_the_direct_ustar_reader_gives_what_tarfile_gives_on_shards_jobs_shard_writes(samples):
+    """read_members slices the plain ustar members jobs.shard writes itself and leaves every
+    other header (here the PAX one of a long key) to tarfile: the same samples either way."""
+    w = shards._TarWriter()
+    for key, members in samples:
+        for ext, body in members.items():
+            w.add(f"{key}.{ext}", body)
+    data = w.getvalue()
+    direct = tarindex._ustar_members(data)
+    assert (direct is None) == any(len(k) > 100 for k, _ in samples)
+    assert tarindex.read_members(data, "s.tar") == tarindex._tarfile_members(data, "s.tar") \
+        == samples
+
+
+@pytest.mark.parametrize("damage", ["checksum", "size past the end", "a directory member"])
+def test_a_header_the_direct_reader_does_not_take_goes_to_tarfile(damage):
+    w = shards._TarWriter()
+    for key, members in _samples(3):
+        for ext, body in members.items():
+            w.add(f"{key}.{ext}", body)
+    data = bytearray(w.getvalue())
+    if damage == "checksum":
+        data[0] ^= 1  # the first member's name: its checksum no longer fits
+    elif damage == "size past the end":
+        data[124:136] = b"%011o\x00" % (len(data) * 2)
+    else:
+        info = tarfile.TarInfo("dir")
+        info.type = tarfile.DIRTYPE
+        data[0:0] = info.tobuf(tarfile.USTAR_FORMAT)
+    assert tarindex._ustar_members(bytes(data)) is None
+    if damage == "a directory member":  # skipped by tarfile, as before
+        assert tarindex.read_members(bytes(data), "s.tar") == _samples(3)
+    else:
+        with pytest.raises(InputError, match="s.tar: not a readable tar"):
+            tarindex.read_members(bytes(data), "s.tar")
