@@ -2,8 +2,8 @@
 
 Shards are read a chunk of samples at a time (``shard_chunks``: one ranged read a task, found
 through the shard's sample index, ``pipeline.tarindex``): members stay raw bytes and nothing is
-unpickled. Decoding happens in ``map_batches`` over whole read blocks, fused into the
-read task (``decode_blocks``), with one named policy for bad samples:
+unpickled. Each read task decodes the chunk it read (``read_decoded``, ``decode_blocks``), with
+one named policy for bad samples:
 a sample that cannot be decoded keeps its row, with ``error`` set and a zero image, so it is
 counted exactly once downstream; programming errors (TypeError, AttributeError, ...) raise.
 Rows: ``key`` str, ``label`` int64, ``image`` uint8 3xHxW, ``error`` str ("" when decoded),
@@ -174,10 +174,9 @@ def _cuda_available() -> bool:
 
 
 def decode_blocks(block: dict, *, batch_size: int = 64, **kwargs):
-    """A whole read block (numpy format) -> decoded batches of at most ``batch_size`` rows each
-    (``decode_batch`` with ``kwargs``), yielded one after the other. The form the stage runs in:
-    ``map_batches(batch_size=None)`` lets Ray Data fuse it into the read task (raw bytes never
-    go through the object store), where a fixed batch size keeps read and decode apart."""
+    """A chunk's raw rows (a dict of equal-length columns, or numpy format) -> decoded batches
+    of at most ``batch_size`` rows each (``decode_batch`` with ``kwargs``), yielded one after
+    the other: what each read task of ``read_decoded`` runs on the chunk it read."""
     n, cols = _columns(block)
     for start in range(0, n, batch_size):
         yield decode_batch({k: v[start:start + batch_size] for k, v in cols.items()}, **kwargs)
@@ -322,10 +321,15 @@ def chunk_order(chunks: list, shuffle_seed: int | None, execution: int) -> list:
 
 
 def shard_chunks(manifest: shards.Manifest, chunk_samples: int = tarindex.CHUNK_SAMPLES,
-                 shuffle_seed: int | None = None):
+                 shuffle_seed: int | None = None, decode: dict | None = None):
     """The ``ray.data.Datasource`` that reads ``manifest``'s shards in chunks of about
     ``chunk_samples`` samples. Shards whose records carry no sample index (written before it
-    was recorded) have their tar headers read here, once, with a line saying so."""
+    was recorded) have their tar headers read here, once, with a line saying so.
+
+    Its blocks are the raw rows (``read_chunk``); with ``decode`` (``decode_batch``'s keywords,
+    ``batch_size`` and ``transform`` among them) each read task decodes its chunk itself and
+    its blocks are decoded batches of at most ``batch_size`` rows (``read_decoded``). A train
+    transform's epoch is taken from the execution the tasks are planned for."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -347,8 +351,12 @@ def shard_chunks(manifest: shards.Manifest, chunk_samples: int = tarindex.CHUNK_
             return "ReadShards"
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            order = chunk_order(chunks, shuffle_seed, ray_compat.execution_count(data_context))
-            return [ReadTask(functools.partial(_read_task, c, per_task_row_limit),
+            execution = ray_compat.execution_count(data_context)
+            order = chunk_order(chunks, shuffle_seed, execution)
+            kwargs = None
+            if decode is not None:
+                kwargs = dict(decode, epoch=decode["transform"].epoch(lambda: execution))
+            return [ReadTask(functools.partial(_read_task, c, per_task_row_limit, kwargs),
                              BlockMetadata(num_rows=c.samples, size_bytes=c.end - c.start,
                                            input_files=[c.path], exec_stats=None),
                              per_task_row_limit=per_task_row_limit)
@@ -357,9 +365,19 @@ def shard_chunks(manifest: shards.Manifest, chunk_samples: int = tarindex.CHUNK_
     return _Source()
 
 
-def _read_task(chunk: tarindex.Chunk, limit: int | None):
-    table = read_chunk(chunk)
-    yield table if limit is None else table.slice(0, limit)
+def _read_task(chunk: tarindex.Chunk, limit: int | None, decode: dict | None = None):
+    if decode is None:
+        table = read_chunk(chunk)
+        yield table if limit is None else table.slice(0, limit)
+        return
+    from ray.data.block import BlockAccessor
+
+    samples = _chunk_samples(chunk)[:limit]
+    exts = sorted({ext for _, members in samples for ext in members})
+    rows = {"__key__": [k for k, _ in samples], "__url__": [chunk.path] * len(samples),
+            **{ext: [m.get(ext) for _, m in samples] for ext in exts}}
+    for batch in decode_blocks(rows, **decode):
+        yield BlockAccessor.batch_to_block(batch)
 
 
 def read_raw(manifest_path: str, plan: ReadPlan = ReadPlan()):
@@ -368,16 +386,24 @@ def read_raw(manifest_path: str, plan: ReadPlan = ReadPlan()):
     lists, one read task per chunk of ``plan.chunk_samples`` samples reserving
     ``plan.num_cpus``, in ``plan.shuffle_seed``'s order; and the manifest. What
     ``read_decoded`` decodes, and what a predictor that decodes in its own actor takes."""
+    return _read(manifest_path, plan)
+
+
+def _read(manifest_path: str, plan: ReadPlan, decode: dict | None = None, **remote_args):
     import ray
 
     manifest = shards.load_manifest(manifest_path)
-    source = shard_chunks(manifest, plan.chunk_samples, plan.shuffle_seed)
-    # Read tasks reserve what the decode tasks reserve (Ray's default is one CPU each): the
-    # two then fuse, and a plan that left the data stage a fraction of a CPU cannot wait
-    # forever on a read task (resources.py).
+    source = shard_chunks(manifest, plan.chunk_samples, plan.shuffle_seed,
+                          None if decode is None else dict(
+                              decode, num_classes=len(manifest.classes),
+                              max_pixels=manifest.max_pixels))
+    # Read tasks reserve what the decode tasks reserve (Ray's default is one CPU each): a plan
+    # that left the data stage a fraction of a CPU cannot wait forever on a read task
+    # (resources.py).
     ds = ray.data.read_datasource(source, override_num_blocks=-(-manifest.total_samples
                                                                 // plan.chunk_samples),
-                                  num_cpus=plan.num_cpus, concurrency=plan.concurrency)
+                                  num_cpus=plan.num_cpus, concurrency=plan.concurrency,
+                                  **remote_args)
     return ds, manifest
 
 
@@ -385,22 +411,16 @@ def read_decoded(manifest_path: str, transform: Transform, plan: ReadPlan = Read
     """A Ray Dataset of decoded batches (contract 2: uint8 3 x crop x crop images, through
     ``transform``) for the shards a manifest lists, laid out as ``plan`` says; and the manifest.
 
+    Each read task decodes the chunk it read (``shard_chunks`` with ``decode``): the raw bytes
+    never become an Arrow column or a numpy batch on their way to the decoder. Measured
+    2026-12-07 on 2 cores against the read task handing Arrow blocks to a fused
+    ``map_batches(decode_blocks)``: see docs/BENCHMARKS.md, the decode stage's CPU row.
+
     Ray counts executions from 0 in each new run, so a resumed run must fold its resume point
     into ``plan.shuffle_seed`` (``train.shuffle_seed``) or it replays epoch 0's order, and give
     a ``presets.TrainTransform`` its first epoch as ``epoch_offset``; iterate a train dataset
     once per epoch.
     """
-    from ray.data import TaskPoolStrategy
-
-    ds, manifest = read_raw(manifest_path, plan)
-    # Whole read blocks into the decode function, which yields batch_size rows at a time: Ray
-    # Data then fuses read and decode into one task (measured on 2 cores: 0.2-0.4 ms less CPU per
-    # image, of ~3.2, than read tasks handing 64-row pandas batches to separate decode tasks).
-    ds = ds.map_batches(
-        decode_blocks, batch_format="numpy", batch_size=None,
-        compute=TaskPoolStrategy(size=plan.concurrency),
-        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus if plan.device == "cuda" else 0.0,
-        fn_kwargs={"batch_size": plan.batch_size, "transform": transform,
-                   "num_classes": len(manifest.classes), "device": plan.device,
-                   "max_pixels": manifest.max_pixels})
-    return ds, manifest
+    return _read(manifest_path, plan, {"batch_size": plan.batch_size, "transform": transform,
+                                       "device": plan.device},
+                 num_gpus=plan.num_gpus if plan.device == "cuda" else 0.0)

@@ -113,7 +113,7 @@ def test_decoding_runs_in_tasks_beside_the_predictor_not_fused_into_it(shard_set
         predict.PredictOptions(batch_size=4, precision="fp32"), presets.Preset(256, 224))
     ds.explain()
     plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
-    assert "TaskPoolMapOperator[ReadReadShards->MapBatches(decode_blocks)]" in plan, plan
+    assert "TaskPoolMapOperator[ReadReadShards]" in plan, plan  # read and decode: one task
     assert "ActorPoolMapOperator[MapBatches(Predictor)]" in plan, plan
 
 
@@ -200,3 +200,11 @@ def test_images_already_on_the_predictors_device_are_taken_where_they_are(weight
     device = p({**batch, "image": torch.from_numpy(batch["image"])})
     assert list(host["pred"]) == list(device["pred"]) and host["pred"][1] == -1
     assert np.allclose(host["topk_prob"], device["topk_prob"])
+
+
+def test_the_predictor_warms_up_at_one_image_on_a_cpu_and_at_the_runs_batch_on_a_gpu():
+    from pipeline import predict
+
+    assert predict._warmup_batch(False, 64, 50_000) == 1
+    assert predict._warmup_batch(True, 64, 50_000) == 64
+    assert predict._warmup_batch(True, 64, 16) == 16  # a set smaller than one batch
