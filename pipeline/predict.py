@@ -129,10 +129,8 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
         num_threads=None if plan.use_gpu else opts.threads,
         actors_per_node=_actors_per_node(plan.actors),
         restrict=restricts(opts.class_subset, manifest.layout),
-        # the first batch's kernel selection (~1 s in bf16 on a CPU) done while the actor
-        # starts, not on the data's first batch; at the largest batch the run has (a set
-        # smaller than one batch: a warm-up at 64 cost 2.2 s of fp32 on AVX2 for 16 images)
-        warmup=(max(1, min(opts.batch_size, manifest.total_samples)), preset.crop_size),
+        warmup=(_warmup_batch(plan.use_gpu, opts.batch_size, manifest.total_samples),
+                preset.crop_size),
         embedding_dtype=opts.embedding_dtype if opts.embeddings else "", rows=rows,
         model=opts.model, preset=preset, decode=decode)
     ds = ds.map_batches(
@@ -140,6 +138,16 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
         fn_constructor_args=(spec,))
     return ds, manifest
+
+
+def _warmup_batch(use_gpu: bool, batch_size: int, total: int) -> int:
+    """The batch of the predictor's warm-up pass (``PredictorSpec.warmup``). On a GPU, the
+    run's largest batch: cuDNN picks its kernels per shape, and the pass costs milliseconds. On a
+    CPU, one image: oneDNN's kernels are made for the layers, not the batch, and a pass at 64
+    cost a whole batch of compute before the first (measured 2026-12-07 on 2 cores, bf16, fresh
+    processes: model built to first batch out 4.0-4.4 s with the warm-up at 64, 2.7-2.8 s at 1
+    or none, the first call then 0.0-0.1 s slower than the next)."""
+    return max(1, min(batch_size, total)) if use_gpu else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +371,13 @@ def _metadata(run: _Run, inputs: Inputs, preset: presets.Preset) -> dict[str, st
     return meta
 
 
+def _checksums(manifest_path: str, manifest: shards.Manifest) -> shards.Checksums:
+    """The shards' size and sha256 checked beside the run, from its first batch on: one task
+    at a time, reserving no CPU (``shards.Checksums``), so the checks never hold a CPU that the
+    decode tasks or the predictor actors wait for."""
+    return shards.Checksums(manifest_path, manifest, in_flight=1, num_cpus=0)
+
+
 def _stream(run: _Run, inputs: Inputs, preset: presets.Preset, meta: dict[str, str],
             staging: str) -> predictions.Tally:
     """Run the prediction dataset and write its rows into ``staging``/predictions/ (``meta``
@@ -371,9 +386,7 @@ def _stream(run: _Run, inputs: Inputs, preset: presets.Preset, meta: dict[str, s
     import ray
 
     manifest_path, opts = run.manifest_path, run.opts
-    # the shards' sha256 checked beside the run, not before it; known before anything publishes
-    checksums = (shards.Checksums(manifest_path, inputs.manifest) if opts.verify_checksums
-                 else None)
+    checksums = None  # the shards' sha256: checked from the first batch on (below)
     ds, manifest = prediction_dataset(manifest_path, run.weights, run.plan, opts, preset,
                                       run.rows)
     k = min(opts.topk, len(inputs.classes_out))
@@ -398,11 +411,12 @@ def _stream(run: _Run, inputs: Inputs, preset: presets.Preset, meta: dict[str, s
                 if len(good["key"]):
                     writer.write(predictions.rows_table(run.rows, good, k, class_ids))
                 bar.update(len(batch["key"]))
-                if checksums:
+                if opts.verify_checksums:
+                    checksums = checksums or _checksums(manifest_path, inputs.manifest)
                     checksums.raise_if_bad()  # a bad shard stops the run when found
         except ray.exceptions.RayTaskError as e:
-            if checksums:  # a shard that fails its checksum: that is what to report
-                checksums.raise_if_bad(wait=True)
+            if opts.verify_checksums:  # a shard that fails its checksum: that is what to report
+                (checksums or _checksums(manifest_path, inputs.manifest)).raise_if_bad(wait=True)
             raise _read_error(e, manifest_path) from None
         finally:
             deadline.disarm(first_wait)
@@ -410,8 +424,8 @@ def _stream(run: _Run, inputs: Inputs, preset: presets.Preset, meta: dict[str, s
             # tasks with it, not when the garbage collector gets to the generator (a
             # process that goes on, e.g. a nightly, kept them holding the cluster's CPUs)
             getattr(batches, "close", lambda: None)()
-    if checksums:
-        checksums.raise_if_bad(wait=True)
+    if opts.verify_checksums:  # known before anything publishes
+        (checksums or _checksums(manifest_path, inputs.manifest)).raise_if_bad(wait=True)
     writer.close()
     predictions.check_coverage(manifest, manifest_path, tally.seen, len(tally.keys),
                                tally.per_shard)

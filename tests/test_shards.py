@@ -419,3 +419,26 @@ def test_digit_folders_shard_as_ten_classes_with_a_warning(tmp_path, ray_local, 
         "--layout imagenet-v2" in out
     assert "layout folder, 10 classes" in out
     assert _labels(str(tmp_path / "s" / "train.json")) == {f"img{d}": d for d in range(10)}
+
+
+def test_checksums_one_at_a_time_still_check_every_shard_and_name_the_bad_one(shard_set, tmp_path,
+                                                                            ray_local):
+    """How a prediction run checks its shards (predict._checksums): one task at a time, no CPU
+    reserved; every shard is still checked before the answer, and a flipped byte is named."""
+    import shutil
+
+    folder = tmp_path / "s"
+    shutil.copytree(shard_set, folder)
+    manifest = shards.load_manifest(str(folder / "train.json"))
+    assert len(manifest.shards) == 3
+    checks = shards.Checksums(str(folder / "train.json"), manifest, in_flight=1, num_cpus=0)
+    assert len(checks.pending) == 1 and len(checks.todo) == 2
+    checks.raise_if_bad(wait=True)  # all good: no error, nothing left
+    assert not checks.pending and not checks.todo
+    last = folder / manifest.shards[-1].file
+    data = bytearray(last.read_bytes())
+    data[1500] ^= 1
+    last.write_bytes(bytes(data))
+    checks = shards.Checksums(str(folder / "train.json"), manifest, in_flight=1, num_cpus=0)
+    with pytest.raises(InputError, match=f"{manifest.shards[-1].file}: sha256 does not match"):
+        checks.raise_if_bad(wait=True)
