@@ -203,10 +203,12 @@ def measure_scale(n: int, work: str, store_mb: int = STORE_MB) -> dict:
     sh = os.path.join(work, "shards")
     small_img = os.path.join(work, "img_small")
     photo_folder(small_img, n // 5)
-    # The CPU bound, as the CPU table defines it: measured before any job, on a quiet machine.
     dtype = modellib.resolve_precision("auto", torch.device("cpu"))
     threads = predictor.cpu_threads(1)
-    r["scale_model_alone_img_s"] = measure.eval_ceiling_rate(dtype, 64, threads, 256, 10)
+
+    def model_alone() -> float:
+        return measure.eval_ceiling_rate(dtype, 64, threads, 256, 10)
+
     head = Head(SCALE_CPUS, store_mb)
     try:
         env = head.env
@@ -227,13 +229,21 @@ def measure_scale(n: int, work: str, store_mb: int = STORE_MB) -> dict:
         fn_cpu = measure.decode_function_cpu(os.path.join(work, "shards_small", "val.json"), 10,
                                              repeats=1)
         r["scale_decode_fn_cpu_ms"] = fn_cpu * 1e3
-        r["scale_cpu_bound_img_s"] = 1 / (1 / r["scale_model_alone_img_s"]
-                                          + fn_cpu / SCALE_CPUS)
         small = job("predict_small", "jobs.predict", "--data",
                     os.path.join(work, "shards_small", "val.json"), "--weights", "none",
                     "--out", os.path.join(work, "p_small"), "--no-progress")
+        # The CPU bound, as the CPU table defines it, from the model alone measured just before
+        # and just after the job it bounds: this machine's speed drifted 10-15% within half an
+        # hour (2026-12-07: 49.4-50.3 img/s, then 42.5-44.8), and a bound taken minutes away
+        # from the job read that drift as the job's inefficiency.
+        before = model_alone()
         big = job("predict", "jobs.predict", "--data", m, "--weights", "none", "--out",
                   os.path.join(work, "p"), "--no-progress")
+        after = model_alone()
+        r.update(scale_model_alone_before_img_s=before, scale_model_alone_after_img_s=after,
+                 scale_model_alone_img_s=(before + after) / 2)
+        r["scale_cpu_bound_img_s"] = 1 / (1 / r["scale_model_alone_img_s"]
+                                          + fn_cpu / SCALE_CPUS)
         with open(os.path.join(work, "p", "summary.json")) as f:
             s = json.load(f)
         r.update(scale_shard_s=shard["wall_s"], scale_predict_wall_s=big["wall_s"],
@@ -276,7 +286,9 @@ def report(r: dict, command: str) -> str:
     n = r["scale_images"]
     rows = [
         ("jobs.predict steady rate vs the CPU bound (model alone "
-         f"{r['scale_model_alone_img_s']:.1f} img/s + decode "
+         f"{r['scale_model_alone_img_s']:.1f} img/s, the mean of "
+         f"{r['scale_model_alone_before_img_s']:.1f} just before the job and "
+         f"{r['scale_model_alone_after_img_s']:.1f} just after, + decode "
          f"{r['scale_decode_fn_cpu_ms']:.2f} ms/img on {r['scale_cpus']} cores = "
          f"{r['scale_cpu_bound_img_s']:.1f} img/s)",
          f"{r['scale_steady_img_s']:.1f} img/s", r["scale_vs_cpu_bound"], "scale_vs_cpu_bound"),

@@ -12,6 +12,7 @@ import os
 import subprocess
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -137,26 +138,62 @@ def decode_function_cpu(manifest_path: str, num_classes: int, batch_size: int = 
 def family_cpu_seconds() -> float:
     """User + system CPU-seconds so far of this process and every process it started (on a
     local cluster: Ray's raylet, GCS, workers and actors), whatever else runs on the machine."""
+    return sum(cpu for _, cpu in family_cpu_by_process().values())
+
+
+# The process titles Ray gives a worker that runs (or waits for) tasks, not an actor: the
+# decode stage's processes ("ray::ReadReadShards" while it reads and decodes a chunk).
+TASK_WORKER_TITLES = ("ray::IDLE", "ray::ReadShards", "ray::ReadReadShards", "ray::MapBatches")
+
+
+def family_cpu_by_process() -> dict[int, tuple[str, float]]:
+    """``family_cpu_seconds`` per process: pid -> (role, CPU-seconds so far). Roles:
+    ``driver`` (this process: on a local cluster, the consumer of the stage's batches and Ray
+    Data's executor), ``tasks`` (Ray's task workers: processes titled as in
+    TASK_WORKER_TITLES, which run the read/decode tasks) and ``ray`` (everything else: raylet,
+    GCS, dashboard, Ray Data's actors)."""
     import psutil
 
-    me, total = psutil.Process(), 0.0
+    me = psutil.Process()
+    out = {}
     for p in [me, *me.children(recursive=True)]:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            title = " ".join(p.cmdline())
         except psutil.Error:  # exited between the listing and the reading
             continue
-    return total
+        role = ("driver" if p.pid == me.pid
+                else "tasks" if title.startswith(TASK_WORKER_TITLES) else "ray")
+        out[p.pid] = (role, t.user + t.system)
+    return out
 
 
-def stream_seconds(manifest: str, batch_size: int = 64) -> tuple[float, float]:
-    """One full pass of the Ray Data decode stage over a manifest: (wall seconds, CPU-seconds
-    of the driver and every Ray process it started, ``family_cpu_seconds``)."""
-    t0, c0 = time.monotonic(), family_cpu_seconds()
+def cpu_by_role(before: dict, after: dict) -> dict[str, float]:
+    """CPU-seconds per role between two ``family_cpu_by_process`` readings, process by process
+    (a process started in between counts from 0; one that ended in between is not seen)."""
+    out = {"driver": 0.0, "tasks": 0.0, "ray": 0.0}
+    for pid, (role, cpu) in after.items():
+        out[role] += cpu - before.get(pid, (role, 0.0))[1]
+    return out
+
+
+class StreamPass(NamedTuple):
+    """One pass of the decode stage (``stream_seconds``): wall seconds, and CPU-seconds of the
+    whole family (``cpu``) and of its task workers alone (``task_cpu``: the stage's own)."""
+    wall: float
+    cpu: float
+    task_cpu: float
+
+
+def stream_seconds(manifest: str, batch_size: int = 64) -> StreamPass:
+    """One full pass of the Ray Data decode stage over a manifest, consumed in this process as
+    numpy batches (``StreamPass``: CPU from ``family_cpu_by_process``, ``cpu_by_role``)."""
+    t0, c0 = time.monotonic(), family_cpu_by_process()
     ds, _ = data.read_decoded(manifest, presets.EvalTransform(), data.ReadPlan(batch_size))
     for _ in ds.iter_batches(batch_size=None, batch_format="numpy"):
         pass
-    return time.monotonic() - t0, family_cpu_seconds() - c0
+    wall, roles = time.monotonic() - t0, cpu_by_role(c0, family_cpu_by_process())
+    return StreamPass(wall, sum(roles.values()), roles["tasks"])
 
 
 def differential_rate(n_small: int, t_small: float, n_big: int, t_big: float) -> float:
