@@ -61,6 +61,19 @@ def test_the_timed_decode_function_sees_what_the_ray_stage_sees(shard_set):
     assert bench.decode_function_cpu(manifest, 4, batch_size=3, repeats=1) > 0
 
 
+def test_the_decode_stages_own_cpu_is_found_in_its_task_workers(shard_set):
+    """The decode row's target is judged on the CPU of the processes that ran the read/decode
+    tasks: a pass must find them (a title Ray renamed would read 0 and pass any target)."""
+    p = bench.stream_seconds(str(shard_set / "val.json"), batch_size=4)
+    assert 0 < p.task_cpu <= p.cpu and p.wall > 0
+
+
+def test_cpu_by_role_counts_each_process_from_its_first_reading():
+    before = {1: ("driver", 5.0), 2: ("tasks", 1.0), 3: ("ray", 2.0)}
+    after = {1: ("driver", 6.0), 2: ("tasks", 4.0), 3: ("ray", 2.5), 4: ("tasks", 0.5)}
+    assert bench.cpu_by_role(before, after) == {"driver": 1.0, "tasks": 3.5, "ray": 0.5}
+
+
 def test_a_differential_rate_the_noise_swamped_is_not_a_figure():
     assert bench.differential_rate(10, 2.0, 40, 5.0) == 10.0
     assert np.isnan(bench.differential_rate(10, 2.0, 40, 1.9))
