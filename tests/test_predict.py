@@ -208,3 +208,14 @@ def test_the_predictor_warms_up_at_one_image_on_a_cpu_and_at_the_runs_batch_on_a
     assert predict._warmup_batch(False, 64, 50_000) == 1
     assert predict._warmup_batch(True, 64, 50_000) == 64
     assert predict._warmup_batch(True, 64, 16) == 16  # a set smaller than one batch
+
+
+def test_shard_checksums_run_beside_the_job_one_task_per_four_cpus(ray_local, shard_set):
+    """predict._checksums: on this 2-CPU cluster one check in flight, none holding a CPU."""
+    from pipeline import predict, shards as shardlib
+
+    checks = predict._checksums(str(shard_set / "train.json"),
+                                shardlib.load_manifest(str(shard_set / "train.json")))
+    assert checks.in_flight == 1 and len(checks.pending) == 1
+    checks.raise_if_bad(wait=True)
+    assert not checks.pending and not checks.todo
