@@ -135,19 +135,15 @@ def decode_function_cpu(manifest_path: str, num_classes: int, batch_size: int = 
     return best
 
 
-def family_cpu_seconds() -> float:
-    """User + system CPU-seconds so far of this process and every process it started (on a
-    local cluster: Ray's raylet, GCS, workers and actors), whatever else runs on the machine."""
-    return sum(cpu for _, cpu in family_cpu_by_process().values())
-
-
 # The process titles Ray gives a worker that runs (or waits for) tasks, not an actor: the
 # decode stage's processes ("ray::ReadReadShards" while it reads and decodes a chunk).
 TASK_WORKER_TITLES = ("ray::IDLE", "ray::ReadShards", "ray::ReadReadShards", "ray::MapBatches")
 
 
 def family_cpu_by_process() -> dict[int, tuple[str, float]]:
-    """``family_cpu_seconds`` per process: pid -> (role, CPU-seconds so far). Roles:
+    """User + system CPU-seconds so far of this process and every process it started (on a
+    local cluster: Ray's raylet, GCS, workers and actors), whatever else runs on the machine,
+    per process: pid -> (role, CPU-seconds). Roles:
     ``driver`` (this process: on a local cluster, the consumer of the stage's batches and Ray
     Data's executor), ``tasks`` (Ray's task workers: processes titled as in
     TASK_WORKER_TITLES, which run the read/decode tasks) and ``ray`` (everything else: raylet,
