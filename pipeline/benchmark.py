@@ -98,25 +98,17 @@ def pil_decode_rate(files: list[str]) -> tuple[float, float]:
 
 
 def raw_batches(manifest_path: str, batch_size: int = 64) -> list[dict]:
-    """A manifest's samples as the decode stage receives them from its reader
-    (``data.read_chunk`` over chunks of ``batch_size`` samples, in Ray Data's numpy format):
-    dicts of equal-length object arrays (``__key__``, ``__url__``, ``cls``, the image members;
-    None where a sample lacks a member)."""
+    """A manifest's samples as each read task of the decode stage hands them to its decoder
+    (``data.raw_columns`` over chunks of ``batch_size`` samples): dicts of equal-length lists
+    (``__key__``, ``__url__``, ``cls``, the image members; None where a sample lacks a
+    member)."""
     from pipeline import shards, tarindex
 
     manifest = shards.load_manifest(manifest_path)
-    out = []
-    for path, rec in zip(manifest.shard_paths, manifest.shards):
-        for chunk in tarindex.chunks_of(path, rec.samples, shards.shard_index(path, rec),
-                                        batch_size):
-            table = data.read_chunk(chunk)
-            batch = {}
-            for name in table.column_names:
-                col = np.empty(table.num_rows, dtype=object)
-                col[:] = table.column(name).to_pylist()
-                batch[name] = col
-            out.append(batch)
-    return out
+    return [data.raw_columns(chunk)
+            for path, rec in zip(manifest.shard_paths, manifest.shards)
+            for chunk in tarindex.chunks_of(path, rec.samples, shards.shard_index(path, rec),
+                                            batch_size)]
 
 
 def decode_function_cpu(manifest_path: str, num_classes: int, batch_size: int = 64,

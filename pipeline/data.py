@@ -269,13 +269,20 @@ def read_chunk(chunk: tarindex.Chunk):
     InputError naming the shard when it is truncated or its bytes are not a readable tar."""
     import pyarrow as pa
 
-    samples = _chunk_samples(chunk)
+    return pa.table({name: pa.array(values, pa.string() if name in ("__key__", "__url__")
+                                     else pa.binary())
+                     for name, values in raw_columns(chunk).items()})
+
+
+def raw_columns(chunk: tarindex.Chunk, limit: int | None = None) -> dict[str, list]:
+    """One chunk's raw rows (the first ``limit`` of them; None: all) as Python lists:
+    ``__key__``, ``__url__`` (the shard's path) and one list of bytes per member extension, None
+    where a sample lacks that member. ``read_chunk``'s columns, before Arrow; what a read task
+    of ``read_decoded`` decodes. Errors as ``read_chunk``."""
+    samples = _chunk_samples(chunk)[:limit]
     exts = sorted({ext for _, members in samples for ext in members})
-    columns = {"__key__": pa.array([k for k, _ in samples], pa.string()),
-               "__url__": pa.array([chunk.path] * len(samples), pa.string())}
-    for ext in exts:
-        columns[ext] = pa.array([m.get(ext) for _, m in samples], pa.binary())
-    return pa.table(columns)
+    return {"__key__": [k for k, _ in samples], "__url__": [chunk.path] * len(samples),
+            **{ext: [m.get(ext) for _, m in samples] for ext in exts}}
 
 
 def _chunk_samples(chunk: tarindex.Chunk) -> list:
@@ -372,11 +379,7 @@ def _read_task(chunk: tarindex.Chunk, limit: int | None, decode: dict | None = N
         return
     from ray.data.block import BlockAccessor
 
-    samples = _chunk_samples(chunk)[:limit]
-    exts = sorted({ext for _, members in samples for ext in members})
-    rows = {"__key__": [k for k, _ in samples], "__url__": [chunk.path] * len(samples),
-            **{ext: [m.get(ext) for _, m in samples] for ext in exts}}
-    for batch in decode_blocks(rows, **decode):
+    for batch in decode_blocks(raw_columns(chunk, limit), **decode):
         yield BlockAccessor.batch_to_block(batch)
 
 
