@@ -35,6 +35,9 @@ def _opt(default, help: str, choices=None):  # noqa: A002
 
 CPUS_PER_ACTOR_HELP = ("CPUs each predictor actor reserves in Ray's scheduling (0: 1 with a "
                        "GPU, 0.5 on CPU, where its threads use the cores anyway)")
+ACTORS_HELP = ("predictor actors (0: auto: with --use-gpu one per GPU; on CPU one single-threaded "
+               "actor per CPU, at most one per 2 GB of Ray's memory; never more than one per 2 "
+               "batches of the set)")
 THREADS_HELP = ("torch threads per predictor actor on CPU (0: the cores of its node, shared "
                 "among the actors there; decode tasks time-share them)")
 
@@ -49,7 +52,7 @@ class PredictOptions:
     precision: str = _opt("auto", "auto: bf16 where oneDNN/CUDA support it, fp16 on GPUs "
                                   "without bf16, else fp32", ["auto", "fp32", "bf16", "fp16"])
     use_gpu: bool = _opt(False, "one GPU per predictor actor")
-    actors: int = _opt(1, "predictor actors (on a GPU cluster: the number of GPUs)")
+    actors: int = _opt(0, ACTORS_HELP)
     cpus_per_actor: float = _opt(0.0, CPUS_PER_ACTOR_HELP)
     threads: int = _opt(0, THREADS_HELP)
     decode_concurrency: int = _opt(0, "decode tasks at once (0: the CPUs the plan leaves to "
@@ -258,8 +261,11 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     if not rows.head:
         opts = dataclasses.replace(opts, embeddings=True)
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
+    images = shards.load_manifest(manifest_path).total_samples if opts.actors == 0 else 0
     plan = resources.plan_prediction(resources.current_cluster(), opts.actors, opts.use_gpu,
-                                     opts.cpus_per_actor, opts.decode_device, opts.decode_in)
+                                     opts.cpus_per_actor, opts.decode_device, opts.decode_in,
+                                     threads=opts.threads, images=images,
+                                     batch_size=opts.batch_size)
     with deadline.doing(f"waiting for the resources of {plan.describe()}"):
         resources.await_resources(plan.needs(),
                                   deadline.parse_duration("--max-wait", opts.max_wait),
@@ -330,7 +336,7 @@ def _predict_under_lease(run: _Run, lease) -> predictions.Summary:
         faults.point("before_publish")
         faults.hold("before_publish")  # (tests) a run holding OUT's lease, for a second to meet
         facts = {"wall_seconds": time.monotonic() - run.t0, "started_at": run.started,
-                 "batch_size": opts.batch_size, "actors": opts.actors, "use_gpu": opts.use_gpu,
+                 "batch_size": opts.batch_size, "actors": run.plan.actors, "use_gpu": opts.use_gpu,
                  "decode_device": opts.decode_device, "decode_in": opts.decode_in,
                  **tally.facts(), "model_classes": len(inputs.classes_model),
                  "params": inputs.params,

@@ -30,15 +30,25 @@ log = logging.getLogger(__name__)
 DATA_SHARE = 0.25
 # With --decode-device cuda each decode task shares its node's GPU with a predictor actor.
 DECODE_GPU_SHARE = 0.25
+# --actors 0 (auto) on CPU: at most one predictor actor per this many bytes of Ray's memory
+# resource. A ResNet-18 actor held 0.9 GB (torch, the bf16 model, a batch of 64 in flight;
+# measured 2026-12-07); the rest is left to the decode tasks, the driver and larger models.
+CPU_ACTOR_BYTES = 2 * 10**9
+# --actors 0 (auto): never more actors than one per this many batches of the set (an actor that
+# gets one batch or none costs its start-up and a model's memory for nothing).
+MIN_BATCHES_PER_ACTOR = 2
 
 
 @dataclass(frozen=True)
 class Cluster:
-    """What the cluster holds now: ``cpus``, ``gpus`` (counts, may be fractional), and whether
-    it may grow (an autoscaling cluster joined through RAY_ADDRESS) or is fixed (a local one)."""
+    """What the cluster holds now: ``cpus``, ``gpus`` (counts, may be fractional), whether it
+    may grow (an autoscaling cluster joined through RAY_ADDRESS) or is fixed (a local one), and
+    ``memory``: the bytes Ray schedules tasks and actors with (its ``memory`` resource; 0:
+    unknown)."""
     cpus: float
     gpus: float
     can_grow: bool = False
+    memory: float = 0.0
 
     def describe(self) -> str:
         """One phrase naming the cluster's CPUs and GPUs, for error and warning messages."""
@@ -51,7 +61,8 @@ def current_cluster() -> Cluster:
 
     res = ray.cluster_resources()
     return Cluster(float(res.get("CPU", 0)), float(res.get("GPU", 0)),
-                   can_grow=bool(os.environ.get("RAY_ADDRESS")))
+                   can_grow=bool(os.environ.get("RAY_ADDRESS")),
+                   memory=float(res.get("memory", 0)))
 
 
 @dataclass(frozen=True)
@@ -224,9 +235,38 @@ def plan_training(cluster: Cluster, num_workers: int, use_gpu: bool,
                      decode_slots(data_cpus, decode_cpus))
 
 
+def auto_actors(cluster: Cluster, use_gpu: bool, threads: int = 0, images: int = 0,
+                batch_size: int = 64) -> int:
+    """The predictor actors of ``--actors 0`` (auto), at least 1: with ``use_gpu`` one per GPU
+    of the cluster; on CPU one per ``threads`` CPUs (``--threads``; 0: one per CPU, each actor
+    then single-threaded), at most one per CPU_ACTOR_BYTES of the cluster's ``memory``. Either
+    way at most one per MIN_BATCHES_PER_ACTOR batches of ``batch_size`` in a set of ``images``
+    (0: unknown, no cap). Counts what the cluster holds now: on a cluster still growing, say
+    ``--actors``.
+
+    Why one single-threaded actor per core on CPU: oneDNN's threads meet at a barrier after
+    every layer, and the decode tasks time-share the same cores. Each time a decode task took
+    a core from one of a 2-thread actor's threads, the other waited idle: on 2 cores 0.08-0.19
+    of a core went unused and the scale row read 0.88 of the CPU bound. With one
+    single-threaded actor per core a decode task delays one actor and no other core waits
+    (2.0 cores busy; 42.8 against 40.7 images/s side by side, 2026-12-07, bench/scale.py's
+    head)."""
+    if use_gpu:
+        n = int(cluster.gpus + 1e-6)
+    else:
+        n = int(cluster.cpus / max(1, threads) + 1e-6)
+        if cluster.memory > 0:
+            n = min(n, int(cluster.memory // CPU_ACTOR_BYTES))
+    if images > 0:
+        n = min(n, -(-images // max(1, batch_size)) // MIN_BATCHES_PER_ACTOR)
+    return max(1, n)
+
+
 def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor: float = 0.0,
-                    decode_device: str = "cpu", decode_in: str = "tasks") -> PredictPlan:
-    """Plan ``actors`` predictor actors and their decode tasks on ``cluster``.
+                    decode_device: str = "cpu", decode_in: str = "tasks", *, threads: int = 0,
+                    images: int = 0, batch_size: int = 64) -> PredictPlan:
+    """Plan ``actors`` predictor actors (0: ``auto_actors`` with ``threads``, ``images`` and
+    ``batch_size``) and their decode tasks on ``cluster``.
 
     On CPU an actor reserves half a CPU by default (its torch threads use the node's cores
     whatever it reserves) and a decode task one CPU. Ray Data fuses operators whose resources
@@ -235,12 +275,14 @@ def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor
     and each actor the rest of its own; with ``decode_in="actor"`` the actors decode on their
     own GPU (whole) and the tasks only read the shards. Raises ``UsageError`` when the plan
     cannot run on a fixed cluster."""
-    if actors < 1:
-        raise UsageError(f"--actors must be at least 1, not {actors}")
+    if actors < 0:
+        raise UsageError(f"--actors must be at least 1 (0: auto), not {actors}")
     if cpus_per_actor < 0:
         raise UsageError(f"--cpus-per-actor must be >= 0 (0: auto), not {cpus_per_actor:g}")
     check_decode_device(decode_device, use_gpu)
     _warn_unused_gpus(cluster, use_gpu, "the predictor actors run on CPUs")
+    if actors == 0:
+        actors = auto_actors(cluster, use_gpu, threads, images, batch_size)
     gpu_decode = use_gpu and decode_device == "cuda" and decode_in == "tasks"
     gpus_per_actor = (1.0 - DECODE_GPU_SHARE if gpu_decode else 1.0) if use_gpu else 0.0
     if use_gpu and cluster.gpus < actors:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -115,6 +116,21 @@ def test_decoding_runs_in_tasks_beside_the_predictor_not_fused_into_it(shard_set
     plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[ReadReadShards]" in plan, plan  # read and decode: one task
     assert "ActorPoolMapOperator[MapBatches(Predictor)]" in plan, plan
+
+
+@pytest.mark.parametrize("images,actors", [(12, 1), (20, 2)])
+def test_the_default_run_on_two_cpus_has_an_actor_per_core_and_at_most_one_per_two_batches(
+        image_tree, tmp_path, ray_local, images, actors):
+    """--actors 0: one single-threaded actor per CPU of the 2-CPU cluster, but never more than
+    one per 2 batches (batch 4: 12 images are 3 batches, one actor; 20 are 5, two)."""
+    from pipeline import shards, sources
+
+    src = sources.scan_source(str(image_tree / "train"), "val")
+    src = dataclasses.replace(src, items=src.items[:images])
+    shards.write_shards(src, str(tmp_path / "s"), samples_per_shard=10, progress=False)
+    summary = _predict(str(tmp_path / "s" / "val.json"), "none", str(tmp_path / "o"))
+    assert summary["samples"] == images and summary["actors"] == actors
+    assert 1 <= summary["predictor_actors"] <= actors
 
 
 def test_a_cpu_predictor_shares_its_nodes_cores_with_the_other_actors_there():

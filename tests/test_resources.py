@@ -121,3 +121,30 @@ def test_the_shuffle_buffers_are_capped_at_a_quarter_of_a_nodes_object_store():
     assert resources.shuffle_buffer_cap(None, 2, 224) is None
     # a default store (30% of 24 GB) leaves the default 1,000 rows as they are
     assert resources.shuffle_buffer_cap(int(0.3 * 24e9), 2, 224) > 1000
+
+
+@pytest.mark.parametrize("cluster,use_gpu,threads,images,expected", [
+    (TWO_CPUS, False, 0, 0, 2),  # one single-threaded actor per CPU
+    (resources.Cluster(16, 0), False, 4, 0, 4),  # --threads 4: one per 4 CPUs
+    (resources.Cluster(16, 0, memory=7e9), False, 0, 0, 3),  # one per 2 GB of Ray's memory
+    (resources.Cluster(1.5, 0), False, 0, 0, 1),
+    (resources.Cluster(16, 4), True, 0, 0, 4),  # one per GPU, whatever the CPUs
+    (resources.Cluster(16, 0, can_grow=True), True, 0, 0, 1),  # never none
+    (resources.Cluster(0, 0, can_grow=True), False, 0, 0, 1),
+    (TWO_CPUS, False, 0, 64 * 3, 1),  # 3 batches: one actor per 2 batches at most
+    (TWO_CPUS, False, 0, 64 * 4, 2),
+    (resources.Cluster(16, 4), True, 0, 64 * 5, 2),
+    (TWO_CPUS, False, 0, 1, 1)])
+def test_auto_actors_one_per_core_or_gpu_within_memory_and_the_sets_batches(
+        cluster, use_gpu, threads, images, expected):
+    assert resources.auto_actors(cluster, use_gpu, threads, images, 64) == expected
+
+
+def test_the_default_prediction_plan_on_two_cpus_is_two_actors_and_a_decode_task():
+    plan = resources.plan_prediction(TWO_CPUS, 0, False)
+    assert (plan.actors, plan.cpus_per_actor, plan.decode_cpus, plan.decode_tasks) == (
+        2, 0.5, 1.0, 1)
+    assert plan.describe().startswith("2 predictor actors x (0.5 CPU)")
+    assert resources.plan_prediction(TWO_CPUS, 0, False, images=100, batch_size=64).actors == 1
+    with pytest.raises(UsageError, match=r"--actors must be at least 1 \(0: auto\), not -1"):
+        resources.plan_prediction(TWO_CPUS, -1, False)
