@@ -234,26 +234,34 @@ def _bench_eval(cfg, work, big, manifests: tuple[str, str], n, dtype, r, rows) -
     """The evaluation rows, from runs over ``manifests``: one of ``n`` images (4N of the run)
     and one of 4 ``n``, runs long enough that the images the predictor finishes before the
     driver sees its first batch (~200 at batch 32 on 2 cores) are fewer than either holds."""
+    from pipeline import resources
+
     manifest, manifest4 = manifests
+    # --actors 0's count without the cap by set size, so that both runs of a difference (N and
+    # 4N images) run the same actors
+    actors = resources.auto_actors(resources.current_cluster(), use_gpu=False)
+
     def predict(manifest_path, precision, out, embeddings=False, arch=""):
         with measure.PeakMemory() as mem:  # "none": random init with the data's 10 classes
             s = predict_job.run(predict_job.PredictConfig(
                 data=manifest_path, weights="none", out=os.path.join(work, out),
-                precision=precision, batch_size=cfg.batch_size,
+                precision=precision, batch_size=cfg.batch_size, actors=actors,
                 progress=False, embeddings=embeddings, model=arch))
         return s, mem.peak
 
-    # The predictor actor runs as many torch threads as the machine has cores (the job's
-    # default with one actor): so does the ceiling, measured before the jobs run (for seconds
-    # after a job its actors and workers wind down on the same cores: 190 -> 160 img/s).
+    # The ceiling: the model alone in the better of the two layouts a job runs it in (one
+    # process of a thread per core; one single-threaded process per core, the job's default
+    # with --actors 0), measured before the jobs run (for seconds after a job its actors and
+    # workers wind down on the same cores: 190 -> 160 img/s).
     threads = predictor.cpu_threads(1)
-    ceiling = measure.eval_ceiling_rate(dtype, cfg.batch_size, threads, 4 * cfg.batch_size, 10)
-    ceiling32 = measure.eval_ceiling_rate(torch.float32, cfg.batch_size, threads,
-                                        2 * cfg.batch_size, 10)
+    ceilings = measure.cpu_ceiling(dtype, cfg.batch_size, 4 * cfg.batch_size, 10)
+    ceiling = ceilings.rate
+    ceiling32 = measure.cpu_ceiling(torch.float32, cfg.batch_size, 2 * cfg.batch_size, 10).rate
     heavy = "" if cfg.quick else cfg.heavier_model
-    ceiling_heavy = (measure.eval_ceiling_rate(dtype, cfg.batch_size, threads,
-                                               2 * cfg.batch_size, 10, arch=heavy)
-                     if heavy else 0.0)
+    ceiling_heavy = (measure.cpu_ceiling(dtype, cfg.batch_size, 2 * cfg.batch_size, 10,
+                                         arch=heavy).rate if heavy else 0.0)
+    r.update(eval_ceiling_one_actor_img_s=ceilings.one_actor,
+             eval_ceiling_per_core_img_s=ceilings.per_core)
     # Steady-state images/s from the two runs; the smaller run's start-up is reported apart.
     # The job lets Ray Data decode while the predictor actors load the model (seconds of free
     # work on a long run), which on a run of a few hundred images is most of the decoding: the
@@ -282,6 +290,7 @@ def _bench_eval(cfg, work, big, manifests: tuple[str, str], n, dtype, r, rows) -
     def steady_s(summary):
         return summary["wall_seconds"] - summary["startup_seconds"]
 
+    cores = os.cpu_count()
     rate = measure.differential_rate(n, steady_s(s_def), 4 * n, steady_s(s4))
     rate32 = measure.differential_rate(n, steady_s(s_fp32), 4 * n, steady_s(s4_fp32))
     rate_emb = measure.differential_rate(n, steady_s(s_emb), 4 * n, steady_s(s4_emb))
@@ -290,13 +299,13 @@ def _bench_eval(cfg, work, big, manifests: tuple[str, str], n, dtype, r, rows) -
              eval_ceiling_img_s=ceiling, eval_ceiling_fp32_img_s=ceiling32,
              eval_baseline_img_s=baseline, eval_startup_s=s_def["startup_seconds"])
     prec = modellib.precision_name(dtype)
-    rows.append(_row(f"eval, job default ({prec}) vs model alone (best of "
-                     f"{measure.CEILING_REPEATS})", r["eval_img_s"], ceiling,
+    rows.append(_row(f"eval, job default ({prec}, {s_def['actors']} actors) vs model alone "
+                     f"(best of {measure.CEILING_REPEATS}, the better of {cores} threads in one "
+                     f"process and {cores} single-threaded processes)", r["eval_img_s"], ceiling,
                      "eval_vs_ceiling", r))
     # Where decoding and the model share the cores (CPU nodes), the job cannot beat the model
     # alone plus the PIL decode of every image on the same cores: cores / (cores / model + PIL
     # CPU-seconds per image).
-    cores = os.cpu_count()
     bound = 1 / (1 / ceiling + r["decode_fn_cpu_ms_per_img"] / 1e3 / cores)
     r["eval_cpu_bound_img_s"] = bound
     rows.append(_row(f"eval, job default ({prec}) vs model alone + decode on the same "

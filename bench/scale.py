@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from pipeline import benchmark as measure, machine, synthetic
@@ -139,61 +138,29 @@ SPILL_PROBE = ("import ray; from pipeline import ray_compat; ray.init(logging_le
                "print(ray_compat.spilled_bytes())")
 
 
-def _tree_rss(pid: int) -> int:
-    """RSS of process ``pid``, its children and every Ray worker process (bytes)."""
-    import psutil
-
-    total, seen = 0, set()
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::") or "default_worker.py" in cmd:
-            procs.append(p)
-    for p in procs:
-        if p.pid in seen:
-            continue
-        seen.add(p.pid)
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
-
-
 def run_job(args: list[str], env: dict, log_path: str) -> dict:
     """``python -m jobs.<args>`` as a user runs it: exit code, wall seconds, peak memory of the
-    job and Ray's workers (MB, sampled every 0.2 s), and its output in ``log_path``."""
-    peak, stop = [0], threading.Event()
+    job and Ray's workers (MB, ``benchmark.PeakMemory``: sampled every 0.2 s, the process table
+    read once a second; reading it every 0.2 s took 0.03 of a core from the job), and its
+    output in ``log_path``."""
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
-
-        def sample():
-            while not stop.wait(0.2):
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
-
-        t = threading.Thread(target=sample, daemon=True)
-        t.start()
-        rc = proc.wait()
-        stop.set()
-        t.join()
+        with measure.PeakMemory(interval=0.2, root=proc.pid) as mem:
+            rc = proc.wait()
     if rc != 0:
         with open(log_path) as f:
             tail = f.read()[-2000:]
         raise RuntimeError(f"{' '.join(args[:1])} exited {rc}:\n{tail}")
-    return {"rc": rc, "wall_s": time.monotonic() - t0, "peak_mb": peak[0] / 1e6}
+    return {"rc": rc, "wall_s": time.monotonic() - t0, "peak_mb": mem.peak / 1e6}
 
 
 def measure_scale(n: int, work: str, store_mb: int = STORE_MB) -> dict:
     """Run the scale rows over ``n`` images in ``work``; return every figure."""
     import torch
 
-    from pipeline import model as modellib, predictor
+    from pipeline import model as modellib
 
     r = {"scale_images": n, "scale_store_mb": store_mb, "scale_cpus": SCALE_CPUS}
     img = os.path.join(work, "img")
@@ -204,10 +171,9 @@ def measure_scale(n: int, work: str, store_mb: int = STORE_MB) -> dict:
     small_img = os.path.join(work, "img_small")
     photo_folder(small_img, n // 5)
     dtype = modellib.resolve_precision("auto", torch.device("cpu"))
-    threads = predictor.cpu_threads(1)
 
-    def model_alone() -> float:
-        return measure.eval_ceiling_rate(dtype, 64, threads, 256, 10)
+    def model_alone() -> measure.Ceiling:  # both layouts, the job's whichever it is
+        return measure.cpu_ceiling(dtype, 64, 256, 10, repeats=5)  # the jobs' 10 classes
 
     head = Head(SCALE_CPUS, store_mb)
     try:
@@ -240,8 +206,11 @@ def measure_scale(n: int, work: str, store_mb: int = STORE_MB) -> dict:
         big = job("predict", "jobs.predict", "--data", m, "--weights", "none", "--out",
                   os.path.join(work, "p"), "--no-progress")
         after = model_alone()
-        r.update(scale_model_alone_before_img_s=before, scale_model_alone_after_img_s=after,
-                 scale_model_alone_img_s=(before + after) / 2)
+        r.update(scale_model_alone_before_img_s=before.rate,
+                 scale_model_alone_after_img_s=after.rate,
+                 scale_model_alone_img_s=(before.rate + after.rate) / 2,
+                 scale_one_actor_img_s=(before.one_actor + after.one_actor) / 2,
+                 scale_per_core_img_s=(before.per_core + after.per_core) / 2)
         r["scale_cpu_bound_img_s"] = 1 / (1 / r["scale_model_alone_img_s"]
                                           + fn_cpu / SCALE_CPUS)
         with open(os.path.join(work, "p", "summary.json")) as f:
@@ -249,7 +218,7 @@ def measure_scale(n: int, work: str, store_mb: int = STORE_MB) -> dict:
         r.update(scale_shard_s=shard["wall_s"], scale_predict_wall_s=big["wall_s"],
                  scale_steady_img_s=s["steady_images_per_s"],
                  scale_busy_share=s["predictor_busy_share"],
-                 scale_startup_s=s["startup_seconds"],
+                 scale_startup_s=s["startup_seconds"], scale_actors=s["actors"],
                  scale_predict_spilled_mb=big["spilled"] / 2**20,
                  scale_predict_peak_mb=big["peak_mb"], scale_predict_small_peak_mb=small["peak_mb"],
                  scale_precision=s.get("precision", ""))
@@ -275,6 +244,11 @@ def measure_scale(n: int, work: str, store_mb: int = STORE_MB) -> dict:
     return r
 
 
+def _actors(r: dict) -> str:
+    n = r.get("scale_actors", 1)
+    return f"{n} predictor actor{'' if n == 1 else 's'}"
+
+
 def met(key: str, value: float) -> bool:
     op, target = TARGETS[key]
     return value >= target if op == ">=" else value <= target
@@ -285,10 +259,13 @@ def report(r: dict, command: str) -> str:
     with its target and whether it was met."""
     n = r["scale_images"]
     rows = [
-        ("jobs.predict steady rate vs the CPU bound (model alone "
+        (f"jobs.predict ({_actors(r)}) steady rate vs the CPU bound (model alone "
          f"{r['scale_model_alone_img_s']:.1f} img/s, the mean of "
          f"{r['scale_model_alone_before_img_s']:.1f} just before the job and "
-         f"{r['scale_model_alone_after_img_s']:.1f} just after, + decode "
+         f"{r['scale_model_alone_after_img_s']:.1f} just after, each the better of one "
+         f"process of {r['scale_cpus']} threads (mean {r['scale_one_actor_img_s']:.1f}) and "
+         f"{r['scale_cpus']} single-threaded ones at once ({r['scale_per_core_img_s']:.1f}), + "
+         f"decode "
          f"{r['scale_decode_fn_cpu_ms']:.2f} ms/img on {r['scale_cpus']} cores = "
          f"{r['scale_cpu_bound_img_s']:.1f} img/s)",
          f"{r['scale_steady_img_s']:.1f} img/s", r["scale_vs_cpu_bound"], "scale_vs_cpu_bound"),

@@ -22,21 +22,26 @@ from pipeline.errors import InputError
 
 
 class PeakMemory:
-    """Samples the RSS of this process plus every Ray worker process; keeps the peak.
+    """Samples the RSS of this process, or of process ``root`` and its children, plus every Ray
+    worker process; keeps the peak (bytes).
 
     The process table is rescanned once a second (reading every command line is what costs);
     the RSS of the processes found is sampled every ``interval``. Kept cheap because it runs
     beside the job it measures, on the same cores."""
 
-    def __init__(self, interval: float = 0.1, rescan: float = 1.0):
+    def __init__(self, interval: float = 0.1, rescan: float = 1.0, root: int | None = None):
         self.interval, self.rescan, self.peak = interval, rescan, 0
+        self.root = root
         self._stop = threading.Event()
 
-    @staticmethod
-    def _ray_processes() -> list:
+    def _ray_processes(self) -> list:
         import psutil
 
-        found = [psutil.Process()]
+        try:
+            root = psutil.Process(self.root)
+            found = [root, *(root.children(recursive=True) if self.root else ())]
+        except psutil.Error:
+            found = []
         for p in psutil.process_iter(["cmdline"]):
             cmd = " ".join(p.info["cmdline"] or [])
             if cmd.startswith("ray::") or "default_worker.py" in cmd:
@@ -50,8 +55,11 @@ class PeakMemory:
         while not self._stop.is_set():
             if time.monotonic() - scanned >= self.rescan:
                 procs, scanned = self._ray_processes(), time.monotonic()
-            total = 0
+            total, seen = 0, set()
             for p in procs:
+                if p.pid in seen:  # a child of root that is also a Ray worker
+                    continue
+                seen.add(p.pid)
                 try:
                     total += p.memory_info().rss
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -263,6 +271,61 @@ def eval_ceiling_rate(dtype: torch.dtype, batch_size: int, threads: int, n: int,
     return model_alone_rate(torch.device("cpu"), dtype, batch_size, repeats=repeats,
                             warmup=warmup, calls=-(-n // batch_size), num_classes=num_classes,
                             arch=arch)
+
+
+class Ceiling(NamedTuple):
+    """The CPU ceiling of a prediction job: the model alone in both of the layouts a job can
+    run it in, on the same cores. ``one_actor``: one process with a thread per core;
+    ``per_core``: one single-threaded process per core, all at once (summed); ``rate``: the
+    better of the two (images/s)."""
+    one_actor: float
+    per_core: float
+
+    @property
+    def rate(self) -> float:
+        return max(self.one_actor, self.per_core)
+
+
+_PER_CORE_SCRIPT = ("import sys, torch; from pipeline import benchmark as b; "
+                    "print(b.eval_ceiling_rate(getattr(torch, sys.argv[1]), int(sys.argv[2]), 1, "
+                    "int(sys.argv[3]), int(sys.argv[4]), repeats=int(sys.argv[5]), "
+                    "arch=sys.argv[6]))")
+
+
+def per_core_rate(dtype: torch.dtype, batch_size: int, n: int, num_classes: int = 1000,
+                  repeats: int = CEILING_REPEATS, arch: str = "resnet18",
+                  cores: int | None = None) -> float:
+    """Images/s of ``cores`` (default: this process's) single-threaded processes each running
+    ``eval_ceiling_rate`` at once, summed: the model alone as ``--actors 0`` lays it out on a
+    CPU node (``resources.auto_actors``)."""
+    import sys
+
+    cores = cores or len(os.sched_getaffinity(0))
+    args = [str(dtype).removeprefix("torch."), str(batch_size), str(n), str(num_classes),
+            str(repeats), arch]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _PER_CORE_SCRIPT, *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(cores)]
+    total = 0.0
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"a per-core model-alone process exited {p.returncode}: "
+                               f"{err[-1000:]}")
+        total += float(out.strip().splitlines()[-1])
+    return total
+
+
+def cpu_ceiling(dtype: torch.dtype, batch_size: int, n: int, num_classes: int = 1000,
+                repeats: int = CEILING_REPEATS, arch: str = "resnet18") -> Ceiling:
+    """The model alone in both CPU layouts (``Ceiling``): ``eval_ceiling_rate`` with a thread per
+    core, then ``per_core_rate``. A job's bound is the better one, whichever layout the job
+    ran: a layout that wastes cores is the job's loss, not the ceiling's."""
+    cores = len(os.sched_getaffinity(0))
+    one = eval_ceiling_rate(dtype, batch_size, cores, n, num_classes, repeats, arch=arch)
+    per = per_core_rate(dtype, batch_size, n, num_classes, repeats, arch, cores)
+    return Ceiling(one, per)
 
 
 def eval_baseline_rate(root: str, batch_size: int, workers: int, threads: int,
