@@ -54,8 +54,9 @@ def test_an_epoch_that_waits_on_its_data_says_so_and_one_that_does_not_says_that
     assert slow["train_data_wait_share"] == pytest.approx(
         slow["train_data_wait_seconds"]
         / (slow["train_data_wait_seconds"] + slow["train_compute_seconds"]))
-    # a 32x32 step of ResNet-18 at batch 4 takes tens of ms on 2 cores, far below 0.25 s
-    assert slow["train_data_wait_share"] > 0.6
+    # a 32x32 step of ResNet-18 at batch 4 takes tens of ms on 2 cores, far below 0.25 s (and
+    # 0.17 s on a loaded machine: the share read 0.597 once, so the bar is the contract's)
+    assert slow["train_data_wait_share"] > timeshare.INPUT_BOUND
     assert "input-bound" in timeshare.train_text(slow["train_data_wait_share"])
 
     fast = _epoch(steps=5, delay=0.0)
