@@ -35,11 +35,12 @@ def _opt(default, help: str, choices=None):  # noqa: A002
 
 CPUS_PER_ACTOR_HELP = ("CPUs each predictor actor reserves in Ray's scheduling (0: 1 with a "
                        "GPU, 0.5 on CPU, where its threads use the cores anyway)")
-ACTORS_HELP = ("predictor actors (0: auto: with --use-gpu one per GPU; on CPU one single-threaded "
-               "actor per CPU, at most one per 2 GB of Ray's memory; never more than one per 2 "
-               "batches of the set)")
+ACTORS_HELP = ("predictor actors; 0 (auto) counts the cluster at the start: one per GPU with "
+               "--use-gpu, else one per CPU (one per --threads CPUs), each single-threaded, at "
+               "most one per 2 GB of Ray's memory; never more than one per 2 batches of the set. "
+               "On a cluster still scaling up, set it")
 THREADS_HELP = ("torch threads per predictor actor on CPU (0: the cores of its node, shared "
-                "among the actors there; decode tasks time-share them)")
+                "among the actors there, 1 with an actor per CPU; decode tasks time-share them)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +130,7 @@ def prediction_dataset(manifest_path: str, weights: str, plan, opts: PredictOpti
         ds, manifest = data.read_decoded(manifest_path, transform, read)
     spec = PredictorSpec(
         weights, manifest.classes, opts.precision, plan.use_gpu, opts.topk,
-        num_threads=None if plan.use_gpu else opts.threads,
+        num_threads=None if plan.use_gpu else plan.threads,
         actors_per_node=_actors_per_node(plan.actors),
         restrict=restricts(opts.class_subset, manifest.layout),
         warmup=(_warmup_batch(plan.use_gpu, opts.batch_size, manifest.total_samples),

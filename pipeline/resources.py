@@ -104,6 +104,7 @@ class PredictPlan:
     decode_cpus: float
     decode_gpus: float
     decode_tasks: int = 1
+    threads: int = 0  # torch threads per CPU actor (0: its node's cores shared among its actors)
 
     def describe(self) -> str:
         """One line for logs: actors x (CPUs, GPU share each) and how many decode tasks of how
@@ -236,13 +237,14 @@ def plan_training(cluster: Cluster, num_workers: int, use_gpu: bool,
 
 
 def auto_actors(cluster: Cluster, use_gpu: bool, threads: int = 0, images: int = 0,
-                batch_size: int = 64) -> int:
+                batch_size: int = 64, cpus_per_actor: float = 0.0) -> int:
     """The predictor actors of ``--actors 0`` (auto), at least 1: with ``use_gpu`` one per GPU
     of the cluster; on CPU one per ``threads`` CPUs (``--threads``; 0: one per CPU, each actor
     then single-threaded), at most one per CPU_ACTOR_BYTES of the cluster's ``memory``. Either
     way at most one per MIN_BATCHES_PER_ACTOR batches of ``batch_size`` in a set of ``images``
-    (0: unknown, no cap). Counts what the cluster holds now: on a cluster still growing, say
-    ``--actors``.
+    (0: unknown, no cap), and with ``cpus_per_actor`` (``--cpus-per-actor``; 0: auto) no more
+    than leave a CPU to decoding. Counts what the cluster holds now: on a cluster still
+    growing, say ``--actors``.
 
     Why one single-threaded actor per core on CPU: oneDNN's threads meet at a barrier after
     every layer, and the decode tasks time-share the same cores. Each time a decode task took
@@ -259,6 +261,8 @@ def auto_actors(cluster: Cluster, use_gpu: bool, threads: int = 0, images: int =
             n = min(n, int(cluster.memory // CPU_ACTOR_BYTES))
     if images > 0:
         n = min(n, -(-images // max(1, batch_size)) // MIN_BATCHES_PER_ACTOR)
+    if cpus_per_actor > 0:
+        n = min(n, int((cluster.cpus - 1.0) / cpus_per_actor + 1e-6))
     return max(1, n)
 
 
@@ -281,13 +285,20 @@ def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor
         raise UsageError(f"--cpus-per-actor must be >= 0 (0: auto), not {cpus_per_actor:g}")
     check_decode_device(decode_device, use_gpu)
     _warn_unused_gpus(cluster, use_gpu, "the predictor actors run on CPUs")
+    flag = f"--actors {actors}"
     if actors == 0:
-        actors = auto_actors(cluster, use_gpu, threads, images, batch_size)
+        actors = auto_actors(cluster, use_gpu, threads, images, batch_size, cpus_per_actor)
+        flag = f"--actors 0 (auto: {actors})"
+        if not use_gpu and not threads and actors >= int(cluster.cpus + 1e-6):
+            threads = 1  # one a CPU: single-threaded wherever Ray places them
+        if cluster.can_grow:
+            log.warning("--actors 0 (auto) counted %s now: %d predictor actor%s. On a cluster "
+                        "that is still scaling up, pass --actors", cluster.describe(), actors,
+                        "" if actors == 1 else "s")
     gpu_decode = use_gpu and decode_device == "cuda" and decode_in == "tasks"
     gpus_per_actor = (1.0 - DECODE_GPU_SHARE if gpu_decode else 1.0) if use_gpu else 0.0
     if use_gpu and cluster.gpus < actors:
-        _refuse_or_warn(cluster, f"--use-gpu with --actors {actors} needs "
-                                 f"{count(actors, 'GPU')}")
+        _refuse_or_warn(cluster, f"--use-gpu with {flag} needs {count(actors, 'GPU')}")
     if cpus_per_actor == 0:
         want = 1.0 if use_gpu else 0.5
         cpus_per_actor = _round_down(max(0.01, min(want, (cluster.cpus - 1.0) / actors)))
@@ -298,14 +309,15 @@ def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor
         if decode_cpus == cpus_per_actor:
             decode_cpus -= 0.01
     if left < decode_cpus:
-        _refuse_or_warn(cluster, f"--actors {actors} x --cpus-per-actor {cpus_per_actor:g} = "
+        _refuse_or_warn(cluster, f"{flag} x --cpus-per-actor {cpus_per_actor:g} = "
                                  f"{actors * cpus_per_actor:g} CPUs leaves no CPU to decode the "
                                  f"images: lower --cpus-per-actor (0: auto) or --actors")
     tasks = decode_slots(left, decode_cpus)
     if gpu_decode:  # each decode task also takes DECODE_GPU_SHARE of a GPU: one a GPU
         tasks = min(tasks, max(1, int(cluster.gpus)))
     return PredictPlan(actors, use_gpu, cpus_per_actor, gpus_per_actor, decode_cpus,
-                       DECODE_GPU_SHARE if gpu_decode else 0.0, tasks)
+                       DECODE_GPU_SHARE if gpu_decode else 0.0, tasks,
+                       0 if use_gpu else threads)
 
 
 def decode_slots(cpus: float, decode_cpus: float) -> int:

@@ -121,9 +121,12 @@ def test_decoding_runs_in_tasks_beside_the_predictor_not_fused_into_it(shard_set
 @pytest.mark.parametrize("images,actors", [(12, 1), (20, 2)])
 def test_the_default_run_on_two_cpus_has_an_actor_per_core_and_at_most_one_per_two_batches(
         image_tree, tmp_path, ray_local, images, actors):
-    """--actors 0: one single-threaded actor per CPU of the 2-CPU cluster, but never more than
-    one per 2 batches (batch 4: 12 images are 3 batches, one actor; 20 are 5, two)."""
-    from pipeline import shards, sources
+    """--actors 0: one single-threaded actor per CPU of the 2-CPU cluster (where Ray's memory
+    allows), but never more than one per 2 batches (batch 4: 12 images are 3 batches, one
+    actor; 20 are 5, two)."""
+    from pipeline import resources, shards, sources
+
+    actors = min(actors, resources.auto_actors(resources.current_cluster(), False))
 
     src = sources.scan_source(str(image_tree / "train"), "val")
     src = dataclasses.replace(src, items=src.items[:images])

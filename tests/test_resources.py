@@ -148,3 +148,31 @@ def test_the_default_prediction_plan_on_two_cpus_is_two_actors_and_a_decode_task
     assert resources.plan_prediction(TWO_CPUS, 0, False, images=100, batch_size=64).actors == 1
     with pytest.raises(UsageError, match=r"--actors must be at least 1 \(0: auto\), not -1"):
         resources.plan_prediction(TWO_CPUS, -1, False)
+
+
+def test_auto_actors_are_single_threaded_wherever_ray_places_them_unless_capped():
+    """One actor a CPU: each runs one torch thread, not its node's cores over the actors Ray put
+    there (uneven on a cluster of unequal nodes). Capped below one a CPU (memory, --threads), the
+    node's cores are shared as with an explicit --actors."""
+    assert resources.plan_prediction(resources.Cluster(36, 0), 0, False).threads == 1
+    assert resources.plan_prediction(resources.Cluster(16, 0, memory=7e9), 0, False).threads == 0
+    assert resources.plan_prediction(resources.Cluster(16, 0), 0, False, threads=4).threads == 4
+    assert resources.plan_prediction(TWO_CPUS, 2, False).threads == 0
+    assert resources.plan_prediction(resources.Cluster(16, 2), 0, True).threads == 0
+
+
+def test_auto_actors_with_cpus_per_actor_leave_a_cpu_to_decoding():
+    """--cpus-per-actor 1 alone ran one actor before --actors 0; auto must not turn it into two
+    that hold both CPUs and be refused for a flag the user never gave."""
+    plan = resources.plan_prediction(TWO_CPUS, 0, False, 1.0)
+    assert (plan.actors, plan.cpus_per_actor, plan.decode_cpus) == (1, 1.0, 0.5)
+    assert resources.plan_prediction(resources.Cluster(16, 0), 0, False, 2.0).actors == 7
+    with pytest.raises(UsageError, match=r"--actors 0 \(auto: 1\) x --cpus-per-actor 2 = 2 CPUs"):
+        resources.plan_prediction(TWO_CPUS, 0, False, 2.0)
+
+
+def test_auto_actors_on_a_growing_cluster_say_what_they_counted(caplog):
+    plan = resources.plan_prediction(resources.Cluster(0, 0, can_grow=True), 0, False)
+    assert plan.actors == 1
+    assert ("--actors 0 (auto) counted this Ray cluster has 0 CPUs and 0 GPUs now: 1 predictor "
+            "actor. On a cluster that is still scaling up, pass --actors") in caplog.text
