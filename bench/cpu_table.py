@@ -290,7 +290,7 @@ def _bench_eval(cfg, work, big, manifests: tuple[str, str], n, dtype, r, rows) -
     def steady_s(summary):
         return summary["wall_seconds"] - summary["startup_seconds"]
 
-    cores = os.cpu_count()
+    cores = ceilings.cores
     rate = measure.differential_rate(n, steady_s(s_def), 4 * n, steady_s(s4))
     rate32 = measure.differential_rate(n, steady_s(s_fp32), 4 * n, steady_s(s4_fp32))
     rate_emb = measure.differential_rate(n, steady_s(s_emb), 4 * n, steady_s(s4_emb))
@@ -299,9 +299,11 @@ def _bench_eval(cfg, work, big, manifests: tuple[str, str], n, dtype, r, rows) -
              eval_ceiling_img_s=ceiling, eval_ceiling_fp32_img_s=ceiling32,
              eval_baseline_img_s=baseline, eval_startup_s=s_def["startup_seconds"])
     prec = modellib.precision_name(dtype)
-    rows.append(_row(f"eval, job default ({prec}, {s_def['actors']} actors) vs model alone "
-                     f"(best of {measure.CEILING_REPEATS}, the better of {cores} threads in one "
-                     f"process and {cores} single-threaded processes)", r["eval_img_s"], ceiling,
+    rows.append(_row(f"eval, job default ({prec}, {s_def['actors']} actor"
+                     f"{'' if s_def['actors'] == 1 else 's'}) vs model alone (best of "
+                     f"{measure.CEILING_REPEATS}, the better of {ceilings.cores} threads in one "
+                     f"process and {ceilings.cores} single-threaded processes)", r["eval_img_s"],
+                     ceiling,
                      "eval_vs_ceiling", r))
     # Where decoding and the model share the cores (CPU nodes), the job cannot beat the model
     # alone plus the PIL decode of every image on the same cores: cores / (cores / model + PIL

@@ -210,7 +210,8 @@ def measure_scale(n: int, work: str, store_mb: int = STORE_MB) -> dict:
                  scale_model_alone_after_img_s=after.rate,
                  scale_model_alone_img_s=(before.rate + after.rate) / 2,
                  scale_one_actor_img_s=(before.one_actor + after.one_actor) / 2,
-                 scale_per_core_img_s=(before.per_core + after.per_core) / 2)
+                 scale_per_core_img_s=(before.per_core + after.per_core) / 2,
+                 scale_ceiling_cores=before.cores)
         r["scale_cpu_bound_img_s"] = 1 / (1 / r["scale_model_alone_img_s"]
                                           + fn_cpu / SCALE_CPUS)
         with open(os.path.join(work, "p", "summary.json")) as f:
@@ -258,13 +259,14 @@ def report(r: dict, command: str) -> str:
     """The scale section of docs/BENCHMARKS.md: command, date, machine, then one row a figure
     with its target and whether it was met."""
     n = r["scale_images"]
+    cores = r.get("scale_ceiling_cores", r["scale_cpus"])
     rows = [
         (f"jobs.predict ({_actors(r)}) steady rate vs the CPU bound (model alone "
          f"{r['scale_model_alone_img_s']:.1f} img/s, the mean of "
          f"{r['scale_model_alone_before_img_s']:.1f} just before the job and "
          f"{r['scale_model_alone_after_img_s']:.1f} just after, each the better of one "
-         f"process of {r['scale_cpus']} threads (mean {r['scale_one_actor_img_s']:.1f}) and "
-         f"{r['scale_cpus']} single-threaded ones at once ({r['scale_per_core_img_s']:.1f}), + "
+         f"process of {cores} threads (mean {r['scale_one_actor_img_s']:.1f}) and "
+         f"{cores} single-threaded ones at once ({r['scale_per_core_img_s']:.1f}), + "
          f"decode "
          f"{r['scale_decode_fn_cpu_ms']:.2f} ms/img on {r['scale_cpus']} cores = "
          f"{r['scale_cpu_bound_img_s']:.1f} img/s)",

@@ -277,9 +277,10 @@ class Ceiling(NamedTuple):
     """The CPU ceiling of a prediction job: the model alone in both of the layouts a job can
     run it in, on the same cores. ``one_actor``: one process with a thread per core;
     ``per_core``: one single-threaded process per core, all at once (summed); ``rate``: the
-    better of the two (images/s)."""
+    better of the two (images/s); ``cores``: how many."""
     one_actor: float
     per_core: float
+    cores: int
 
     @property
     def rate(self) -> float:
@@ -308,12 +309,18 @@ def per_core_rate(dtype: torch.dtype, batch_size: int, n: int, num_classes: int 
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(cores)]
     total = 0.0
-    for p in procs:
-        out, err = p.communicate()
-        if p.returncode != 0:
-            raise RuntimeError(f"a per-core model-alone process exited {p.returncode}: "
-                               f"{err[-1000:]}")
-        total += float(out.strip().splitlines()[-1])
+    try:
+        for p in procs:
+            out, err = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"a per-core model-alone process exited {p.returncode}: "
+                                   f"{err[-1000:]}")
+            total += float(out.strip().splitlines()[-1])
+    finally:
+        for p in procs:  # one failed: the others stop too, not run on beside the harness
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return total
 
 
@@ -325,7 +332,7 @@ def cpu_ceiling(dtype: torch.dtype, batch_size: int, n: int, num_classes: int = 
     cores = len(os.sched_getaffinity(0))
     one = eval_ceiling_rate(dtype, batch_size, cores, n, num_classes, repeats, arch=arch)
     per = per_core_rate(dtype, batch_size, n, num_classes, repeats, arch, cores)
-    return Ceiling(one, per)
+    return Ceiling(one, per, cores)
 
 
 def eval_baseline_rate(root: str, batch_size: int, workers: int, threads: int,

@@ -155,3 +155,16 @@ def test_the_model_alone_rate_times_any_architecture_at_its_own_crop():
     rate = bench.model_alone_rate(torch.device("cpu"), torch.float32, 2, repeats=1, warmup=0,
                                   calls=1, num_classes=10, arch="mobilenet_v3_small")
     assert rate > 0
+
+
+@pytest.mark.slow  # ~20 s: four processes load torch
+def test_the_cpu_ceiling_times_the_model_alone_in_both_layouts():
+    """One process of a thread a core and one single-threaded process a core (the layout of
+    --actors 0), each a real timing: its arguments reach eval_ceiling_rate in order."""
+    import torch
+
+    c = bench.cpu_ceiling(torch.float32, 2, 2, 10, repeats=1)
+    assert c.cores == len(os.sched_getaffinity(0))
+    assert c.one_actor > 0 and c.per_core > 0 and c.rate == max(c.one_actor, c.per_core)
+    with pytest.raises(RuntimeError, match="per-core model-alone process exited"):
+        bench.per_core_rate(torch.float32, 2, 2, arch="no_such_model", cores=2)
