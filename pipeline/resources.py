@@ -291,10 +291,10 @@ def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor
         flag = f"--actors 0 (auto: {actors})"
         if not use_gpu and not threads and actors >= int(cluster.cpus + 1e-6):
             threads = 1  # one a CPU: single-threaded wherever Ray places them
-        if cluster.can_grow:
-            log.warning("--actors 0 (auto) counted %s now: %d predictor actor%s. On a cluster "
-                        "that is still scaling up, pass --actors", cluster.describe(), actors,
-                        "" if actors == 1 else "s")
+        counted = cluster.gpus if use_gpu else cluster.cpus
+        if cluster.can_grow and counted < 1:  # e.g. cluster.yaml's head before any worker
+            log.warning("--actors 0 (auto): %d predictor actor, as %s now; on a cluster that "
+                        "is still scaling up, pass --actors", actors, cluster.describe())
     gpu_decode = use_gpu and decode_device == "cuda" and decode_in == "tasks"
     gpus_per_actor = (1.0 - DECODE_GPU_SHARE if gpu_decode else 1.0) if use_gpu else 0.0
     if use_gpu and cluster.gpus < actors:

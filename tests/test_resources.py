@@ -172,7 +172,14 @@ def test_auto_actors_with_cpus_per_actor_leave_a_cpu_to_decoding():
 
 
 def test_auto_actors_on_a_growing_cluster_say_what_they_counted(caplog):
+    """cluster.yaml's head has no CPU for jobs: before a worker joins, auto has nothing to
+    count, and says so (a fixed cluster joined through RAY_ADDRESS gets no line each run)."""
     plan = resources.plan_prediction(resources.Cluster(0, 0, can_grow=True), 0, False)
     assert plan.actors == 1
-    assert ("--actors 0 (auto) counted this Ray cluster has 0 CPUs and 0 GPUs now: 1 predictor "
-            "actor. On a cluster that is still scaling up, pass --actors") in caplog.text
+    assert ("--actors 0 (auto): 1 predictor actor, as this Ray cluster has 0 CPUs and 0 GPUs "
+            "now; on a cluster that is still scaling up, pass --actors") in caplog.text
+    caplog.clear()
+    assert resources.plan_prediction(resources.Cluster(8, 0, can_grow=True), 0, False).actors == 8
+    assert resources.plan_prediction(resources.Cluster(8, 0, can_grow=True), 0, True,
+                                     ).actors == 1
+    assert caplog.text.count("--actors 0 (auto)") == 1  # the GPUs it counted: none
