@@ -289,7 +289,7 @@ def plan_prediction(cluster: Cluster, actors: int, use_gpu: bool, cpus_per_actor
     if actors == 0:
         actors = auto_actors(cluster, use_gpu, threads, images, batch_size, cpus_per_actor)
         flag = f"--actors 0 (auto: {actors})"
-        if not use_gpu and not threads and actors >= int(cluster.cpus + 1e-6):
+        if not use_gpu and not threads and 1 <= cluster.cpus < actors + 1:
             threads = 1  # one a CPU: single-threaded wherever Ray places them
         counted = cluster.gpus if use_gpu else cluster.cpus
         if cluster.can_grow and counted < 1:  # e.g. cluster.yaml's head before any worker

@@ -159,6 +159,10 @@ def test_auto_actors_are_single_threaded_wherever_ray_places_them_unless_capped(
     assert resources.plan_prediction(resources.Cluster(16, 0), 0, False, threads=4).threads == 4
     assert resources.plan_prediction(TWO_CPUS, 2, False).threads == 0
     assert resources.plan_prediction(resources.Cluster(16, 2), 0, True).threads == 0
+    # cluster.yaml's head before a worker joins: the one actor gets the worker's cores
+    assert resources.plan_prediction(resources.Cluster(0, 0, can_grow=True), 0, False
+                                     ).threads == 0
+    assert resources.plan_prediction(resources.Cluster(2.5, 0), 0, False).threads == 1
 
 
 def test_auto_actors_with_cpus_per_actor_leave_a_cpu_to_decoding():
