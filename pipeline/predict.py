@@ -36,11 +36,12 @@ def _opt(default, help: str, choices=None):  # noqa: A002
 CPUS_PER_ACTOR_HELP = ("CPUs each predictor actor reserves in Ray's scheduling (0: 1 with a "
                        "GPU, 0.5 on CPU, where its threads use the cores anyway)")
 ACTORS_HELP = ("predictor actors; 0 (auto) counts the cluster at the start: one per GPU with "
-               "--use-gpu, else one per CPU (one per --threads CPUs), each single-threaded, at "
-               "most one per 2 GB of Ray's memory; never more than one per 2 batches of the set. "
-               "On a cluster still scaling up, set it")
-THREADS_HELP = ("torch threads per predictor actor on CPU (0: the cores of its node, shared "
-                "among the actors there, 1 with an actor per CPU; decode tasks time-share them)")
+               "--use-gpu, else one single-threaded actor per CPU (with --threads T: one per T "
+               "CPUs), at most one per 2 GB of Ray's memory; never more than one per 2 batches "
+               "of the set. On a cluster still scaling up, set it")
+THREADS_HELP = ("torch threads per predictor actor on CPU (0: 1 where --actors 0 gives an actor "
+                "per CPU, else its node's cores shared among the actors there; decode tasks "
+                "time-share them)")
 
 
 @dataclasses.dataclass(frozen=True)
