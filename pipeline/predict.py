@@ -178,14 +178,17 @@ class Inputs:
 
 
 def resolve_inputs(manifest_path: str, weights: str, opts: PredictOptions,
-                   rows: Rows = Rows.PREDICTIONS) -> Inputs:
+                   rows: Rows = Rows.PREDICTIONS, manifest: shards.Manifest | None = None
+                   ) -> Inputs:
     """Load and check what a run reads: the manifest loads, the weights load and fit the model
     (``opts.model``, else theirs, else ResNet-18) with a head of the classes they name, their
     classes cover the data's (not for ``Rows.EMBEDDINGS``: no head runs), the ReaL labels load and ``opts.topk`` keeps the top-5
     they score. Raises what ``shards.load_manifest``, ``model.load_weights``,
     ``model.build_model``, ``predictor.label_map`` and ``metrics.load_real_labels`` raise;
-    InputError, UsageError for the rest."""
-    manifest = shards.load_manifest(manifest_path)  # first: cheap, and no download to wait for
+    InputError, UsageError for the rest. ``manifest``: the manifest already loaded from
+    ``manifest_path`` (None: loaded here)."""
+    if manifest is None:  # first: cheap, and no download to wait for
+        manifest = shards.load_manifest(manifest_path)
     loaded = modellib.load_weights(weights, opts.model)
     classes_model = loaded.classes or manifest.classes
     net, _, replaced = modellib.build_model(loaded, classes_model)  # wrong shapes fail here
@@ -263,10 +266,10 @@ def run_prediction(manifest_path: str, weights: str, out: str,
     if not rows.head:
         opts = dataclasses.replace(opts, embeddings=True)
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
-    images = shards.load_manifest(manifest_path).total_samples if opts.actors == 0 else 0
+    manifest = shards.load_manifest(manifest_path)  # the set's size sizes the plan
     plan = resources.plan_prediction(resources.current_cluster(), opts.actors, opts.use_gpu,
                                      opts.cpus_per_actor, opts.decode_device, opts.decode_in,
-                                     threads=opts.threads, images=images,
+                                     threads=opts.threads, images=manifest.total_samples,
                                      batch_size=opts.batch_size)
     with deadline.doing(f"waiting for the resources of {plan.describe()}"):
         resources.await_resources(plan.needs(),
@@ -280,7 +283,7 @@ def run_prediction(manifest_path: str, weights: str, out: str,
         with deadline.translated(), leaselib.Lease(out, run_id, lease_seconds) as lease:
             return _predict_under_lease(
                 _Run(manifest_path, weights, out, opts, plan, run_id, started, t0, rows,
-                     label), lease)
+                     label, manifest), lease)
     except (deadline.DeadlineExceeded, deadline.ResourcesUnavailable) as e:
         try:
             ours = publish.published_run(out) == run_id
@@ -308,7 +311,8 @@ def _no_first_batch(max_wait: float, plan):
 @dataclasses.dataclass(frozen=True)
 class _Run:
     """One prediction run as ``run_prediction`` resolved it: what it reads and writes, its
-    options and resource plan, its run id, start time (UTC, ISO 8601) and monotonic start."""
+    options and resource plan, its run id, start time (UTC, ISO 8601), monotonic start and
+    the manifest as loaded once."""
     manifest_path: str
     weights: str
     out: str
@@ -319,6 +323,7 @@ class _Run:
     t0: float
     rows: Rows = Rows.PREDICTIONS
     label: str = ""
+    manifest: shards.Manifest | None = None  # loaded once, before the plan
 
 
 def _predict_under_lease(run: _Run, lease) -> predictions.Summary:
@@ -328,7 +333,7 @@ def _predict_under_lease(run: _Run, lease) -> predictions.Summary:
     out, opts = run.out, run.opts
     publish.recover(out)
     # fail here, not in every actor, on bad weights, data or options
-    inputs = resolve_inputs(run.manifest_path, run.weights, opts, run.rows)
+    inputs = resolve_inputs(run.manifest_path, run.weights, opts, run.rows, run.manifest)
     # a model.pt knows the preset it was trained at; --resize-size/--crop-size override it
     preset = inputs.loaded.eval_preset.with_sizes(opts.resize_size, opts.crop_size)
     meta = _metadata(run, inputs, preset)
