@@ -129,6 +129,7 @@ class Predictor:
         the epoch)."""
         self.calls += 1
         faults.kill_once("predictor_batch", batch=self.calls)
+        faults.hold(f"predictor_batch_{self.calls}")  # (tests) an actor held at its Nth batch
         start = decoded = time.time()
         with torch.inference_mode():
             if self.decode is not None:  # raw rows: decoded here, on this actor's device

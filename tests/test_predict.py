@@ -136,6 +136,46 @@ def test_the_default_run_on_two_cpus_has_an_actor_per_core_and_at_most_one_per_t
     assert 1 <= summary["predictor_actors"] <= actors
 
 
+def test_the_driver_takes_each_batch_as_the_actor_returns_it(shard_set, tmp_path, ray_local,
+                                                            monkeypatch):
+    """The one actor is held at the start of its second batch: its first must reach the
+    driver meanwhile. With Ray's default iterator prefetch (one batch) the driver was handed
+    each block only once the next was ready: start-up and every batch a predictor call late.
+    (The val shards hold 10 and 6 images: at batch 10, two batches, one a read task.)"""
+    import threading
+    import time
+
+    from pipeline import faults
+
+    taken = []
+    add = predictions.Tally.add
+    monkeypatch.setattr(predictions.Tally, "add",
+                        lambda self, batch: taken.append(len(batch["key"])) or add(self, batch))
+    gate = tmp_path / "gate"
+    faults.arm_hold("predictor_batch_2", str(gate))
+    result = {}
+    config = predict_job.PredictConfig(data=str(shard_set / "val.json"), weights="none",
+                                       out=str(tmp_path / "o"), precision="fp32",
+                                       batch_size=10, actors=1, progress=False)
+    run = threading.Thread(target=lambda: result.update(summary=predict_job.run(config)))
+    try:
+        run.start()
+        t0 = time.monotonic()  # the actor starts, predicts batch 1, and holds at batch 2
+        while not (tmp_path / "gate.reached").exists() and time.monotonic() - t0 < 120:
+            time.sleep(0.1)
+        assert (tmp_path / "gate.reached").exists(), "the actor never reached its second batch"
+        t1 = time.monotonic()
+        while not taken and time.monotonic() - t1 < 20:
+            time.sleep(0.1)
+        held = list(taken)
+    finally:
+        gate.touch()
+        run.join(timeout=120)
+        faults.disarm()
+    assert held == [10], f"the driver had taken {held} while the actor held batch 2"
+    assert result["summary"]["samples"] == 16 and taken == [10, 6]
+
+
 def test_a_cpu_predictor_shares_its_nodes_cores_with_the_other_actors_there():
     cores = len(os.sched_getaffinity(0))
     assert predictor.cpu_threads(1) == cores
