@@ -56,7 +56,8 @@ def configure_context() -> None:
       ImageNet-size images through jobs.predict on a 300 MB object store: 718 MiB spilled
       before, none after.
     - And at most ``output_budget_bytes`` in any operator's output at any time
-      (``ray_compat.bound_operator_outputs``): the bound that holds before the consumers start.
+      (``ray_compat.bound_operator_outputs``): the bound that holds before the consumers start;
+      while CPU predictor actors start, one block each (``ray_compat.startup_bytes``).
     """
     from ray.data import DataContext
 

@@ -98,7 +98,10 @@ def test_the_train_report_logger_is_the_one_ray_train_logs_each_report_with():
 
 def test_the_output_budget_policy_joins_rays_own_backpressure_policies(ray_local):
     """Ray Data builds its policies from this config key and calls these two methods: the
-    budget holds the decode stage's output while no consumer has started (data.py)."""
+    budget holds the decode stage's output while no consumer has started (data.py), and one
+    block per CPU actor while those start."""
+    from types import SimpleNamespace as NS
+
     from ray.data import DataContext
     from ray.data._internal.execution.backpressure_policy import (
         ENABLED_BACKPRESSURE_POLICIES, ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
@@ -127,5 +130,48 @@ def test_the_output_budget_policy_joins_rays_own_backpressure_policies(ray_local
     budget = ctx.get_config(ray_compat.OUTPUT_BUDGET_KEY)
     under = ray_compat.OutputBudgetPolicy(ctx, {}, Usage(budget - 1))
     over = ray_compat.OutputBudgetPolicy(ctx, {}, Usage(budget))
-    assert under.can_add_input("op") and under.max_task_output_bytes_to_read("op") is None
-    assert not over.can_add_input("op") and over.max_task_output_bytes_to_read("op") == 0
+    op = NS(output_dependencies=[])  # the last operator: no actor pool after it
+    assert under.can_add_input(op) and under.max_task_output_bytes_to_read(op) is None
+    assert not over.can_add_input(op) and over.max_task_output_bytes_to_read(op) == 0
+    starting = NS(get_actor_info=lambda: NS(running=0, pending=2),
+                  min_max_resource_requirements=lambda: (None, NS(gpu=0.0)))
+    feeding = NS(output_dependencies=[starting], metrics=NS(average_bytes_per_output=1000))
+    assert not ray_compat.OutputBudgetPolicy(ctx, {}, Usage(2000)).can_add_input(feeding)
+    assert ray_compat.OutputBudgetPolicy(ctx, {}, Usage(1999)).can_add_input(feeding)
+
+
+def test_while_its_cpu_actors_start_a_decode_stage_holds_one_block_for_each():
+    """``startup_bytes`` on stand-ins for Ray Data's operators, and the members it reads on
+    Ray's own classes."""
+    from types import SimpleNamespace as NS
+
+    from ray.data._internal.actor_autoscaler.autoscaling_actor_pool import ActorPoolInfo
+    from ray.data._internal.execution.interfaces.op_runtime_metrics import OpRuntimeMetrics
+    from ray.data._internal.execution.interfaces.physical_operator import PhysicalOperator
+    from ray.data._internal.execution.operators.actor_pool_map_operator import (
+        ActorPoolMapOperator)
+    from ray.data._internal.execution.operators.task_pool_map_operator import (
+        TaskPoolMapOperator)
+
+    def pool(running, pending, gpus=0.0):
+        return NS(get_actor_info=lambda: ActorPoolInfo(running=running, pending=pending,
+                                                       restarting=0),
+                  min_max_resource_requirements=lambda: (None, NS(gpu=gpus)))
+
+    def decode(after, block=9.6e6):
+        return NS(output_dependencies=after, metrics=NS(average_bytes_per_output=block))
+
+    assert ray_compat.startup_bytes(decode([pool(0, 2)])) == 2 * 9.6e6  # both starting
+    # one runs: Ray hands it several blocks at once, and a cap would starve the other
+    assert ray_compat.startup_bytes(decode([pool(1, 1)])) is None
+    assert ray_compat.startup_bytes(decode([pool(0, 2, gpus=1.0)])) is None  # GPU: head start
+    assert ray_compat.startup_bytes(decode([pool(0, 2)], block=None)) is None  # no block yet
+    assert ray_compat.startup_bytes(decode([])) is None  # the last operator (Ray Train's feed)
+    tasks = NS(get_actor_info=PhysicalOperator.get_actor_info.__get__(NS()))
+    assert ray_compat.startup_bytes(decode([tasks])) is None  # a task pool has no actors
+    # what it reads, on the installed Ray
+    assert {"running", "pending"} <= set(ActorPoolInfo.__dataclass_fields__)
+    assert isinstance(OpRuntimeMetrics.average_bytes_per_output, property)
+    for cls in (ActorPoolMapOperator, TaskPoolMapOperator):
+        assert callable(cls.get_actor_info) and callable(cls.min_max_resource_requirements)
+    assert isinstance(PhysicalOperator.output_dependencies, property)
