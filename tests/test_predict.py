@@ -172,8 +172,9 @@ def test_the_driver_takes_each_batch_as_the_actor_returns_it(shard_set, tmp_path
         gate.touch()
         run.join(timeout=120)
         faults.disarm()
-    assert held == [10], f"the driver had taken {held} while the actor held batch 2"
-    assert result["summary"]["samples"] == 16 and taken == [10, 6]
+    # either shard's batch may come first: two decode tasks can run at once
+    assert len(held) == 1, f"the driver had taken {held} while the actor held batch 2"
+    assert result["summary"]["samples"] == 16 and sorted(taken) == [6, 10]
 
 
 def test_a_cpu_predictor_shares_its_nodes_cores_with_the_other_actors_there():
